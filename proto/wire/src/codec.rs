@@ -1,0 +1,172 @@
+//! Bytes ⇄ [`Message`]: the only file that knows the encoding (bincode 2, standard config).
+
+use crate::Message;
+
+/// Hard cap on one encoded message, checked before decoding. Route lists and
+/// connection metadata are far smaller; anything bigger is an error, not a message.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+
+type Config = bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<MAX_MESSAGE>,
+>;
+
+const CONFIG: Config = bincode::config::standard().with_limit::<MAX_MESSAGE>();
+
+/// Why bytes could not become a message, or a message could not become bytes.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CodecError {
+    #[error("message of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge { len: usize, max: usize },
+    #[error("empty message")]
+    Empty,
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("malformed message: {extra} unexpected bytes after a complete {kind}")]
+    Trailing { kind: &'static str, extra: usize },
+    #[error("cannot encode message: {0}")]
+    Encode(String),
+}
+
+/// Encodes `msg` into one datagram's payload.
+pub fn encode(msg: &Message) -> Result<Vec<u8>, CodecError> {
+    let bytes = bincode::serde::encode_to_vec(msg, CONFIG).map_err(|e| CodecError::Encode(e.to_string()))?;
+    if bytes.len() > MAX_MESSAGE {
+        return Err(CodecError::TooLarge { len: bytes.len(), max: MAX_MESSAGE });
+    }
+    Ok(bytes)
+}
+
+/// Decodes one datagram's payload; the whole buffer must be exactly one message.
+pub fn decode(buf: &[u8]) -> Result<Message, CodecError> {
+    if buf.len() > MAX_MESSAGE {
+        return Err(CodecError::TooLarge { len: buf.len(), max: MAX_MESSAGE });
+    }
+    if buf.is_empty() {
+        return Err(CodecError::Empty);
+    }
+    let (msg, used): (Message, usize) =
+        bincode::serde::decode_from_slice(buf, CONFIG).map_err(|e| CodecError::Malformed(e.to_string()))?;
+    if used != buf.len() {
+        return Err(CodecError::Trailing { kind: msg.kind(), extra: buf.len() - used });
+    }
+    Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Bound, ConnMeta, PROTOCOL_VERSION, Proto};
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn meta() -> ConnMeta {
+        ConnMeta {
+            route: "http://:8000/a".into(),
+            proto: Proto::Http,
+            peer: "127.0.0.1:40000".parse().unwrap(),
+            local: "[::1]:8000".parse().unwrap(),
+            sni: None,
+            alpn: vec!["h2".into()],
+            host: Some("a.test".into()),
+            path: Some("/a/".into()),
+            peeked: 300,
+        }
+    }
+
+    /// Every variant, with the bytes it must encode to. Changing any of these
+    /// breaks deployed services: bump PROTOCOL_VERSION instead of editing them.
+    fn golden() -> Vec<(Message, &'static str)> {
+        vec![
+            (Message::Hello { version: PROTOCOL_VERSION, service: "web".into() }, "000103776562"),
+            (Message::Register { routes: vec!["tcp://:9000".into()] }, "01010b7463703a2f2f3a39303030"),
+            (
+                Message::Registered {
+                    routes: vec![Bound { route: "tcp://:9000".into(), listen: "127.0.0.1:9000".parse().unwrap() }],
+                },
+                "02010b7463703a2f2f3a39303030007f000001fb2823",
+            ),
+            (Message::Refused { route: "x".into(), reason: "no".into() }, "030178026e6f"),
+            (
+                Message::Connection { id: 7, meta: meta() },
+                "04070e687474703a2f2f3a383030302f6101007f000001fb409c\
+                 0100000000000000000000000000000001fb401f0001026832010661\
+                 2e7465737401032f612ffb2c01",
+            ),
+            (Message::Ack { id: 251 }, "05fbfb00"),
+            (Message::Reject { id: 1, reason: "busy".into() }, "06010462757379"),
+            (Message::Drain, "07"),
+            (Message::Bye, "08"),
+            (Message::Error { reason: "bad".into() }, "0903626164"),
+        ]
+    }
+
+    #[test]
+    fn golden_bytes_pin_the_format() {
+        for (msg, want) in golden() {
+            let bytes = encode(&msg).unwrap();
+            assert_eq!(hex(&bytes), want, "encoding of {msg:?} changed");
+            assert_eq!(decode(&bytes).unwrap(), msg);
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_not_a_panic() {
+        for (msg, _) in golden() {
+            let bytes = encode(&msg).unwrap();
+            for cut in 0..bytes.len() {
+                assert!(decode(&bytes[..cut]).is_err(), "{} cut at {cut} decoded", msg.kind());
+            }
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused() {
+        let mut bytes = encode(&Message::Bye).unwrap();
+        bytes.push(0);
+        assert_eq!(decode(&bytes), Err(CodecError::Trailing { kind: "Bye", extra: 1 }));
+    }
+
+    #[test]
+    fn unknown_variant_and_garbage_are_malformed() {
+        assert!(matches!(decode(&[0x7f]), Err(CodecError::Malformed(_))));
+        assert!(matches!(decode(b"GET / HTTP/1.1\r\n\r\n"), Err(CodecError::Malformed(_))));
+    }
+
+    #[test]
+    fn oversized_input_is_refused_before_decoding() {
+        let big = vec![0u8; MAX_MESSAGE + 1];
+        assert_eq!(decode(&big), Err(CodecError::TooLarge { len: MAX_MESSAGE + 1, max: MAX_MESSAGE }));
+        let msg = Message::Register { routes: vec!["x".repeat(MAX_MESSAGE)] };
+        assert!(matches!(encode(&msg), Err(CodecError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn a_length_prefix_claiming_more_than_the_limit_fails_cleanly() {
+        // Register with a route count of 2^32: must not try to allocate.
+        let bytes = [0x01, 0xfc, 0xff, 0xff, 0xff, 0xff];
+        assert!(decode(&bytes).is_err());
+        // A string whose length prefix exceeds the limit.
+        let bytes = [0x09, 0xfc, 0x00, 0x00, 0x10, 0x00];
+        assert!(decode(&bytes).is_err());
+    }
+
+    #[test]
+    fn pseudo_random_bytes_never_panic() {
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        for len in 0..2000usize {
+            let buf: Vec<u8> = (0..len % 97)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let _ = decode(&buf);
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! The messages exchanged on the control socket, one per `SOCK_SEQPACKET` datagram.
+//!
+//! Variants are only ever appended: bincode encodes a variant by its index, so
+//! reordering them would change the format the golden tests pin.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+
+/// Version of the control protocol; sent in [`Message::Hello`]. Bump it on any
+/// change that an older peer could misread.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// One control-socket message.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Service → portmux, first message of a session. `service` names the
+    /// service: sessions with the same name form a pool and may take over
+    /// each other's routes after a restart.
+    Hello { version: u32, service: String },
+    /// Service → portmux: claim these routes (route-spec strings). All or nothing.
+    Register { routes: Vec<String> },
+    /// portmux → service: every route of the last `Register` is now served.
+    Registered { routes: Vec<Bound> },
+    /// portmux → service: the last `Register` was refused as a whole because of `route`.
+    Refused { route: String, reason: String },
+    /// portmux → service: a client connection; its fd travels in the same datagram
+    /// (SCM_RIGHTS). The peeked bytes are still unread in the socket.
+    Connection { id: u64, meta: ConnMeta },
+    /// Service → portmux: connection `id` and its fd were received; portmux closes its copy.
+    Ack { id: u64 },
+    /// Service → portmux: connection `id` is declined; portmux gives it to another
+    /// instance or parks it. The service must not have read from it.
+    Reject { id: u64, reason: String },
+    /// Service → portmux: send no new connections to this session (it is shutting down);
+    /// others in the pool, or a successor, take them.
+    Drain,
+    /// Either way: the session ends normally. The service's routes stay reserved for the
+    /// linger period so that a restarted instance gets the connections queued meanwhile.
+    Bye,
+    /// portmux → service: the session is being closed because of a protocol error.
+    Error { reason: String },
+}
+
+impl Message {
+    /// The variant's name, for error messages ("expected Hello, got Register").
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Register { .. } => "Register",
+            Message::Registered { .. } => "Registered",
+            Message::Refused { .. } => "Refused",
+            Message::Connection { .. } => "Connection",
+            Message::Ack { .. } => "Ack",
+            Message::Reject { .. } => "Reject",
+            Message::Drain => "Drain",
+            Message::Bye => "Bye",
+            Message::Error { .. } => "Error",
+        }
+    }
+}
+
+/// A route as portmux now serves it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Bound {
+    /// The route in canonical form (see [`crate::RouteSpec`]'s `Display`).
+    pub route: String,
+    /// The address of the listening socket serving it.
+    pub listen: SocketAddr,
+}
+
+/// The protocol portmux recognised on a connection before handing it over.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    /// Not inspected (a `tcp://` route), or not recognised.
+    Tcp,
+    /// An HTTP/1 request head.
+    Http,
+    /// A TLS ClientHello.
+    Tls,
+}
+
+/// What portmux learned about a connection; travels with its fd.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ConnMeta {
+    /// The route (canonical spec) the connection matched.
+    pub route: String,
+    pub proto: Proto,
+    /// The client's address (IPv4-mapped IPv6 addresses are given as IPv4).
+    pub peer: SocketAddr,
+    /// The local address the client connected to.
+    pub local: SocketAddr,
+    /// TLS server name, lower case, without a trailing dot.
+    pub sni: Option<String>,
+    /// ALPN protocols the client offered, in its order.
+    pub alpn: Vec<String>,
+    /// HTTP Host, lower case, without port or trailing dot.
+    pub host: Option<String>,
+    /// HTTP request path of the first request, as sent (query included).
+    pub path: Option<String>,
+    /// How many bytes portmux looked at; they are still unread in the socket.
+    pub peeked: u32,
+}

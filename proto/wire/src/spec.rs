@@ -1,0 +1,615 @@
+//! The route-spec syntax, one for the CLI, the clients and the daemon, and the
+//! host and path normalisation that requests are matched with.
+//!
+//! ```text
+//! tcp://[ADDR]:PORT                        raw TCP, the whole port
+//! http://HOST[:PORT][/PATH-PREFIX]         HTTP/1 by Host (exact, *.suffix or any) and path prefix
+//! tls://HOST[:PORT]                        TLS passthrough by SNI (exact, *.suffix or any)
+//! https://HOST[:PORT][/PATH]?cert=F&key=F  terminate TLS in portmux, then route as http://
+//! ```
+//!
+//! Options go in the query string: `name=SERVICE`, `bind=ADDR` (the listening
+//! address for http/tls/https; tcp names it before the port), `cert=`/`key=`.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::str::FromStr;
+
+/// How a route's connections are recognised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scheme {
+    Tcp,
+    Http,
+    Tls,
+    Https,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Tcp => "tcp",
+            Scheme::Http => "http",
+            Scheme::Tls => "tls",
+            Scheme::Https => "https",
+        }
+    }
+
+    fn default_port(self) -> Option<u16> {
+        match self {
+            Scheme::Tcp => None,
+            Scheme::Http => Some(80),
+            Scheme::Tls | Scheme::Https => Some(443),
+        }
+    }
+}
+
+/// Which Host / SNI values a route accepts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostPattern {
+    /// Any host, or none at all.
+    Any,
+    /// Exactly this (normalised) name.
+    Exact(String),
+    /// `*.SUFFIX`: any name ending in `.SUFFIX`, at any depth, but not SUFFIX itself.
+    Suffix(String),
+}
+
+impl HostPattern {
+    /// Whether a normalised host (see [`normalize_name`]) matches.
+    pub fn matches(&self, host: Option<&str>) -> bool {
+        match (self, host) {
+            (HostPattern::Any, _) => true,
+            (HostPattern::Exact(want), Some(h)) => want == h,
+            (HostPattern::Suffix(suffix), Some(h)) => {
+                h.len() > suffix.len() + 1
+                    && h.ends_with(suffix.as_str())
+                    && h.as_bytes()[h.len() - suffix.len() - 1] == b'.'
+            }
+            (_, None) => false,
+        }
+    }
+
+    /// Specificity: exact beats a longer suffix beats a shorter suffix beats any.
+    pub fn rank(&self) -> (u8, usize) {
+        match self {
+            HostPattern::Any => (0, 0),
+            HostPattern::Suffix(s) => (1, s.len()),
+            HostPattern::Exact(s) => (2, s.len()),
+        }
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPattern::Any => Ok(()),
+            HostPattern::Exact(h) => f.write_str(h),
+            HostPattern::Suffix(s) => write!(f, "*.{s}"),
+        }
+    }
+}
+
+/// A parsed route spec. `Display` gives the canonical form, which is what
+/// portmux reports and compares.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RouteSpec {
+    pub scheme: Scheme,
+    pub host: HostPattern,
+    /// Listening address; `None` means the daemon's default (`--bind`, `[::]` unless set).
+    pub bind: Option<IpAddr>,
+    pub port: u16,
+    /// Normalised path prefix (no trailing slash); `None` matches every path.
+    pub path: Option<String>,
+    /// Service name (`?name=`); must agree with the session's name when given.
+    pub name: Option<String>,
+    /// Certificate and key files for `https://`.
+    pub cert: Option<String>,
+    pub key: Option<String>,
+}
+
+/// A route spec that could not be parsed; the message says what to write instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid route spec '{spec}': {reason}")]
+pub struct SpecError {
+    pub spec: String,
+    pub reason: String,
+}
+
+impl RouteSpec {
+    /// Parses a route spec; see the module documentation for the syntax.
+    pub fn parse(spec: &str) -> Result<RouteSpec, SpecError> {
+        parse(spec).map_err(|reason| SpecError { spec: spec.chars().take(200).collect(), reason })
+    }
+
+    /// The route's identity: its canonical form without the service name. Two
+    /// registrations with the same key are the same route (a pool, or a conflict).
+    pub fn key(&self) -> String {
+        let mut s = self.clone();
+        s.name = None;
+        s.to_string()
+    }
+
+    /// The address to listen on, given the daemon's default address.
+    pub fn listen_addr(&self, default: IpAddr) -> SocketAddr {
+        SocketAddr::new(self.bind.unwrap_or(default), self.port)
+    }
+
+    /// Whether a normalised request path (see [`normalize_path`]) falls under this route's prefix.
+    pub fn matches_path(&self, path: &str) -> bool {
+        self.path.as_deref().is_none_or(|prefix| path_has_prefix(path, prefix))
+    }
+}
+
+impl FromStr for RouteSpec {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        RouteSpec::parse(s)
+    }
+}
+
+impl fmt::Display for RouteSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://", self.scheme.as_str())?;
+        if self.scheme == Scheme::Tcp {
+            match self.bind {
+                Some(IpAddr::V6(a)) => write!(f, "[{a}]")?,
+                Some(IpAddr::V4(a)) => write!(f, "{a}")?,
+                None => {}
+            }
+        } else {
+            write!(f, "{}", self.host)?;
+        }
+        write!(f, ":{}", self.port)?;
+        if let Some(p) = &self.path {
+            f.write_str(p)?;
+        }
+        let mut sep = '?';
+        let mut opt = |f: &mut fmt::Formatter<'_>, k: &str, v: &str| {
+            let r = write!(f, "{sep}{k}={}", escape_query(v));
+            sep = '&';
+            r
+        };
+        if self.scheme != Scheme::Tcp
+            && let Some(b) = self.bind
+        {
+            opt(f, "bind", &b.to_string())?;
+        }
+        for (k, v) in [("name", &self.name), ("cert", &self.cert), ("key", &self.key)] {
+            if let Some(v) = v {
+                opt(f, k, v)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse(spec: &str) -> Result<RouteSpec, String> {
+    if spec.len() > 2048 {
+        return Err(format!("it is {} bytes long; a route spec is at most 2048", spec.len()));
+    }
+    if let Some(c) = spec.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("it contains {c:?}; route specs have no spaces or control characters"));
+    }
+    let Some((scheme, rest)) = spec.split_once("://") else {
+        return Err("it has no scheme; write tcp://, http://, tls:// or https://, e.g. http://:8000/a".into());
+    };
+    let scheme = match scheme.to_ascii_lowercase().as_str() {
+        "tcp" => Scheme::Tcp,
+        "http" => Scheme::Http,
+        "tls" => Scheme::Tls,
+        "https" => Scheme::Https,
+        other => return Err(format!("unknown scheme '{other}'; use tcp, http, tls or https")),
+    };
+    if rest.contains('#') {
+        return Err("a route spec has no fragment ('#')".into());
+    }
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+
+    let (host_part, port) = split_port(authority)?;
+    let port = match (port, scheme.default_port()) {
+        (Some(p), _) => p,
+        (None, Some(p)) => p,
+        (None, None) => return Err("tcp:// needs a port, e.g. tcp://:5432 or tcp://127.0.0.1:5432".into()),
+    };
+    if port == 0 {
+        return Err("port 0 is not a port portmux can share; name a fixed port".into());
+    }
+
+    let mut out =
+        RouteSpec { scheme, host: HostPattern::Any, bind: None, port, path: None, name: None, cert: None, key: None };
+
+    if scheme == Scheme::Tcp {
+        if !host_part.is_empty() {
+            let addr = host_part.trim_start_matches('[').trim_end_matches(']');
+            out.bind = Some(addr.parse().map_err(|_| {
+                format!("'{host_part}' is not an IP address; tcp:// takes the address to listen on (or none), not a host name")
+            })?);
+        }
+    } else {
+        out.host = parse_host_pattern(host_part)?;
+    }
+
+    match scheme {
+        Scheme::Http | Scheme::Https if !path.is_empty() => {
+            if path.contains('%') && decode_percent(path).is_none() {
+                return Err(format!("path '{path}' has a malformed %-escape"));
+            }
+            let p = normalize_path(path);
+            out.path = (p != "/").then_some(p);
+        }
+        Scheme::Tcp | Scheme::Tls if !path.is_empty() && path != "/" => {
+            return Err(format!(
+                "{}:// routes the whole connection and takes no path; a path prefix needs http:// (or https:// to terminate TLS)",
+                scheme.as_str()
+            ));
+        }
+        _ => {}
+    }
+
+    parse_query(query, &mut out)?;
+
+    match scheme {
+        Scheme::Https if out.cert.is_none() || out.key.is_none() => Err(
+            "https:// terminates TLS in portmux and needs ?cert=FILE&key=FILE; to let the service terminate TLS itself, use tls://"
+                .into(),
+        ),
+        Scheme::Http | Scheme::Tls | Scheme::Tcp if out.cert.is_some() || out.key.is_some() => Err(format!(
+            "cert= and key= belong to https:// routes; {}:// does not terminate TLS",
+            scheme.as_str()
+        )),
+        _ => Ok(out),
+    }
+}
+
+/// Splits `host[:port]` (with `[v6]` hosts) into host and port.
+fn split_port(authority: &str) -> Result<(&str, Option<u16>), String> {
+    let (host, port) = if authority.starts_with('[') {
+        let end = authority.find(']').ok_or("unclosed '[' in the address")?;
+        let (h, rest) = authority.split_at(end + 1);
+        match rest {
+            "" => (h, None),
+            _ => match rest.strip_prefix(':') {
+                Some(p) => (h, Some(p)),
+                None => return Err(format!("unexpected '{rest}' after '{h}'")),
+            },
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    let port = match port {
+        None => None,
+        Some(p) => Some(p.parse::<u16>().map_err(|_| format!("'{p}' is not a port number (1-65535)"))?),
+    };
+    Ok((host, port))
+}
+
+fn parse_host_pattern(raw: &str) -> Result<HostPattern, String> {
+    if raw.is_empty() || raw == "*" {
+        return Ok(HostPattern::Any);
+    }
+    if let Some(suffix) = raw.strip_prefix("*.") {
+        let s = normalize_name(suffix).ok_or_else(|| bad_host(raw))?;
+        return Ok(HostPattern::Suffix(s));
+    }
+    if raw.contains('*') {
+        return Err(format!("'{raw}': a wildcard is only allowed as a leading '*.', e.g. *.example.com"));
+    }
+    normalize_name(raw).map(HostPattern::Exact).ok_or_else(|| bad_host(raw))
+}
+
+fn bad_host(raw: &str) -> String {
+    if !raw.is_ascii() {
+        format!("'{raw}' is not an ASCII host name; write internationalised names in punycode (xn--…)")
+    } else {
+        format!("'{raw}' is not a valid host name (letters, digits, '-', '_' and dots; labels of 1-63 characters)")
+    }
+}
+
+fn parse_query(query: &str, out: &mut RouteSpec) -> Result<(), String> {
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = decode_percent(v).ok_or_else(|| format!("option '{k}' has a malformed %-escape"))?;
+        if v.is_empty() {
+            return Err(format!("option '{k}' needs a value, e.g. {k}=…"));
+        }
+        let slot = match k {
+            "name" => {
+                validate_service_name(&v)?;
+                &mut out.name
+            }
+            "cert" => &mut out.cert,
+            "key" => &mut out.key,
+            "bind" => {
+                if out.bind.is_some() {
+                    return Err("the listening address is given twice (before the port and as bind=)".into());
+                }
+                let addr = v.trim_start_matches('[').trim_end_matches(']');
+                out.bind = Some(addr.parse().map_err(|_| format!("bind='{v}' is not an IP address"))?);
+                continue;
+            }
+            _ => return Err(format!("unknown option '{k}'; known options are name, bind, cert and key")),
+        };
+        if slot.is_some() {
+            return Err(format!("option '{k}' is given twice"));
+        }
+        *slot = Some(v);
+    }
+    Ok(())
+}
+
+/// Checks a service name: 1-64 characters of letters, digits, '.', '_' and '-'.
+pub fn validate_service_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "service name '{}' is invalid; use 1-64 letters, digits, '.', '_' or '-'",
+            name.chars().take(80).collect::<String>()
+        ))
+    }
+}
+
+fn escape_query(v: &str) -> String {
+    let mut s = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'~' | b'/' | b':') {
+            s.push(b as char);
+        } else {
+            s.push_str(&format!("%{b:02X}"));
+        }
+    }
+    s
+}
+
+fn decode_percent(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let h = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(h, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Normalises a host name as sent in SNI, a Host header (without its port) or a
+/// route spec: ASCII lower case, one trailing dot removed, labels checked.
+/// IPv6 literals keep their brackets (`[::1]`). `None` if it is not a valid name.
+pub fn normalize_name(raw: &str) -> Option<String> {
+    if let Some(inner) = raw.strip_prefix('[') {
+        let v6: Ipv6Addr = inner.strip_suffix(']')?.parse().ok()?;
+        return Some(format!("[{v6}]"));
+    }
+    let name = raw.strip_suffix('.').unwrap_or(raw);
+    if name.is_empty() || name.len() > 253 {
+        return None;
+    }
+    for label in name.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !ok {
+            return None;
+        }
+    }
+    Some(name.to_ascii_lowercase())
+}
+
+/// Normalises a Host header value: strips the port, then [`normalize_name`].
+pub fn host_from_header(value: &str) -> Option<String> {
+    let (host, port) = split_port(value).ok()?;
+    if port.is_none() && value.ends_with(':') {
+        return None;
+    }
+    normalize_name(host)
+}
+
+/// Normalises a request path for matching (the request itself is never changed):
+/// drops the query, decodes %-escapes of unreserved characters, merges repeated
+/// slashes, resolves `.` and `..` segments, and drops a trailing slash.
+/// `/a//b/./c/../d?x` → `/a/b/d`.
+pub fn normalize_path(raw: &str) -> String {
+    let raw = raw.split(['?', '#']).next().unwrap_or("");
+    let decoded = decode_unreserved(raw);
+    let mut segs: Vec<&str> = Vec::new();
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                segs.pop();
+            }
+            s => segs.push(s),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len() + 1);
+    for s in &segs {
+        out.push('/');
+        out.push_str(s);
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
+fn decode_unreserved(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = String::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && let Some(v) = b.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok())
+            && (v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~'))
+        {
+            out.push(v as char);
+            i += 3;
+            continue;
+        }
+        // Only ASCII bytes are pushed one at a time; a non-ASCII byte is kept as
+        // its UTF-8 sequence by copying the char it starts.
+        match s[i..].chars().next() {
+            Some(c) => {
+                out.push(c);
+                i += c.len_utf8();
+            }
+            None => break,
+        }
+    }
+    out
+}
+
+/// Whether normalised `path` lies under `prefix`, on a segment boundary:
+/// `/api` covers `/api` and `/api/v1` but not `/apiv2`.
+pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
+    path.strip_prefix(prefix).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> RouteSpec {
+        RouteSpec::parse(s).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn err(s: &str) -> String {
+        RouteSpec::parse(s).expect_err(s).to_string()
+    }
+
+    #[test]
+    fn canonical_forms() {
+        let cases = [
+            ("http://:8000/a", "http://:8000/a"),
+            ("http://:8000/a/", "http://:8000/a"),
+            ("http://:8000/", "http://:8000"),
+            ("HTTP://API.Example.Test.:8000/a//b/../c", "http://api.example.test:8000/a/c"),
+            ("http://api.example.test", "http://api.example.test:80"),
+            ("http://*:8080", "http://:8080"),
+            ("http://*.example.test:8000", "http://*.example.test:8000"),
+            ("tls://a.example.test:8443", "tls://a.example.test:8443"),
+            ("tls://a.example.test", "tls://a.example.test:443"),
+            ("tcp://:9000", "tcp://:9000"),
+            ("tcp://127.0.0.1:9000", "tcp://127.0.0.1:9000"),
+            ("tcp://[::1]:9000", "tcp://[::1]:9000"),
+            ("tcp://:9000?bind=127.0.0.2", "tcp://127.0.0.2:9000"),
+            ("http://:8000/a?name=web&bind=::1", "http://:8000/a?bind=::1&name=web"),
+            ("http://[::1]:8000/", "http://[::1]:8000"),
+            (
+                "https://x.test?cert=/etc/c.pem&key=/etc/k%20x.pem",
+                "https://x.test:443?cert=/etc/c.pem&key=/etc/k%20x.pem",
+            ),
+            ("http://:8000/%61%2Fb", "http://:8000/a%2Fb"),
+        ];
+        for (input, canon) in cases {
+            assert_eq!(p(input).to_string(), canon, "{input}");
+            assert_eq!(p(canon).to_string(), canon, "canonical form of {input} must reparse to itself");
+        }
+    }
+
+    #[test]
+    fn parsed_fields() {
+        let s = p("http://*.example.test:8000/api?name=web");
+        assert_eq!(s.scheme, Scheme::Http);
+        assert_eq!(s.host, HostPattern::Suffix("example.test".into()));
+        assert_eq!(s.port, 8000);
+        assert_eq!(s.path.as_deref(), Some("/api"));
+        assert_eq!(s.name.as_deref(), Some("web"));
+        assert_eq!(s.key(), "http://*.example.test:8000/api");
+        assert_eq!(s.listen_addr("::".parse().unwrap()), "[::]:8000".parse().unwrap());
+        let t = p("tcp://127.0.0.1:9000");
+        assert_eq!(t.listen_addr("::".parse().unwrap()), "127.0.0.1:9000".parse().unwrap());
+    }
+
+    #[test]
+    fn errors_say_what_to_do() {
+        assert!(err("localhost:8000").contains("no scheme"));
+        assert!(err("ftp://:21").contains("unknown scheme 'ftp'"));
+        assert!(err("tcp://").contains("needs a port"));
+        assert!(err("tcp://db.local:5432").contains("not an IP address"));
+        assert!(err("tcp://:5432/x").contains("takes no path"));
+        assert!(err("tls://a.test/x").contains("https://"));
+        assert!(err("http://:0").contains("port 0"));
+        assert!(err("http://:99999").contains("not a port number"));
+        assert!(err("http://a*b.test").contains("leading '*.'"));
+        assert!(
+            err("http://bad_label_that_is_way_too_long_for_dns_because_it_exceeds_sixty_three.test")
+                .contains("not a valid host")
+        );
+        assert!(err("http://bücher.test").contains("punycode"));
+        assert!(err("http://:80?nme=x").contains("unknown option 'nme'"));
+        assert!(err("http://:80?name=a&name=b").contains("twice"));
+        assert!(err("http://:80?name=a/b").contains("service name"));
+        assert!(err("http://:80?name=").contains("needs a value"));
+        assert!(err("https://x.test").contains("cert=FILE&key=FILE"));
+        assert!(err("tls://x.test?cert=a&key=b").contains("belong to https://"));
+        assert!(err("tcp://127.0.0.1:80?bind=::1").contains("twice"));
+        assert!(err("http://:80/a b").contains("no spaces"));
+        assert!(err("http://[::1:80").contains("unclosed"));
+        assert!(err("http://:80/a%zz").contains("%-escape"));
+    }
+
+    #[test]
+    fn host_patterns_match_most_specific_first() {
+        let exact = HostPattern::Exact("api.example.test".into());
+        let suffix = HostPattern::Suffix("example.test".into());
+        assert!(exact.matches(Some("api.example.test")));
+        assert!(!exact.matches(Some("www.example.test")));
+        assert!(suffix.matches(Some("www.example.test")));
+        assert!(suffix.matches(Some("a.b.example.test")));
+        assert!(!suffix.matches(Some("example.test")));
+        assert!(!suffix.matches(Some("badexample.test")));
+        assert!(!suffix.matches(None));
+        assert!(HostPattern::Any.matches(None));
+        assert!(exact.rank() > suffix.rank());
+        assert!(HostPattern::Suffix("b.example.test".into()).rank() > suffix.rank());
+        assert!(suffix.rank() > HostPattern::Any.rank());
+    }
+
+    #[test]
+    fn names_and_host_headers_normalise() {
+        assert_eq!(normalize_name("WWW.Example.COM.").as_deref(), Some("www.example.com"));
+        assert_eq!(normalize_name("[0:0::1]").as_deref(), Some("[::1]"));
+        assert_eq!(normalize_name(""), None);
+        assert_eq!(normalize_name("a..b"), None);
+        assert_eq!(normalize_name("a b"), None);
+        assert_eq!(host_from_header("Example.com:8080").as_deref(), Some("example.com"));
+        assert_eq!(host_from_header("[::1]:8000").as_deref(), Some("[::1]"));
+        assert_eq!(host_from_header("127.0.0.1").as_deref(), Some("127.0.0.1"));
+        assert_eq!(host_from_header("example.com:"), None);
+        assert_eq!(host_from_header("example.com:http"), None);
+        assert_eq!(host_from_header("a@b"), None);
+    }
+
+    #[test]
+    fn paths_normalise_and_match_on_segment_boundaries() {
+        assert_eq!(normalize_path("/a//b/./c/../d?x=/e"), "/a/b/d");
+        assert_eq!(normalize_path("/%61/%2e%2E/b"), "/b");
+        assert_eq!(normalize_path("/../../etc"), "/etc");
+        assert_eq!(normalize_path("/a/%2F"), "/a/%2F");
+        assert_eq!(normalize_path("/é/x"), "/é/x");
+        assert_eq!(normalize_path(""), "/");
+        assert!(path_has_prefix("/api", "/api"));
+        assert!(path_has_prefix("/api/v1", "/api"));
+        assert!(!path_has_prefix("/apiv2", "/api"));
+        assert!(!path_has_prefix("/", "/api"));
+        let r = p("http://:8000/a");
+        assert!(r.matches_path("/a") && r.matches_path("/a/x") && !r.matches_path("/ab"));
+        assert!(p("http://:8000").matches_path("/anything"));
+    }
+}
