@@ -1,0 +1,195 @@
+//! Worker threads: io_uring accept loops on every listener of the current
+//! table, and the life of a new connection up to its delivery.
+
+use crate::classify;
+use crate::handoff::{self, Conn};
+use crate::reply;
+use crate::route::{Listener, ListenerId};
+use crate::runtime::Shared;
+use crate::sys::{net, uring};
+use portmux_wire::{ConnMeta, Proto};
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// How long a stopping worker lets connections in progress finish.
+const STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// Counts this worker's connection tasks, to let them finish on shutdown.
+#[derive(Debug, Default)]
+struct InFlight {
+    count: Cell<usize>,
+    idle: Notify,
+}
+
+struct Guard(Rc<InFlight>);
+
+impl Guard {
+    fn new(f: &Rc<InFlight>) -> Guard {
+        f.count.set(f.count.get() + 1);
+        Guard(f.clone())
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let n = self.0.count.get() - 1;
+        self.0.count.set(n);
+        if n == 0 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+struct AcceptLoop {
+    stop: Rc<Notify>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+/// One worker: follows the table's listeners until portmux stops.
+pub async fn worker(shared: Arc<Shared>, index: usize) {
+    let mut version = shared.table_version.subscribe();
+    let mut stopping = shared.stopping.subscribe();
+    let in_flight = Rc::new(InFlight::default());
+    let mut loops: HashMap<ListenerId, AcceptLoop> = HashMap::new();
+    tracing::debug!(worker = index, "worker started");
+    while !*stopping.borrow_and_update() {
+        version.mark_unchanged();
+        let table = shared.table.load_full();
+        loops.retain(|id, l| {
+            let keep = table.port(*id).is_some();
+            if !keep {
+                l.stop.notify_one(); // The loop ends by itself and releases its listener.
+            }
+            keep
+        });
+        for (id, port) in &table.ports {
+            loops.entry(*id).or_insert_with(|| {
+                let stop = Rc::new(Notify::new());
+                let done = tokio_uring::spawn(accept_loop(
+                    port.listener.clone(),
+                    shared.clone(),
+                    stop.clone(),
+                    in_flight.clone(),
+                ));
+                AcceptLoop { stop, done }
+            });
+        }
+        tokio::select! {
+            _ = version.changed() => {}
+            _ = stopping.changed() => {}
+        }
+    }
+    for (_, l) in loops.drain() {
+        l.stop.notify_one();
+        let _ = l.done.await;
+    }
+    if in_flight.count.get() > 0 {
+        let _ = tokio::time::timeout(STOP_GRACE, in_flight.idle.notified()).await;
+    }
+    tracing::debug!(worker = index, left = in_flight.count.get(), "worker stopped");
+    shared.workers_running.send_modify(|n| *n -= 1);
+}
+
+/// Accepts on `listener` until told to stop; the in-flight accept is cancelled,
+/// never abandoned, so no connection is lost in the kernel.
+async fn accept_loop(listener: Arc<Listener>, shared: Arc<Shared>, stop: Rc<Notify>, in_flight: Rc<InFlight>) {
+    let fd = listener.fd.as_fd();
+    let mut last_warning: Option<Instant> = None;
+    loop {
+        let (result, stopped) = match uring::race(fd, uring::accept(fd), stop.notified()).await {
+            uring::Raced::Done(r) => (r, false),
+            uring::Raced::Stopped(r) => (r, true),
+        };
+        match result {
+            Ok(conn) => {
+                let guard = Guard::new(&in_flight);
+                let shared = shared.clone();
+                let id = listener.id;
+                tokio_uring::spawn(async move {
+                    serve(conn, id, &shared).await;
+                    drop(guard);
+                });
+            }
+            Err(e) if stopped || e.raw_os_error() == Some(libc::ECANCELED) => {}
+            Err(e) => {
+                let resource =
+                    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM));
+                if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+                    last_warning = Some(Instant::now());
+                    if resource {
+                        tracing::warn!(
+                            listener = %listener.addr,
+                            "cannot accept: {e}; connections wait in the backlog (raise LimitNOFILE / ulimit -n)"
+                        );
+                    } else {
+                        tracing::warn!(listener = %listener.addr, "accept failed: {e}");
+                    }
+                }
+                // Back off so a full fd table does not spin the ring; the
+                // connection stays queued in the kernel meanwhile.
+                if resource {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        if stopped {
+            return;
+        }
+    }
+}
+
+/// A new connection: peek (unless its port has only a raw TCP route), decide,
+/// then deliver it or answer it.
+async fn serve(fd: OwnedFd, listener: ListenerId, shared: &Shared) {
+    let Some(mut port) = shared.table.load().port(listener).cloned() else {
+        return; // The listener was just closed.
+    };
+    let Ok((peer, local)) = net::tcp_addrs(fd.as_fd()) else {
+        return; // Gone already.
+    };
+    let mut meta = ConnMeta {
+        route: String::new(),
+        proto: Proto::Tcp,
+        peer,
+        local,
+        sni: None,
+        alpn: Vec::new(),
+        host: None,
+        path: None,
+        peeked: 0,
+    };
+    let arrived = Instant::now();
+    let route = if port.needs_peek() {
+        let deadline = tokio::time::Instant::from_std(arrived + shared.settings.peek_timeout);
+        let peek = classify::peek(fd.as_fd(), port.want(), deadline, shared.settings.peek_max).await;
+        meta.peeked = peek.bytes as u32;
+        // Routes may have changed while the client was sending.
+        if let Some(now) = shared.table.load().port(listener) {
+            port = now.clone();
+        }
+        match port.decide(peek.outcome, &mut meta) {
+            Ok(route) => route,
+            Err(answer) => {
+                tracing::debug!(%peer, port = local.port(), ?answer, "not delivered");
+                reply::send(fd, answer).await;
+                return;
+            }
+        }
+    } else {
+        match &port.tcp {
+            Some(r) => {
+                meta.route = r.key.to_string();
+                r.clone()
+            }
+            None => return,
+        }
+    };
+    let id = shared.next_conn_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let conn = Conn { id, fd: Arc::new(fd), listener, meta, arrived, rejected_by: None };
+    handoff::deliver(conn, &route, shared).await;
+}

@@ -1,0 +1,247 @@
+//! One service's control session, from Hello to the end: registrations, acks,
+//! rejects, drain and bye; a malformed or out-of-order message ends this
+//! session alone, with an Error naming the problem.
+
+use super::ControlPlane;
+use crate::handoff::Session;
+use crate::sys::{net, reactor};
+use portmux_wire::spec::validate_service_name;
+use portmux_wire::{MAX_MESSAGE, Message, PROTOCOL_VERSION};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+/// A new session must say Hello within this time.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A reply that cannot be written for this long ends the session.
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// After portmux ends a session, how long the service has to close its end
+/// before portmux drops its own copies of the unacked connections.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Accepts control connections until aborted.
+pub(super) async fn accept_sessions(cp: Rc<ControlPlane>, fd: OwnedFd) {
+    let listener = match reactor::register(fd, Interest::READABLE) {
+        Ok(l) => l,
+        Err(e) => return tracing::error!("cannot watch the control socket: {e}"),
+    };
+    loop {
+        let mut ready = match listener.readable().await {
+            Ok(r) => r,
+            Err(e) => return tracing::error!("control socket failed: {e}"),
+        };
+        loop {
+            match net::seqpacket_accept(listener.get_ref().as_fd()) {
+                Ok(Some((fd, cred))) => {
+                    let pid = cred.pid.as_raw_nonzero().get();
+                    tokio_uring::spawn(serve(cp.clone(), fd, pid, cred.uid.as_raw()));
+                }
+                Ok(None) => {
+                    ready.clear_ready();
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!("cannot accept a control connection: {e}");
+                    drop(ready);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Why a received datagram is not a message portmux takes.
+enum RecvError {
+    /// The socket failed; treated as the service closing.
+    Io,
+    /// Malformed, oversized, or carrying fds: the text is sent back as Error.
+    Protocol(String),
+}
+
+/// Receives one message; `Ok(None)` at end-of-file.
+async fn recv<T: AsRawFd + AsFd>(afd: &AsyncFd<T>, buf: &mut [u8]) -> Result<Option<Message>, RecvError> {
+    let dg = match afd.async_io(Interest::READABLE, |s| net::recv_datagram(s, buf)).await {
+        Ok(d) => d,
+        Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => return Ok(None),
+        Err(e) => {
+            tracing::debug!("control session read failed: {e}");
+            return Err(RecvError::Io);
+        }
+    };
+    if !dg.fds.is_empty() || dg.fds_truncated {
+        return Err(RecvError::Protocol("services must not send file descriptors to portmux".into()));
+    }
+    if dg.truncated {
+        return Err(RecvError::Protocol(format!("message of {} bytes exceeds the {MAX_MESSAGE}-byte limit", dg.len)));
+    }
+    if dg.len == 0 {
+        return Ok(None);
+    }
+    portmux_wire::decode(&buf[..dg.len]).map(Some).map_err(|e| RecvError::Protocol(e.to_string()))
+}
+
+/// Sends one message, waiting while the socket is full, for at most SEND_TIMEOUT.
+async fn send<T: AsRawFd + AsFd>(afd: &AsyncFd<T>, msg: &Message) -> std::io::Result<()> {
+    let bytes = portmux_wire::encode(msg).map_err(std::io::Error::other)?;
+    let sending = afd.async_io(Interest::WRITABLE, |s| net::send_datagram(s.as_fd(), &bytes));
+    tokio::time::timeout(SEND_TIMEOUT, sending).await.map_err(|_| std::io::ErrorKind::TimedOut)?
+}
+
+/// How a session's message loop ended.
+enum End {
+    /// The service closed its end.
+    Closed,
+    /// The service said Bye.
+    Bye,
+    /// A protocol error, sent back to the service.
+    Error(String),
+}
+
+async fn serve(cp: Rc<ControlPlane>, fd: OwnedFd, pid: i32, uid: u32) {
+    let Ok(afd) = reactor::register(fd, Interest::READABLE | Interest::WRITABLE) else { return };
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let service = match tokio::time::timeout(HELLO_TIMEOUT, recv(&afd, &mut buf)).await {
+        Ok(Ok(Some(Message::Hello { version, service }))) => {
+            let problem = if version != PROTOCOL_VERSION {
+                Some(format!(
+                    "protocol version {version} is not supported: this portmux speaks version {PROTOCOL_VERSION}; \
+                     use a client library of the same release"
+                ))
+            } else {
+                validate_service_name(&service).err()
+            };
+            if let Some(reason) = problem {
+                return refuse_early(&afd, pid, reason).await;
+            }
+            service
+        }
+        Ok(Ok(Some(other))) => {
+            let reason = format!("the first message must be Hello, not {}", other.kind());
+            return refuse_early(&afd, pid, reason).await;
+        }
+        Ok(Ok(None)) | Ok(Err(RecvError::Io)) => return,
+        Ok(Err(RecvError::Protocol(reason))) => return refuse_early(&afd, pid, reason).await,
+        Err(_) => return refuse_early(&afd, pid, "no Hello within 10 s; the first message must be Hello".into()).await,
+    };
+    let sid = cp.new_session_id();
+    let max_unacked = cp.shared.settings.max_unacked;
+    let session = Arc::new(Session::new(sid, service, pid, uid, afd.into_inner(), max_unacked));
+    cp.add_session(session.clone());
+    tracing::info!(session = sid, service = %session.name, pid, uid, "service connected");
+    let Ok(afd) = reactor::register(session.clone(), Interest::READABLE | Interest::WRITABLE) else {
+        cp.end_session(sid);
+        return;
+    };
+
+    let end = loop {
+        match recv(&afd, &mut buf).await {
+            Ok(None) | Err(RecvError::Io) => break End::Closed,
+            Err(RecvError::Protocol(reason)) => break End::Error(reason),
+            Ok(Some(msg)) => match msg {
+                Message::Register { routes } => {
+                    let reply = match cp.register(sid, &routes) {
+                        Ok(bound) => {
+                            for b in &bound {
+                                tracing::info!(session = sid, service = %session.name, route = %b.route, listen = %b.listen, "registered");
+                            }
+                            Message::Registered { routes: bound }
+                        }
+                        Err((route, reason)) => {
+                            tracing::info!(session = sid, service = %session.name, %route, "refused: {reason}");
+                            Message::Refused { route, reason }
+                        }
+                    };
+                    if let Err(e) = send(&afd, &reply).await {
+                        tracing::info!(session = sid, service = %session.name, "cannot reply: {e}");
+                        break End::Closed;
+                    }
+                    cp.flush_routes_of(sid);
+                }
+                Message::Ack { id } => {
+                    if session.ack(id) {
+                        cp.acked.notify_waiters();
+                    } else {
+                        tracing::debug!(session = sid, conn = id, "ack for an unknown connection");
+                    }
+                }
+                Message::Reject { id, reason } => {
+                    if let Some(mut conn) = session.take(id) {
+                        tracing::info!(session = sid, service = %session.name, conn = id, "connection rejected: {reason}");
+                        conn.rejected_by = Some((sid, Instant::now()));
+                        cp.route_conn(conn);
+                    }
+                }
+                Message::Drain => cp.drain(sid),
+                Message::Bye => break End::Bye,
+                Message::Hello { .. } => break End::Error("Hello was already sent; send it once, first".into()),
+                other => {
+                    break End::Error(format!("{} is a message portmux sends, not one it accepts", other.kind()));
+                }
+            },
+        }
+    };
+
+    if let End::Error(reason) = &end {
+        tracing::warn!(session = sid, service = %session.name, pid, "protocol error, ending the session: {reason}");
+        // Queued before the write side is shut down, so the service reads it.
+        let _ = send_error(&session, reason);
+    }
+    if let End::Bye = end {
+        tracing::info!(session = sid, service = %session.name, "service said bye");
+    }
+    // No new connections for this session from here on.
+    session.fail();
+    cp.end_session(sid);
+    if !matches!(end, End::Closed) && !wait_for_close(&afd, &session, &mut buf).await {
+        let n = session.abandon();
+        tracing::warn!(
+            session = sid,
+            service = %session.name,
+            "the service did not close its session within {}s; dropped portmux's copies of {n} unacked connections",
+            CLOSE_TIMEOUT.as_secs()
+        );
+        return;
+    }
+    // The service's end is closed: what it never read was discarded by the
+    // kernel, so the unacked connections are re-routed or queued.
+    let unacked = session.close();
+    if !unacked.is_empty() {
+        tracing::info!(session = sid, service = %session.name, "re-routing {} unacked connections", unacked.len());
+    }
+    for conn in unacked {
+        cp.route_conn(conn);
+    }
+}
+
+/// Best-effort Error message, without waiting.
+fn send_error(session: &Session, reason: &str) -> std::io::Result<()> {
+    let bytes = portmux_wire::encode(&Message::Error { reason: reason.to_string() }).map_err(std::io::Error::other)?;
+    net::send_datagram(session.as_fd(), &bytes)
+}
+
+/// After portmux ended the session: take the service's remaining acks until it
+/// closes its end. False if it did not within CLOSE_TIMEOUT.
+async fn wait_for_close(afd: &AsyncFd<Arc<Session>>, session: &Session, buf: &mut [u8]) -> bool {
+    let until_closed = async {
+        loop {
+            match recv(afd, buf).await {
+                Ok(None) | Err(RecvError::Io) => return,
+                Ok(Some(Message::Ack { id })) => {
+                    session.ack(id);
+                }
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(CLOSE_TIMEOUT, until_closed).await.is_ok()
+}
+
+/// Ends a session that never got past Hello: Error, then close.
+async fn refuse_early(afd: &AsyncFd<OwnedFd>, pid: i32, reason: String) {
+    tracing::warn!(pid, "control session refused: {reason}");
+    let _ = send(afd, &Message::Error { reason }).await;
+}

@@ -1,0 +1,278 @@
+//! The immutable route table that workers match against, and the decision of
+//! what to do with a classified connection.
+//!
+//! The control plane builds a new [`Table`] on every change and publishes it as
+//! an `Arc`; workers load it without locks.
+
+use crate::classify::Peeked;
+use crate::handoff::Session;
+use crate::reply::Reply;
+use portmux_wire::spec::{RouteSpec, Scheme, normalize_path};
+use portmux_wire::{ConnMeta, Proto};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Identifies a listening socket for the life of the process.
+pub type ListenerId = u64;
+
+/// Identifies a route: its listening address and its canonical spec without
+/// the listening address and the service name.
+pub type RouteKey = (SocketAddr, Arc<str>);
+
+/// A public listening socket, shared by all workers (each accepts on it).
+#[derive(Debug)]
+pub struct Listener {
+    pub id: ListenerId,
+    pub addr: SocketAddr,
+    pub fd: OwnedFd,
+}
+
+/// One snapshot of everything workers need.
+#[derive(Debug, Default)]
+pub struct Table {
+    pub ports: HashMap<ListenerId, Arc<PortRoutes>>,
+}
+
+impl Table {
+    pub fn port(&self, id: ListenerId) -> Option<&Arc<PortRoutes>> {
+        self.ports.get(&id)
+    }
+}
+
+/// The routes of one listening socket.
+#[derive(Debug)]
+pub struct PortRoutes {
+    pub listener: Arc<Listener>,
+    /// The whole-port route: takes what no other route on the port matches.
+    pub tcp: Option<Arc<Route>>,
+    /// Most specific first (host rank, then path length).
+    pub http: Vec<Arc<Route>>,
+    /// Most specific first.
+    pub tls: Vec<Arc<Route>>,
+}
+
+/// A route and where its connections go now.
+#[derive(Debug)]
+pub struct Route {
+    /// Canonical spec (without the service name); what services see in `ConnMeta::route`.
+    pub key: Arc<str>,
+    pub ident: RouteKey,
+    pub spec: RouteSpec,
+    pub target: Target,
+}
+
+/// Where a route's connections go.
+#[derive(Debug)]
+pub enum Target {
+    /// Straight to one of these sessions (round robin).
+    Pool(Pool),
+    /// Through the control plane, which queues them in arrival order (the
+    /// service is restarting, draining, or older connections are still queued).
+    Queue,
+}
+
+/// Live, non-draining sessions of one service for a route.
+#[derive(Debug)]
+pub struct Pool {
+    pub sessions: Vec<Arc<Session>>,
+    next: AtomicUsize,
+}
+
+impl Pool {
+    pub fn new(sessions: Vec<Arc<Session>>) -> Pool {
+        Pool { sessions, next: AtomicUsize::new(0) }
+    }
+
+    /// The sessions in the order to try them: round robin, each once.
+    pub fn order(&self) -> impl Iterator<Item = &Arc<Session>> {
+        let n = self.sessions.len();
+        let start = if n > 1 { self.next.fetch_add(1, Ordering::Relaxed) % n } else { 0 };
+        (0..n).map(move |i| &self.sessions[(start + i) % n])
+    }
+}
+
+impl PortRoutes {
+    /// Builds a port's routes, sorting them most specific first.
+    pub fn new(listener: Arc<Listener>, routes: Vec<Arc<Route>>) -> PortRoutes {
+        let mut p = PortRoutes { listener, tcp: None, http: Vec::new(), tls: Vec::new() };
+        for r in routes {
+            match r.spec.scheme {
+                Scheme::Tcp => p.tcp = Some(r),
+                Scheme::Http | Scheme::Https => p.http.push(r),
+                Scheme::Tls => p.tls.push(r),
+            }
+        }
+        let specificity = |r: &Arc<Route>| (r.spec.host.rank(), r.spec.path.as_ref().map_or(0, String::len));
+        p.http.sort_by_key(|r| std::cmp::Reverse(specificity(r)));
+        p.tls.sort_by_key(|r| std::cmp::Reverse(specificity(r)));
+        p
+    }
+
+    /// A port with only a whole-port route is not peeked at all (server-speaks-first
+    /// protocols work); any other port is.
+    pub fn needs_peek(&self) -> bool {
+        !(self.tcp.is_some() && self.http.is_empty() && self.tls.is_empty())
+    }
+
+    /// What is worth parsing on this port. Without a whole-port route, HTTP is
+    /// parsed even on a TLS-only port, to answer plain HTTP with a readable 400.
+    pub fn want(&self) -> crate::classify::Want {
+        crate::classify::Want { tls: !self.tls.is_empty(), http: !self.http.is_empty() || self.tcp.is_none() }
+    }
+
+    /// The route for a connection with this metadata (SNI for TLS, Host and
+    /// path for HTTP, the whole-port route otherwise or as a fallback).
+    pub fn lookup(&self, meta: &ConnMeta) -> Option<&Arc<Route>> {
+        let specific = match meta.proto {
+            Proto::Tls => self.tls.iter().find(|r| r.spec.host.matches(meta.sni.as_deref())),
+            Proto::Http => {
+                let path = normalize_path(meta.path.as_deref().unwrap_or("/"));
+                self.http.iter().find(|r| r.spec.host.matches(meta.host.as_deref()) && r.spec.matches_path(&path))
+            }
+            Proto::Tcp => None,
+        };
+        specific.or(self.tcp.as_ref())
+    }
+
+    /// Decides what happens to a peeked connection: the route to deliver it on
+    /// (with `meta` completed), or the answer portmux gives itself.
+    pub fn decide(&self, peek: Peeked, meta: &mut ConnMeta) -> Result<Arc<Route>, Reply> {
+        let fallback = |reply: Reply| self.tcp.clone().ok_or(reply);
+        match peek {
+            Peeked::Tls(hello) => {
+                meta.proto = Proto::Tls;
+                meta.sni = hello.sni;
+                meta.alpn = hello.alpn;
+            }
+            Peeked::Http(head) => {
+                meta.proto = Proto::Http;
+                meta.host = head.host;
+                meta.path = Some(head.target);
+            }
+            Peeked::Other { tls: true } => return fallback(Reply::tls_alert(crate::reply::ALERT_UNRECOGNIZED_NAME)),
+            Peeked::Other { tls: false } => return fallback(Reply::Close),
+            Peeked::Invalid { tls: true, .. } => return fallback(Reply::tls_alert(crate::reply::ALERT_DECODE_ERROR)),
+            Peeked::Invalid { tls: false, reason } => return fallback(Reply::bad_request(reason)),
+            Peeked::TooLarge { tls: true } => return fallback(Reply::tls_alert(crate::reply::ALERT_DECODE_ERROR)),
+            Peeked::TooLarge { tls: false } => return fallback(Reply::too_large()),
+            Peeked::TimedOut => return fallback(Reply::Abort),
+            // Consume what it sent so the close is a FIN, not a reset.
+            Peeked::HungUp => return Err(Reply::Close),
+            Peeked::Failed(_) => return Err(Reply::Abort),
+        }
+        if let Some(route) = self.lookup(meta) {
+            meta.route = route.key.to_string();
+            return Ok(route.clone());
+        }
+        Err(self.no_route(meta))
+    }
+
+    /// The answer when nothing on this port matches.
+    pub fn no_route(&self, meta: &ConnMeta) -> Reply {
+        match meta.proto {
+            Proto::Tls => Reply::tls_alert(crate::reply::ALERT_UNRECOGNIZED_NAME),
+            Proto::Http if self.http.is_empty() && !self.tls.is_empty() => {
+                Reply::bad_request("plain HTTP was sent to a port that expects TLS")
+            }
+            Proto::Http => Reply::not_found(meta.host.as_deref(), meta.path.as_deref(), self.listener.addr.port()),
+            Proto::Tcp => Reply::Close,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::{http::RequestHead, tls::ClientHello};
+
+    fn listener() -> Arc<Listener> {
+        let fd = crate::sys::net::tcp_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        Arc::new(Listener { id: 1, addr: "127.0.0.1:8000".parse().unwrap(), fd })
+    }
+
+    fn route(spec: &str) -> Arc<Route> {
+        let spec = RouteSpec::parse(spec).unwrap();
+        let ident = ("127.0.0.1:8000".parse().unwrap(), spec.key().into());
+        Arc::new(Route { key: spec.key().into(), ident, spec, target: Target::Queue })
+    }
+
+    fn meta() -> ConnMeta {
+        ConnMeta {
+            route: String::new(),
+            proto: Proto::Tcp,
+            peer: "127.0.0.1:1".parse().unwrap(),
+            local: "127.0.0.1:8000".parse().unwrap(),
+            sni: None,
+            alpn: vec![],
+            host: None,
+            path: None,
+            peeked: 0,
+        }
+    }
+
+    fn http(port: &PortRoutes, host: Option<&str>, target: &str) -> Result<String, Reply> {
+        let head = RequestHead { host: host.map(Into::into), target: target.into() };
+        port.decide(Peeked::Http(head), &mut meta()).map(|r| r.key.to_string())
+    }
+
+    fn tls(port: &PortRoutes, sni: Option<&str>) -> Result<String, Reply> {
+        let hello = ClientHello { sni: sni.map(Into::into), alpn: vec![] };
+        port.decide(Peeked::Tls(hello), &mut meta()).map(|r| r.key.to_string())
+    }
+
+    #[test]
+    fn most_specific_route_wins() {
+        let port = PortRoutes::new(
+            listener(),
+            [
+                "http://:8000",
+                "http://:8000/a",
+                "http://:8000/a/b",
+                "http://*.example.test:8000",
+                "http://*.b.example.test:8000",
+                "http://api.example.test:8000",
+                "http://api.example.test:8000/v2",
+            ]
+            .into_iter()
+            .map(route)
+            .collect(),
+        );
+        assert_eq!(http(&port, None, "/").unwrap(), "http://:8000");
+        assert_eq!(http(&port, None, "/a/x").unwrap(), "http://:8000/a");
+        assert_eq!(http(&port, None, "/a/b/c?q").unwrap(), "http://:8000/a/b");
+        assert_eq!(http(&port, None, "/ab").unwrap(), "http://:8000");
+        assert_eq!(http(&port, None, "/x/../a/b").unwrap(), "http://:8000/a/b");
+        assert_eq!(http(&port, Some("www.example.test"), "/a").unwrap(), "http://*.example.test:8000");
+        assert_eq!(http(&port, Some("x.b.example.test"), "/").unwrap(), "http://*.b.example.test:8000");
+        assert_eq!(http(&port, Some("api.example.test"), "/a").unwrap(), "http://api.example.test:8000");
+        assert_eq!(http(&port, Some("api.example.test"), "/v2/x").unwrap(), "http://api.example.test:8000/v2");
+        assert_eq!(http(&port, Some("other.test"), "/a").unwrap(), "http://:8000/a");
+    }
+
+    #[test]
+    fn no_match_answers_by_protocol_and_tcp_is_the_fallback() {
+        let port = PortRoutes::new(listener(), vec![route("http://a.test:8000"), route("tls://b.test:8000")]);
+        assert!(port.needs_peek());
+        assert!(matches!(http(&port, Some("z.test"), "/"), Err(Reply::Http { status: 404, .. })));
+        assert!(matches!(tls(&port, Some("z.test")), Err(Reply::TlsAlert(_))));
+        assert!(matches!(tls(&port, None), Err(Reply::TlsAlert(_))));
+        assert_eq!(tls(&port, Some("b.test")).unwrap(), "tls://b.test:8000");
+
+        let with_tcp = PortRoutes::new(listener(), vec![route("tls://b.test:8000"), route("tcp://:8000")]);
+        assert_eq!(tls(&with_tcp, Some("z.test")).unwrap(), "tcp://:8000");
+        assert_eq!(http(&with_tcp, Some("z.test"), "/").unwrap(), "tcp://:8000");
+        let mut m = meta();
+        assert_eq!(with_tcp.decide(Peeked::TimedOut, &mut m).unwrap().key.as_ref(), "tcp://:8000");
+        assert!(with_tcp.decide(Peeked::HungUp, &mut m).is_err());
+
+        let tcp_only = PortRoutes::new(listener(), vec![route("tcp://:8000")]);
+        assert!(!tcp_only.needs_peek());
+
+        let tls_only = PortRoutes::new(listener(), vec![route("tls://b.test:8000")]);
+        assert!(tls_only.want().http, "plain HTTP on a TLS port is parsed to answer 400");
+        assert!(matches!(http(&tls_only, Some("b.test"), "/"), Err(Reply::Http { status: 400, .. })));
+    }
+}

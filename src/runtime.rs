@@ -1,0 +1,144 @@
+//! Start-up and shutdown: checks, the control socket, one tokio-uring worker
+//! thread per core, and the control plane on the main thread.
+
+use crate::config::Settings;
+use crate::handoff::Conn;
+use crate::route::Table;
+use crate::sys::{net, uring};
+use arc_swap::ArcSwap;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use tokio::sync::{mpsc, watch};
+
+/// State shared by the workers and the control plane.
+#[derive(Debug)]
+pub struct Shared {
+    pub settings: Settings,
+    /// The current route table; replaced whole on every change.
+    pub table: ArcSwap<Table>,
+    /// Bumped after every new table, to wake workers (new or closed listeners).
+    pub table_version: watch::Sender<u64>,
+    /// Connections the workers could not deliver directly (queued routes, busy services).
+    pub to_control: mpsc::UnboundedSender<Conn>,
+    /// Set when portmux is stopping: workers stop accepting.
+    pub stopping: watch::Sender<bool>,
+    /// Workers still running.
+    pub workers_running: watch::Sender<usize>,
+    pub next_conn_id: AtomicU64,
+}
+
+/// Why portmux could not start; each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    IoUring(String),
+    #[error(
+        "another portmux is already serving the control socket {0}; stop it first, or give this one another --control path"
+    )]
+    AlreadyRunning(PathBuf),
+    #[error("{0} exists and is not a socket; remove it or choose another --control path")]
+    NotASocket(PathBuf),
+    #[error("cannot create the directory {path}: {source}")]
+    Dir { path: PathBuf, source: io::Error },
+    #[error("cannot bind the control socket {path}: {source}")]
+    Bind { path: PathBuf, source: io::Error },
+    #[error("cannot start the io_uring runtime: {0}")]
+    Runtime(io::Error),
+    #[error("cannot start a worker thread: {0}")]
+    Thread(io::Error),
+}
+
+/// Runs portmux until SIGTERM or SIGINT.
+pub fn run(mut settings: Settings) -> Result<(), StartError> {
+    uring::probe().map_err(StartError::IoUring)?;
+    if settings.bind.is_unspecified() && settings.bind.is_ipv6() && !net::ipv6_available() {
+        tracing::warn!("IPv6 is unavailable on this host; listening on 0.0.0.0 instead of [::] by default");
+        settings.bind = std::net::Ipv4Addr::UNSPECIFIED.into();
+    }
+    let (control_fd, identity) = bind_control(&settings.control)?;
+    println!(
+        "portmux {}: control socket {} (mode 0660); {} workers; listeners open on demand (default address {})",
+        env!("CARGO_PKG_VERSION"),
+        settings.control.display(),
+        settings.workers,
+        settings.bind
+    );
+    let result = serve(settings.clone(), control_fd);
+    remove_if_ours(&settings.control, identity);
+    result
+}
+
+fn serve(settings: Settings, control_fd: OwnedFd) -> Result<(), StartError> {
+    let (to_control, from_workers) = mpsc::unbounded_channel();
+    let workers = settings.workers.max(1);
+    let shared = Arc::new(Shared {
+        settings,
+        table: ArcSwap::from_pointee(Table::default()),
+        table_version: watch::Sender::new(0),
+        to_control,
+        stopping: watch::Sender::new(false),
+        workers_running: watch::Sender::new(workers),
+        next_conn_id: AtomicU64::new(1),
+    });
+    let control_rt = tokio_uring::Runtime::new(&uring_builder()).map_err(StartError::Runtime)?;
+    let mut threads = Vec::new();
+    for i in 0..workers {
+        let shared = shared.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("portmux-worker-{i}"))
+            .spawn(move || match tokio_uring::Runtime::new(&uring_builder()) {
+                Ok(rt) => rt.block_on(crate::accept::worker(shared, i)),
+                Err(e) => {
+                    tracing::error!("worker {i}: cannot start its io_uring runtime: {e}");
+                    shared.workers_running.send_modify(|n| *n -= 1);
+                }
+            })
+            .map_err(StartError::Thread)?;
+        threads.push(t);
+    }
+    control_rt.block_on(crate::control::run(shared.clone(), control_fd, from_workers));
+    drop(control_rt);
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+/// Ring size of every runtime: room for many connections being peeked at once.
+fn uring_builder() -> tokio_uring::Builder {
+    let mut b = tokio_uring::builder();
+    b.entries(1024);
+    b
+}
+
+/// Binds the control socket, replacing a stale one, refusing a live one.
+/// Returns the fd and the socket file's identity (device, inode).
+fn bind_control(path: &Path) -> Result<(OwnedFd, (u64, u64)), StartError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        std::fs::create_dir_all(dir).map_err(|source| StartError::Dir { path: dir.to_path_buf(), source })?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => return Err(StartError::NotASocket(path.to_path_buf())),
+        Ok(_) if net::seqpacket_alive(path) => return Err(StartError::AlreadyRunning(path.to_path_buf())),
+        Ok(_) => {
+            tracing::info!("removing stale control socket {}", path.display());
+            let _ = std::fs::remove_file(path);
+        }
+        Err(_) => {}
+    }
+    let fd = net::seqpacket_listener(path).map_err(|source| StartError::Bind { path: path.to_path_buf(), source })?;
+    let meta =
+        std::fs::symlink_metadata(path).map_err(|source| StartError::Bind { path: path.to_path_buf(), source })?;
+    Ok((fd, (meta.dev(), meta.ino())))
+}
+
+/// Removes the control socket file unless another process has replaced it.
+fn remove_if_ours(path: &Path, identity: (u64, u64)) {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == identity) {
+        let _ = std::fs::remove_file(path);
+    }
+}

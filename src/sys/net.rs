@@ -1,0 +1,195 @@
+//! Socket system calls: TCP listeners, non-blocking peek/send/recv, SO_RCVLOWAT,
+//! addresses, and the control socket (`SOCK_SEQPACKET`, SCM_RIGHTS, SO_PEERCRED).
+
+use rustix::net::{
+    self, AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType, sockopt,
+};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+
+/// Backlog of every public listener; the kernel caps it at `net.core.somaxconn`.
+const BACKLOG: i32 = 4096;
+
+/// Creates a listening TCP socket. An unspecified IPv6 address listens dual-stack.
+pub fn tcp_listener(addr: SocketAddr) -> io::Result<OwnedFd> {
+    let family = if addr.is_ipv4() { AddressFamily::INET } else { AddressFamily::INET6 };
+    let fd = net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+    sockopt::set_socket_reuseaddr(&fd, true)?;
+    if addr.is_ipv6() {
+        sockopt::set_ipv6_v6only(&fd, false)?;
+    }
+    net::bind(&fd, &addr)?;
+    net::listen(&fd, BACKLOG)?;
+    Ok(fd)
+}
+
+/// Whether this host can open IPv6 sockets (for the default `[::]` listening address).
+pub fn ipv6_available() -> bool {
+    net::socket_with(AddressFamily::INET6, SocketType::STREAM, SocketFlags::CLOEXEC, None).is_ok()
+}
+
+/// `recv(MSG_PEEK | MSG_DONTWAIT)`: the bytes stay in the socket.
+pub fn peek(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    Ok(net::recv(fd, buf, RecvFlags::PEEK | RecvFlags::DONTWAIT)?.1)
+}
+
+/// Non-blocking `recv`.
+pub fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    Ok(net::recv(fd, buf, RecvFlags::DONTWAIT)?.1)
+}
+
+/// Non-blocking `send` that never raises SIGPIPE.
+pub fn send(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    Ok(net::send(fd, buf, SendFlags::DONTWAIT | SendFlags::NOSIGNAL)?)
+}
+
+/// Shuts down our sending side (FIN), keeping the receiving side to drain.
+pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
+    Ok(net::shutdown(fd, net::Shutdown::Write)?)
+}
+
+/// Shuts down both directions; used on sockets only this process owns.
+pub fn shutdown_both(fd: BorrowedFd<'_>) -> io::Result<()> {
+    Ok(net::shutdown(fd, net::Shutdown::Both)?)
+}
+
+/// Sets `SO_RCVLOWAT`: readiness (poll) fires only once this many bytes are queued.
+pub fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `fd` is a valid open socket for the borrow's lifetime; the option
+    // value points to a live c_int whose size we pass exactly.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&raw const value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+fn std_addr(addr: net::SocketAddrAny) -> io::Result<SocketAddr> {
+    let a = SocketAddr::try_from(addr).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not an IP socket"))?;
+    // Dual-stack listeners see IPv4 clients as ::ffff:a.b.c.d; report them as IPv4.
+    Ok(SocketAddr::new(a.ip().to_canonical(), a.port()))
+}
+
+/// The peer's and our own address of a connected TCP socket.
+pub fn tcp_addrs(fd: BorrowedFd<'_>) -> io::Result<(SocketAddr, SocketAddr)> {
+    let peer = net::getpeername(fd)?.ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
+    Ok((std_addr(peer)?, std_addr(net::getsockname(fd)?)?))
+}
+
+/// The address a listening socket is bound to.
+pub fn local_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
+    std_addr(net::getsockname(fd)?)
+}
+
+/// Binds the control socket (`SOCK_SEQPACKET`, non-blocking) at `path` with mode 0660.
+pub fn seqpacket_listener(path: &Path) -> io::Result<OwnedFd> {
+    let fd = net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )?;
+    let addr = SocketAddrUnix::new(path)?;
+    // The mode of a socket file comes from the umask at bind time. This runs at
+    // start-up, before any other thread exists, so changing the umask is safe.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o117));
+    let bound = net::bind(&fd, &addr);
+    rustix::process::umask(old);
+    bound?;
+    net::listen(&fd, 128)?;
+    Ok(fd)
+}
+
+/// Accepts a control connection (non-blocking, close-on-exec) and reads the
+/// peer's credentials. `Ok(None)` when none is pending.
+pub fn seqpacket_accept(listener: BorrowedFd<'_>) -> io::Result<Option<(OwnedFd, net::UCred)>> {
+    match net::accept_with(listener, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK) {
+        Ok(fd) => {
+            let cred = sockopt::socket_peercred(&fd)?;
+            Ok(Some((fd, cred)))
+        }
+        Err(rustix::io::Errno::AGAIN) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether something accepts connections at a Unix socket path (a live portmux).
+pub fn seqpacket_alive(path: &Path) -> bool {
+    let Ok(fd) = net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None) else {
+        return false;
+    };
+    SocketAddrUnix::new(path).is_ok_and(|a| net::connect(&fd, &a).is_ok())
+}
+
+/// Sends one datagram carrying `fd` (SCM_RIGHTS), without blocking.
+pub fn send_with_fd(sock: BorrowedFd<'_>, bytes: &[u8], fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    let fds = [fd];
+    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(io::Error::other("control buffer too small for one fd"));
+    }
+    let n = net::sendmsg(sock, &[IoSlice::new(bytes)], &mut control, SendFlags::DONTWAIT | SendFlags::NOSIGNAL)?;
+    if n != bytes.len() {
+        // SOCK_SEQPACKET sends whole datagrams or nothing.
+        return Err(io::Error::other(format!("short datagram send: {n} of {}", bytes.len())));
+    }
+    Ok(())
+}
+
+/// Sends one datagram without fds, without blocking.
+pub fn send_datagram(sock: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<()> {
+    let n = net::send(sock, bytes, SendFlags::DONTWAIT | SendFlags::NOSIGNAL)?;
+    if n != bytes.len() {
+        return Err(io::Error::other(format!("short datagram send: {n} of {}", bytes.len())));
+    }
+    Ok(())
+}
+
+/// One received datagram.
+#[derive(Debug)]
+pub struct Datagram {
+    /// Bytes in the datagram (may exceed the buffer when `truncated`).
+    pub len: usize,
+    /// The datagram was larger than the buffer.
+    pub truncated: bool,
+    /// Fds that came with it (closed when dropped).
+    pub fds: Vec<OwnedFd>,
+    /// Some fds were discarded by the kernel (`MSG_CTRUNC`).
+    pub fds_truncated: bool,
+}
+
+/// Receives one datagram without blocking; fds arrive close-on-exec.
+/// `len == 0` with no error means the peer closed the session.
+pub fn recv_datagram(sock: impl AsFd, buf: &mut [u8]) -> io::Result<Datagram> {
+    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(4))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let msg = net::recvmsg(
+        sock,
+        &mut [IoSliceMut::new(buf)],
+        &mut control,
+        RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC | RecvFlags::TRUNC,
+    )?;
+    let mut fds = Vec::new();
+    for m in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = m {
+            fds.extend(received);
+        }
+    }
+    Ok(Datagram {
+        len: msg.bytes,
+        truncated: msg.flags.contains(ReturnFlags::TRUNC),
+        fds,
+        fds_truncated: msg.flags.contains(ReturnFlags::CTRUNC),
+    })
+}
