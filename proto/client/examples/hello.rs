@@ -1,0 +1,158 @@
+//! A tiny service built on portmux: claims a route and answers every HTTP/1.1
+//! request on every connection it is handed with the same body (keep-alive
+//! honoured). With `--tls-cert/--tls-key` it terminates TLS itself on the
+//! handed-off connection (a `tls://` route: portmux never sees plaintext).
+//!
+//! ```text
+//! hello SPEC BODY [--name NAME] [--control PATH] [--tls-cert PEM --tls-key PEM]
+//! hello 'http://:8000/a' 'From A'
+//! ```
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+
+const USAGE: &str = "usage: hello SPEC BODY [--name NAME] [--control PATH] [--tls-cert PEM --tls-key PEM]";
+
+struct Args {
+    spec: String,
+    body: String,
+    name: Option<String>,
+    control: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut positional = Vec::new();
+    let (mut name, mut control, mut cert, mut key) = (None, None, None, None);
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let slot = match a.as_str() {
+            "--name" => &mut name,
+            "--control" => &mut control,
+            "--tls-cert" => &mut cert,
+            "--tls-key" => &mut key,
+            "-h" | "--help" => return Err(USAGE.into()),
+            s if s.starts_with("--") => return Err(format!("unknown option {s}\n{USAGE}")),
+            _ => {
+                positional.push(a);
+                continue;
+            }
+        };
+        *slot = Some(it.next().ok_or_else(|| format!("{a} needs a value\n{USAGE}"))?);
+    }
+    let [spec, body]: [String; 2] = positional.try_into().map_err(|_| USAGE.to_string())?;
+    if cert.is_some() != key.is_some() {
+        return Err("--tls-cert and --tls-key go together".into());
+    }
+    Ok(Args { spec, body, name, control, cert, key })
+}
+
+fn tls_acceptor(cert: &str, key: &str) -> Result<TlsAcceptor, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("cannot read certificates from {cert}: {e}"))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("cannot read the private key {key}: {e}"))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("bad certificate or key: {e}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let tls = match (&args.cert, &args.key) {
+        (Some(c), Some(k)) => match tls_acceptor(c, k) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                eprintln!("hello: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    let mut builder = portmux_client::Builder::new().route(&args.spec);
+    if let Some(n) = &args.name {
+        builder = builder.name(n);
+    }
+    if let Some(c) = &args.control {
+        builder = builder.control(c);
+    }
+    let mut listener = match builder.bind_async().await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("hello: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for b in listener.routes() {
+        println!("hello: registered {} on {} as service '{}'", b.route, b.listen, listener.name());
+    }
+    let _ = std::io::stdout().flush();
+
+    let body = Bytes::from(args.body);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _info)) => {
+                    tokio::spawn(serve(stream, tls.clone(), body.clone()));
+                }
+                Err(e) => {
+                    eprintln!("hello: accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },
+            _ = tokio::signal::ctrl_c() => break,
+            Some(_) = async { match term.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => break,
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+async fn serve(stream: TcpStream, tls: Option<TlsAcceptor>, body: Bytes) {
+    let _ = stream.set_nodelay(true);
+    let service = service_fn(move |req: Request<Incoming>| {
+        let body = body.clone();
+        async move {
+            // Read the request body to the end so the connection can be reused.
+            let mut incoming = req.into_body();
+            while let Some(frame) = incoming.frame().await {
+                if frame.is_err() {
+                    break;
+                }
+            }
+            Ok::<_, Infallible>(Response::new(Full::new(body)))
+        }
+    });
+    let http = hyper::server::conn::http1::Builder::new();
+    let _ = match tls {
+        Some(acceptor) => match acceptor.accept(stream).await {
+            Ok(s) => http.serve_connection(TokioIo::new(s), service).await,
+            Err(_) => return,
+        },
+        None => http.serve_connection(TokioIo::new(stream), service).await,
+    };
+}

@@ -1,0 +1,429 @@
+//! Claim portmux routes and accept the client connections portmux hands over.
+//!
+//! A service connects to portmux's control socket, registers route specs
+//! (`http://:8000/a`, `tls://api.example.com:443`, `tcp://:5432`…), and then
+//! accepts connections as if it had listened itself: each is a real
+//! `TcpStream` whose first bytes are still unread, with the real peer address.
+//!
+//! ```no_run
+//! let listener = portmux_client::Listener::bind("http://:8000/a")?;
+//! loop {
+//!     let (stream, info) = listener.accept()?;
+//!     println!("{} for {:?}", info.peer, info.path);
+//!     # drop(stream);
+//! }
+//! # Ok::<(), portmux_client::Error>(())
+//! ```
+//!
+//! If portmux restarts, the listener reconnects and registers again by itself;
+//! connections already accepted are untouched. With feature `tokio` there is an
+//! async [`tokio::Listener`]; with feature `axum`, `axum::serve(listener, router)` works.
+#![forbid(unsafe_code)]
+
+mod proto;
+#[cfg(feature = "tokio")]
+pub mod tokio;
+
+pub use portmux_wire::{Bound, Proto};
+
+use proto::{Config, Incoming};
+use rustix::net::{RecvFlags, SendFlags};
+use std::collections::VecDeque;
+use std::io;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Environment variable naming the service when the builder does not.
+pub const SERVICE_ENV: &str = "PORTMUX_SERVICE";
+
+/// How long the opening handshake may take before portmux counts as unresponsive.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What portmux knows about a handed-over connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnInfo {
+    /// portmux's id for this connection.
+    pub id: u64,
+    /// The route (canonical spec) it matched.
+    pub route: String,
+    /// What portmux recognised: TLS, HTTP, or raw TCP.
+    pub proto: Proto,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The address the client connected to.
+    pub local: SocketAddr,
+    /// TLS server name (lower case).
+    pub sni: Option<String>,
+    /// ALPN protocols the client offered.
+    pub alpn: Vec<String>,
+    /// HTTP Host of the first request (lower case, no port).
+    pub host: Option<String>,
+    /// HTTP request target of the first request.
+    pub path: Option<String>,
+    /// Bytes portmux looked at; all are still unread in the stream.
+    pub peeked: u32,
+}
+
+impl ConnInfo {
+    fn from_meta(id: u64, m: portmux_wire::ConnMeta) -> ConnInfo {
+        ConnInfo {
+            id,
+            route: m.route,
+            proto: m.proto,
+            peer: m.peer,
+            local: m.local,
+            sni: m.sni,
+            alpn: m.alpn,
+            host: m.host,
+            path: m.path,
+            peeked: m.peeked,
+        }
+    }
+}
+
+/// Why a listener could not be set up or keep going.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Spec(#[from] portmux_wire::SpecError),
+    #[error("no route to claim: give at least one route spec")]
+    NoRoute,
+    #[error("{0}")]
+    Name(String),
+    #[error(
+        "cannot reach portmux at {}: {source}; is it running (`portmux run`)? If it uses another control \
+         socket, set PORTMUX_CONTROL to its path", path.display()
+    )]
+    Connect { path: PathBuf, source: io::Error },
+    #[error("portmux refused {route}: {reason}")]
+    Refused { route: String, reason: String },
+    #[error("portmux ended the session: {0}")]
+    Ended(String),
+    #[error("control protocol: {0}")]
+    Protocol(String),
+    #[error("control socket: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        match e {
+            Error::Io(e) => e,
+            Error::Connect { ref source, .. } => io::Error::new(source.kind(), e.to_string()),
+            Error::Refused { .. } => io::Error::new(io::ErrorKind::AddrInUse, e.to_string()),
+            other => io::Error::other(other.to_string()),
+        }
+    }
+}
+
+impl Error {
+    /// Whether trying again later may succeed (portmux not running yet).
+    fn is_transient(&self) -> bool {
+        matches!(self, Error::Connect { .. } | Error::Io(_))
+    }
+}
+
+/// Configures a [`Listener`]: the routes, the service name, the control socket.
+#[derive(Debug, Clone, Default)]
+pub struct Builder {
+    routes: Vec<String>,
+    name: Option<String>,
+    control: Option<PathBuf>,
+    reconnect: Option<Option<Duration>>,
+}
+
+impl Builder {
+    pub fn new() -> Builder {
+        Builder::default()
+    }
+
+    /// A route spec to claim; call once per route.
+    pub fn route(mut self, spec: impl Into<String>) -> Builder {
+        self.routes.push(spec.into());
+        self
+    }
+
+    /// The service name. Instances with the same name share routes (round
+    /// robin) and take over each other's queued connections after a restart.
+    /// Default: a `name=` in a spec, else `$PORTMUX_SERVICE`, else the executable's name.
+    pub fn name(mut self, name: impl Into<String>) -> Builder {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// The control socket. Default: `$PORTMUX_CONTROL`, else portmux's default path.
+    pub fn control(mut self, path: impl Into<PathBuf>) -> Builder {
+        self.control = Some(path.into());
+        self
+    }
+
+    /// How long to keep reconnecting when portmux goes away (`None`: forever, the default).
+    pub fn reconnect_timeout(mut self, limit: Option<Duration>) -> Builder {
+        self.reconnect = Some(limit);
+        self
+    }
+
+    /// Connects, registers, and returns a blocking listener.
+    pub fn bind(self) -> Result<Listener, Error> {
+        Listener::open(self.resolve()?)
+    }
+
+    /// Connects, registers, and returns an async listener.
+    #[cfg(feature = "tokio")]
+    pub async fn bind_async(self) -> Result<tokio::Listener, Error> {
+        tokio::Listener::open(self.resolve()?).await
+    }
+
+    fn resolve(self) -> Result<Config, Error> {
+        if self.routes.is_empty() {
+            return Err(Error::NoRoute);
+        }
+        let mut spec_name = None;
+        for r in &self.routes {
+            let spec = portmux_wire::RouteSpec::parse(r)?;
+            if spec.name.is_some() {
+                spec_name = spec.name;
+            }
+        }
+        let name = self
+            .name
+            .or(spec_name)
+            .or_else(|| std::env::var(SERVICE_ENV).ok().filter(|s| !s.is_empty()))
+            .unwrap_or_else(executable_name);
+        portmux_wire::spec::validate_service_name(&name).map_err(Error::Name)?;
+        let control = self.control.unwrap_or_else(default_control);
+        Ok(Config { routes: self.routes, name, control, reconnect: self.reconnect.unwrap_or(None) })
+    }
+}
+
+/// `$PORTMUX_CONTROL`, else portmux's default control path for this user.
+pub fn default_control() -> PathBuf {
+    if let Some(p) = std::env::var_os(portmux_wire::CONTROL_ENV).filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let xdg = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from);
+    portmux_wire::default_control_path(rustix::process::getuid().as_raw(), xdg.as_deref())
+}
+
+/// This executable's file name, made into a valid service name.
+fn executable_name() -> String {
+    let raw = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    let clean: String = raw
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '-' })
+        .take(64)
+        .collect();
+    if clean.is_empty() { "service".into() } else { clean }
+}
+
+/// A blocking listener for handed-over connections, like `std::net::TcpListener`.
+///
+/// `accept` may be called from several threads; each connection goes to one caller.
+#[derive(Debug)]
+pub struct Listener {
+    cfg: Config,
+    /// The current session socket (replaced on reconnect); used for sending.
+    sock: Mutex<Arc<OwnedFd>>,
+    bound: Mutex<Vec<Bound>>,
+    /// Serialises receivers.
+    receiving: Mutex<Receiving>,
+}
+
+#[derive(Debug)]
+struct Receiving {
+    backlog: VecDeque<(TcpStream, ConnInfo)>,
+    buf: Vec<u8>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Listener {
+    /// Claims one route with the defaults of [`Builder`].
+    pub fn bind(spec: &str) -> Result<Listener, Error> {
+        Builder::new().route(spec).bind()
+    }
+
+    fn open(cfg: Config) -> Result<Listener, Error> {
+        let mut buf = vec![0u8; portmux_wire::MAX_MESSAGE];
+        let opened = handshake(&cfg, &mut buf)?;
+        Ok(Listener {
+            cfg,
+            sock: Mutex::new(Arc::new(opened.sock)),
+            bound: Mutex::new(opened.bound),
+            receiving: Mutex::new(Receiving { backlog: opened.early.into(), buf }),
+        })
+    }
+
+    /// The routes as portmux serves them, with their listening addresses.
+    pub fn routes(&self) -> Vec<Bound> {
+        lock(&self.bound).clone()
+    }
+
+    /// The listening address of the first route.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        lock(&self.bound).first().map(|b| b.listen).ok_or_else(|| io::ErrorKind::NotConnected.into())
+    }
+
+    /// The service name this listener registered as.
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    fn current(&self) -> Arc<OwnedFd> {
+        lock(&self.sock).clone()
+    }
+
+    /// Waits for the next connection. The stream is in blocking mode and its
+    /// first bytes (those portmux looked at) are still unread.
+    pub fn accept(&self) -> io::Result<(TcpStream, ConnInfo)> {
+        let mut rx = lock(&self.receiving);
+        loop {
+            if let Some(next) = rx.backlog.pop_front() {
+                return Ok(next);
+            }
+            let sock = self.current();
+            let incoming = match proto::receive(&*sock, &mut rx.buf, RecvFlags::empty()) {
+                Ok(i) => i,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Incoming::Closed,
+                Err(e) => return Err(e),
+            };
+            match incoming {
+                Incoming::Conn(id, stream, info) => {
+                    // Tell portmux it can close its copy; if portmux is gone, the
+                    // connection is ours all the same.
+                    let _ = proto::send(&*sock, &proto::ack(id), SendFlags::empty());
+                    stream.set_nonblocking(false)?;
+                    return Ok((stream, info));
+                }
+                Incoming::Lost(id, why) => {
+                    let _ = proto::send(&*sock, &proto::reject(id, &why), SendFlags::empty());
+                    return Err(io::Error::other(why));
+                }
+                Incoming::Closed | Incoming::Ended(_) => {
+                    let Receiving { backlog, buf } = &mut *rx;
+                    self.reconnect(backlog, buf)?;
+                }
+                Incoming::Registered(_) | Incoming::Refused { .. } | Incoming::Nothing => {}
+            }
+        }
+    }
+
+    /// Reconnects and registers again, with backoff, until it works, a
+    /// permanent error (such as a refusal), or the reconnect timeout.
+    fn reconnect(&self, backlog: &mut VecDeque<(TcpStream, ConnInfo)>, buf: &mut [u8]) -> io::Result<()> {
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(10);
+        loop {
+            match handshake(&self.cfg, buf) {
+                Ok(opened) => {
+                    *lock(&self.sock) = Arc::new(opened.sock);
+                    *lock(&self.bound) = opened.bound;
+                    backlog.extend(opened.early);
+                    return Ok(());
+                }
+                Err(e) if e.is_transient() && self.cfg.reconnect.is_none_or(|limit| started.elapsed() < limit) => {
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Asks portmux to send no new connections to this instance (before a
+    /// graceful shutdown); others with the same name, or a successor, get them.
+    pub fn drain(&self) -> io::Result<()> {
+        let bytes = portmux_wire::encode(&portmux_wire::Message::Drain).map_err(io::Error::other)?;
+        proto::send(&*self.current(), &bytes, SendFlags::empty())
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Ok(bytes) = portmux_wire::encode(&portmux_wire::Message::Bye) {
+            let _ = proto::send(&*self.current(), &bytes, SendFlags::DONTWAIT);
+        }
+    }
+}
+
+/// A newly opened session: its socket, the routes as served, and the
+/// connections that arrived during the handshake (already acked).
+pub(crate) struct Opened<S> {
+    pub sock: S,
+    pub bound: Vec<Bound>,
+    pub early: Vec<(TcpStream, ConnInfo)>,
+}
+
+/// Opens a session: Hello, Register, and waits for the answer. Connections
+/// that arrive before it (queued ones, delivered at once) are acked and returned.
+fn handshake(cfg: &Config, buf: &mut [u8]) -> Result<Opened<OwnedFd>, Error> {
+    let sock = proto::connect(cfg, false)?;
+    rustix::net::sockopt::set_socket_timeout(&sock, rustix::net::sockopt::Timeout::Recv, Some(HANDSHAKE_TIMEOUT))
+        .map_err(io::Error::from)?;
+    for msg in cfg.opening()? {
+        proto::send(&sock, &msg, SendFlags::empty())?;
+    }
+    let mut early = Vec::new();
+    loop {
+        match proto::receive(&sock, buf, RecvFlags::empty()) {
+            Ok(Incoming::Registered(bound)) => {
+                rustix::net::sockopt::set_socket_timeout(&sock, rustix::net::sockopt::Timeout::Recv, None)
+                    .map_err(io::Error::from)?;
+                return Ok(Opened { sock, bound, early });
+            }
+            Ok(Incoming::Refused { route, reason }) => return Err(Error::Refused { route, reason }),
+            Ok(Incoming::Ended(reason)) => return Err(Error::Ended(reason)),
+            Ok(Incoming::Closed) => return Err(Error::Ended("portmux closed the session during registration".into())),
+            Ok(Incoming::Conn(id, stream, info)) => {
+                proto::send(&sock, &proto::ack(id), SendFlags::empty())?;
+                stream.set_nonblocking(false)?;
+                early.push((stream, info));
+            }
+            Ok(Incoming::Lost(id, why)) => proto::send(&sock, &proto::reject(id, &why), SendFlags::empty())?,
+            Ok(Incoming::Nothing) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(Error::Protocol(format!(
+                    "portmux did not answer the registration within {}s",
+                    HANDSHAKE_TIMEOUT.as_secs()
+                )));
+            }
+            Err(e) => return Err(Error::Io(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builder_resolves_names_and_refuses_bad_input() {
+        let cfg = Builder::new().route("http://:8000/a?name=web").control("/x").resolve().unwrap();
+        assert_eq!(cfg.name, "web");
+        assert_eq!(cfg.control, PathBuf::from("/x"));
+        let cfg = Builder::new().route("tcp://:9000").name("db").control("/x").resolve().unwrap();
+        assert_eq!(cfg.name, "db");
+        assert!(matches!(Builder::new().resolve(), Err(Error::NoRoute)));
+        assert!(matches!(Builder::new().route("nope").resolve(), Err(Error::Spec(_))));
+        assert!(matches!(Builder::new().route("tcp://:1").name("a b").resolve(), Err(Error::Name(_))));
+        let auto = Builder::new().route("tcp://:1").control("/x").resolve().unwrap();
+        assert!(portmux_wire::spec::validate_service_name(&auto.name).is_ok(), "{}", auto.name);
+    }
+
+    #[test]
+    fn connecting_without_portmux_says_how_to_fix_it() {
+        let err = Builder::new().route("tcp://:1").control("/nonexistent/portmux.sock").bind().unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("/nonexistent/portmux.sock") && text.contains("portmux run"), "{text}");
+    }
+}

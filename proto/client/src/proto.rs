@@ -1,0 +1,133 @@
+//! The protocol steps both flavours share: the handshake, receiving one
+//! message with its fd, and what each message means to a service.
+
+use crate::{ConnInfo, Error};
+use portmux_wire::{Bound, Message, PROTOCOL_VERSION};
+use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendFlags};
+use std::io::{self, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::net::TcpStream;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A resolved configuration: what to claim, as whom, where.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub routes: Vec<String>,
+    pub name: String,
+    pub control: PathBuf,
+    /// How long to keep trying to reconnect after portmux goes away; `None`: forever.
+    pub reconnect: Option<Duration>,
+}
+
+impl Config {
+    /// The two messages that open a session: Hello, then Register.
+    pub fn opening(&self) -> Result<[Vec<u8>; 2], Error> {
+        let hello = Message::Hello { version: PROTOCOL_VERSION, service: self.name.clone() };
+        let register = Message::Register { routes: self.routes.clone() };
+        let enc = |m: &Message| portmux_wire::encode(m).map_err(|e| Error::Protocol(e.to_string()));
+        Ok([enc(&hello)?, enc(&register)?])
+    }
+}
+
+/// What one datagram from portmux means to the service.
+#[derive(Debug)]
+pub(crate) enum Incoming {
+    /// A connection; the caller acks it with `id` right away.
+    Conn(u64, TcpStream, ConnInfo),
+    /// A connection that arrived without its fd (the fd table is full:
+    /// MSG_CTRUNC); the caller rejects it so portmux gives it to someone else.
+    Lost(u64, String),
+    Registered(Vec<Bound>),
+    Refused {
+        route: String,
+        reason: String,
+    },
+    /// portmux ended the session; the text says why.
+    Ended(String),
+    /// portmux closed the session (it stopped, or is restarting).
+    Closed,
+    /// Nothing for the caller (an unexpected but harmless message).
+    Nothing,
+}
+
+/// Receives and interprets one datagram. Fds arrive close-on-exec; a
+/// truncated control message (MSG_CTRUNC) is an error, never a silent loss.
+/// `buf` is a reusable buffer of [`portmux_wire::MAX_MESSAGE`] bytes.
+pub(crate) fn receive(sock: impl AsFd, buf: &mut [u8], flags: RecvFlags) -> io::Result<Incoming> {
+    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(4))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let msg = rustix::net::recvmsg(
+        sock,
+        &mut [IoSliceMut::new(buf)],
+        &mut control,
+        flags | RecvFlags::CMSG_CLOEXEC | RecvFlags::TRUNC,
+    )?;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for m in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = m {
+            fds.extend(received);
+        }
+    }
+    let ctrunc = msg.flags.contains(ReturnFlags::CTRUNC);
+    if msg.bytes == 0 && fds.is_empty() {
+        return Ok(Incoming::Closed);
+    }
+    if msg.flags.contains(ReturnFlags::TRUNC) {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "portmux sent an oversized message"));
+    }
+    let decoded = portmux_wire::decode(&buf[..msg.bytes])
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("portmux sent a bad message: {e}")))?;
+    Ok(match decoded {
+        Message::Connection { id, meta } => {
+            if ctrunc || fds.len() != 1 {
+                let why = if ctrunc {
+                    "the connection's fd was dropped by the kernel (MSG_CTRUNC): this process is out of file \
+                     descriptors (raise its RLIMIT_NOFILE); portmux gives the connection to another instance"
+                } else {
+                    "a connection message arrived without exactly one fd"
+                };
+                return Ok(Incoming::Lost(id, why.into()));
+            }
+            let stream = TcpStream::from(fds.remove(0));
+            Incoming::Conn(id, stream, ConnInfo::from_meta(id, meta))
+        }
+        Message::Registered { routes } => Incoming::Registered(routes),
+        Message::Refused { route, reason } => Incoming::Refused { route, reason },
+        Message::Error { reason } => Incoming::Ended(reason),
+        Message::Bye => Incoming::Closed,
+        _ => Incoming::Nothing,
+    })
+}
+
+/// Encodes an Ack.
+pub(crate) fn ack(id: u64) -> Vec<u8> {
+    portmux_wire::encode(&Message::Ack { id }).unwrap_or_default()
+}
+
+/// Encodes a Reject.
+pub(crate) fn reject(id: u64, reason: &str) -> Vec<u8> {
+    portmux_wire::encode(&Message::Reject { id, reason: reason.into() }).unwrap_or_default()
+}
+
+/// Sends one datagram; blocking or not depending on `flags`.
+pub(crate) fn send(sock: impl AsFd, bytes: &[u8], flags: SendFlags) -> io::Result<()> {
+    rustix::net::send(sock, bytes, flags | SendFlags::NOSIGNAL)?;
+    Ok(())
+}
+
+/// Opens a `SOCK_SEQPACKET` connection to the control socket.
+pub(crate) fn connect(cfg: &Config, nonblocking: bool) -> Result<OwnedFd, Error> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let mut flags = SocketFlags::CLOEXEC;
+    if nonblocking {
+        flags |= SocketFlags::NONBLOCK;
+    }
+    let connect_error = |source: io::Error| Error::Connect { path: cfg.control.clone(), source };
+    let fd = rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, flags, None)
+        .map_err(|e| connect_error(e.into()))?;
+    let addr = SocketAddrUnix::new(&cfg.control).map_err(|e| connect_error(e.into()))?;
+    rustix::net::connect(&fd, &addr).map_err(|e| connect_error(e.into()))?;
+    Ok(fd)
+}
