@@ -1,0 +1,8 @@
+//! Integration tests: the real `portmux` binary with real services, real
+//! sockets and real TLS, driven the way users drive them.
+
+mod peek;
+mod protocol;
+mod restart;
+mod util;
+mod walkthrough;

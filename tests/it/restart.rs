@@ -1,0 +1,239 @@
+//! Restarts lose nothing: services that restart within the linger period get
+//! the connections queued meanwhile; dying sessions give back what they had
+//! not acked; services keep their connections when portmux itself goes away.
+
+use crate::util::*;
+use std::io::Write;
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+const QUEUED: &str = "queued";
+
+#[test]
+fn a_restarted_service_answers_the_requests_that_arrived_while_it_was_down() {
+    let pm = Portmux::start(&[]);
+    let port = free_port();
+    let spec = format!("http://:{port}/w");
+    type Stop = fn(&mut Service);
+    let stops: [(&str, Stop); 2] = [
+        ("crash (SIGKILL)", |s| s.kill()),
+        ("graceful stop (SIGTERM, Bye)", |s| {
+            s.terminate();
+        }),
+    ];
+    for (how, stop) in stops {
+        let mut old = Service::hello(&pm, &spec, "old", &["--name", "web"]);
+        assert_eq!(get(port, "x", "/w").unwrap().body, "old");
+        stop(&mut old);
+        let before = pm.count(QUEUED);
+        let waiting: Vec<_> = (0..5)
+            .map(|i| thread::spawn(move || get(port, "x", &format!("/w/{i}")).map_err(|e| e.to_string())))
+            .collect();
+        assert!(pm.wait_count(QUEUED, before + 5, Duration::from_secs(10)), "{how}: requests were not queued");
+        let _new = Service::hello(&pm, &spec, "new", &["--name", "web"]);
+        for w in waiting {
+            let r = w.join().unwrap().unwrap_or_else(|e| panic!("{how}: a queued request failed: {e}"));
+            assert_eq!((r.status, r.body.as_str()), (200, "new"), "{how}");
+        }
+    }
+}
+
+#[test]
+fn a_service_that_does_not_return_gets_its_clients_a_503_or_a_clean_close() {
+    let dir = TempDir::new();
+    let pki = Pki::new(dir.path());
+    let pm = Portmux::start(&["--linger", "1s"]);
+    let (http_port, tls_port, tcp_port) = (free_port(), free_port(), free_port());
+    let mut web = Service::hello(&pm, &format!("http://:{http_port}"), "web", &[]);
+    let (cert, key) = pki.leaf("s.example.test");
+    let mut tls = Service::hello(
+        &pm,
+        &format!("tls://s.example.test:{tls_port}"),
+        "tls",
+        &["--tls-cert", &cert, "--tls-key", &key],
+    );
+    let raw = portmux_client::Builder::new().route(format!("tcp://:{tcp_port}")).control(pm.control()).bind().unwrap();
+    web.kill();
+    tls.kill();
+    drop(raw); // Says Bye.
+
+    // Clients of all three kinds arrive while the routes are reserved; they wait.
+    let started = Instant::now();
+    let http = thread::spawn(move || get(http_port, "x", "/").unwrap());
+    let mut hello = Vec::new();
+    let name = rustls::pki_types::ServerName::try_from("s.example.test").unwrap();
+    rustls::ClientConnection::new(pki.client_config(), name).unwrap().write_tls(&mut hello).unwrap();
+    let tls_client = thread::spawn(move || {
+        let mut c = client(tls_port);
+        c.write_all(&hello).unwrap();
+        read_until_close(&mut c)
+    });
+    let tcp_client = thread::spawn(move || {
+        let mut c = client(tcp_port);
+        c.write_all(b"hello?").unwrap();
+        read_until_close(&mut c)
+    });
+    let r = http.join().unwrap();
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.body.contains("did not come back within 1s"), "{}", r.body);
+    assert!(r.head.contains("Retry-After"), "{}", r.head);
+    assert!(started.elapsed() >= Duration::from_millis(500), "the request waited for the service first");
+    // TLS and TCP clients get a clean close (FIN, not a reset) at the deadline.
+    assert_eq!(tls_client.join().unwrap(), Ok(vec![]), "TLS client: clean close");
+    assert_eq!(tcp_client.join().unwrap(), Ok(vec![]), "TCP client: clean close");
+    assert!(pm.count(QUEUED) >= 3, "all three waited in queues: {}", pm.log());
+
+    // The released route can be claimed by anyone; an unused listener closes after the linger.
+    let _other = Service::hello(&pm, &format!("http://:{http_port}"), "other", &["--name", "other"]);
+    assert_eq!(get(http_port, "x", "/").unwrap().body, "other");
+    assert!(
+        pm.wait_log(&format!("closed listener: no routes for 1s addr=127.0.0.1:{tls_port}"), Duration::from_secs(10)),
+        "{}",
+        pm.log()
+    );
+    let refused = std::net::TcpStream::connect(("127.0.0.1", tls_port)).unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+}
+
+#[test]
+fn queues_are_bounded_and_a_client_that_hangs_up_frees_its_place() {
+    let pm = Portmux::start(&["--park-limit", "2", "--linger", "30s"]);
+    let port = free_port();
+    let spec = format!("http://:{port}");
+    Service::hello(&pm, &spec, "old", &["--name", "q"]).kill();
+    let request = |mut c: std::net::TcpStream| {
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        c
+    };
+    let first = request(client(port));
+    let second = thread::spawn(move || read_response(&mut request(client(port))).unwrap());
+    assert!(pm.wait_count(QUEUED, 2, Duration::from_secs(10)));
+    // The queue is full: the third is refused at once, with the reason.
+    let r = read_response(&mut request(client(port))).unwrap();
+    assert_eq!(r.status, 503);
+    assert!(r.body.contains("is full (2 connections)"), "{}", r.body);
+    // The first client gives up: its place goes to the next one.
+    drop(first);
+    assert!(pm.wait_log("queued client hung up", Duration::from_secs(10)), "{}", pm.log());
+    let fourth = thread::spawn(move || read_response(&mut request(client(port))).unwrap());
+    assert!(pm.wait_count(QUEUED, 3, Duration::from_secs(10)));
+    let _new = Service::hello(&pm, &spec, "new", &["--name", "q"]);
+    for t in [second, fourth] {
+        let r = t.join().unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, "new"));
+    }
+}
+
+#[test]
+fn connections_a_dying_session_had_not_acked_go_to_another_instance() {
+    let pm = Portmux::start(&[]);
+    let port = free_port();
+    let spec = format!("http://:{port}");
+    let raw = RawSession::register(pm.control(), "pool", &[&spec]);
+    let waiting = thread::spawn(move || get(port, "x", "/").map_err(|e| e.to_string()));
+    // The raw service receives the connection and dies without acking it.
+    let (msg, fd) = raw.recv().unwrap();
+    assert!(matches!(msg, portmux_wire::Message::Connection { .. }), "{msg:?}");
+    assert!(fd.is_some());
+    let _survivor = Service::hello(&pm, &spec, "survivor", &["--name", "pool"]);
+    drop(fd);
+    drop(raw);
+    let r = waiting.join().unwrap().unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "survivor"));
+    assert!(pm.log().contains("re-routing 1 unacked connections"), "{}", pm.log());
+}
+
+#[test]
+fn a_rejected_connection_goes_to_another_instance() {
+    let pm = Portmux::start(&[]);
+    let port = free_port();
+    let spec = format!("http://:{port}");
+    let raw = RawSession::register(pm.control(), "pool", &[&spec]);
+    let waiting = thread::spawn(move || get(port, "x", "/").map_err(|e| e.to_string()));
+    let Some((portmux_wire::Message::Connection { id, .. }, Some(_fd))) = raw.recv() else { panic!("no connection") };
+    let _other = Service::hello(&pm, &spec, "other instance", &["--name", "pool"]);
+    raw.send(&portmux_wire::Message::Reject { id, reason: "too busy".into() });
+    let r = waiting.join().unwrap().unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "other instance"));
+    assert!(pm.log().contains("connection rejected: too busy"), "{}", pm.log());
+}
+
+#[test]
+fn a_draining_instance_gets_no_new_connections() {
+    let pm = Portmux::start(&[]);
+    let port = free_port();
+    let spec = format!("http://:{port}");
+    let old = portmux_client::Builder::new().route(&spec).name("blue").control(pm.control()).bind().unwrap();
+    let _new = Service::hello(&pm, &spec, "new", &["--name", "blue"]);
+    old.drain().unwrap();
+    assert!(pm.wait_log("draining: no new connections", Duration::from_secs(10)));
+    for _ in 0..10 {
+        // Had one reached the drained instance, nobody would answer it.
+        assert_eq!(get(port, "x", "/").unwrap().body, "new");
+    }
+}
+
+#[test]
+fn services_keep_their_connections_and_register_again_when_portmux_restarts() {
+    let dir = TempDir::new();
+    let control = dir.path().join("control.sock");
+    let mut pm = Portmux::start_at(&control, &[], None).unwrap();
+    let port = free_port();
+    let _svc = Service::hello(&pm, &format!("http://:{port}"), "still here", &[]);
+    let mut kept = Http::connect(port);
+    assert_eq!(kept.get("x", "/").unwrap().body, "still here");
+    pm.kill();
+    // portmux is out of the data path: the handed-over connection carries on.
+    assert_eq!(kept.get("x", "/again").unwrap().body, "still here");
+    let pm2 = Portmux::start_at(&control, &[], None).unwrap();
+    assert!(pm2.wait_log("registered", Duration::from_secs(10)), "the service re-registered: {}", pm2.log());
+    assert_eq!(get(port, "x", "/").unwrap().body, "still here");
+    assert_eq!(kept.get("x", "/third").unwrap().body, "still here");
+}
+
+#[test]
+fn sigterm_stops_portmux_gracefully() {
+    let mut pm = Portmux::start(&[]);
+    let port = free_port();
+    let _svc = Service::hello(&pm, &format!("http://:{port}"), "served", &[]);
+    let mut kept = Http::connect(port);
+    assert_eq!(kept.get("x", "/").unwrap().body, "served");
+    let control = pm.control().to_path_buf();
+    let started = Instant::now();
+    assert_eq!(exit_text(pm.terminate(Duration::from_secs(10))), "exit code 0");
+    assert!(started.elapsed() < Duration::from_secs(5), "stopping took {:?}", started.elapsed());
+    assert!(!control.exists(), "the control socket is removed");
+    assert!(pm.log().contains("SIGTERM: stopping") && pm.log().contains("stopped"), "{}", pm.log());
+    assert_eq!(kept.get("x", "/after").unwrap().body, "served", "handed-over connections belong to the service");
+    assert_eq!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+}
+
+#[test]
+fn a_service_out_of_file_descriptors_gives_its_connections_to_the_pool() {
+    let pm = Portmux::start(&[]);
+    let port = free_port();
+    let spec = format!("http://:{port}");
+    let _roomy = Service::hello(&pm, &spec, "roomy", &["--name", "pool"]);
+    // hello needs about ten fds of its own; with a limit of 13 it holds a few connections.
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(format!("ulimit -n 13 && exec {} '{spec}' tight --name pool", example("hello").display()));
+    let tight = Service::spawn(cmd, pm.control(), "registered").unwrap();
+    let mut held = Vec::new();
+    let mut bodies = std::collections::HashMap::<String, usize>::new();
+    for _ in 0..16 {
+        let mut c = Http::connect(port);
+        let r = c.get("x", "/").unwrap();
+        assert_eq!(r.status, 200, "every request is served");
+        *bodies.entry(r.body).or_default() += 1;
+        held.push(c); // Keep each connection open, so the tight instance fills up.
+    }
+    let tight_served = bodies.get("tight").copied().unwrap_or(0);
+    assert!((1..=4).contains(&tight_served), "the tight instance served until its fds ran out: {bodies:?}");
+    assert_eq!(bodies.get("roomy").copied().unwrap_or(0), 16 - tight_served, "{bodies:?}");
+    assert!(tight.stderr().contains("out of file descriptors"), "{}", tight.stderr());
+    assert!(pm.log().contains("connection rejected"), "{}", pm.log());
+}

@@ -1,0 +1,570 @@
+//! Test harness: the real `portmux` binary, real services (the client crate's
+//! `hello` example), temporary directories, free ports, and small HTTP, TLS
+//! and raw control-protocol clients.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{Receiver, channel};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// A directory removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        let dir = std::env::temp_dir().join(format!(
+            "portmux-it-{}-{}-{nanos}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A free TCP port on 127.0.0.1, below the ephemeral range so client sockets
+/// cannot take it, chosen at random so parallel test processes do not collide.
+pub fn free_port() -> u16 {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let mut x = std::process::id().wrapping_mul(2654435761)
+        ^ SEQ.fetch_add(1, Ordering::Relaxed).wrapping_mul(40503)
+        ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    loop {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        let port = 20000 + (x % 12000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Where cargo put our binaries (target/debug or target/release).
+fn target_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_portmux")).parent().unwrap().to_path_buf()
+}
+
+/// Path of an example of the client crate, built on first use if missing.
+pub fn example(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let path = target_dir().join("examples").join(name);
+    if !path.exists() {
+        BUILT.get_or_init(|| {
+            let release = target_dir().ends_with("release");
+            let mut cmd = Command::new(env!("CARGO"));
+            cmd.args(["build", "-p", "portmux-client", "--features", "axum", "--examples"]);
+            if release {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("run cargo to build the client examples");
+            assert!(status.success(), "building the client examples failed");
+        });
+    }
+    assert!(path.exists(), "{} is missing", path.display());
+    path
+}
+
+/// Output lines of a child, readable with a deadline, and all of stderr kept.
+struct Output {
+    lines: Receiver<String>,
+    stderr: Arc<Mutex<String>>,
+}
+
+fn capture(child: &mut Child) -> Output {
+    let (tx, lines) = channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let sink = stderr.clone();
+    let err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            let mut s = sink.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+    Output { lines, stderr }
+}
+
+fn wait_line(out: &Output, what: &str, within: Duration) -> Result<String, String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match out.lines.recv_timeout(left) {
+            Ok(line) if line.contains(what) => return Ok(line),
+            Ok(_) => {}
+            Err(_) => return Err(out.stderr.lock().unwrap().clone()),
+        }
+    }
+}
+
+fn signal(child: &Child, sig: rustix::process::Signal) {
+    if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+        let _ = rustix::process::kill_process(pid, sig);
+    }
+}
+
+/// Waits for `child` to exit, at most `within`.
+fn wait_exit(child: &mut Child, within: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A running `portmux run`, stopped (by its PID) when dropped.
+pub struct Portmux {
+    child: Child,
+    out: Output,
+    control: PathBuf,
+    _dir: Option<TempDir>,
+}
+
+impl Portmux {
+    /// Starts portmux with a private control socket, listening on 127.0.0.1.
+    pub fn start(extra: &[&str]) -> Portmux {
+        let dir = TempDir::new();
+        let control = dir.path().join("control.sock");
+        Portmux::start_at(&control, extra, Some(dir)).unwrap_or_else(|e| panic!("portmux did not start:\n{e}"))
+    }
+
+    /// Starts portmux on a given control path (to restart one in place).
+    pub fn start_at(control: &Path, extra: &[&str], dir: Option<TempDir>) -> Result<Portmux, String> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_portmux"));
+        cmd.args(["run", "--bind", "127.0.0.1", "--control"]).arg(control).args(extra).env_remove("PORTMUX_CONTROL");
+        Portmux::spawn(cmd, control, dir)
+    }
+
+    /// Starts a prepared command (e.g. under `sh -c 'ulimit …; exec portmux …'`).
+    pub fn spawn(mut cmd: Command, control: &Path, dir: Option<TempDir>) -> Result<Portmux, String> {
+        cmd.env("RUST_LOG", "info,portmux=debug");
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|e| e.to_string())?;
+        let out = capture(&mut child);
+        let mut pm = Portmux { child, out, control: control.to_path_buf(), _dir: dir };
+        match wait_line(&pm.out, "control socket", Duration::from_secs(10)) {
+            Ok(_) => Ok(pm),
+            Err(stderr) => {
+                let status = wait_exit(&mut pm.child, Duration::from_secs(2));
+                Err(format!("{status:?}\n{stderr}"))
+            }
+        }
+    }
+
+    pub fn control(&self) -> &Path {
+        &self.control
+    }
+
+    /// Everything portmux logged so far.
+    pub fn log(&self) -> String {
+        self.out.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until the log contains `what`.
+    pub fn wait_log(&self, what: &str, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.log().contains(what) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    /// How many times the log contains `what`.
+    pub fn count(&self, what: &str) -> usize {
+        self.log().matches(what).count()
+    }
+
+    /// Waits until the log contains `what` at least `n` times.
+    pub fn wait_count(&self, what: &str, n: usize, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.count(what) >= n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn terminate(&mut self, within: Duration) -> Option<ExitStatus> {
+        signal(&self.child, rustix::process::Signal::TERM);
+        wait_exit(&mut self.child, within)
+    }
+
+    /// SIGKILL, then reaps it.
+    pub fn kill(&mut self) {
+        signal(&self.child, rustix::process::Signal::KILL);
+        let _ = self.child.wait();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().is_ok_and(|s| s.is_none())
+    }
+}
+
+impl Drop for Portmux {
+    fn drop(&mut self) {
+        if self.is_running() {
+            self.kill();
+        }
+    }
+}
+
+/// A service process: the client crate's `hello` example.
+pub struct Service {
+    child: Child,
+    out: Output,
+}
+
+impl Service {
+    /// Starts `hello SPEC BODY ARGS…` against `pm` and waits until it registered.
+    pub fn hello(pm: &Portmux, spec: &str, body: &str, args: &[&str]) -> Service {
+        Service::try_hello(pm.control(), spec, body, args).unwrap_or_else(|e| panic!("hello {spec} failed:\n{e}"))
+    }
+
+    /// Like `hello`, but returns the service's error output if it fails to register.
+    pub fn try_hello(control: &Path, spec: &str, body: &str, args: &[&str]) -> Result<Service, String> {
+        let mut cmd = Command::new(example("hello"));
+        cmd.arg(spec).arg(body).args(args);
+        Service::spawn(cmd, control, "registered")
+    }
+
+    /// Starts any command as a service (with PORTMUX_CONTROL set) and waits
+    /// for `ready` on its stdout.
+    pub fn spawn(mut cmd: Command, control: &Path, ready: &str) -> Result<Service, String> {
+        cmd.env("PORTMUX_CONTROL", control).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| e.to_string())?;
+        let out = capture(&mut child);
+        let mut svc = Service { child, out };
+        match wait_line(&svc.out, ready, Duration::from_secs(20)) {
+            Ok(_) => Ok(svc),
+            Err(stderr) => {
+                let status = wait_exit(&mut svc.child, Duration::from_secs(3));
+                Err(format!("{}\n{stderr}", exit_text(status)))
+            }
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        self.out.stderr.lock().unwrap().clone()
+    }
+
+    /// SIGKILL (a crash), reaped.
+    pub fn kill(&mut self) {
+        signal(&self.child, rustix::process::Signal::KILL);
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM (a graceful stop), waited for.
+    pub fn terminate(&mut self) -> Option<ExitStatus> {
+        signal(&self.child, rustix::process::Signal::TERM);
+        wait_exit(&mut self.child, Duration::from_secs(10))
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if self.child.try_wait().is_ok_and(|s| s.is_none()) {
+            self.kill();
+        }
+    }
+}
+
+/// Describes how a child ended, for assertions.
+pub fn exit_text(status: Option<ExitStatus>) -> String {
+    match status {
+        Some(s) if s.code().is_some() => format!("exit code {}", s.code().unwrap()),
+        Some(s) => format!("signal {:?}", s.signal()),
+        None => "still running".into(),
+    }
+}
+
+/// An HTTP response.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+/// Reads one response (Content-Length framed, or to EOF) from `s`.
+pub fn read_response(s: &mut impl Read) -> std::io::Result<Response> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte)? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("connection closed after {:?}", String::from_utf8_lossy(&buf)),
+            ));
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let length = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>()))
+        .transpose()
+        .ok()
+        .flatten();
+    let mut body = Vec::new();
+    match length {
+        Some(n) => {
+            body.resize(n, 0);
+            s.read_exact(&mut body)?;
+        }
+        None => {
+            s.read_to_end(&mut body)?;
+        }
+    }
+    Ok(Response { status, head, body: String::from_utf8_lossy(&body).into_owned() })
+}
+
+/// An HTTP/1.1 client on one (keep-alive) connection.
+pub struct Http {
+    pub stream: TcpStream,
+}
+
+impl Http {
+    pub fn connect(port: u16) -> Http {
+        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        Http { stream }
+    }
+
+    pub fn get(&mut self, host: &str, path: &str) -> std::io::Result<Response> {
+        write!(self.stream, "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: portmux-it\r\n\r\n")?;
+        read_response(&mut self.stream)
+    }
+}
+
+/// One GET on a new connection.
+pub fn get(port: u16, host: &str, path: &str) -> std::io::Result<Response> {
+    Http::connect(port).get(host, path)
+}
+
+/// Sends raw bytes on a new connection and reads until the server closes.
+pub fn raw_exchange(port: u16, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+/// Runs `curl ARGS` and returns its stdout; panics with stderr on failure.
+pub fn curl(args: &[&str]) -> String {
+    let out = Command::new("curl").args(["-sS", "--max-time", "20"]).args(args).output().expect("curl is installed");
+    assert!(out.status.success(), "curl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A test CA and leaf certificates, written as PEM files.
+pub struct Pki {
+    pub ca_pem: PathBuf,
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    dir: PathBuf,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Pki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "portmux test CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+        let ca_pem = dir.join("ca.pem");
+        std::fs::write(&ca_pem, ca.pem()).unwrap();
+        Pki { ca_pem, ca, dir: dir.to_path_buf() }
+    }
+
+    /// Issues a certificate for `name`; returns (cert.pem, key.pem).
+    pub fn leaf(&self, name: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap().signed_by(&key, &self.ca).unwrap();
+        let (c, k) = (self.dir.join(format!("{name}.crt")), self.dir.join(format!("{name}.key")));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c.to_string_lossy().into_owned(), k.to_string_lossy().into_owned())
+    }
+
+    /// A rustls client configuration trusting only this CA.
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(cfg)
+    }
+}
+
+/// GET over TLS with SNI `sni`, verifying the server's certificate for `sni`.
+/// The ClientHello is cut into records of `record` bytes sent in TCP segments of
+/// `segment` bytes (0 = as rustls writes it).
+pub fn tls_get(
+    cfg: Arc<rustls::ClientConfig>,
+    port: u16,
+    sni: &str,
+    path: &str,
+    split: Option<(usize, usize)>,
+) -> Result<Response, String> {
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+    let mut conn = rustls::ClientConnection::new(cfg, name).unwrap();
+    let mut sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    sock.set_nodelay(true).unwrap();
+    if let Some((record, segment)) = split {
+        let mut hello = Vec::new();
+        conn.write_tls(&mut hello).unwrap();
+        let bytes = refragment(&hello, record);
+        for chunk in bytes.chunks(segment.max(1)) {
+            sock.write_all(chunk).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+    write!(tls, "GET {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    read_response(&mut tls).map_err(|e| e.to_string())
+}
+
+/// Re-cuts the handshake record(s) at the start of `bytes` into records of `size` bytes.
+pub fn refragment(bytes: &[u8], size: usize) -> Vec<u8> {
+    let len = u16::from_be_bytes([bytes[3], bytes[4]]) as usize;
+    let mut out = Vec::new();
+    for chunk in bytes[5..5 + len].chunks(size) {
+        out.extend_from_slice(&[22, 3, 1]);
+        out.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+        out.extend_from_slice(chunk);
+    }
+    out.extend_from_slice(&bytes[5 + len..]);
+    out
+}
+
+/// A raw control-protocol session, for tests that must misbehave or stall.
+pub struct RawSession {
+    pub fd: std::os::fd::OwnedFd,
+}
+
+impl RawSession {
+    pub fn connect(control: &Path) -> RawSession {
+        use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+        let fd =
+            rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None).unwrap();
+        rustix::net::connect(&fd, &SocketAddrUnix::new(control).unwrap()).unwrap();
+        rustix::net::sockopt::set_socket_timeout(
+            &fd,
+            rustix::net::sockopt::Timeout::Recv,
+            Some(Duration::from_secs(20)),
+        )
+        .unwrap();
+        RawSession { fd }
+    }
+
+    pub fn send_bytes(&self, bytes: &[u8]) -> std::io::Result<()> {
+        rustix::net::send(&self.fd, bytes, rustix::net::SendFlags::NOSIGNAL)?;
+        Ok(())
+    }
+
+    /// Sends bytes with an fd attached (which services must never do).
+    pub fn send_with_fd(&self, bytes: &[u8], fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+        use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+        let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        let fds = [fd];
+        assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
+        rustix::net::sendmsg(&self.fd, &[std::io::IoSlice::new(bytes)], &mut control, SendFlags::NOSIGNAL)?;
+        Ok(())
+    }
+
+    pub fn send(&self, msg: &portmux_wire::Message) {
+        self.send_bytes(&portmux_wire::encode(msg).unwrap()).unwrap();
+    }
+
+    /// Hello and Register; panics unless portmux answers Registered.
+    pub fn register(control: &Path, service: &str, routes: &[&str]) -> RawSession {
+        let s = RawSession::connect(control);
+        s.send(&portmux_wire::Message::Hello { version: portmux_wire::PROTOCOL_VERSION, service: service.into() });
+        s.send(&portmux_wire::Message::Register { routes: routes.iter().map(|r| r.to_string()).collect() });
+        match s.recv() {
+            Some((portmux_wire::Message::Registered { .. }, _)) => s,
+            other => panic!("expected Registered, got {other:?}"),
+        }
+    }
+
+    /// The next message and its fd; `None` at end-of-file.
+    pub fn recv(&self) -> Option<(portmux_wire::Message, Option<std::os::fd::OwnedFd>)> {
+        use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+        let mut buf = vec![0u8; 70000];
+        let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(2))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let msg = rustix::net::recvmsg(
+            &self.fd,
+            &mut [std::io::IoSliceMut::new(&mut buf)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        )
+        .ok()?;
+        let mut fd = None;
+        for m in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(mut fds) = m {
+                fd = fds.next();
+            }
+        }
+        if msg.bytes == 0 {
+            return None;
+        }
+        Some((portmux_wire::decode(&buf[..msg.bytes]).unwrap(), fd))
+    }
+}
+
+/// Connects a client and checks the connection is open (portmux accepted it).
+pub fn client(port: u16) -> TcpStream {
+    let s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+/// Reads until EOF or error and says which: `Ok(bytes)` on a clean FIN,
+/// `Err(kind)` on a reset or timeout.
+pub fn read_until_close(s: &mut TcpStream) -> Result<Vec<u8>, std::io::ErrorKind> {
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).map(|_| out).map_err(|e| e.kind())
+}
