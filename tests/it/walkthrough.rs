@@ -190,3 +190,21 @@ fn axum_serves_on_a_portmux_listener() {
     let r = get(port, "x", "/api/users").unwrap();
     assert_eq!(r.body, format!("/api/users via http://:{port}/api from 127.0.0.1"));
 }
+
+#[test]
+fn a_route_can_name_its_listening_address_including_ipv6() {
+    let pm = Portmux::start(&[]);
+    let port = free_port();
+    let listener = portmux_client::Builder::new()
+        .route(format!("http://[::1]:{port}/six?bind=::1"))
+        .control(pm.control())
+        .bind()
+        .unwrap();
+    assert_eq!(listener.local_addr().unwrap(), format!("[::1]:{port}").parse().unwrap());
+    let mut c = std::net::TcpStream::connect(("::1", port)).unwrap();
+    write!(c, "GET /six HTTP/1.1\r\nHost: [::1]:{port}\r\n\r\n").unwrap();
+    let (_stream, info) = listener.accept().unwrap();
+    assert_eq!(info.host.as_deref(), Some("[::1]"));
+    assert!(info.peer.is_ipv6() && info.peer.ip().is_loopback(), "{}", info.peer);
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "only ::1 listens");
+}
