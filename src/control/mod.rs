@@ -349,7 +349,7 @@ impl ControlPlane {
             return answer_conn(conn, answer);
         }
         conn.meta.route = r.display.to_string();
-        tracing::debug!(route = %r.display, conn = conn.id, queued = r.queue.len() + 1, "queued");
+        tracing::debug!(route = %r.display, conn = conn.id, depth = r.queue.len() + 1, "queued");
         let was_empty = r.queue.is_empty();
         let parked = self.park(&key, conn);
         r.queue.push_back(parked);
@@ -456,7 +456,7 @@ impl ControlPlane {
                 tracing::info!(
                     route = %r.display,
                     service = %r.service,
-                    queued = r.queue.len(),
+                    waiting = r.queue.len(),
                     "route released: the service did not come back within {}",
                     humantime::format_duration(linger)
                 );

@@ -237,3 +237,24 @@ fn a_service_out_of_file_descriptors_gives_its_connections_to_the_pool() {
     assert!(tight.stderr().contains("out of file descriptors"), "{}", tight.stderr());
     assert!(pm.log().contains("connection rejected"), "{}", pm.log());
 }
+
+#[test]
+fn queued_connections_are_delivered_in_arrival_order() {
+    let pm = Portmux::start(&[]);
+    let port = free_port();
+    let spec = format!("http://:{port}");
+    drop(RawSession::register(pm.control(), "ordered", &[&spec]));
+    assert!(pm.wait_log("route reserved", Duration::from_secs(5)));
+    let mut clients = Vec::new();
+    for i in 0..8 {
+        let mut c = client(port);
+        write!(c, "GET /{i} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        clients.push(c);
+        assert!(pm.wait_count(QUEUED, i + 1, Duration::from_secs(5)), "request {i} was not queued");
+    }
+    let listener = portmux_client::Builder::new().route(&spec).name("ordered").control(pm.control()).bind().unwrap();
+    for i in 0..8 {
+        let (_stream, info) = listener.accept().unwrap();
+        assert_eq!(info.path, Some(format!("/{i}")), "connections come in the order they arrived");
+    }
+}
