@@ -108,12 +108,16 @@ impl Session {
 
     /// Sends `conn` to the service; waits up to `patience` while its socket is full.
     /// Until the service acks, the connection stays in the unacked map.
-    pub async fn hand_over(&self, conn: Conn, patience: Duration) -> Result<(), Refusal> {
+    pub async fn hand_over(&self, mut conn: Conn, patience: Duration) -> Result<(), Refusal> {
         if !self.is_usable() {
             return Err(Refusal::Dead(conn));
         }
-        let msg = Message::Connection { id: conn.id, meta: conn.meta.clone() };
-        let bytes = match portmux_wire::encode(&msg) {
+        // The metadata moves into the message for encoding and back out, uncopied.
+        let msg = Message::Connection { id: conn.id, meta: conn.meta };
+        let encoded = portmux_wire::encode(&msg);
+        let Message::Connection { meta, .. } = msg else { unreachable!("built just above") };
+        conn.meta = meta;
+        let bytes = match encoded {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(conn = conn.id, "cannot encode a connection message: {e}");
