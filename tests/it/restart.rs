@@ -181,6 +181,19 @@ fn services_keep_their_connections_and_register_again_when_portmux_restarts() {
     let mut pm = Portmux::start_at(&control, &[], None).unwrap();
     let port = free_port();
     let _svc = Service::hello(&pm, &format!("http://:{port}"), "still here", &[]);
+    // A blocking-flavour service too: it must reconnect by itself as well.
+    let blocking =
+        portmux_client::Builder::new().route(format!("http://:{port}/blocking")).control(&control).bind().unwrap();
+    let served = thread::spawn(move || {
+        let mut paths = Vec::new();
+        for _ in 0..2 {
+            let (mut stream, info) = blocking.accept().unwrap();
+            paths.push(info.path.unwrap_or_default());
+            stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nblocking").unwrap();
+        }
+        paths
+    });
+    assert_eq!(get(port, "x", "/blocking/1").unwrap().body, "blocking");
     let mut kept = Http::connect(port);
     assert_eq!(kept.get("x", "/").unwrap().body, "still here");
     pm.kill();
@@ -190,6 +203,9 @@ fn services_keep_their_connections_and_register_again_when_portmux_restarts() {
     assert!(pm2.wait_log("registered", Duration::from_secs(10)), "the service re-registered: {}", pm2.log());
     assert_eq!(get(port, "x", "/").unwrap().body, "still here");
     assert_eq!(kept.get("x", "/third").unwrap().body, "still here");
+    assert!(pm2.wait_count("registered", 2, Duration::from_secs(10)), "{}", pm2.log());
+    assert_eq!(get(port, "x", "/blocking/2").unwrap().body, "blocking");
+    assert_eq!(served.join().unwrap(), ["/blocking/1", "/blocking/2"]);
 }
 
 #[test]
