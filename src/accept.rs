@@ -1,10 +1,12 @@
 //! Worker threads: io_uring accept loops on every listener of the current
-//! table, and the life of a new connection up to its delivery.
+//! table, and the life of a new connection up to its delivery (handoff) or
+//! its relay (forward).
 
 use crate::classify;
+use crate::forward;
 use crate::handoff::{self, Conn};
 use crate::reply;
-use crate::route::{Listener, ListenerId};
+use crate::route::{Listener, ListenerId, Target};
 use crate::runtime::Shared;
 use crate::sys::{net, uring};
 use portmux_wire::{ConnMeta, Proto};
@@ -149,9 +151,21 @@ async fn serve(fd: OwnedFd, listener: ListenerId, shared: &Shared) {
     let Some(mut port) = shared.table.load().port(listener).cloned() else {
         return; // The listener was just closed.
     };
-    let Ok((peer, local)) = net::tcp_addrs(fd.as_fd()) else {
+    let Ok((mut peer, mut local)) = net::tcp_addrs(fd.as_fd()) else {
         return; // Gone already.
     };
+    let arrived = Instant::now();
+    let deadline = tokio::time::Instant::from_std(arrived + shared.settings.peek_timeout);
+    if shared.settings.accept_proxy {
+        match forward::proxy::receive(fd.as_fd(), deadline).await {
+            Ok(Some((client, destination))) => (peer, local) = (client, destination),
+            Ok(None) => {}
+            Err(why) => {
+                tracing::debug!(%peer, port = local.port(), "closed: {why}");
+                return;
+            }
+        }
+    }
     let mut meta = ConnMeta {
         route: String::new(),
         proto: Proto::Tcp,
@@ -163,9 +177,7 @@ async fn serve(fd: OwnedFd, listener: ListenerId, shared: &Shared) {
         path: None,
         peeked: 0,
     };
-    let arrived = Instant::now();
     let route = if port.needs_peek() {
-        let deadline = tokio::time::Instant::from_std(arrived + shared.settings.peek_timeout);
         let peek = classify::peek(fd.as_fd(), port.want(), deadline, shared.settings.peek_max).await;
         meta.peeked = peek.bytes as u32;
         // Routes may have changed while the client was sending.
@@ -189,6 +201,9 @@ async fn serve(fd: OwnedFd, listener: ListenerId, shared: &Shared) {
             None => return,
         }
     };
+    if let Target::Forward(pool) = &route.target {
+        return forward::serve(fd, meta, pool.clone(), &shared.settings).await;
+    }
     let id = shared.next_conn_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let conn = Conn { id, fd: Arc::new(fd), listener, meta, arrived, rejected_by: None };
     handoff::deliver(conn, &route, shared).await;

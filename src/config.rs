@@ -1,14 +1,17 @@
 //! Settings of a running portmux (from the command line; no config file is needed).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 /// Everything `portmux run` can be told.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Path of the control socket services connect to.
-    pub control: PathBuf,
+    /// Path of the control socket services connect to (`None`: no control
+    /// socket, as in seamless mode).
+    pub control: Option<PathBuf>,
+    /// Address of the admin API (JSON over HTTP); `None`: no admin API.
+    pub admin: Option<SocketAddr>,
     /// Listening address for routes whose spec names none.
     pub bind: IpAddr,
     /// How long a departed service's routes stay reserved (connections queue
@@ -26,13 +29,24 @@ pub struct Settings {
     pub handoff_patience: Duration,
     /// Most connections sent to one session and not yet acked.
     pub max_unacked: usize,
+    /// Deadline for each connect to a backend.
+    pub connect_timeout: Duration,
+    /// A relayed connection on which neither side sends or reads for this long is closed.
+    pub idle_timeout: Duration,
+    /// How long a backend that failed to connect is skipped.
+    pub backend_cooldown: Duration,
+    /// Public listeners expect a PROXY protocol header (v1 or v2) first.
+    pub accept_proxy: bool,
+    /// Routes with backends to create at start-up (seamless mode).
+    pub initial_routes: Vec<crate::admin::RouteConfig>,
 }
 
 impl Settings {
-    /// Defaults for everything but the control path.
-    pub fn with_control(control: PathBuf) -> Settings {
+    /// Defaults for everything but the control socket.
+    pub fn with_control(control: Option<PathBuf>) -> Settings {
         Settings {
             control,
+            admin: None,
             bind: IpAddr::from([0u16; 8]),
             linger: Duration::from_secs(30),
             peek_timeout: Duration::from_secs(10),
@@ -41,6 +55,11 @@ impl Settings {
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             handoff_patience: Duration::from_secs(1),
             max_unacked: 4096,
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(300),
+            backend_cooldown: Duration::from_secs(10),
+            accept_proxy: false,
+            initial_routes: Vec::new(),
         }
     }
 }

@@ -6,9 +6,11 @@
 #![deny(unsafe_code)]
 
 pub mod accept;
+pub mod admin;
 pub mod classify;
 pub mod config;
 pub mod control;
+pub mod forward;
 pub mod handoff;
 pub mod reply;
 pub mod route;

@@ -1,12 +1,18 @@
-//! The `portmux` command line.
+//! The `portmux` command line: run the daemon, manage routes with backends
+//! through the admin API, or run seamless mode.
 #![deny(unsafe_code)]
 
 use clap::{Parser, Subcommand};
+use portmux::admin::{self, RouteView, TargetView};
 use portmux::config::Settings;
-use std::net::IpAddr;
+use portmux::forward::backend::BackendSpec;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+
+const ADMIN_ENV: &str = "PORTMUX_ADMIN";
+const DEFAULT_ADMIN: &str = "127.0.0.1:9999";
 
 #[derive(Parser, Debug)]
 #[command(name = "portmux", version, about = "Services share ports 80/443 and restart without dropping a connection")]
@@ -19,6 +25,62 @@ struct Cli {
 enum Command {
     /// Run portmux. No configuration is needed: services claim routes over the control socket.
     Run(RunArgs),
+    /// Manage routes that forward to backend addresses, on a running portmux.
+    Route {
+        #[command(subcommand)]
+        action: RouteAction,
+        /// Admin API of the running portmux
+        #[arg(long, global = true, env = ADMIN_ENV, value_name = "ADDR", default_value = DEFAULT_ADMIN)]
+        admin: SocketAddr,
+    },
+    /// seamless mode: a TCP proxy on LISTEN_PORT to BACKENDS (round robin), switched
+    /// with HTTP verbs on --http-port: /set?backends=, /add?backend=, /remove?backend=, /get.
+    Tcp(TcpArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum RouteAction {
+    /// Forward SPEC to backends (replaces the backends of an existing route with backends).
+    Add {
+        /// Route spec, e.g. http://api.example.com:80, tcp://:5432?lb=least_conn, tls://:443?proxy=v2
+        spec: String,
+        /// Comma-separated backends: host:port, [v6]:port, unix:/path; @WEIGHT for weights
+        #[arg(long, value_name = "LIST", required = true)]
+        backend: String,
+    },
+    /// List every route: services' and those with backends, with health and counts.
+    List {
+        /// Print the admin API's JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a route with backends (connections already relayed carry on).
+    Remove { spec: String },
+}
+
+#[derive(clap::Args, Debug)]
+struct Common {
+    /// Listening address for routes whose spec names none ([::] listens dual-stack)
+    #[arg(long, value_name = "ADDR", default_value = "::")]
+    bind: IpAddr,
+    /// Deadline for each connect to a backend
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
+    /// Close a forwarded connection on which neither side sends or reads for this long
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// How long a backend that failed to connect is skipped
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    backend_cooldown: Duration,
+    /// Public listeners expect a PROXY protocol header (v1 or v2) from a load balancer in front
+    #[arg(long)]
+    accept_proxy: bool,
+    /// Worker threads, one io_uring runtime each [default: one per core]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    workers: Option<u16>,
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive); RUST_LOG also works
+    #[arg(long, value_name = "FILTER", default_value = "info")]
+    log: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -27,9 +89,9 @@ struct RunArgs {
     /// $XDG_RUNTIME_DIR/portmux/control.sock otherwise]
     #[arg(long, env = portmux_wire::CONTROL_ENV, value_name = "PATH")]
     control: Option<PathBuf>,
-    /// Listening address for routes whose spec names none ([::] listens dual-stack)
-    #[arg(long, value_name = "ADDR", default_value = "::")]
-    bind: IpAddr,
+    /// Admin API address (JSON over HTTP; keep it on loopback), or "off"
+    #[arg(long, env = ADMIN_ENV, value_name = "ADDR", default_value = DEFAULT_ADMIN, value_parser = parse_admin)]
+    admin: AdminAddr,
     /// How long a departed service's routes stay reserved (connections queue meanwhile),
     /// and how long a listener stays open after its last route
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -43,46 +105,161 @@ struct RunArgs {
     /// Most connections queued per route while its service is away
     #[arg(long, value_name = "N", default_value_t = 1024)]
     park_limit: usize,
-    /// Worker threads, one io_uring runtime each [default: one per core]
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
-    workers: Option<u16>,
-    /// Log filter (error, warn, info, debug, trace, or a tracing directive); RUST_LOG also works
-    #[arg(long, value_name = "FILTER", default_value = "info")]
-    log: String,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(clap::Args, Debug)]
+struct TcpArgs {
+    /// Port to listen on
+    listen_port: u16,
+    /// Comma-separated backends (host:port, …; @WEIGHT for weights)
+    backends: String,
+    /// Port of the HTTP interface (on 127.0.0.1)
+    #[arg(long, value_name = "PORT", default_value_t = 6777)]
+    http_port: u16,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// The admin API's address, or none ("off").
+#[derive(Debug, Clone, Copy)]
+struct AdminAddr(Option<SocketAddr>);
+
+fn parse_admin(s: &str) -> Result<AdminAddr, String> {
+    match s {
+        "off" | "none" => Ok(AdminAddr(None)),
+        _ => s
+            .parse()
+            .map(|a| AdminAddr(Some(a)))
+            .map_err(|_| format!("'{s}' is not an address like 127.0.0.1:9999 (or 'off')")),
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let result = match cli.command {
         Command::Run(args) => run(args),
-    }
-}
-
-fn run(args: RunArgs) -> ExitCode {
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| args.log.clone());
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let control = args.control.unwrap_or_else(|| {
-        let xdg = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from);
-        portmux_wire::default_control_path(rustix::process::getuid().as_raw(), xdg.as_deref())
-    });
-    let mut settings = Settings::with_control(control);
-    settings.bind = args.bind;
-    settings.linger = args.linger;
-    settings.peek_timeout = args.peek_timeout;
-    settings.peek_max = args.peek_max as usize;
-    settings.park_limit = args.park_limit;
-    if let Some(w) = args.workers {
-        settings.workers = w.into();
-    }
-    match portmux::runtime::run(settings) {
+        Command::Tcp(args) => seamless(args),
+        Command::Route { action, admin } => route(action, admin),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("portmux: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn init_logging(filter: &str) {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn settings(control: Option<PathBuf>, common: &Common) -> Settings {
+    let mut s = Settings::with_control(control);
+    s.bind = common.bind;
+    s.connect_timeout = common.connect_timeout;
+    s.idle_timeout = common.idle_timeout;
+    s.backend_cooldown = common.backend_cooldown;
+    s.accept_proxy = common.accept_proxy;
+    if let Some(w) = common.workers {
+        s.workers = w.into();
+    }
+    s
+}
+
+fn run(args: RunArgs) -> Result<(), String> {
+    init_logging(&args.common.log);
+    let control = args.control.unwrap_or_else(|| {
+        let xdg = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from);
+        portmux_wire::default_control_path(rustix::process::getuid().as_raw(), xdg.as_deref())
+    });
+    let mut s = settings(Some(control), &args.common);
+    s.admin = args.admin.0;
+    s.linger = args.linger;
+    s.peek_timeout = args.peek_timeout;
+    s.peek_max = args.peek_max as usize;
+    s.park_limit = args.park_limit;
+    portmux::runtime::run(s).map_err(|e| e.to_string())
+}
+
+fn seamless(args: TcpArgs) -> Result<(), String> {
+    init_logging(&args.common.log);
+    let backends = BackendSpec::parse_list(&args.backends)?;
+    let mut s = settings(None, &args.common);
+    s.admin = Some(SocketAddr::from(([127, 0, 0, 1], args.http_port)));
+    s.initial_routes = vec![admin::RouteConfig { route: format!("tcp://:{}", args.listen_port), backends }];
+    portmux::runtime::run(s).map_err(|e| e.to_string())
+}
+
+fn route(action: RouteAction, addr: SocketAddr) -> Result<(), String> {
+    let answer = match &action {
+        RouteAction::Add { spec, backend } => {
+            let backends: Vec<String> = BackendSpec::parse_list(backend)?.iter().map(ToString::to_string).collect();
+            let body = serde_json::json!({ "route": spec, "backends": backends }).to_string();
+            admin::request(addr, "POST", "/routes", Some(&body))?
+        }
+        RouteAction::List { .. } => admin::request(addr, "GET", "/routes", None)?,
+        RouteAction::Remove { spec } => {
+            admin::request(addr, "DELETE", &format!("/routes?route={}", admin::encode_query(spec)), None)?
+        }
+    };
+    let (status, body) = answer;
+    let value: serde_json::Value = serde_json::from_str(&body).map_err(|_| format!("HTTP {status}: {body}"))?;
+    if status >= 400 {
+        return Err(value["error"].as_str().unwrap_or(&body).to_string());
+    }
+    match action {
+        RouteAction::Add { .. } => {
+            let view: RouteView = serde_json::from_value(value).map_err(|e| e.to_string())?;
+            println!("{}", describe(&view));
+        }
+        RouteAction::List { json: true } => println!("{body}"),
+        RouteAction::List { json: false } => {
+            let views: Vec<RouteView> = serde_json::from_value(value["routes"].clone()).map_err(|e| e.to_string())?;
+            if views.is_empty() {
+                println!("no routes");
+            }
+            for v in &views {
+                println!("{}", describe(v));
+            }
+        }
+        RouteAction::Remove { .. } => println!("removed {}", value["removed"].as_str().unwrap_or_default()),
+    }
+    Ok(())
+}
+
+/// One line per route: where it listens and where its connections go.
+fn describe(v: &RouteView) -> String {
+    let target = match &v.target {
+        TargetView::Service { service, instances, queued, reserved_for_s } => {
+            let mut t = format!("service '{service}', {} instance(s)", instances.len());
+            if *queued > 0 {
+                t += &format!(", {queued} queued");
+            }
+            if let Some(s) = reserved_for_s {
+                t += &format!(", reserved for {s}s more");
+            }
+            t
+        }
+        TargetView::Backends { policy, proxy, backends } => {
+            let list: Vec<String> = backends
+                .iter()
+                .map(|b| {
+                    let weight = if b.weight == 1 { String::new() } else { format!("@{}", b.weight) };
+                    let health = if b.healthy { "up" } else { "down" };
+                    format!("{}{weight} ({health}, {} active)", b.addr, b.active)
+                })
+                .collect();
+            let proxy = proxy.as_ref().map(|p| format!(", PROXY {p}")).unwrap_or_default();
+            format!("{policy}{proxy} -> {}", list.join(", "))
+        }
+    };
+    format!("{}  on {}  {}", v.route, v.listen, target)
 }

@@ -63,6 +63,10 @@ impl Reply {
         Reply::Http { status: 503, body: format!("portmux: service unavailable: {detail}\n") }
     }
 
+    pub fn bad_gateway(detail: &str) -> Reply {
+        Reply::Http { status: 502, body: format!("portmux: bad gateway: {detail}\n") }
+    }
+
     pub fn tls_alert(description: u8) -> Reply {
         Reply::TlsAlert(description)
     }
@@ -121,7 +125,8 @@ async fn wait(fd: BorrowedFd<'_>, mask: i16, deadline: Instant) -> bool {
     }
 }
 
-async fn write_all(fd: BorrowedFd<'_>, mut bytes: &[u8], deadline: Instant) -> bool {
+/// Writes all of `bytes` to a socket (blocking or not) before `deadline`.
+pub(crate) async fn write_all(fd: BorrowedFd<'_>, mut bytes: &[u8], deadline: Instant) -> bool {
     while !bytes.is_empty() {
         match net::send(fd, bytes) {
             Ok(n) => bytes = &bytes[n..],

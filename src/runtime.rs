@@ -50,6 +50,10 @@ pub enum StartError {
     Runtime(io::Error),
     #[error("cannot start a worker thread: {0}")]
     Thread(io::Error),
+    #[error("cannot listen for the admin API on {addr}: {source}; choose another --admin address")]
+    Admin { addr: std::net::SocketAddr, source: io::Error },
+    #[error("{0}")]
+    Route(String),
 }
 
 /// Runs portmux until SIGTERM or SIGINT.
@@ -59,20 +63,57 @@ pub fn run(mut settings: Settings) -> Result<(), StartError> {
         tracing::warn!("IPv6 is unavailable on this host; listening on 0.0.0.0 instead of [::] by default");
         settings.bind = std::net::Ipv4Addr::UNSPECIFIED.into();
     }
-    let (control_fd, identity) = bind_control(&settings.control)?;
-    println!(
-        "portmux {}: control socket {} (mode 0660); {} workers; listeners open on demand (default address {})",
+    let mut routes = Vec::new();
+    for r in &settings.initial_routes {
+        let spec = portmux_wire::RouteSpec::parse(&r.route).map_err(|e| StartError::Route(e.to_string()))?;
+        let backends = r
+            .backends
+            .iter()
+            .map(|b| b.resolve().map(|e| (b.clone(), e)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(StartError::Route)?;
+        routes.push((spec, backends));
+    }
+    let control = match &settings.control {
+        Some(path) => Some(bind_control(path)?),
+        None => None,
+    };
+    let admin = match settings.admin {
+        Some(addr) => match std::net::TcpListener::bind(addr) {
+            Ok(l) => Some(l),
+            Err(source) => {
+                if let (Some(path), Some((_, identity))) = (&settings.control, &control) {
+                    remove_if_ours(path, *identity);
+                }
+                return Err(StartError::Admin { addr, source });
+            }
+        },
+        None => None,
+    };
+    let control_text = match &settings.control {
+        Some(path) => format!("control socket {} (mode 0660)", path.display()),
+        None => "no control socket".into(),
+    };
+    let admin_text = match admin.as_ref().and_then(|l| l.local_addr().ok()) {
+        Some(addr) => format!("admin API http://{addr}"),
+        None => "no admin API".into(),
+    };
+    let ready = format!(
+        "portmux {} ready: {control_text}; {admin_text}; {} workers; listeners open on demand (default address {})",
         env!("CARGO_PKG_VERSION"),
-        settings.control.display(),
         settings.workers,
         settings.bind
     );
-    let result = serve(settings.clone(), control_fd);
-    remove_if_ours(&settings.control, identity);
+    let identity = control.as_ref().map(|(_, id)| *id);
+    let start = crate::control::Start { control: control.map(|(fd, _)| fd), admin, routes, ready };
+    let result = serve(settings.clone(), start);
+    if let (Some(path), Some(identity)) = (&settings.control, identity) {
+        remove_if_ours(path, identity);
+    }
     result
 }
 
-fn serve(settings: Settings, control_fd: OwnedFd) -> Result<(), StartError> {
+fn serve(settings: Settings, start: crate::control::Start) -> Result<(), StartError> {
     let (to_control, from_workers) = mpsc::unbounded_channel();
     let workers = settings.workers.max(1);
     let shared = Arc::new(Shared {
@@ -100,12 +141,12 @@ fn serve(settings: Settings, control_fd: OwnedFd) -> Result<(), StartError> {
             .map_err(StartError::Thread)?;
         threads.push(t);
     }
-    control_rt.block_on(crate::control::run(shared.clone(), control_fd, from_workers));
+    let result = control_rt.block_on(crate::control::run(shared.clone(), start, from_workers));
     drop(control_rt);
     for t in threads {
         let _ = t.join();
     }
-    Ok(())
+    result.map_err(StartError::Route)
 }
 
 /// Ring size of every runtime: room for many connections being peeked at once.

@@ -83,35 +83,52 @@ impl Drop for LowWater<'_> {
     }
 }
 
-/// Peeks at `fd` until the head is complete, malformed, over `max` bytes, the
-/// client hangs up, or `deadline` passes. Never consumes a byte.
-pub async fn peek(fd: BorrowedFd<'_>, want: Want, deadline: Instant, max: usize) -> Peek {
+/// How a peek ended.
+#[derive(Debug)]
+pub enum PeekEnd<T> {
+    /// The parser accepted the bytes.
+    Parsed(T),
+    /// The parser refused them.
+    Invalid(&'static str),
+    /// Still incomplete at the byte cap.
+    TooLarge,
+    /// The deadline passed first.
+    TimedOut,
+    /// The client closed its side before the parser was satisfied.
+    HungUp,
+    /// The socket failed.
+    Failed(io::Error),
+}
+
+/// Peeks at `fd` until `parse` is satisfied or refuses, the bytes exceed `max`,
+/// the client hangs up, or `deadline` passes. Never consumes a byte. Returns
+/// how it ended, the bytes seen, and the first byte (if any arrived).
+pub async fn peek_with<T>(
+    fd: BorrowedFd<'_>,
+    deadline: Instant,
+    max: usize,
+    mut parse: impl FnMut(&[u8]) -> Result<T, ParseError>,
+) -> (PeekEnd<T>, usize, Option<u8>) {
     let mut buf = vec![0u8; INITIAL_BUFFER.min(max)];
     let mut low = LowWater { fd, raised: false };
     let mut seen = 0;
     let mut hung_up = false;
-    let done = |outcome, bytes| Peek { outcome, bytes };
+    let first = |buf: &[u8], seen: usize| (seen > 0).then(|| buf[0]);
     loop {
         match net::peek(fd, &mut buf) {
-            Ok(0) => return done(Peeked::HungUp, seen),
+            Ok(0) => return (PeekEnd::HungUp, seen, first(&buf, seen)),
             Ok(n) => seen = n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return done(Peeked::Failed(e), seen),
+            Err(e) => return (PeekEnd::Failed(e), seen, first(&buf, seen)),
         }
         if seen > 0 {
-            let is_tls = buf[0] == 0x16;
-            let parsed = match (is_tls, want.tls, want.http) {
-                (true, true, _) => tls::parse(&buf[..seen]).map(Peeked::Tls),
-                (false, _, true) => http::parse(&buf[..seen]).map(Peeked::Http),
-                (tls, _, _) => Ok(Peeked::Other { tls }),
-            };
-            match parsed {
-                Ok(outcome) => return done(outcome, seen),
-                Err(ParseError::Invalid(reason)) => return done(Peeked::Invalid { tls: is_tls, reason }, seen),
+            match parse(&buf[..seen]) {
+                Ok(t) => return (PeekEnd::Parsed(t), seen, first(&buf, seen)),
+                Err(ParseError::Invalid(reason)) => return (PeekEnd::Invalid(reason), seen, first(&buf, seen)),
                 Err(ParseError::Incomplete) if seen == buf.len() => {
                     if buf.len() >= max {
-                        return done(Peeked::TooLarge { tls: is_tls }, seen);
+                        return (PeekEnd::TooLarge, seen, first(&buf, seen));
                     }
                     buf.resize((buf.len() * 2).min(max), 0);
                     continue; // More may already be queued.
@@ -119,12 +136,12 @@ pub async fn peek(fd: BorrowedFd<'_>, want: Want, deadline: Instant, max: usize)
                 Err(ParseError::Incomplete) => {}
             }
             if hung_up {
-                return done(Peeked::HungUp, seen);
+                return (PeekEnd::HungUp, seen, first(&buf, seen));
             }
             // A readability poll fires at once while any byte is unread: make it
             // wait for bytes beyond those already seen.
             if let Err(e) = low.wait_for_more_than(seen) {
-                return done(Peeked::Failed(e), seen);
+                return (PeekEnd::Failed(e), seen, first(&buf, seen));
             }
         }
         let mask = (libc::POLLIN | libc::POLLRDHUP) as u32;
@@ -135,8 +152,29 @@ pub async fn peek(fd: BorrowedFd<'_>, want: Want, deadline: Instant, max: usize)
                 }
             }
             uring::Raced::Done(Err(e)) if e.raw_os_error() == Some(libc::ECANCELED) => {}
-            uring::Raced::Done(Err(e)) => return done(Peeked::Failed(e), seen),
-            uring::Raced::Stopped(_) => return done(Peeked::TimedOut, seen),
+            uring::Raced::Done(Err(e)) => return (PeekEnd::Failed(e), seen, first(&buf, seen)),
+            uring::Raced::Stopped(_) => return (PeekEnd::TimedOut, seen, first(&buf, seen)),
         }
     }
+}
+
+/// Peeks at `fd` until the head is complete, malformed, over `max` bytes, the
+/// client hangs up, or `deadline` passes. Never consumes a byte.
+pub async fn peek(fd: BorrowedFd<'_>, want: Want, deadline: Instant, max: usize) -> Peek {
+    let parse = |b: &[u8]| match (b[0] == 0x16, want.tls, want.http) {
+        (true, true, _) => tls::parse(b).map(Peeked::Tls),
+        (false, _, true) => http::parse(b).map(Peeked::Http),
+        (tls, _, _) => Ok(Peeked::Other { tls }),
+    };
+    let (end, bytes, first) = peek_with(fd, deadline, max, parse).await;
+    let tls = first == Some(0x16);
+    let outcome = match end {
+        PeekEnd::Parsed(p) => p,
+        PeekEnd::Invalid(reason) => Peeked::Invalid { tls, reason },
+        PeekEnd::TooLarge => Peeked::TooLarge { tls },
+        PeekEnd::TimedOut => Peeked::TimedOut,
+        PeekEnd::HungUp => Peeked::HungUp,
+        PeekEnd::Failed(e) => Peeked::Failed(e),
+    };
+    Peek { outcome, bytes }
 }

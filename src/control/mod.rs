@@ -6,6 +6,8 @@
 
 mod session;
 
+use crate::admin::{BackendView, InstanceView, RouteView, TargetView};
+use crate::forward::backend::{Backend, BackendPool, BackendSpec, Policy, ProxyVersion, Resolved};
 use crate::handoff::{Conn, Refusal, Session, SessionId};
 use crate::reply::{self, Reply};
 use crate::route::{Listener, Pool, PortRoutes, Route, RouteKey, Table, Target};
@@ -52,6 +54,9 @@ struct RouteState {
     /// Canonical spec shown to services and in logs.
     display: Arc<str>,
     spec: RouteSpec,
+    /// Backends set through the admin API; `None` for a service's route.
+    forward: Option<Arc<BackendPool>>,
+    /// The service holding the route (empty for a route with backends).
     service: String,
     /// Registered sessions, draining ones included.
     sessions: Vec<SessionId>,
@@ -88,10 +93,10 @@ impl State {
         let mut per_listener: HashMap<SocketAddr, Vec<Arc<Route>>> = HashMap::new();
         for (key, r) in &self.routes {
             let live = self.live(r);
-            let target = if r.queue.is_empty() && !r.flushing && !live.is_empty() {
-                Target::Pool(Pool::new(live))
-            } else {
-                Target::Queue
+            let target = match &r.forward {
+                Some(pool) => Target::Forward(pool.clone()),
+                None if r.queue.is_empty() && !r.flushing && !live.is_empty() => Target::Pool(Pool::new(live)),
+                None => Target::Queue,
             };
             let route = Route { key: r.display.clone(), ident: key.clone(), spec: r.spec.clone(), target };
             per_listener.entry(key.0).or_default().push(Arc::new(route));
@@ -109,6 +114,12 @@ impl State {
 
     /// Why `route` cannot be claimed by another service.
     fn holder(&self, display: &str, r: &RouteState, linger: Duration) -> String {
+        if r.forward.is_some() {
+            return format!(
+                "route {display} forwards to backends set through the admin API; remove it first \
+                 (portmux route remove '{display}')"
+            );
+        }
         let first = r.sessions.iter().find_map(|id| self.sessions.get(id));
         match (first, r.reserved_until) {
             (Some(e), _) => format!(
@@ -124,6 +135,54 @@ impl State {
                 r.service
             ),
             (None, None) => format!("route {display} is held by service '{}'", r.service),
+        }
+    }
+
+    /// Refuses a listening address that overlaps an existing or planned one on the same port.
+    fn check_clash(&self, addr: SocketAddr, planned: &[SocketAddr]) -> Result<(), String> {
+        match self.listeners.keys().chain(planned).find(|a| clashes(**a, addr)) {
+            Some(other) => Err(format!(
+                "portmux already listens on {other}, which overlaps {addr}; routes on port {} must use the same \
+                 listening address (drop or change bind=)",
+                addr.port()
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Opens the listeners among `addrs` (address, and the route that needs it)
+    /// that do not exist yet. On a failure nothing is kept.
+    fn open_listeners(&mut self, addrs: &[(SocketAddr, String)]) -> Result<(), Refused> {
+        let mut opened: Vec<(SocketAddr, OwnedFd)> = Vec::new();
+        for (addr, route) in addrs {
+            if self.listeners.contains_key(addr) || opened.iter().any(|(a, _)| a == addr) {
+                continue;
+            }
+            match net::tcp_listener(*addr) {
+                Ok(fd) => opened.push((*addr, fd)),
+                Err(e) => return Err((route.clone(), bind_error(*addr, &e))),
+            }
+        }
+        for (addr, fd) in opened {
+            self.next_listener += 1;
+            let listener = Arc::new(Listener { id: self.next_listener, addr, fd });
+            tracing::info!(%addr, "listening");
+            self.listeners.insert(addr, ListenerEntry { listener, idle_since: None });
+        }
+        for (addr, _) in addrs {
+            if let Some(l) = self.listeners.get_mut(addr) {
+                l.idle_since = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// A route was removed: its listener idles if no route is left on it.
+    fn release_listener_of(&mut self, key: &RouteKey, now: Instant) {
+        if !self.routes.keys().any(|k| k.0 == key.0)
+            && let Some(l) = self.listeners.get_mut(&key.0)
+        {
+            l.idle_since = Some(now);
         }
     }
 
@@ -207,54 +266,35 @@ impl ControlPlane {
                     "the spec names service '{n}' but this session said Hello as '{name}'; use one name"
                 )));
             }
-            let addr = spec.listen_addr(settings.bind);
-            let mut ident = spec.clone();
-            ident.bind = None;
-            ident.name = None;
-            let key: RouteKey = (addr, ident.to_string().into());
+            if spec.lb.is_some() || spec.proxy.is_some() {
+                return Err(refuse(
+                    "lb= and proxy= apply to routes with backends (portmux route add), not to services".into(),
+                ));
+            }
+            let key = route_key(&spec, settings.bind);
+            let addr = key.0;
             if let Some(r) = st.routes.get(&key)
-                && r.service != name
+                && (r.forward.is_some() || r.service != name)
             {
                 return Err(refuse(st.holder(&r.display, r, self.linger())));
             }
-            let clash = st.listeners.keys().chain(plan.iter().map(|(k, _)| &k.0)).find(|a| clashes(**a, addr)).copied();
-            if let Some(other) = clash {
-                return Err(refuse(format!(
-                    "portmux already listens on {other}, which overlaps {addr}; routes on port {} must use the same \
-                     listening address (drop or change bind=)",
-                    addr.port()
-                )));
+            let planned: Vec<SocketAddr> = plan.iter().map(|(k, _)| k.0).collect();
+            if let Err(reason) = st.check_clash(addr, &planned) {
+                return Err(refuse(reason));
             }
             if !plan.iter().any(|(k, _)| *k == key) {
                 plan.push((key, spec));
             }
         }
-        // Open the listeners that do not exist yet; on failure nothing is kept.
-        let mut opened: Vec<(SocketAddr, OwnedFd)> = Vec::new();
-        for (key, spec) in &plan {
-            if st.listeners.contains_key(&key.0) || opened.iter().any(|(a, _)| *a == key.0) {
-                continue;
-            }
-            match net::tcp_listener(key.0) {
-                Ok(fd) => opened.push((key.0, fd)),
-                Err(e) => return Err((spec.to_string(), bind_error(key.0, &e))),
-            }
-        }
-        for (addr, fd) in opened {
-            st.next_listener += 1;
-            let listener = Arc::new(Listener { id: st.next_listener, addr, fd });
-            tracing::info!(%addr, "listening");
-            st.listeners.insert(addr, ListenerEntry { listener, idle_since: None });
-        }
+        let addrs: Vec<(SocketAddr, String)> = plan.iter().map(|(k, spec)| (k.0, spec.to_string())).collect();
+        st.open_listeners(&addrs)?;
         let mut bound = Vec::new();
         for (key, spec) in plan {
-            if let Some(l) = st.listeners.get_mut(&key.0) {
-                l.idle_since = None;
-            }
             let display: Arc<str> = spec.key().into();
             let route = st.routes.entry(key.clone()).or_insert_with(|| RouteState {
                 display: display.clone(),
                 spec,
+                forward: None,
                 service: name.clone(),
                 sessions: Vec::new(),
                 queue: VecDeque::new(),
@@ -341,6 +381,11 @@ impl ControlPlane {
             drop(st);
             return answer_conn(conn, Reply::Close);
         };
+        if let Some(pool) = r.forward.clone() {
+            // The route became a forwarding one after a worker chose it.
+            drop(st);
+            return forward_conn(self.shared.clone(), conn, pool);
+        }
         if r.queue.len() >= limit {
             tracing::warn!(route = %r.display, service = %r.service, limit, "queue full; refusing a connection (raise --park-limit)");
             let detail = format!("the queue of route {} is full ({limit} connections)", r.display);
@@ -471,11 +516,7 @@ impl ControlPlane {
                     let answer = unavailable(&p.conn, &detail);
                     answers.push((p.conn, answer));
                 }
-                if !st.routes.keys().any(|k| k.0 == key.0)
-                    && let Some(l) = st.listeners.get_mut(&key.0)
-                {
-                    l.idle_since = Some(now);
-                }
+                st.release_listener_of(&key, now);
                 changed = true;
             }
             for r in st.routes.values_mut() {
@@ -529,6 +570,202 @@ impl ControlPlane {
 
     fn sessions(&self) -> Vec<Arc<Session>> {
         self.state.borrow().sessions.values().map(|e| e.session.clone()).collect()
+    }
+}
+
+/// Why the admin API refused a change.
+#[derive(Debug)]
+pub(crate) enum AdminError {
+    Bad(String),
+    NotFound(String),
+    Conflict(String),
+}
+
+impl ControlPlane {
+    /// Creates or replaces a route that forwards to `backends`. A backend kept
+    /// across the change keeps its counters and health; connections already
+    /// relayed are never touched.
+    pub(crate) fn set_backends(&self, spec: RouteSpec, backends: Resolved) -> Result<RouteView, AdminError> {
+        if spec.scheme == Scheme::Https {
+            return Err(AdminError::Bad(
+                "https:// (TLS termination in portmux) is not available in this version".into(),
+            ));
+        }
+        if spec.name.is_some() {
+            return Err(AdminError::Bad("name= names a service; a route with backends has none".into()));
+        }
+        let policy = Policy::parse(spec.lb.as_deref().unwrap_or("round_robin")).map_err(AdminError::Bad)?;
+        let proxy = ProxyVersion::parse(spec.proxy.as_deref().unwrap_or("")).map_err(AdminError::Bad)?;
+        let key = route_key(&spec, self.shared.settings.bind);
+        let shown: Arc<str> = spec.key().into();
+        let mut st = self.state.borrow_mut();
+        let previous: Vec<Arc<Backend>> = match st.routes.get(&key) {
+            Some(r) if r.forward.is_none() => {
+                return Err(AdminError::Conflict(st.holder(&r.display, r, self.linger())));
+            }
+            Some(r) => r.forward.as_ref().map(|p| p.backends.clone()).unwrap_or_default(),
+            None => {
+                st.check_clash(key.0, &[]).map_err(AdminError::Conflict)?;
+                Vec::new()
+            }
+        };
+        st.open_listeners(&[(key.0, shown.to_string())]).map_err(|(_, reason)| AdminError::Conflict(reason))?;
+        let backends: Vec<Arc<Backend>> = backends
+            .into_iter()
+            .map(|(b, endpoints)| match previous.iter().find(|p| p.spec == b && p.endpoints == endpoints) {
+                Some(same) => same.clone(),
+                None => Arc::new(Backend::new(b, endpoints)),
+            })
+            .collect();
+        let names: Vec<String> = backends.iter().map(|b| b.spec.to_string()).collect();
+        tracing::info!(route = %shown, backends = %names.join(","), policy = policy.as_str(), "forwarding");
+        let pool = Arc::new(BackendPool::new(backends, policy, proxy));
+        st.routes.insert(
+            key.clone(),
+            RouteState {
+                display: shown,
+                spec,
+                forward: Some(pool),
+                service: String::new(),
+                sessions: Vec::new(),
+                queue: VecDeque::new(),
+                reserved_until: None,
+                flushing: false,
+                next: 0,
+            },
+        );
+        let view = st.view(&key);
+        drop(st);
+        self.publish();
+        view.ok_or_else(|| AdminError::NotFound("the route vanished".into()))
+    }
+
+    /// Removes a route with backends; established connections carry on.
+    pub(crate) fn remove_route(&self, text: &str) -> Result<String, AdminError> {
+        let spec = RouteSpec::parse(text).map_err(|e| AdminError::Bad(e.to_string()))?;
+        let key = route_key(&spec, self.shared.settings.bind);
+        let mut st = self.state.borrow_mut();
+        match st.routes.get(&key) {
+            None => return Err(AdminError::NotFound(format!("no route {}; GET /routes lists them", spec.key()))),
+            Some(r) if r.forward.is_none() => {
+                return Err(AdminError::Conflict(format!(
+                    "route {} is held by service '{}'; a service's route goes when the service leaves",
+                    r.display, r.service
+                )));
+            }
+            Some(_) => {}
+        }
+        let removed = st.routes.remove(&key).map(|r| r.display.to_string()).unwrap_or_default();
+        st.release_listener_of(&key, Instant::now());
+        drop(st);
+        tracing::info!(route = %removed, "route removed");
+        self.publish();
+        self.timer.notify_one();
+        Ok(removed)
+    }
+
+    /// The route with backends named by `route` (or the only one), and its backends.
+    pub(crate) fn backends_of(&self, route: Option<&str>) -> Result<(String, Vec<BackendSpec>), AdminError> {
+        let st = self.state.borrow();
+        let forwarding: Vec<&RouteState> = st.routes.values().filter(|r| r.forward.is_some()).collect();
+        let chosen = match route {
+            Some(text) => {
+                let spec = RouteSpec::parse(text).map_err(|e| AdminError::Bad(e.to_string()))?;
+                let key = route_key(&spec, self.shared.settings.bind);
+                st.routes
+                    .get(&key)
+                    .filter(|r| r.forward.is_some())
+                    .ok_or_else(|| AdminError::NotFound(format!("no route with backends is {}", spec.key())))?
+            }
+            None => match forwarding.as_slice() {
+                [one] => one,
+                [] => return Err(AdminError::NotFound("no route has backends; create one with POST /routes".into())),
+                _ => return Err(AdminError::Bad("several routes have backends; name one with route=SPEC".into())),
+            },
+        };
+        let backends = chosen.forward.as_ref().map(|p| p.backends.iter().map(|b| b.spec.clone()).collect());
+        Ok((chosen.spec.to_string(), backends.unwrap_or_default()))
+    }
+
+    /// Every route, for the admin API.
+    pub(crate) fn views(&self) -> Vec<RouteView> {
+        let st = self.state.borrow();
+        let mut keys: Vec<&RouteKey> = st.routes.keys().collect();
+        keys.sort();
+        keys.into_iter().filter_map(|k| st.view(k)).collect()
+    }
+
+    /// Listeners and counts, for the admin API.
+    pub(crate) fn status(&self) -> serde_json::Value {
+        let st = self.state.borrow();
+        let mut listeners: Vec<String> = st.listeners.keys().map(ToString::to_string).collect();
+        listeners.sort();
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+            "control": self.shared.settings.control.as_ref().map(|p| p.display().to_string()),
+            "listeners": listeners,
+            "sessions": st.sessions.len(),
+            "routes": st.routes.len(),
+            "queued": st.routes.values().map(|r| r.queue.len()).sum::<usize>(),
+        })
+    }
+}
+
+impl State {
+    fn view(&self, key: &RouteKey) -> Option<RouteView> {
+        let r = self.routes.get(key)?;
+        let target = match &r.forward {
+            Some(pool) => TargetView::Backends {
+                policy: pool.policy.as_str().into(),
+                proxy: pool.proxy.map(|v| v.as_str().into()),
+                backends: pool
+                    .backends
+                    .iter()
+                    .map(|b| BackendView {
+                        addr: b.spec.name.clone(),
+                        weight: b.spec.weight,
+                        healthy: !b.is_down(),
+                        active: b.active(),
+                        connections: b.connections(),
+                        failures: b.failures(),
+                        endpoints: b.endpoints.iter().map(ToString::to_string).collect(),
+                    })
+                    .collect(),
+            },
+            None => TargetView::Service {
+                service: r.service.clone(),
+                instances: r
+                    .sessions
+                    .iter()
+                    .filter_map(|id| self.sessions.get(id))
+                    .map(|e| InstanceView {
+                        pid: e.session.pid,
+                        uid: e.session.uid,
+                        draining: e.draining,
+                        unacked: e.session.unacked_len(),
+                    })
+                    .collect(),
+                queued: r.queue.len(),
+                reserved_for_s: r.reserved_until.map(|t| t.saturating_duration_since(Instant::now()).as_secs()),
+            },
+        };
+        Some(RouteView { route: r.display.to_string(), listen: key.0.to_string(), target })
+    }
+}
+
+/// A route's identity on its listening address.
+fn route_key(spec: &RouteSpec, default_bind: std::net::IpAddr) -> RouteKey {
+    (spec.listen_addr(default_bind), spec.identity().into())
+}
+
+/// Forwards a connection the control plane holds (it was meant for a service).
+fn forward_conn(shared: Arc<Shared>, conn: Conn, pool: Arc<BackendPool>) {
+    match Arc::try_unwrap(conn.fd) {
+        Ok(fd) => {
+            tokio_uring::spawn(async move { crate::forward::serve(fd, conn.meta, pool, &shared.settings).await });
+        }
+        Err(fd) => answer_conn(Conn { fd, ..conn }, Reply::Close),
     }
 }
 
@@ -637,9 +874,36 @@ async fn stop_signal() {
     }
 }
 
+/// What the control plane starts with.
+#[derive(Debug)]
+pub struct Start {
+    /// The bound control socket, if any.
+    pub control: Option<OwnedFd>,
+    /// The bound admin API listener, if any.
+    pub admin: Option<std::net::TcpListener>,
+    /// Routes with backends to create first (resolved).
+    pub routes: Vec<(RouteSpec, Resolved)>,
+    /// The readiness line, printed once everything above is in place.
+    pub ready: String,
+}
+
 /// Runs the control plane until SIGTERM/SIGINT, then stops everything in order.
-pub async fn run(shared: Arc<Shared>, control_fd: OwnedFd, mut from_workers: mpsc::UnboundedReceiver<Conn>) {
+/// Fails (before serving anyone) if an initial route cannot be created.
+pub async fn run(
+    shared: Arc<Shared>,
+    start: Start,
+    mut from_workers: mpsc::UnboundedReceiver<Conn>,
+) -> Result<(), String> {
     let cp = Rc::new(ControlPlane::new(shared.clone()));
+    for (spec, backends) in start.routes {
+        let text = spec.key();
+        if let Err(AdminError::Bad(e) | AdminError::NotFound(e) | AdminError::Conflict(e)) =
+            cp.set_backends(spec, backends)
+        {
+            shared.stopping.send_replace(true);
+            return Err(format!("cannot create route {text}: {e}"));
+        }
+    }
     let timer_task = tokio_uring::spawn(timer(cp.clone()));
     let intake = tokio_uring::spawn({
         let cp = cp.clone();
@@ -649,12 +913,16 @@ pub async fn run(shared: Arc<Shared>, control_fd: OwnedFd, mut from_workers: mps
             }
         }
     });
-    let acceptor = tokio_uring::spawn(session::accept_sessions(cp.clone(), control_fd));
+    let acceptor = start.control.map(|fd| tokio_uring::spawn(session::accept_sessions(cp.clone(), fd)));
+    let admin = start.admin.map(|l| tokio_uring::spawn(crate::admin::serve(cp.clone(), l)));
+    println!("{}", start.ready);
 
     stop_signal().await;
 
     // 1. No new sessions; workers stop accepting and finish what they hold.
-    acceptor.abort();
+    for task in acceptor.iter().chain(admin.iter()) {
+        task.abort();
+    }
     shared.stopping.send_replace(true);
     let mut running = shared.workers_running.subscribe();
     let _ = tokio::time::timeout(Duration::from_secs(3), running.wait_for(|n| *n == 0)).await;
@@ -683,4 +951,5 @@ pub async fn run(shared: Arc<Shared>, control_fd: OwnedFd, mut from_workers: mps
     intake.abort();
     timer_task.abort();
     tracing::info!("stopped");
+    Ok(())
 }

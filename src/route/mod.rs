@@ -72,6 +72,8 @@ pub enum Target {
     /// Through the control plane, which queues them in arrival order (the
     /// service is restarting, draining, or older connections are still queued).
     Queue,
+    /// To one of these backend addresses (the worker connects and relays).
+    Forward(Arc<crate::forward::backend::BackendPool>),
 }
 
 /// Live, non-draining sessions of one service for a route.

@@ -193,3 +193,78 @@ pub fn recv_datagram(sock: impl AsFd, buf: &mut [u8]) -> io::Result<Datagram> {
         fds_truncated: msg.flags.contains(ReturnFlags::CTRUNC),
     })
 }
+
+/// Sets or clears `O_NONBLOCK` (on the open file: shared with every holder of the fd).
+pub fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    Ok(rustix::io::ioctl_fionbio(fd, on)?)
+}
+
+/// Disables Nagle's algorithm: relayed bytes go out as soon as they arrive.
+pub fn set_nodelay(fd: BorrowedFd<'_>) -> io::Result<()> {
+    Ok(sockopt::set_tcp_nodelay(fd, true)?)
+}
+
+/// Where a backend listens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    Tcp(SocketAddr),
+    Unix(std::path::PathBuf),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp(a) => write!(f, "{a}"),
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Starts a non-blocking connect. Returns the socket and whether it is already
+/// connected; if not, wait for POLLOUT and then check [`take_socket_error`].
+pub fn connect_start(to: &Endpoint) -> io::Result<(OwnedFd, bool)> {
+    let flags = SocketFlags::CLOEXEC | SocketFlags::NONBLOCK;
+    let (fd, result) = match to {
+        Endpoint::Tcp(addr) => {
+            let family = if addr.is_ipv4() { AddressFamily::INET } else { AddressFamily::INET6 };
+            let fd = net::socket_with(family, SocketType::STREAM, flags, None)?;
+            sockopt::set_tcp_nodelay(&fd, true)?;
+            let r = net::connect(&fd, addr);
+            (fd, r)
+        }
+        Endpoint::Unix(path) => {
+            let fd = net::socket_with(AddressFamily::UNIX, SocketType::STREAM, flags, None)?;
+            let r = net::connect(&fd, &SocketAddrUnix::new(path.as_path())?);
+            (fd, r)
+        }
+    };
+    match result {
+        Ok(()) => Ok((fd, true)),
+        Err(rustix::io::Errno::INPROGRESS) => Ok((fd, false)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The outcome of a non-blocking connect, once the socket is writable.
+pub fn take_socket_error(fd: BorrowedFd<'_>) -> io::Result<()> {
+    match sockopt::socket_error(fd)? {
+        Ok(()) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Moves up to `len` bytes between a socket and a pipe inside the kernel, without blocking.
+pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    use rustix::pipe::SpliceFlags;
+    Ok(rustix::pipe::splice(from, None, to, None, len, SpliceFlags::MOVE | SpliceFlags::NONBLOCK)?)
+}
+
+/// A non-blocking pipe, asked to hold `size` bytes; returns (read end, write end, capacity).
+pub fn pipe(size: usize) -> io::Result<(OwnedFd, OwnedFd, usize)> {
+    use rustix::pipe::PipeFlags;
+    let (r, w) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
+    // Past the per-user pipe-page limit the kernel refuses bigger pipes; the
+    // default size still works.
+    let capacity = rustix::pipe::fcntl_setpipe_size(&w, size).or_else(|_| rustix::pipe::fcntl_getpipe_size(&w))?;
+    Ok((r, w, capacity))
+}

@@ -3,8 +3,12 @@
 //! honoured). With `--tls-cert/--tls-key` it terminates TLS itself on the
 //! handed-off connection (a `tls://` route: portmux never sees plaintext).
 //!
+//! With `--listen ADDR` it listens on ADDR itself instead (no portmux): the
+//! same server as a plain backend, or as the "direct" baseline of a benchmark.
+//!
 //! ```text
 //! hello SPEC BODY [--name NAME] [--control PATH] [--tls-cert PEM --tls-key PEM]
+//! hello --listen ADDR BODY [--tls-cert PEM --tls-key PEM]
 //! hello 'http://:8000/a' 'From A'
 //! ```
 
@@ -20,10 +24,13 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-const USAGE: &str = "usage: hello SPEC BODY [--name NAME] [--control PATH] [--tls-cert PEM --tls-key PEM]";
+const USAGE: &str = "usage: hello SPEC BODY [--name NAME] [--control PATH] [--tls-cert PEM --tls-key PEM]\n       \
+                     hello --listen ADDR BODY [--tls-cert PEM --tls-key PEM]";
 
 struct Args {
+    /// A route spec, or with `listen` the address to listen on.
     spec: String,
+    listen: bool,
     body: String,
     name: Option<String>,
     control: Option<String>,
@@ -33,7 +40,7 @@ struct Args {
 
 fn parse_args() -> Result<Args, String> {
     let mut positional = Vec::new();
-    let (mut name, mut control, mut cert, mut key) = (None, None, None, None);
+    let (mut name, mut control, mut cert, mut key, mut listen) = (None, None, None, None, None);
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let slot = match a.as_str() {
@@ -41,6 +48,7 @@ fn parse_args() -> Result<Args, String> {
             "--control" => &mut control,
             "--tls-cert" => &mut cert,
             "--tls-key" => &mut key,
+            "--listen" => &mut listen,
             "-h" | "--help" => return Err(USAGE.into()),
             s if s.starts_with("--") => return Err(format!("unknown option {s}\n{USAGE}")),
             _ => {
@@ -50,11 +58,14 @@ fn parse_args() -> Result<Args, String> {
         };
         *slot = Some(it.next().ok_or_else(|| format!("{a} needs a value\n{USAGE}"))?);
     }
+    // With --listen the address takes the place of the route spec.
+    let direct = listen.is_some();
+    positional.splice(0..0, listen);
     let [spec, body]: [String; 2] = positional.try_into().map_err(|_| USAGE.to_string())?;
     if cert.is_some() != key.is_some() {
         return Err("--tls-cert and --tls-key go together".into());
     }
-    Ok(Args { spec, body, name, control, cert, key })
+    Ok(Args { spec, listen: direct, body, name, control, cert, key })
 }
 
 fn tls_acceptor(cert: &str, key: &str) -> Result<TlsAcceptor, String> {
@@ -93,6 +104,10 @@ async fn main() -> ExitCode {
         },
         _ => None,
     };
+    let body = Bytes::from(args.body.clone());
+    if args.listen {
+        return listen_directly(&args.spec, tls, body).await;
+    }
     let mut builder = portmux_client::Builder::new().route(&args.spec);
     if let Some(n) = &args.name {
         builder = builder.name(n);
@@ -112,7 +127,6 @@ async fn main() -> ExitCode {
     }
     let _ = std::io::stdout().flush();
 
-    let body = Bytes::from(args.body);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     loop {
         tokio::select! {
@@ -130,6 +144,30 @@ async fn main() -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// Serves on a listening socket of its own, without portmux.
+async fn listen_directly(addr: &str, tls: Option<TlsAcceptor>, body: Bytes) -> ExitCode {
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("hello: cannot listen on {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("hello: listening on {}", listener.local_addr().map_or_else(|_| addr.to_string(), |a| a.to_string()));
+    let _ = std::io::stdout().flush();
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve(stream, tls.clone(), body.clone()));
+            }
+            Err(e) => {
+                eprintln!("hello: accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 async fn serve(stream: TcpStream, tls: Option<TlsAcceptor>, body: Bytes) {

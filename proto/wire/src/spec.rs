@@ -9,7 +9,9 @@
 //! ```
 //!
 //! Options go in the query string: `name=SERVICE`, `bind=ADDR` (the listening
-//! address for http/tls/https; tcp names it before the port), `cert=`/`key=`.
+//! address for http/tls/https; tcp names it before the port), `cert=`/`key=`,
+//! and for routes with backends `lb=round_robin|least_conn` and `proxy=v1|v2`
+//! (the PROXY protocol header sent to backends).
 
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -105,6 +107,10 @@ pub struct RouteSpec {
     /// Certificate and key files for `https://`.
     pub cert: Option<String>,
     pub key: Option<String>,
+    /// Load-balancing policy among backends: `round_robin` (default) or `least_conn`.
+    pub lb: Option<String>,
+    /// PROXY protocol header sent to backends: `v1` or `v2`.
+    pub proxy: Option<String>,
 }
 
 /// A route spec that could not be parsed; the message says what to write instead.
@@ -121,11 +127,19 @@ impl RouteSpec {
         parse(spec).map_err(|reason| SpecError { spec: spec.chars().take(200).collect(), reason })
     }
 
-    /// The route's identity: its canonical form without the service name. Two
-    /// registrations with the same key are the same route (a pool, or a conflict).
+    /// The route as portmux names it: its canonical form without the service name.
     pub fn key(&self) -> String {
         let mut s = self.clone();
         s.name = None;
+        s.to_string()
+    }
+
+    /// What the route matches, independent of its listening address and of the
+    /// options that do not change matching (name, lb, proxy). Two routes with
+    /// the same identity on one listener are the same route (a pool, or a conflict).
+    pub fn identity(&self) -> String {
+        let mut s = self.clone();
+        (s.bind, s.name, s.lb, s.proxy) = (None, None, None, None);
         s.to_string()
     }
 
@@ -174,7 +188,9 @@ impl fmt::Display for RouteSpec {
         {
             opt(f, "bind", &b.to_string())?;
         }
-        for (k, v) in [("name", &self.name), ("cert", &self.cert), ("key", &self.key)] {
+        let options =
+            [("name", &self.name), ("lb", &self.lb), ("proxy", &self.proxy), ("cert", &self.cert), ("key", &self.key)];
+        for (k, v) in options {
             if let Some(v) = v {
                 opt(f, k, v)?;
             }
@@ -219,8 +235,18 @@ fn parse(spec: &str) -> Result<RouteSpec, String> {
         return Err("port 0 is not a port portmux can share; name a fixed port".into());
     }
 
-    let mut out =
-        RouteSpec { scheme, host: HostPattern::Any, bind: None, port, path: None, name: None, cert: None, key: None };
+    let mut out = RouteSpec {
+        scheme,
+        host: HostPattern::Any,
+        bind: None,
+        port,
+        path: None,
+        name: None,
+        cert: None,
+        key: None,
+        lb: None,
+        proxy: None,
+    };
 
     if scheme == Scheme::Tcp {
         if !host_part.is_empty() {
@@ -326,6 +352,18 @@ fn parse_query(query: &str, out: &mut RouteSpec) -> Result<(), String> {
             }
             "cert" => &mut out.cert,
             "key" => &mut out.key,
+            "lb" => {
+                if !matches!(v.as_str(), "round_robin" | "least_conn") {
+                    return Err(format!("lb='{v}' is not a policy; use lb=round_robin or lb=least_conn"));
+                }
+                &mut out.lb
+            }
+            "proxy" => {
+                if !matches!(v.as_str(), "v1" | "v2") {
+                    return Err(format!("proxy='{v}' is not a PROXY protocol version; use proxy=v1 or proxy=v2"));
+                }
+                &mut out.proxy
+            }
             "bind" => {
                 if out.bind.is_some() {
                     return Err("the listening address is given twice (before the port and as bind=)".into());
@@ -334,7 +372,7 @@ fn parse_query(query: &str, out: &mut RouteSpec) -> Result<(), String> {
                 out.bind = Some(addr.parse().map_err(|_| format!("bind='{v}' is not an IP address"))?);
                 continue;
             }
-            _ => return Err(format!("unknown option '{k}'; known options are name, bind, cert and key")),
+            _ => return Err(format!("unknown option '{k}'; known options are name, bind, lb, proxy, cert and key")),
         };
         if slot.is_some() {
             return Err(format!("option '{k}' is given twice"));
@@ -515,6 +553,7 @@ mod tests {
                 "https://x.test:443?cert=/etc/c.pem&key=/etc/k%20x.pem",
             ),
             ("http://:8000/%61%2Fb", "http://:8000/a%2Fb"),
+            ("tcp://:80?proxy=v2&lb=least_conn", "tcp://:80?lb=least_conn&proxy=v2"),
         ];
         for (input, canon) in cases {
             assert_eq!(p(input).to_string(), canon, "{input}");
@@ -531,6 +570,9 @@ mod tests {
         assert_eq!(s.path.as_deref(), Some("/api"));
         assert_eq!(s.name.as_deref(), Some("web"));
         assert_eq!(s.key(), "http://*.example.test:8000/api");
+        let t = p("http://[::1]:8000/a?bind=::1&name=x&lb=least_conn&proxy=v1");
+        assert_eq!(t.identity(), "http://[::1]:8000/a");
+        assert_eq!(t.key(), "http://[::1]:8000/a?bind=::1&lb=least_conn&proxy=v1");
         assert_eq!(s.listen_addr("::".parse().unwrap()), "[::]:8000".parse().unwrap());
         let t = p("tcp://127.0.0.1:9000");
         assert_eq!(t.listen_addr("::".parse().unwrap()), "127.0.0.1:9000".parse().unwrap());
@@ -562,6 +604,8 @@ mod tests {
         assert!(err("http://:80/a b").contains("no spaces"));
         assert!(err("http://[::1:80").contains("unclosed"));
         assert!(err("http://:80/a%zz").contains("%-escape"));
+        assert!(err("tcp://:80?proxy=v3").contains("proxy=v1 or proxy=v2"));
+        assert!(err("tcp://:80?lb=random").contains("lb=round_robin or lb=least_conn"));
     }
 
     #[test]

@@ -1,0 +1,349 @@
+//! The admin API: JSON over HTTP (routes, backends, weights, health), and
+//! seamless's plain-text verbs (`/set`, `/add`, `/remove`, `/get`). It runs on
+//! the control plane's thread; `portmux route …` is a thin client of it.
+
+use crate::control::{AdminError, ControlPlane};
+use crate::forward::backend::BackendSpec;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use std::convert::Infallible;
+use std::rc::Rc;
+
+/// Largest request body the admin API reads.
+const MAX_BODY: usize = 1024 * 1024;
+
+/// A route with backends, as a user asks for it.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub route: String,
+    pub backends: Vec<BackendSpec>,
+}
+
+/// One backend in a request: `"host:port@weight"` or `{"addr": …, "weight": …}`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum BackendEntry {
+    Text(String),
+    Full { addr: String, weight: Option<u32> },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteRequest {
+    route: String,
+    backends: Vec<BackendEntry>,
+}
+
+/// A route as the API shows it.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct RouteView {
+    pub route: String,
+    pub listen: String,
+    #[serde(flatten)]
+    pub target: TargetView,
+}
+
+/// Where a route's connections go.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TargetView {
+    /// Handed to a service's instances.
+    Service { service: String, instances: Vec<InstanceView>, queued: usize, reserved_for_s: Option<u64> },
+    /// Forwarded to backend addresses.
+    Backends { policy: String, proxy: Option<String>, backends: Vec<BackendView> },
+}
+
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct InstanceView {
+    pub pid: i32,
+    pub uid: u32,
+    pub draining: bool,
+    pub unacked: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct BackendView {
+    pub addr: String,
+    pub weight: u32,
+    /// False while passive health skips it after a failed connect.
+    pub healthy: bool,
+    pub active: usize,
+    pub connections: u64,
+    pub failures: u64,
+    pub endpoints: Vec<String>,
+}
+
+/// Serves the admin API on `listener` until the task is aborted.
+pub(crate) async fn serve(cp: Rc<ControlPlane>, listener: std::net::TcpListener) {
+    let listener = match listener.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(listener)) {
+        Ok(l) => l,
+        Err(e) => return tracing::error!("admin API: {e}"),
+    };
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("admin API: accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let cp = cp.clone();
+        tokio_uring::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let cp = cp.clone();
+                async move { Ok::<_, Infallible>(handle(&cp, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+fn json(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
+    let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    body.push(b'\n');
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_default()
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_default()
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>> {
+    json(status, &serde_json::json!({ "error": message.into() }))
+}
+
+fn admin_error(e: AdminError) -> Response<Full<Bytes>> {
+    match e {
+        AdminError::Bad(m) => error(StatusCode::BAD_REQUEST, m),
+        AdminError::NotFound(m) => error(StatusCode::NOT_FOUND, m),
+        AdminError::Conflict(m) => error(StatusCode::CONFLICT, m),
+    }
+}
+
+/// Decodes an `application/x-www-form-urlencoded` query string.
+fn query(q: Option<&str>) -> Vec<(String, String)> {
+    let decode = |s: &str| {
+        let b = s.replace('+', " ");
+        let b = b.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            let hex = b.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+            match (b[i], hex) {
+                (b'%', Some(v)) => {
+                    out.push(v);
+                    i += 3;
+                }
+                (c, _) => {
+                    out.push(c);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    q.unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn param<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    q.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+async fn handle(cp: &Rc<ControlPlane>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let q = query(parts.uri.query());
+    let body = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, format!("request body: {e} (limit {MAX_BODY} bytes)")),
+    };
+    let method = parts.method;
+    match (method.clone(), parts.uri.path()) {
+        (Method::GET, "/routes") => json(StatusCode::OK, &serde_json::json!({ "routes": cp.views() })),
+        (Method::POST | Method::PUT, "/routes") => {
+            let req: RouteRequest = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!(
+                            "body must be JSON like {{\"route\": \"http://:8000\", \"backends\": [\"127.0.0.1:9001\", \
+                             \"127.0.0.1:9002@3\"]}}: {e}"
+                        ),
+                    );
+                }
+            };
+            let mut backends = Vec::new();
+            for entry in req.backends {
+                let parsed = match entry {
+                    BackendEntry::Text(t) => BackendSpec::parse(&t),
+                    BackendEntry::Full { addr, weight } => BackendSpec::parse(&addr).and_then(|mut b| {
+                        if let Some(w) = weight {
+                            b = BackendSpec::parse(&format!("{}@{w}", b.name))?;
+                        }
+                        Ok(b)
+                    }),
+                };
+                match parsed {
+                    Ok(b) => backends.push(b),
+                    Err(e) => return error(StatusCode::BAD_REQUEST, e),
+                }
+            }
+            if backends.is_empty() {
+                return error(StatusCode::BAD_REQUEST, "no backends given; a route needs at least one");
+            }
+            match set_backends(cp, &req.route, backends).await {
+                Ok(view) => json(StatusCode::OK, &view),
+                Err(e) => admin_error(e),
+            }
+        }
+        (Method::DELETE, "/routes") => match param(&q, "route") {
+            None => error(StatusCode::BAD_REQUEST, "DELETE /routes needs ?route=SPEC"),
+            Some(r) => match cp.remove_route(r) {
+                Ok(removed) => json(StatusCode::OK, &serde_json::json!({ "removed": removed })),
+                Err(e) => admin_error(e),
+            },
+        },
+        (Method::GET, "/status") => json(StatusCode::OK, &cp.status()),
+        (Method::GET | Method::POST, verb @ ("/get" | "/set" | "/add" | "/remove")) => {
+            seamless(cp, verb, &q).await.unwrap_or_else(|m| text(StatusCode::BAD_REQUEST, format!("error: {m}\n")))
+        }
+        (_, "/routes" | "/status" | "/get" | "/set" | "/add" | "/remove") => {
+            error(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {}", parts.uri.path()))
+        }
+        (_, path) => error(
+            StatusCode::NOT_FOUND,
+            format!("no endpoint {method} {path}; the API has /routes, /status, /get, /set, /add and /remove"),
+        ),
+    }
+}
+
+/// Resolves the backends (host names may need the resolver, off this thread)
+/// and gives the route to the control plane.
+async fn set_backends(cp: &ControlPlane, route: &str, backends: Vec<BackendSpec>) -> Result<RouteView, AdminError> {
+    let spec = portmux_wire::RouteSpec::parse(route).map_err(|e| AdminError::Bad(e.to_string()))?;
+    let resolved = tokio::task::spawn_blocking(move || {
+        backends.into_iter().map(|b| b.resolve().map(|e| (b, e))).collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| AdminError::Bad(format!("resolver: {e}")))?
+    .map_err(AdminError::Bad)?;
+    cp.set_backends(spec, resolved)
+}
+
+/// seamless's verbs, on the one route with backends (or the one named by `route=`).
+async fn seamless(cp: &ControlPlane, verb: &str, q: &[(String, String)]) -> Result<Response<Full<Bytes>>, String> {
+    let (route, mut backends) = cp.backends_of(param(q, "route")).map_err(|e| match e {
+        AdminError::Bad(m) | AdminError::NotFound(m) | AdminError::Conflict(m) => m,
+    })?;
+    match verb {
+        "/set" => {
+            let list = param(q, "backends").filter(|v| !v.is_empty()).ok_or("missing 'backends' parameter")?;
+            backends = BackendSpec::parse_list(list)?;
+        }
+        "/add" => {
+            let b = BackendSpec::parse(
+                param(q, "backend").filter(|v| !v.is_empty()).ok_or("missing 'backend' parameter")?,
+            )?;
+            if !backends.iter().any(|x| x.name == b.name) {
+                backends.push(b);
+            }
+        }
+        "/remove" => {
+            let name = param(q, "backend").filter(|v| !v.is_empty()).ok_or("missing 'backend' parameter")?;
+            let before = backends.len();
+            backends.retain(|b| b.name != name && b.to_string() != name);
+            if backends.len() == before {
+                return Err(format!("backend '{name}' not found"));
+            }
+        }
+        _ => {}
+    }
+    if verb != "/get" {
+        set_backends(cp, &route, backends.clone()).await.map_err(|e| match e {
+            AdminError::Bad(m) | AdminError::NotFound(m) | AdminError::Conflict(m) => m,
+        })?;
+    }
+    let list: Vec<String> = backends.iter().map(ToString::to_string).collect();
+    Ok(text(StatusCode::OK, format!("{}\n", list.join(","))))
+}
+
+/// A blocking client for the admin API, used by `portmux route …`: sends one
+/// request and returns the status and body.
+pub fn request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(30);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|e| format!("cannot reach the admin API at {addr}: {e}; is portmux running (with --admin {addr})?"))?;
+    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    let body = body.unwrap_or("");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).and_then(|()| s.write_all(body.as_bytes())).map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(|e| format!("reading the admin API's answer: {e}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("malformed answer from the admin API")?;
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or("malformed status from the admin API")?;
+    Ok((status, body.to_string()))
+}
+
+/// Percent-encodes a query value.
+pub fn encode_query(v: &str) -> String {
+    v.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_decode() {
+        let q = query(Some("backends=a%3A1%2Cb:2&x=y+z&flag"));
+        assert_eq!(param(&q, "backends"), Some("a:1,b:2"));
+        assert_eq!(param(&q, "x"), Some("y z"));
+        assert_eq!(param(&q, "flag"), Some(""));
+        assert_eq!(param(&q, "none"), None);
+    }
+
+    #[test]
+    fn route_requests_take_strings_or_objects() {
+        let r: RouteRequest =
+            serde_json::from_str(r#"{"route":"tcp://:1","backends":["a:1",{"addr":"b:2","weight":3}]}"#).unwrap();
+        assert!(matches!(&r.backends[1], BackendEntry::Full { weight: Some(3), .. }));
+        assert!(serde_json::from_str::<RouteRequest>(r#"{"route":"tcp://:1","backends":[],"extra":1}"#).is_err());
+    }
+}
