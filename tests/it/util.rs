@@ -146,6 +146,7 @@ pub struct Portmux {
     child: Child,
     out: Output,
     control: PathBuf,
+    admin: Option<SocketAddr>,
     _dir: Option<TempDir>,
 }
 
@@ -166,12 +167,20 @@ impl Portmux {
 
     /// Starts a prepared command (e.g. under `sh -c 'ulimit …; exec portmux …'`).
     pub fn spawn(mut cmd: Command, control: &Path, dir: Option<TempDir>) -> Result<Portmux, String> {
-        cmd.env("RUST_LOG", "info,portmux=debug");
+        // Each portmux gets its own admin port, chosen by the kernel.
+        cmd.env("RUST_LOG", "info,portmux=debug").env("PORTMUX_ADMIN", "127.0.0.1:0");
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|e| e.to_string())?;
         let out = capture(&mut child);
-        let mut pm = Portmux { child, out, control: control.to_path_buf(), _dir: dir };
-        match wait_line(&pm.out, "control socket", Duration::from_secs(10)) {
-            Ok(_) => Ok(pm),
+        let mut pm = Portmux { child, out, control: control.to_path_buf(), admin: None, _dir: dir };
+        match wait_line(&pm.out, " ready: ", Duration::from_secs(10)) {
+            Ok(line) => {
+                pm.admin = line
+                    .split("admin API http://")
+                    .nth(1)
+                    .and_then(|rest| rest.split(';').next())
+                    .and_then(|a| a.parse().ok());
+                Ok(pm)
+            }
             Err(stderr) => {
                 let status = wait_exit(&mut pm.child, Duration::from_secs(2));
                 Err(format!("{status:?}\n{stderr}"))
@@ -181,6 +190,15 @@ impl Portmux {
 
     pub fn control(&self) -> &Path {
         &self.control
+    }
+
+    /// The admin API's address.
+    pub fn admin(&self) -> SocketAddr {
+        self.admin.expect("this portmux runs no admin API")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Everything portmux logged so far.
@@ -567,4 +585,115 @@ pub fn client(port: u16) -> TcpStream {
 pub fn read_until_close(s: &mut TcpStream) -> Result<Vec<u8>, std::io::ErrorKind> {
     let mut out = Vec::new();
     s.read_to_end(&mut out).map(|_| out).map_err(|e| e.kind())
+}
+
+impl Service {
+    /// Starts `hello --listen 127.0.0.1:0 BODY ARGS…` (a plain backend, no portmux)
+    /// and returns it with the address it listens on.
+    pub fn backend(body: &str, args: &[&str]) -> (Service, SocketAddr) {
+        let mut cmd = Command::new(example("hello"));
+        cmd.args(["--listen", "127.0.0.1:0", body]).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let out = capture(&mut child);
+        let line = wait_line(&out, "listening on", Duration::from_secs(20)).expect("hello --listen starts");
+        let addr = line.rsplit(' ').next().unwrap().parse().unwrap();
+        (Service { child, out }, addr)
+    }
+}
+
+/// `portmux ARGS…` against `pm`'s admin API: (success, stdout, stderr).
+pub fn portmux_cli(pm: &Portmux, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_portmux"))
+        .args(args)
+        .args(["--admin", &pm.admin().to_string()])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// One request to the admin API: (status, body).
+pub fn admin(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    portmux::admin::request(addr, method, path, body).unwrap()
+}
+
+/// A TCP backend in this process: greets each connection with its name and a
+/// newline, then echoes until end-of-file (and half-closes after it). With
+/// `proxy`, it first reads and records a PROXY header.
+pub struct TestBackend {
+    pub addr: SocketAddr,
+    pub headers: Arc<Mutex<Vec<Vec<u8>>>>,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl TestBackend {
+    pub fn start(name: &str, proxy: bool) -> TestBackend {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let headers = Arc::new(Mutex::new(Vec::new()));
+        let (h, greeting) = (headers.clone(), format!("{name}\n"));
+        rt.spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else { continue };
+                let (h, greeting) = (h.clone(), greeting.clone());
+                tokio::spawn(async move {
+                    if proxy {
+                        let mut header = Vec::new();
+                        let mut b = [0u8; 1];
+                        // v1 ends with CRLF; v2 has its length at bytes 14-15.
+                        while s.read_exact(&mut b).await.is_ok() {
+                            header.push(b[0]);
+                            let v2_done = header.len() >= 16
+                                && header.starts_with(b"\r\n\r\n\0\r\nQUIT\n")
+                                && header.len() == 16 + u16::from_be_bytes([header[14], header[15]]) as usize;
+                            if header.ends_with(b"\r\n") && header.starts_with(b"PROXY") || v2_done {
+                                break;
+                            }
+                        }
+                        h.lock().unwrap().push(header);
+                    }
+                    if s.write_all(greeting.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        TestBackend { addr, headers, _rt: rt }
+    }
+}
+
+/// Connects to `port`, reads the backend's greeting line, and returns both.
+pub fn greeted(port: u16) -> (TcpStream, String) {
+    let mut s = client(port);
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while s.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
+        line.push(b[0]);
+    }
+    (s, String::from_utf8_lossy(&line).into_owned())
+}
+
+/// The number of open fds of process `pid`.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Waits until `pid` has at most `n` fds open; returns the last count.
+pub fn wait_fds_at_most(pid: u32, n: usize, within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    loop {
+        let now = fd_count(pid);
+        if now <= n || Instant::now() > deadline {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
