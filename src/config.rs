@@ -35,6 +35,8 @@ pub struct Settings {
     pub idle_timeout: Duration,
     /// How long a backend that failed to connect is skipped.
     pub backend_cooldown: Duration,
+    /// How relays move bytes (auto; copy or splice only for measurements).
+    pub relay_mode: crate::forward::relay::Mode,
     /// Public listeners expect a PROXY protocol header (v1 or v2) first.
     pub accept_proxy: bool,
     /// Routes with backends to create at start-up (seamless mode).
@@ -58,6 +60,7 @@ impl Settings {
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(300),
             backend_cooldown: Duration::from_secs(10),
+            relay_mode: crate::forward::relay::Mode::Auto,
             accept_proxy: false,
             initial_routes: Vec::new(),
         }

@@ -78,6 +78,9 @@ struct Common {
     /// Worker threads, one io_uring runtime each [default: one per core]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     workers: Option<u16>,
+    /// How relays move bytes: auto (copy small exchanges, splice bulk), or copy/splice only (for measurements)
+    #[arg(long, value_name = "MODE", default_value = "auto", hide = true)]
+    relay_mode: portmux::forward::relay::Mode,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive); RUST_LOG also works
     #[arg(long, value_name = "FILTER", default_value = "info")]
     log: String,
@@ -168,6 +171,7 @@ fn settings(control: Option<PathBuf>, common: &Common) -> Settings {
     s.idle_timeout = common.idle_timeout;
     s.backend_cooldown = common.backend_cooldown;
     s.accept_proxy = common.accept_proxy;
+    s.relay_mode = common.relay_mode;
     if let Some(w) = common.workers {
         s.workers = w.into();
     }

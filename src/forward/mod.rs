@@ -8,7 +8,7 @@ pub mod relay;
 
 use crate::config::Settings;
 use crate::reply::{self, Reply};
-use crate::sys::{net, uring};
+use crate::sys::{net, reactor, uring};
 use backend::{Backend, BackendPool};
 use portmux_wire::{ConnMeta, Proto};
 use std::io;
@@ -69,7 +69,15 @@ pub async fn serve(client: OwnedFd, meta: ConnMeta, pool: Arc<BackendPool>, sett
         tracing::debug!(client = %meta.peer, "client socket unusable: {e}");
         return;
     }
-    let outcome = relay::relay(client.as_fd(), server.as_fd(), settings.idle_timeout).await;
+    let interest = tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE;
+    let (client, server) = match (reactor::register(client, interest), reactor::register(server, interest)) {
+        (Ok(c), Ok(s)) => (c, s),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(client = %meta.peer, "cannot watch the relay's sockets: {e}");
+            return;
+        }
+    };
+    let outcome = relay::relay(&client, &server, settings.idle_timeout, settings.relay_mode).await;
     match &outcome.failure {
         None => {}
         Some(f @ relay::Failure::Io { side: relay::Side::Backend, .. }) => {
