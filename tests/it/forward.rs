@@ -271,6 +271,31 @@ fn connect_failures_fail_over_and_an_all_dead_route_answers_502() {
 }
 
 #[test]
+fn a_backend_that_never_accepts_times_out_and_the_next_one_serves() {
+    let pm = Portmux::start(&["--connect-timeout", "300ms"]);
+    let port = free_port();
+    // A listener with a full backlog that never accepts: connects to it hang.
+    let stuck = rustix::net::socket(rustix::net::AddressFamily::INET, rustix::net::SocketType::STREAM, None).unwrap();
+    rustix::net::bind(&stuck, &std::net::SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    rustix::net::listen(&stuck, 0).unwrap();
+    let stuck_addr = std::net::SocketAddr::try_from(rustix::net::getsockname(&stuck).unwrap()).unwrap();
+    let _fillers: Vec<_> = (0..3)
+        .filter_map(|_| std::net::TcpStream::connect_timeout(&stuck_addr, Duration::from_millis(200)).ok())
+        .collect();
+    let (_live, live) = Service::backend("live", &[]);
+    let spec = format!("http://:{port}?lb=least_conn");
+    let (ok, _, err) = portmux_cli(&pm, &["route", "add", &spec, "--backend", &format!("{stuck_addr},{live}")]);
+    assert!(ok, "{err}");
+    for _ in 0..3 {
+        let started = Instant::now();
+        let r = get(port, "x", "/").unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, "live"));
+        assert!(started.elapsed() < Duration::from_secs(3), "a hanging connect costs at most the timeout");
+    }
+    assert!(pm.log().contains("connect timed out"), "{}", pm.log());
+}
+
+#[test]
 fn backends_learn_the_client_address_through_proxy_protocol() {
     let pm = Portmux::start(&[]);
     let (v1_port, v2_port) = (free_port(), free_port());
@@ -345,11 +370,14 @@ fn faults_are_answered_and_fds_return_to_baseline() {
     let echo = TestBackend::start("echo", false);
     // A backend that accepts and then never says anything.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    // A backend that resets every connection at once.
+    // A backend that answers, then resets mid-stream.
     let resetter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let reset_addr = resetter.local_addr().unwrap();
     thread::spawn(move || {
-        for s in resetter.incoming().flatten() {
+        for mut s in resetter.incoming().flatten() {
+            let mut first = [0u8; 1];
+            let _ = s.read_exact(&mut first);
+            let _ = s.write_all(b"partial answer");
             rustix::net::sockopt::set_socket_linger(&s, Some(Duration::ZERO)).unwrap();
             drop(s);
         }
@@ -368,11 +396,13 @@ fn faults_are_answered_and_fds_return_to_baseline() {
     let mut storm = Vec::new();
     for i in 0..30 {
         storm.push(thread::spawn(move || match i % 5 {
-            // Backend resets.
+            // Backend resets mid-stream: the client gets what was sent, then the end.
             0 => {
                 let mut c = client(reset_port);
                 let _ = c.write_all(b"x");
-                let _ = read_until_close(&mut c);
+                let mut got = Vec::new();
+                let _ = c.read_to_end(&mut got);
+                assert!(got.is_empty() || got.starts_with(b"partial"), "{got:?}");
             }
             // Backend never answers: the idle timeout ends it.
             1 => {
