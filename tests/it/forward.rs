@@ -512,3 +512,36 @@ fn ten_thousand_connections_near_the_fd_limit() {
     assert_eq!(r.body, "web", "served again afterwards");
     eprintln!("answered {answered}, refused {refused}; {}", rss.lines().find(|l| l.starts_with("VmHWM")).unwrap_or(""));
 }
+
+#[test]
+fn a_unix_socket_backend_is_served() {
+    let dir = TempDir::new();
+    let pm = Portmux::start(&[]);
+    let port = free_port();
+    let path = dir.path().join("app.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            thread::spawn(move || {
+                let _ = s.write_all(b"unix\n");
+                let mut buf = [0u8; 64];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let backend = format!("unix:{}", path.display());
+    let (ok, _, err) = portmux_cli(&pm, &["route", "add", &format!("tcp://:{port}"), "--backend", &backend]);
+    assert!(ok, "{err}");
+    let (mut s, greeting) = greeted(port);
+    assert_eq!(greeting, "unix");
+    s.write_all(b"over a unix socket").unwrap();
+    let mut back = [0u8; 18];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"over a unix socket");
+    let (_, json) = admin(pm.admin(), "GET", "/routes", None);
+    assert!(json.contains(&format!("\"unix:{}\"", path.display())), "{json}");
+}
