@@ -10,38 +10,29 @@ use crate::route::{Listener, ListenerId, Target};
 use crate::runtime::Shared;
 use crate::sys::{net, uring};
 use portmux_wire::{ConnMeta, Proto};
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 
 /// How long a stopping worker lets connections in progress finish.
 const STOP_GRACE: Duration = Duration::from_secs(1);
 
-/// Counts this worker's connection tasks, to let them finish on shutdown.
-#[derive(Debug, Default)]
-struct InFlight {
-    count: Cell<usize>,
-    idle: Notify,
-}
-
-struct Guard(Rc<InFlight>);
+/// Counts a connection task in the process-wide in-flight count while it runs.
+pub(crate) struct Guard(Arc<Shared>);
 
 impl Guard {
-    fn new(f: &Rc<InFlight>) -> Guard {
-        f.count.set(f.count.get() + 1);
-        Guard(f.clone())
+    pub(crate) fn new(shared: &Arc<Shared>) -> Guard {
+        shared.in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Guard(shared.clone())
     }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        let n = self.0.count.get() - 1;
-        self.0.count.set(n);
-        if n == 0 {
+        if self.0.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) == 1 {
             self.0.idle.notify_waiters();
         }
     }
@@ -52,54 +43,67 @@ struct AcceptLoop {
     done: tokio::task::JoinHandle<()>,
 }
 
-/// One worker: follows the table's listeners until portmux stops.
-pub async fn worker(shared: Arc<Shared>, index: usize) {
+/// One worker: follows the table's listeners until portmux stops; runs the
+/// relays handed to it (after an upgrade); pauses its relays when asked.
+pub async fn worker(shared: Arc<Shared>, index: usize, mut inbox: mpsc::UnboundedReceiver<forward::Resume>) {
     let mut version = shared.table_version.subscribe();
     let mut stopping = shared.stopping.subscribe();
-    let in_flight = Rc::new(InFlight::default());
+    let mut handing_over = shared.handing_over.subscribe();
+    let mut pause = shared.pause_relays.subscribe();
     let mut loops: HashMap<ListenerId, AcceptLoop> = HashMap::new();
     tracing::debug!(worker = index, "worker started");
     while !*stopping.borrow_and_update() {
         version.mark_unchanged();
+        let accepting = !*handing_over.borrow_and_update();
+        if *pause.borrow_and_update() {
+            forward::pause_all();
+        }
         let table = shared.table.load_full();
         loops.retain(|id, l| {
-            let keep = table.port(*id).is_some();
+            let keep = accepting && table.port(*id).is_some();
             if !keep {
                 l.stop.notify_one(); // The loop ends by itself and releases its listener.
             }
             keep
         });
-        for (id, port) in &table.ports {
-            loops.entry(*id).or_insert_with(|| {
-                let stop = Rc::new(Notify::new());
-                let done = tokio_uring::spawn(accept_loop(
-                    port.listener.clone(),
-                    shared.clone(),
-                    stop.clone(),
-                    in_flight.clone(),
-                ));
-                AcceptLoop { stop, done }
-            });
+        if accepting {
+            for (id, port) in &table.ports {
+                loops.entry(*id).or_insert_with(|| {
+                    let stop = Rc::new(Notify::new());
+                    let done = tokio_uring::spawn(accept_loop(port.listener.clone(), shared.clone(), stop.clone()));
+                    AcceptLoop { stop, done }
+                });
+            }
         }
         tokio::select! {
             _ = version.changed() => {}
             _ = stopping.changed() => {}
+            _ = handing_over.changed() => {}
+            _ = pause.changed() => {}
+            Some(job) = inbox.recv() => {
+                let guard = Guard::new(&shared);
+                let shared = shared.clone();
+                tokio_uring::spawn(async move {
+                    forward::resume(job, &shared).await;
+                    drop(guard);
+                });
+            }
         }
     }
     for (_, l) in loops.drain() {
         l.stop.notify_one();
         let _ = l.done.await;
     }
-    if in_flight.count.get() > 0 {
-        let _ = tokio::time::timeout(STOP_GRACE, in_flight.idle.notified()).await;
+    if shared.in_flight.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+        let _ = tokio::time::timeout(STOP_GRACE, shared.idle.notified()).await;
     }
-    tracing::debug!(worker = index, left = in_flight.count.get(), "worker stopped");
+    tracing::debug!(worker = index, "worker stopped");
     shared.workers_running.send_modify(|n| *n -= 1);
 }
 
 /// Accepts on `listener` until told to stop; the in-flight accept is cancelled,
 /// never abandoned, so no connection is lost in the kernel.
-async fn accept_loop(listener: Arc<Listener>, shared: Arc<Shared>, stop: Rc<Notify>, in_flight: Rc<InFlight>) {
+async fn accept_loop(listener: Arc<Listener>, shared: Arc<Shared>, stop: Rc<Notify>) {
     let fd = listener.fd.as_fd();
     let mut last_warning: Option<Instant> = None;
     loop {
@@ -109,7 +113,7 @@ async fn accept_loop(listener: Arc<Listener>, shared: Arc<Shared>, stop: Rc<Noti
         };
         match result {
             Ok(conn) => {
-                let guard = Guard::new(&in_flight);
+                let guard = Guard::new(&shared);
                 let shared = shared.clone();
                 let id = listener.id;
                 tokio_uring::spawn(async move {
@@ -202,7 +206,7 @@ async fn serve(fd: OwnedFd, listener: ListenerId, shared: &Shared) {
         }
     };
     if let Target::Forward(pool) = &route.target {
-        return forward::serve(fd, meta, pool.clone(), &shared.settings).await;
+        return forward::serve(fd, meta, pool.clone(), shared).await;
     }
     let id = shared.next_conn_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let conn = Conn { id, fd: Arc::new(fd), listener, meta, arrived, rejected_by: None };

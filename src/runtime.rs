@@ -22,13 +22,46 @@ pub struct Shared {
     pub table: ArcSwap<Table>,
     /// Bumped after every new table, to wake workers (new or closed listeners).
     pub table_version: watch::Sender<u64>,
-    /// Connections the workers could not deliver directly (queued routes, busy services).
-    pub to_control: mpsc::UnboundedSender<Conn>,
+    /// Connections the workers could not deliver directly (queued routes, busy
+    /// services), and relays paused for an upgrade.
+    pub to_control: mpsc::UnboundedSender<ToControl>,
     /// Set when portmux is stopping: workers stop accepting.
     pub stopping: watch::Sender<bool>,
+    /// Set while handing over to a new process: workers stop accepting (the
+    /// listeners stay open; the kernel queues), and once `pause_relays` is also
+    /// set, relays pause to move.
+    pub handing_over: watch::Sender<bool>,
+    pub pause_relays: watch::Sender<bool>,
+    /// Connection tasks running in this process (all workers), and a wake-up
+    /// when it reaches zero.
+    pub in_flight: std::sync::atomic::AtomicUsize,
+    pub idle: tokio::sync::Notify,
+    /// Work for the workers (relays resumed after an upgrade), round robin.
+    pub inboxes: Vec<mpsc::UnboundedSender<crate::forward::Resume>>,
+    pub next_inbox: std::sync::atomic::AtomicUsize,
     /// Workers still running.
     pub workers_running: watch::Sender<usize>,
     pub next_conn_id: AtomicU64,
+}
+
+/// What reaches the control plane from the workers.
+#[derive(Debug)]
+pub enum ToControl {
+    /// A connection to queue or deliver through the control plane.
+    Conn(Conn),
+    /// A relay paused for an upgrade, to hand to the new process.
+    Relay(crate::forward::Paused),
+}
+
+impl Shared {
+    /// Hands a resumed relay to the next worker.
+    pub fn to_worker(&self, job: crate::forward::Resume) {
+        if self.inboxes.is_empty() {
+            return;
+        }
+        let i = self.next_inbox.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.inboxes.len();
+        let _ = self.inboxes[i].send(job);
+    }
 }
 
 /// Why portmux could not start; each says what to do.
@@ -116,12 +149,19 @@ pub fn run(mut settings: Settings) -> Result<(), StartError> {
 fn serve(settings: Settings, start: crate::control::Start) -> Result<(), StartError> {
     let (to_control, from_workers) = mpsc::unbounded_channel();
     let workers = settings.workers.max(1);
+    let (inboxes, mut receivers): (Vec<_>, Vec<_>) = (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
     let shared = Arc::new(Shared {
         settings,
         table: ArcSwap::from_pointee(Table::default()),
         table_version: watch::Sender::new(0),
         to_control,
         stopping: watch::Sender::new(false),
+        handing_over: watch::Sender::new(false),
+        pause_relays: watch::Sender::new(false),
+        in_flight: std::sync::atomic::AtomicUsize::new(0),
+        idle: tokio::sync::Notify::new(),
+        inboxes,
+        next_inbox: std::sync::atomic::AtomicUsize::new(0),
         workers_running: watch::Sender::new(workers),
         next_conn_id: AtomicU64::new(1),
     });
@@ -129,10 +169,11 @@ fn serve(settings: Settings, start: crate::control::Start) -> Result<(), StartEr
     let mut threads = Vec::new();
     for i in 0..workers {
         let shared = shared.clone();
+        let inbox = receivers.remove(0);
         let t = std::thread::Builder::new()
             .name(format!("portmux-worker-{i}"))
             .spawn(move || match tokio_uring::Runtime::new(&uring_builder()) {
-                Ok(rt) => rt.block_on(crate::accept::worker(shared, i)),
+                Ok(rt) => rt.block_on(crate::accept::worker(shared, i, inbox)),
                 Err(e) => {
                     tracing::error!("worker {i}: cannot start its io_uring runtime: {e}");
                     shared.workers_running.send_modify(|n| *n -= 1);

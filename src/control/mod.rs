@@ -11,7 +11,7 @@ use crate::forward::backend::{Backend, BackendPool, BackendSpec, Policy, ProxyVe
 use crate::handoff::{Conn, Refusal, Session, SessionId};
 use crate::reply::{self, Reply};
 use crate::route::{Listener, Pool, PortRoutes, Route, RouteKey, Table, Target};
-use crate::runtime::Shared;
+use crate::runtime::{Shared, ToControl};
 use crate::sys::{net, uring};
 use portmux_wire::spec::{RouteSpec, Scheme};
 use portmux_wire::{Bound, Proto};
@@ -763,7 +763,7 @@ fn route_key(spec: &RouteSpec, default_bind: std::net::IpAddr) -> RouteKey {
 fn forward_conn(shared: Arc<Shared>, conn: Conn, pool: Arc<BackendPool>) {
     match Arc::try_unwrap(conn.fd) {
         Ok(fd) => {
-            tokio_uring::spawn(async move { crate::forward::serve(fd, conn.meta, pool, &shared.settings).await });
+            tokio_uring::spawn(async move { crate::forward::serve(fd, conn.meta, pool, &shared).await });
         }
         Err(fd) => answer_conn(Conn { fd, ..conn }, Reply::Close),
     }
@@ -892,7 +892,7 @@ pub struct Start {
 pub async fn run(
     shared: Arc<Shared>,
     start: Start,
-    mut from_workers: mpsc::UnboundedReceiver<Conn>,
+    mut from_workers: mpsc::UnboundedReceiver<ToControl>,
 ) -> Result<(), String> {
     let cp = Rc::new(ControlPlane::new(shared.clone()));
     for (spec, backends) in start.routes {
@@ -908,8 +908,12 @@ pub async fn run(
     let intake = tokio_uring::spawn({
         let cp = cp.clone();
         async move {
-            while let Some(conn) = from_workers.recv().await {
-                cp.route_conn(conn);
+            while let Some(item) = from_workers.recv().await {
+                match item {
+                    ToControl::Conn(conn) => cp.route_conn(conn),
+                    // Only an upgrade pauses relays; handled there.
+                    ToControl::Relay(_) => {}
+                }
             }
         }
     });

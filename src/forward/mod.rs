@@ -8,19 +8,71 @@ pub mod relay;
 
 use crate::config::Settings;
 use crate::reply::{self, Reply};
+use crate::runtime::{Shared, ToControl};
 use crate::sys::{net, reactor, uring};
 use backend::{Backend, BackendPool};
 use portmux_wire::{ConnMeta, Proto};
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use tokio::time::Instant;
 
 /// At most this many backends are tried per connection (SRP's rule).
 pub const TRIES: usize = 3;
 
+/// A relay paused at a safe point for an upgrade: everything needed to resume it.
+#[derive(Debug)]
+pub struct Paused {
+    pub client: OwnedFd,
+    pub backend: OwnedFd,
+    /// The client's metadata; `meta.route` names the route.
+    pub meta: ConnMeta,
+    /// The backend's name in the route's pool.
+    pub backend_name: String,
+    pub closed: relay::Closed,
+}
+
+/// A paused relay to resume on a worker, with its route's pool.
+#[derive(Debug)]
+pub struct Resume {
+    pub paused: Paused,
+    pub pool: Arc<BackendPool>,
+}
+
+thread_local! {
+    /// The pause handles of this thread's relays.
+    static RELAYS: RefCell<Vec<Weak<relay::Pause>>> = const { RefCell::new(Vec::new()) };
+    /// Set once this thread was asked to pause its relays: new ones pause at once.
+    static PAUSING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Asks every relay on this thread (and every later one) to pause for an upgrade.
+pub fn pause_all() {
+    PAUSING.with(|p| p.set(true));
+    RELAYS.with(|r| r.borrow_mut().retain(|w| w.upgrade().map(|p| p.request()).is_some()));
+}
+
+/// A pause handle for a new relay, registered on this thread.
+fn pause_handle() -> Rc<relay::Pause> {
+    let pause = Rc::new(relay::Pause::default());
+    if PAUSING.with(Cell::get) {
+        pause.request();
+    }
+    RELAYS.with(|r| {
+        let mut r = r.borrow_mut();
+        if r.len() >= 64 && r.len().is_power_of_two() {
+            r.retain(|w| w.strong_count() > 0);
+        }
+        r.push(Rc::downgrade(&pause));
+    });
+    pause
+}
+
 /// Forwards the client on `fd` (its first bytes only peeked) to a backend of `pool`.
-pub async fn serve(client: OwnedFd, meta: ConnMeta, pool: Arc<BackendPool>, settings: &Settings) {
+pub async fn serve(client: OwnedFd, meta: ConnMeta, pool: Arc<BackendPool>, shared: &Shared) {
+    let settings = &shared.settings;
     let mut tried = Vec::new();
     let mut connected = None;
     while tried.len() < TRIES {
@@ -56,7 +108,7 @@ pub async fn serve(client: OwnedFd, meta: ConnMeta, pool: Arc<BackendPool>, sett
         };
         return reply::send(client, answer).await;
     };
-    let _active = backend.connected();
+    let active = backend.connected();
     if let Some(version) = pool.proxy {
         let header = proxy::header(version, meta.peer, meta.local);
         let deadline = Instant::now() + settings.connect_timeout;
@@ -69,6 +121,37 @@ pub async fn serve(client: OwnedFd, meta: ConnMeta, pool: Arc<BackendPool>, sett
         tracing::debug!(client = %meta.peer, "client socket unusable: {e}");
         return;
     }
+    relay_to(client, server, meta, &backend, active, relay::Closed::default(), shared).await;
+}
+
+/// Resumes a relay that a previous portmux paused for an upgrade.
+pub async fn resume(job: Resume, shared: &Shared) {
+    let Resume { paused, pool } = job;
+    match pool.backends.iter().find(|b| b.spec.name == paused.backend_name) {
+        Some(backend) => {
+            let active = backend.connected();
+            relay_to(paused.client, paused.backend, paused.meta, backend, active, paused.closed, shared).await;
+        }
+        None => {
+            // The backend left the route meanwhile; its connection carries on.
+            let orphan = Arc::new(Backend::new(backend::BackendSpec { name: paused.backend_name, weight: 1 }, vec![]));
+            let active = orphan.connected();
+            relay_to(paused.client, paused.backend, paused.meta, &orphan, active, paused.closed, shared).await;
+        }
+    }
+}
+
+/// Relays until done, or until paused: then hands the sockets to the control
+/// plane, which passes them to the new process.
+async fn relay_to(
+    client: OwnedFd,
+    server: OwnedFd,
+    meta: ConnMeta,
+    backend: &Arc<Backend>,
+    active: backend::ActiveGuard,
+    closed: relay::Closed,
+    shared: &Shared,
+) {
     let interest = tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE;
     let (client, server) = match (reactor::register(client, interest), reactor::register(server, interest)) {
         (Ok(c), Ok(s)) => (c, s),
@@ -77,7 +160,21 @@ pub async fn serve(client: OwnedFd, meta: ConnMeta, pool: Arc<BackendPool>, sett
             return;
         }
     };
-    let outcome = relay::relay(&client, &server, settings.idle_timeout, settings.relay_mode).await;
+    let pause = pause_handle();
+    let settings = &shared.settings;
+    let outcome = relay::relay(&client, &server, settings.idle_timeout, settings.relay_mode, &pause, closed).await;
+    drop(active);
+    if outcome.paused {
+        let paused = Paused {
+            client: client.into_inner(),
+            backend: server.into_inner(),
+            meta,
+            backend_name: backend.spec.name.clone(),
+            closed: outcome.closed,
+        };
+        let _ = shared.to_control.send(ToControl::Relay(paused));
+        return;
+    }
     match &outcome.failure {
         None => {}
         Some(f @ relay::Failure::Io { side: relay::Side::Backend, .. }) => {

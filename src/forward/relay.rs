@@ -108,6 +108,36 @@ impl std::str::FromStr for Mode {
     }
 }
 
+/// Asks a relay to stop at its next safe point (both directions waiting to
+/// read, no byte held in a buffer or pipe), so its sockets can move to another
+/// process (an upgrade). Shared between the relay and whoever may pause it.
+#[derive(Debug, Default)]
+pub struct Pause {
+    requested: Cell<bool>,
+    wake: Notify,
+}
+
+impl Pause {
+    pub fn request(&self) {
+        self.requested.set(true);
+        self.wake.notify_waiters();
+    }
+
+    pub fn is_requested(&self) -> bool {
+        self.requested.get()
+    }
+}
+
+/// Which directions are already over (their end-of-file passed on), e.g. for
+/// a relay resumed after an upgrade.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Closed {
+    /// The client's end-of-file reached the backend.
+    pub client: bool,
+    /// The backend's end-of-file reached the client.
+    pub backend: bool,
+}
+
 /// Why a relay ended early.
 #[derive(Debug)]
 pub enum Failure {
@@ -117,6 +147,8 @@ pub enum Failure {
     Idle(Duration),
     /// The other direction failed first.
     Stopped,
+    /// Paused at a safe point on request.
+    Paused,
 }
 
 impl fmt::Display for Failure {
@@ -125,6 +157,7 @@ impl fmt::Display for Failure {
             Failure::Io { side, op, error } => write!(f, "{side} failed while portmux was {op}: {error}"),
             Failure::Idle(d) => write!(f, "idle for {} (neither side sent or read)", humantime::format_duration(*d)),
             Failure::Stopped => f.write_str("stopped"),
+            Failure::Paused => f.write_str("paused"),
         }
     }
 }
@@ -135,17 +168,22 @@ pub struct Outcome {
     pub to_backend: u64,
     pub to_client: u64,
     pub failure: Option<Failure>,
+    /// It stopped at a safe point on request; `closed` says which directions
+    /// were already over. The sockets can be handed on and resumed.
+    pub paused: bool,
+    pub closed: Closed,
 }
 
 /// The state both directions share.
-struct Shared {
+struct Shared<'p> {
     idle: Duration,
     last: Cell<Instant>,
     stopped: Cell<bool>,
     stop: Notify,
+    pause: &'p Pause,
 }
 
-impl Shared {
+impl Shared<'_> {
     fn touch(&self) {
         self.last.set(Instant::now());
     }
@@ -157,9 +195,10 @@ impl Shared {
 
     /// Runs `op` on `fd` once it is ready for `interest`, retrying while it
     /// would block; gives up if the relay is stopped (the other direction
-    /// failed, or the watchdog found both idle). A short transfer (`short`
-    /// says so) clears the readiness: the next call then waits for a new event
-    /// instead of spending a system call on EAGAIN.
+    /// failed, or the watchdog found both idle), and before a read once a pause
+    /// is requested (nothing is held then). A short transfer (`short` says so)
+    /// clears the readiness: the next call then waits for a new event instead
+    /// of spending a system call on EAGAIN.
     async fn ready<R>(
         &self,
         fd: &AsyncFd<OwnedFd>,
@@ -173,9 +212,13 @@ impl Shared {
             if self.stopped.get() {
                 return Err(Failure::Stopped);
             }
+            if !writing && self.pause.is_requested() {
+                return Err(Failure::Paused);
+            }
             let mut guard = tokio::select! {
                 g = async { if writing { fd.writable().await } else { fd.readable().await } } => g.map_err(failure)?,
                 () = self.stop.notified() => continue,
+                () = self.pause.wake.notified() => continue,
             };
             match guard.try_io(|inner| op(inner.get_ref().as_fd())) {
                 Ok(Ok(r)) => {
@@ -206,12 +249,25 @@ impl Shared {
 }
 
 /// Relays until both directions have ended (each end's EOF is passed on as a
-/// half-close) or one fails. Both must be non-blocking sockets registered for
-/// reading and writing.
-pub async fn relay(client: &AsyncFd<OwnedFd>, backend: &AsyncFd<OwnedFd>, idle: Duration, mode: Mode) -> Outcome {
-    let shared = Shared { idle, last: Cell::new(Instant::now()), stopped: Cell::new(false), stop: Notify::new() };
-    let up = pump(&shared, mode, client, Side::Client, backend, Side::Backend);
-    let down = pump(&shared, mode, backend, Side::Backend, client, Side::Client);
+/// half-close), one fails, or `pause` is requested and both reach a safe point.
+/// Both must be non-blocking sockets registered for reading and writing;
+/// `closed` skips directions already over.
+pub async fn relay(
+    client: &AsyncFd<OwnedFd>,
+    backend: &AsyncFd<OwnedFd>,
+    idle: Duration,
+    mode: Mode,
+    pause: &Pause,
+    closed: Closed,
+) -> Outcome {
+    let shared =
+        Shared { idle, last: Cell::new(Instant::now()), stopped: Cell::new(false), stop: Notify::new(), pause };
+    let up = async {
+        if closed.client { Ok(0) } else { pump(&shared, mode, client, Side::Client, backend, Side::Backend).await }
+    };
+    let down = async {
+        if closed.backend { Ok(0) } else { pump(&shared, mode, backend, Side::Backend, client, Side::Client).await }
+    };
     let both = async { tokio::join!(up, down) };
     let mut idle = None;
     let (up, down) = {
@@ -226,9 +282,12 @@ pub async fn relay(client: &AsyncFd<OwnedFd>, backend: &AsyncFd<OwnedFd>, idle: 
             }
         }
     };
+    let paused = [&up, &down].iter().any(|r| matches!(r, Err((_, Failure::Paused))));
+    let closed = Closed { client: up.is_ok(), backend: down.is_ok() };
     let mut failure = idle;
     let mut bytes = |r: Result<u64, (u64, Failure)>| match r {
         Ok(n) => n,
+        Err((n, Failure::Paused)) => n,
         Err((n, f)) => {
             if failure.is_none() || matches!(failure, Some(Failure::Stopped)) {
                 failure = Some(f);
@@ -237,12 +296,12 @@ pub async fn relay(client: &AsyncFd<OwnedFd>, backend: &AsyncFd<OwnedFd>, idle: 
         }
     };
     let (to_backend, to_client) = (bytes(up), bytes(down));
-    Outcome { to_backend, to_client, failure }
+    Outcome { to_backend, to_client, paused: paused && failure.is_none(), closed, failure }
 }
 
 /// One direction: from `src` to `dst` until `src`'s EOF, then shut down `dst`'s write side.
 async fn pump(
-    shared: &Shared,
+    shared: &Shared<'_>,
     mode: Mode,
     src: &AsyncFd<OwnedFd>,
     src_side: Side,
@@ -264,6 +323,7 @@ async fn pump(
             let _ = net::shutdown_write(dst.get_ref().as_fd());
             Ok(total)
         }
+        Err(Failure::Paused) => Err((total, Failure::Paused)),
         Err(f) => {
             shared.stop();
             Err((total, f))
@@ -280,7 +340,7 @@ struct Ends<'a> {
 }
 
 async fn pump_inner(
-    shared: &Shared,
+    shared: &Shared<'_>,
     mode: Mode,
     e: &Ends<'_>,
     total: &mut u64,
@@ -353,8 +413,43 @@ mod tests {
             let interest = tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE;
             let c = crate::sys::reactor::register(client, interest).unwrap();
             let b = crate::sys::reactor::register(backend, interest).unwrap();
-            relay(&c, &b, idle, Mode::Auto).await
+            relay(&c, &b, idle, Mode::Auto, &Pause::default(), Closed::default()).await
         })
+    }
+
+    #[test]
+    fn a_paused_relay_holds_nothing_and_resumes_elsewhere_byte_exact() {
+        let (client_end, mut client) = pair();
+        let (backend_end, mut backend) = pair();
+        let (client_end, backend_end) = tokio_uring::start(async move {
+            let interest = tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE;
+            let c = crate::sys::reactor::register(client_end, interest).unwrap();
+            let b = crate::sys::reactor::register(backend_end, interest).unwrap();
+            let pause = Pause::default();
+            let stop_soon = async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                pause.request();
+            };
+            let relaying = relay(&c, &b, Duration::from_secs(5), Mode::Auto, &pause, Closed::default());
+            let (outcome, ()) = tokio::join!(relaying, stop_soon);
+            assert!(outcome.paused && outcome.failure.is_none(), "{outcome:?}");
+            (c.into_inner(), b.into_inner())
+        });
+        // While paused (between relays), bytes wait in the kernel.
+        client.write_all(b"sent while paused").unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        let echo = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            backend.read_to_end(&mut got).unwrap();
+            backend.write_all(&got).unwrap();
+        });
+        // A new relay (as in the new process) picks up where the old one paused.
+        let outcome = run(client_end, backend_end, Duration::from_secs(5));
+        assert!(outcome.failure.is_none() && !outcome.paused, "{outcome:?}");
+        echo.join().unwrap();
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).unwrap();
+        assert_eq!(back, b"sent while paused");
     }
 
     /// A connected pair of TCP sockets: (our end, the peer's end).

@@ -232,5 +232,5 @@ pub async fn deliver(mut conn: Conn, route: &Route, shared: &Shared) {
         }
     }
     // If the control plane is gone (shutting down), the connection closes here.
-    let _ = shared.to_control.send(conn);
+    let _ = shared.to_control.send(crate::runtime::ToControl::Conn(conn));
 }

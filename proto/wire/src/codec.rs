@@ -1,6 +1,28 @@
-//! Bytes ⇄ [`Message`]: the only file that knows the encoding (bincode 2, standard config).
+//! Bytes ⇄ messages ([`Message`] on the control socket, [`Handover`] between an
+//! old and a new portmux): the only file that knows the encoding (bincode 2,
+//! standard config).
 
-use crate::Message;
+use crate::{Handover, Message};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// A message type carried one per datagram.
+pub trait Wire: Serialize + DeserializeOwned {
+    /// The variant's name, for error messages.
+    fn kind(&self) -> &'static str;
+}
+
+impl Wire for Message {
+    fn kind(&self) -> &'static str {
+        Message::kind(self)
+    }
+}
+
+impl Wire for Handover {
+    fn kind(&self) -> &'static str {
+        Handover::kind(self)
+    }
+}
 
 /// Hard cap on one encoded message, checked before decoding. Route lists and
 /// connection metadata are far smaller; anything bigger is an error, not a message.
@@ -30,7 +52,7 @@ pub enum CodecError {
 }
 
 /// Encodes `msg` into one datagram's payload.
-pub fn encode(msg: &Message) -> Result<Vec<u8>, CodecError> {
+pub fn encode<T: Wire>(msg: &T) -> Result<Vec<u8>, CodecError> {
     let bytes = bincode::serde::encode_to_vec(msg, CONFIG).map_err(|e| CodecError::Encode(e.to_string()))?;
     if bytes.len() > MAX_MESSAGE {
         return Err(CodecError::TooLarge { len: bytes.len(), max: MAX_MESSAGE });
@@ -39,14 +61,14 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>, CodecError> {
 }
 
 /// Decodes one datagram's payload; the whole buffer must be exactly one message.
-pub fn decode(buf: &[u8]) -> Result<Message, CodecError> {
+pub fn decode<T: Wire>(buf: &[u8]) -> Result<T, CodecError> {
     if buf.len() > MAX_MESSAGE {
         return Err(CodecError::TooLarge { len: buf.len(), max: MAX_MESSAGE });
     }
     if buf.is_empty() {
         return Err(CodecError::Empty);
     }
-    let (msg, used): (Message, usize) =
+    let (msg, used): (T, usize) =
         bincode::serde::decode_from_slice(buf, CONFIG).map_err(|e| CodecError::Malformed(e.to_string()))?;
     if used != buf.len() {
         return Err(CodecError::Trailing { kind: msg.kind(), extra: buf.len() - used });
@@ -57,7 +79,7 @@ pub fn decode(buf: &[u8]) -> Result<Message, CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Bound, ConnMeta, PROTOCOL_VERSION, Proto};
+    use crate::{Bound, ConnMeta, Handover, PROTOCOL_VERSION, Proto};
 
     fn hex(bytes: &[u8]) -> String {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -101,7 +123,43 @@ mod tests {
             (Message::Drain, "07"),
             (Message::Bye, "08"),
             (Message::Error { reason: "bad".into() }, "0903626164"),
+            (Message::Upgrade { binary: Some("/x".into()) }, "0a01022f78"),
+            (Message::Upgraded { pid: 300 }, "0bfb2c01"),
         ]
+    }
+
+    fn handover_golden() -> Vec<(Handover, &'static str)> {
+        vec![
+            (Handover::Start { version: 1, pid: 7 }, "000107"),
+            (Handover::Listener { id: 2, addr: "127.0.0.1:80".parse().unwrap() }, "0102007f00000150"),
+            (Handover::ControlSocket, "02"),
+            (Handover::AdminSocket, "03"),
+            (
+                Handover::BackendRoute { route: "tcp://:1".into(), backends: vec!["a:1".into()] },
+                "04087463703a2f2f3a310103613a31",
+            ),
+            (
+                Handover::ServiceRoute { route: "tcp://:1".into(), service: "s".into(), reserved_ms: Some(5) },
+                "05087463703a2f2f3a3101730105",
+            ),
+            (
+                Handover::Session { id: 1, name: "s".into(), pid: 2, uid: 3, draining: false, routes: vec![] },
+                "0601017304030000",
+            ),
+            (Handover::StateEnd { next_conn_id: 9 }, "0a09"),
+            (Handover::Ready, "0b"),
+            (Handover::Failed { reason: "no".into() }, "0c026e6f"),
+            (Handover::Done, "0d"),
+        ]
+    }
+
+    #[test]
+    fn handover_golden_bytes_pin_the_format() {
+        for (msg, want) in handover_golden() {
+            let bytes = encode(&msg).unwrap();
+            assert_eq!(hex(&bytes), want, "encoding of {msg:?} changed");
+            assert_eq!(decode::<Handover>(&bytes).unwrap(), msg);
+        }
     }
 
     #[test]
@@ -109,7 +167,7 @@ mod tests {
         for (msg, want) in golden() {
             let bytes = encode(&msg).unwrap();
             assert_eq!(hex(&bytes), want, "encoding of {msg:?} changed");
-            assert_eq!(decode(&bytes).unwrap(), msg);
+            assert_eq!(decode::<Message>(&bytes).unwrap(), msg);
         }
     }
 
@@ -118,7 +176,7 @@ mod tests {
         for (msg, _) in golden() {
             let bytes = encode(&msg).unwrap();
             for cut in 0..bytes.len() {
-                assert!(decode(&bytes[..cut]).is_err(), "{} cut at {cut} decoded", msg.kind());
+                assert!(decode::<Message>(&bytes[..cut]).is_err(), "{} cut at {cut} decoded", msg.kind());
             }
         }
     }
@@ -127,19 +185,19 @@ mod tests {
     fn trailing_bytes_are_refused() {
         let mut bytes = encode(&Message::Bye).unwrap();
         bytes.push(0);
-        assert_eq!(decode(&bytes), Err(CodecError::Trailing { kind: "Bye", extra: 1 }));
+        assert_eq!(decode::<Message>(&bytes), Err(CodecError::Trailing { kind: "Bye", extra: 1 }));
     }
 
     #[test]
     fn unknown_variant_and_garbage_are_malformed() {
-        assert!(matches!(decode(&[0x7f]), Err(CodecError::Malformed(_))));
-        assert!(matches!(decode(b"GET / HTTP/1.1\r\n\r\n"), Err(CodecError::Malformed(_))));
+        assert!(matches!(decode::<Message>(&[0x7f]), Err(CodecError::Malformed(_))));
+        assert!(matches!(decode::<Message>(b"GET / HTTP/1.1\r\n\r\n"), Err(CodecError::Malformed(_))));
     }
 
     #[test]
     fn oversized_input_is_refused_before_decoding() {
         let big = vec![0u8; MAX_MESSAGE + 1];
-        assert_eq!(decode(&big), Err(CodecError::TooLarge { len: MAX_MESSAGE + 1, max: MAX_MESSAGE }));
+        assert_eq!(decode::<Message>(&big), Err(CodecError::TooLarge { len: MAX_MESSAGE + 1, max: MAX_MESSAGE }));
         let msg = Message::Register { routes: vec!["x".repeat(MAX_MESSAGE)] };
         assert!(matches!(encode(&msg), Err(CodecError::TooLarge { .. })));
     }
@@ -148,10 +206,10 @@ mod tests {
     fn a_length_prefix_claiming_more_than_the_limit_fails_cleanly() {
         // Register with a route count of 2^32: must not try to allocate.
         let bytes = [0x01, 0xfc, 0xff, 0xff, 0xff, 0xff];
-        assert!(decode(&bytes).is_err());
+        assert!(decode::<Message>(&bytes).is_err());
         // A string whose length prefix exceeds the limit.
         let bytes = [0x09, 0xfc, 0x00, 0x00, 0x10, 0x00];
-        assert!(decode(&bytes).is_err());
+        assert!(decode::<Message>(&bytes).is_err());
     }
 
     #[test]
@@ -166,7 +224,8 @@ mod tests {
                     x as u8
                 })
                 .collect();
-            let _ = decode(&buf);
+            let _ = decode::<Message>(&buf);
+            let _ = decode::<Handover>(&buf);
         }
     }
 }

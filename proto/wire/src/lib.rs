@@ -9,8 +9,8 @@ mod codec;
 mod message;
 pub mod spec;
 
-pub use codec::{CodecError, MAX_MESSAGE, decode, encode};
-pub use message::{Bound, ConnMeta, Message, PROTOCOL_VERSION, Proto};
+pub use codec::{CodecError, MAX_MESSAGE, Wire, decode, encode};
+pub use message::{Bound, ConnMeta, Handover, Message, PROTOCOL_VERSION, Proto};
 pub use spec::{HostPattern, RouteSpec, Scheme, SpecError};
 
 use std::path::{Path, PathBuf};

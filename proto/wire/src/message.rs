@@ -38,7 +38,13 @@ pub enum Message {
     /// linger period so that a restarted instance gets the connections queued meanwhile.
     Bye,
     /// portmux → service: the session is being closed because of a protocol error.
+    /// Also portmux → `portmux upgrade`: the upgrade failed, and why.
     Error { reason: String },
+    /// `portmux upgrade` → portmux, as the first message instead of Hello:
+    /// replace yourself with `binary` (default: the binary you were started from).
+    Upgrade { binary: Option<String> },
+    /// portmux → `portmux upgrade`: the new process (`pid`) is serving.
+    Upgraded { pid: u32 },
 }
 
 impl Message {
@@ -55,6 +61,8 @@ impl Message {
             Message::Drain => "Drain",
             Message::Bye => "Bye",
             Message::Error { .. } => "Error",
+            Message::Upgrade { .. } => "Upgrade",
+            Message::Upgraded { .. } => "Upgraded",
         }
     }
 }
@@ -99,4 +107,64 @@ pub struct ConnMeta {
     pub path: Option<String>,
     /// How many bytes portmux looked at; they are still unread in the socket.
     pub peeked: u32,
+}
+
+/// Messages between a running portmux (old) and the process replacing it (new)
+/// on an upgrade, over a `SOCK_SEQPACKET` socketpair; fds travel with the
+/// messages that describe them. Order: new sends Start; old sends the
+/// listeners, control and admin sockets, routes, sessions, unacked and queued
+/// connections, relays, then StateEnd; new answers Ready (or Failed). Until
+/// Done, old may still send Deliver and Relay messages as its last work ends.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Handover {
+    /// new → old: started; this is my protocol version and pid.
+    Start { version: u32, pid: u32 },
+    /// A public listening socket (+ its fd).
+    Listener { id: u64, addr: SocketAddr },
+    /// The control socket's listening fd.
+    ControlSocket,
+    /// The admin API's listening fd.
+    AdminSocket,
+    /// A route forwarding to backends.
+    BackendRoute { route: String, backends: Vec<String> },
+    /// A service's route; `reserved_ms` left if no session holds it now.
+    ServiceRoute { route: String, service: String, reserved_ms: Option<u64> },
+    /// A service session (+ its socket).
+    Session { id: u64, name: String, pid: i32, uid: u32, draining: bool, routes: Vec<String> },
+    /// A connection sent to session `session` and not yet acked (+ its fd).
+    Unacked { session: u64, id: u64, listener: SocketAddr, meta: ConnMeta },
+    /// A classified connection to deliver (+ its fd), queued `waited_ms` already.
+    Deliver { id: u64, listener: SocketAddr, meta: ConnMeta, waited_ms: u64 },
+    /// A forwarded connection to keep relaying (+ client fd, + backend fd).
+    /// `*_closed`: that side's end-of-file was already passed on.
+    Relay { route: String, backend: String, meta: ConnMeta, client_closed: bool, backend_closed: bool },
+    /// old → new: the state is complete; connection ids continue from here.
+    StateEnd { next_conn_id: u64 },
+    /// new → old: serving.
+    Ready,
+    /// new → old: cannot start; why.
+    Failed { reason: String },
+    /// old → new: nothing more will come.
+    Done,
+}
+
+impl Handover {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Handover::Start { .. } => "Start",
+            Handover::Listener { .. } => "Listener",
+            Handover::ControlSocket => "ControlSocket",
+            Handover::AdminSocket => "AdminSocket",
+            Handover::BackendRoute { .. } => "BackendRoute",
+            Handover::ServiceRoute { .. } => "ServiceRoute",
+            Handover::Session { .. } => "Session",
+            Handover::Unacked { .. } => "Unacked",
+            Handover::Deliver { .. } => "Deliver",
+            Handover::Relay { .. } => "Relay",
+            Handover::StateEnd { .. } => "StateEnd",
+            Handover::Ready => "Ready",
+            Handover::Failed { .. } => "Failed",
+            Handover::Done => "Done",
+        }
+    }
 }
