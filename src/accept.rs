@@ -104,6 +104,17 @@ pub async fn worker(shared: Arc<Shared>, index: usize, mut inbox: mpsc::Unbounde
 /// Accepts on `listener` until told to stop; the in-flight accept is cancelled,
 /// never abandoned, so no connection is lost in the kernel.
 async fn accept_loop(listener: Arc<Listener>, shared: Arc<Shared>, stop: Rc<Notify>) {
+    /// Counts the loop among the running ones until it has handled its last accept.
+    struct Running(Arc<Shared>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            if self.0.accepting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) == 1 {
+                self.0.accepts_over.notify_waiters();
+            }
+        }
+    }
+    shared.accepting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let _running = Running(shared.clone());
     let fd = listener.fd.as_fd();
     let mut last_warning: Option<Instant> = None;
     loop {
@@ -158,6 +169,7 @@ async fn serve(fd: OwnedFd, listener: ListenerId, shared: &Shared) {
     let Ok((mut peer, mut local)) = net::tcp_addrs(fd.as_fd()) else {
         return; // Gone already.
     };
+    tracing::trace!(%peer, pid = std::process::id(), "accepted");
     let arrived = Instant::now();
     let deadline = tokio::time::Instant::from_std(arrived + shared.settings.peek_timeout);
     if shared.settings.accept_proxy {

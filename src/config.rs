@@ -41,6 +41,12 @@ pub struct Settings {
     pub accept_proxy: bool,
     /// Routes with backends to create at start-up (seamless mode).
     pub initial_routes: Vec<crate::admin::RouteConfig>,
+    /// After an upgrade, how long the old process may finish its last work.
+    pub drain: Duration,
+    /// The binary and arguments this process was started with: an upgrade
+    /// starts the binary now at that path with the same arguments.
+    pub exe: PathBuf,
+    pub args: Vec<std::ffi::OsString>,
 }
 
 impl Settings {
@@ -63,6 +69,9 @@ impl Settings {
             relay_mode: crate::forward::relay::Mode::Auto,
             accept_proxy: false,
             initial_routes: Vec::new(),
+            drain: Duration::from_secs(30),
+            exe: std::env::current_exe().unwrap_or_else(|_| "portmux".into()),
+            args: std::env::args_os().skip(1).collect(),
         }
     }
 }

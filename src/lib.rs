@@ -16,3 +16,5 @@ pub mod reply;
 pub mod route;
 pub mod runtime;
 pub mod sys;
+pub mod systemd;
+pub mod upgrade;

@@ -33,6 +33,16 @@ enum Command {
         #[arg(long, global = true, env = ADMIN_ENV, value_name = "ADDR", default_value = DEFAULT_ADMIN)]
         admin: SocketAddr,
     },
+    /// Replace the running portmux with the binary now on disk (or --binary), without
+    /// dropping a connection; returns when the new process serves, or fails with its error.
+    Upgrade {
+        /// Control socket of the running portmux [default: as for `run`]
+        #[arg(long, env = portmux_wire::CONTROL_ENV, value_name = "PATH")]
+        control: Option<PathBuf>,
+        /// The new binary [default: the path the running portmux was started from]
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+    },
     /// seamless mode: a TCP proxy on LISTEN_PORT to BACKENDS (round robin), switched
     /// with HTTP verbs on --http-port: /set?backends=, /add?backend=, /remove?backend=, /get.
     Tcp(TcpArgs),
@@ -75,6 +85,10 @@ struct Common {
     /// Public listeners expect a PROXY protocol header (v1 or v2) from a load balancer in front
     #[arg(long)]
     accept_proxy: bool,
+    /// After an upgrade, how long the old process may finish its last work
+    /// (relays that cannot move, clients still being read)
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    drain: Duration,
     /// Worker threads, one io_uring runtime each [default: one per core]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     workers: Option<u16>,
@@ -140,11 +154,21 @@ fn parse_admin(s: &str) -> Result<AdminAddr, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Started by an upgrade: the old process reports this error too.
+            if let Ok(Some(fd)) = portmux::upgrade::inherited() {
+                portmux::upgrade::report_failure(fd, e.to_string().trim());
+            }
+            e.exit();
+        }
+    };
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Tcp(args) => seamless(args),
         Command::Route { action, admin } => route(action, admin),
+        Command::Upgrade { control, binary } => upgrade(control, binary),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -171,6 +195,7 @@ fn settings(control: Option<PathBuf>, common: &Common) -> Settings {
     s.idle_timeout = common.idle_timeout;
     s.backend_cooldown = common.backend_cooldown;
     s.accept_proxy = common.accept_proxy;
+    s.drain = common.drain;
     s.relay_mode = common.relay_mode;
     if let Some(w) = common.workers {
         s.workers = w.into();
@@ -180,10 +205,7 @@ fn settings(control: Option<PathBuf>, common: &Common) -> Settings {
 
 fn run(args: RunArgs) -> Result<(), String> {
     init_logging(&args.common.log);
-    let control = args.control.unwrap_or_else(|| {
-        let xdg = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from);
-        portmux_wire::default_control_path(rustix::process::getuid().as_raw(), xdg.as_deref())
-    });
+    let control = args.control.unwrap_or_else(default_control);
     let mut s = settings(Some(control), &args.common);
     s.admin = args.admin.0;
     s.linger = args.linger;
@@ -200,6 +222,51 @@ fn seamless(args: TcpArgs) -> Result<(), String> {
     s.admin = Some(SocketAddr::from(([127, 0, 0, 1], args.http_port)));
     s.initial_routes = vec![admin::RouteConfig { route: format!("tcp://:{}", args.listen_port), backends }];
     portmux::runtime::run(s).map_err(|e| e.to_string())
+}
+
+fn default_control() -> PathBuf {
+    let xdg = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from);
+    portmux_wire::default_control_path(rustix::process::getuid().as_raw(), xdg.as_deref())
+}
+
+/// Asks the running portmux (over its control socket) to replace itself.
+fn upgrade(control: Option<PathBuf>, binary: Option<PathBuf>) -> Result<(), String> {
+    use portmux_wire::Message;
+    use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
+    let path = control.unwrap_or_else(default_control);
+    let binary = match binary {
+        Some(b) => Some(std::fs::canonicalize(&b).map_err(|e| format!("{}: {e}", b.display()))?),
+        None => None,
+    };
+    let sock = rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)
+        .map_err(|e| e.to_string())?;
+    let addr = SocketAddrUnix::new(&path).map_err(|e| e.to_string())?;
+    rustix::net::connect(&sock, &addr).map_err(|e| {
+        format!(
+            "cannot reach portmux at {}: {e}; is it running? (--control or PORTMUX_CONTROL name its socket)",
+            path.display()
+        )
+    })?;
+    let request = Message::Upgrade { binary: binary.map(|b| b.to_string_lossy().into_owned()) };
+    let bytes = portmux_wire::encode(&request).map_err(|e| e.to_string())?;
+    rustix::net::send(&sock, &bytes, SendFlags::NOSIGNAL).map_err(|e| e.to_string())?;
+    let timeout = Duration::from_secs(120);
+    rustix::net::sockopt::set_socket_timeout(&sock, rustix::net::sockopt::Timeout::Recv, Some(timeout))
+        .map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; portmux_wire::MAX_MESSAGE];
+    let (_, n) = rustix::net::recv(&sock, &mut buf, RecvFlags::empty())
+        .map_err(|e| format!("no answer from portmux within {}s: {e}", timeout.as_secs()))?;
+    if n == 0 {
+        return Err("portmux closed the connection without an answer".into());
+    }
+    match portmux_wire::decode::<Message>(&buf[..n]).map_err(|e| e.to_string())? {
+        Message::Upgraded { pid } => {
+            println!("upgraded: portmux now runs as pid {pid}");
+            Ok(())
+        }
+        Message::Error { reason } => Err(format!("upgrade failed, the running portmux keeps serving: {reason}")),
+        other => Err(format!("unexpected answer {}", other.kind())),
+    }
 }
 
 fn route(action: RouteAction, addr: SocketAddr) -> Result<(), String> {

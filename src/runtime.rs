@@ -36,6 +36,11 @@ pub struct Shared {
     /// when it reaches zero.
     pub in_flight: std::sync::atomic::AtomicUsize,
     pub idle: tokio::sync::Notify,
+    /// Accept loops running (all workers), and a wake-up when it reaches zero:
+    /// an upgrade's freeze waits for every accept to be over, so that a
+    /// connection accepted at that moment is counted in flight, not lost.
+    pub accepting: std::sync::atomic::AtomicUsize,
+    pub accepts_over: tokio::sync::Notify,
     /// Work for the workers (relays resumed after an upgrade), round robin.
     pub inboxes: Vec<mpsc::UnboundedSender<crate::forward::Resume>>,
     pub next_inbox: std::sync::atomic::AtomicUsize,
@@ -51,6 +56,8 @@ pub enum ToControl {
     Conn(Conn),
     /// A relay paused for an upgrade, to hand to the new process.
     Relay(crate::forward::Paused),
+    /// Answered once everything sent before it was handled (the channel is FIFO).
+    Marker(tokio::sync::oneshot::Sender<()>),
 }
 
 impl Shared {
@@ -89,9 +96,21 @@ pub enum StartError {
     Route(String),
 }
 
-/// Runs portmux until SIGTERM or SIGINT.
-pub fn run(mut settings: Settings) -> Result<(), StartError> {
-    uring::probe().map_err(StartError::IoUring)?;
+/// Runs portmux until SIGTERM or SIGINT, or until an upgrade replaced it.
+/// Started by an upgrade, a failure before serving is also reported to the
+/// previous process (which keeps serving).
+pub fn run(settings: Settings) -> Result<(), StartError> {
+    let handover = crate::upgrade::inherited().map_err(StartError::Route)?;
+    start(settings, handover)
+}
+
+fn start(mut settings: Settings, handover: Option<OwnedFd>) -> Result<(), StartError> {
+    if let Err(e) = uring::probe() {
+        if let Some(fd) = handover {
+            crate::upgrade::report_failure(fd, &e);
+        }
+        return Err(StartError::IoUring(e));
+    }
     if settings.bind.is_unspecified() && settings.bind.is_ipv6() && !net::ipv6_available() {
         tracing::warn!("IPv6 is unavailable on this host; listening on 0.0.0.0 instead of [::] by default");
         settings.bind = std::net::Ipv4Addr::UNSPECIFIED.into();
@@ -107,12 +126,17 @@ pub fn run(mut settings: Settings) -> Result<(), StartError> {
             .map_err(StartError::Route)?;
         routes.push((spec, backends));
     }
+    // After an upgrade, the sockets and the routes come from the previous process.
+    let upgraded = handover.is_some();
+    if upgraded {
+        routes.clear();
+    }
     let control = match &settings.control {
-        Some(path) => Some(bind_control(path)?),
-        None => None,
+        Some(path) if !upgraded => Some(bind_control(path)?),
+        _ => None,
     };
     let admin = match settings.admin {
-        Some(addr) => match std::net::TcpListener::bind(addr) {
+        Some(addr) if !upgraded => match std::net::TcpListener::bind(addr) {
             Ok(l) => Some(l),
             Err(source) => {
                 if let (Some(path), Some((_, identity))) = (&settings.control, &control) {
@@ -121,32 +145,22 @@ pub fn run(mut settings: Settings) -> Result<(), StartError> {
                 return Err(StartError::Admin { addr, source });
             }
         },
-        None => None,
+        _ => None,
     };
-    let control_text = match &settings.control {
-        Some(path) => format!("control socket {} (mode 0660)", path.display()),
-        None => "no control socket".into(),
-    };
-    let admin_text = match admin.as_ref().and_then(|l| l.local_addr().ok()) {
-        Some(addr) => format!("admin API http://{addr}"),
-        None => "no admin API".into(),
-    };
-    let ready = format!(
-        "portmux {} ready: {control_text}; {admin_text}; {} workers; listeners open on demand (default address {})",
-        env!("CARGO_PKG_VERSION"),
-        settings.workers,
-        settings.bind
-    );
-    let identity = control.as_ref().map(|(_, id)| *id);
-    let start = crate::control::Start { control: control.map(|(fd, _)| fd), admin, routes, ready };
+    let identity = control.as_ref().map(|(_, id)| *id).or_else(|| {
+        let path = settings.control.as_ref()?;
+        std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    });
+    let start = crate::control::Start { control: control.map(|(fd, _)| fd), admin, routes, handover };
     let result = serve(settings.clone(), start);
-    if let (Some(path), Some(identity)) = (&settings.control, identity) {
+    // After an upgrade the socket file belongs to the new process.
+    if let (Ok(crate::control::Exit::Stopped), Some(path), Some(identity)) = (&result, &settings.control, identity) {
         remove_if_ours(path, identity);
     }
-    result
+    result.map(|_| ())
 }
 
-fn serve(settings: Settings, start: crate::control::Start) -> Result<(), StartError> {
+fn serve(settings: Settings, start: crate::control::Start) -> Result<crate::control::Exit, StartError> {
     let (to_control, from_workers) = mpsc::unbounded_channel();
     let workers = settings.workers.max(1);
     let (inboxes, mut receivers): (Vec<_>, Vec<_>) = (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
@@ -160,6 +174,8 @@ fn serve(settings: Settings, start: crate::control::Start) -> Result<(), StartEr
         pause_relays: watch::Sender::new(false),
         in_flight: std::sync::atomic::AtomicUsize::new(0),
         idle: tokio::sync::Notify::new(),
+        accepting: std::sync::atomic::AtomicUsize::new(0),
+        accepts_over: tokio::sync::Notify::new(),
         inboxes,
         next_inbox: std::sync::atomic::AtomicUsize::new(0),
         workers_running: watch::Sender::new(workers),

@@ -4,6 +4,7 @@
 //! It runs on one thread (a tokio-uring runtime). State lives in a `RefCell`
 //! that is never borrowed across an `.await`.
 
+mod handover;
 mod session;
 
 use crate::admin::{BackendView, InstanceView, RouteView, TargetView};
@@ -70,6 +71,10 @@ struct RouteState {
 
 #[derive(Debug, Default)]
 struct State {
+    /// An upgrade froze the state: every route queues (through the control plane).
+    frozen: bool,
+    /// Importing from the previous process: no table is published until the end.
+    importing: bool,
     listeners: HashMap<SocketAddr, ListenerEntry>,
     routes: HashMap<RouteKey, RouteState>,
     sessions: HashMap<SessionId, SessionEntry>,
@@ -94,6 +99,7 @@ impl State {
         for (key, r) in &self.routes {
             let live = self.live(r);
             let target = match &r.forward {
+                _ if self.frozen => Target::Queue,
                 Some(pool) => Target::Forward(pool.clone()),
                 None if r.queue.is_empty() && !r.flushing && !live.is_empty() => Target::Pool(Pool::new(live)),
                 None => Target::Queue,
@@ -196,6 +202,15 @@ impl State {
     }
 }
 
+/// How the control plane ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// SIGTERM/SIGINT: everything stopped here.
+    Stopped,
+    /// An upgrade: a new process serves everything; this one handed it all over.
+    Upgraded,
+}
+
 /// What the control plane shares with its tasks.
 #[derive(Debug)]
 pub(crate) struct ControlPlane {
@@ -205,6 +220,35 @@ pub(crate) struct ControlPlane {
     timer: Notify,
     /// An ack arrived (used while stopping).
     acked: Notify,
+    /// The control socket and the admin API's listener, kept to restart their
+    /// tasks (after a failed upgrade) and to hand them on.
+    control_fd: RefCell<Option<OwnedFd>>,
+    admin_listener: RefCell<Option<std::net::TcpListener>>,
+    /// The acceptor, admin and timer tasks.
+    tasks: RefCell<Vec<tokio::task::AbortHandle>>,
+    /// Session readers stop at their receive point when this turns true.
+    freeze: tokio::sync::watch::Sender<bool>,
+    readers: std::cell::Cell<usize>,
+    readers_idle: Notify,
+    /// Connections that reached the control plane while frozen.
+    buffered: RefCell<Vec<Conn>>,
+    /// After a committed upgrade: where connections and relays go.
+    handover: RefCell<Option<mpsc::UnboundedSender<crate::upgrade::Outgoing>>>,
+    upgrading: std::cell::Cell<bool>,
+    exit: tokio::sync::watch::Sender<Option<Exit>>,
+}
+
+/// Counts a running session reader.
+pub(crate) struct ReaderGuard(Rc<ControlPlane>);
+
+impl Drop for ReaderGuard {
+    fn drop(&mut self) {
+        let n = self.0.readers.get() - 1;
+        self.0.readers.set(n);
+        if n == 0 {
+            self.0.readers_idle.notify_waiters();
+        }
+    }
 }
 
 /// A registration that was refused: the route and the reason.
@@ -212,7 +256,63 @@ pub(crate) type Refused = (String, String);
 
 impl ControlPlane {
     fn new(shared: Arc<Shared>) -> ControlPlane {
-        ControlPlane { shared, state: RefCell::default(), timer: Notify::new(), acked: Notify::new() }
+        ControlPlane {
+            shared,
+            state: RefCell::default(),
+            timer: Notify::new(),
+            acked: Notify::new(),
+            control_fd: RefCell::new(None),
+            admin_listener: RefCell::new(None),
+            tasks: RefCell::new(Vec::new()),
+            freeze: tokio::sync::watch::Sender::new(false),
+            readers: std::cell::Cell::new(0),
+            readers_idle: Notify::new(),
+            buffered: RefCell::new(Vec::new()),
+            handover: RefCell::new(None),
+            upgrading: std::cell::Cell::new(false),
+            exit: tokio::sync::watch::Sender::new(None),
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Whether an upgrade froze the state (sessions, queues, routes).
+    pub(crate) fn is_frozen(&self) -> bool {
+        self.state.borrow().frozen
+    }
+
+    pub(crate) fn reader_started(self: &Rc<Self>) -> ReaderGuard {
+        self.readers.set(self.readers.get() + 1);
+        ReaderGuard(self.clone())
+    }
+
+    pub(crate) fn freeze_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.freeze.subscribe()
+    }
+
+    /// Starts (again) the control socket's acceptor, the admin API and the timer.
+    fn start_tasks(self: &Rc<Self>) {
+        let mut tasks = self.tasks.borrow_mut();
+        tasks.push(tokio_uring::spawn(timer(self.clone())).abort_handle());
+        if let Some(fd) = self.control_fd.borrow().as_ref().and_then(|fd| fd.try_clone().ok()) {
+            tasks.push(tokio_uring::spawn(session::accept_sessions(self.clone(), fd)).abort_handle());
+        }
+        if let Some(l) = self.admin_listener.borrow().as_ref().and_then(|l| l.try_clone().ok()) {
+            tasks.push(tokio_uring::spawn(crate::admin::serve(self.clone(), l)).abort_handle());
+        }
+    }
+
+    /// The upgrade is over: nothing more goes to the new process.
+    pub(crate) fn drop_handover(&self) {
+        self.handover.borrow_mut().take();
+    }
+
+    fn stop_tasks(&self) {
+        for t in self.tasks.borrow_mut().drain(..) {
+            t.abort();
+        }
     }
 
     fn linger(&self) -> Duration {
@@ -221,6 +321,9 @@ impl ControlPlane {
 
     /// Publishes a new table built from the current state.
     fn publish(&self) {
+        if self.state.borrow().importing {
+            return;
+        }
         let table = self.state.borrow().build_table();
         self.shared.table.store(Arc::new(table));
         self.shared.table_version.send_modify(|v| *v += 1);
@@ -365,6 +468,13 @@ impl ControlPlane {
     /// Routes `conn` through the control plane: into its route's queue (from
     /// which it is delivered in arrival order), or answered if nothing matches.
     fn route_conn(self: &Rc<Self>, mut conn: Conn) {
+        if let Some(out) = self.handover.borrow().as_ref() {
+            // Upgraded: the new process delivers it.
+            return handover::send_deliver(out, conn);
+        }
+        if self.state.borrow().frozen {
+            return self.buffered.borrow_mut().push(conn);
+        }
         let table = self.shared.table.load();
         let found = table.port(conn.listener).map(|port| match port.lookup(&conn.meta) {
             Some(route) => Ok(route.ident.clone()),
@@ -470,6 +580,10 @@ impl ControlPlane {
 
     /// Puts a connection that could not be delivered back at the head of its queue.
     fn requeue_front(self: &Rc<Self>, key: &RouteKey, conn: Conn) {
+        if self.state.borrow().frozen {
+            // The queues went (or go) to a new process; this one follows them.
+            return self.route_conn(conn);
+        }
         let mut st = self.state.borrow_mut();
         if !st.routes.contains_key(key) {
             drop(st);
@@ -594,6 +708,9 @@ impl ControlPlane {
         if spec.name.is_some() {
             return Err(AdminError::Bad("name= names a service; a route with backends has none".into()));
         }
+        if self.is_frozen() && !self.state.borrow().importing {
+            return Err(AdminError::Conflict("an upgrade is in progress; try again in a moment".into()));
+        }
         let policy = Policy::parse(spec.lb.as_deref().unwrap_or("round_robin")).map_err(AdminError::Bad)?;
         let proxy = ProxyVersion::parse(spec.proxy.as_deref().unwrap_or("")).map_err(AdminError::Bad)?;
         let key = route_key(&spec, self.shared.settings.bind);
@@ -642,6 +759,9 @@ impl ControlPlane {
 
     /// Removes a route with backends; established connections carry on.
     pub(crate) fn remove_route(&self, text: &str) -> Result<String, AdminError> {
+        if self.is_frozen() {
+            return Err(AdminError::Conflict("an upgrade is in progress; try again in a moment".into()));
+        }
         let spec = RouteSpec::parse(text).map_err(|e| AdminError::Bad(e.to_string()))?;
         let key = route_key(&spec, self.shared.settings.bind);
         let mut st = self.state.borrow_mut();
@@ -763,7 +883,11 @@ fn route_key(spec: &RouteSpec, default_bind: std::net::IpAddr) -> RouteKey {
 fn forward_conn(shared: Arc<Shared>, conn: Conn, pool: Arc<BackendPool>) {
     match Arc::try_unwrap(conn.fd) {
         Ok(fd) => {
-            tokio_uring::spawn(async move { crate::forward::serve(fd, conn.meta, pool, &shared).await });
+            let guard = crate::accept::Guard::new(&shared);
+            tokio_uring::spawn(async move {
+                crate::forward::serve(fd, conn.meta, pool, &shared).await;
+                drop(guard);
+            });
         }
         Err(fd) => answer_conn(Conn { fd, ..conn }, Reply::Close),
     }
@@ -862,18 +986,6 @@ async fn timer(cp: Rc<ControlPlane>) {
     }
 }
 
-async fn stop_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; stop portmux with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = int.recv() => tracing::info!("SIGINT: stopping"),
-    }
-}
-
 /// What the control plane starts with.
 #[derive(Debug)]
 pub struct Start {
@@ -883,50 +995,101 @@ pub struct Start {
     pub admin: Option<std::net::TcpListener>,
     /// Routes with backends to create first (resolved).
     pub routes: Vec<(RouteSpec, Resolved)>,
-    /// The readiness line, printed once everything above is in place.
-    pub ready: String,
+    /// Started by an upgrade: the socket to the previous process.
+    pub handover: Option<OwnedFd>,
 }
 
-/// Runs the control plane until SIGTERM/SIGINT, then stops everything in order.
-/// Fails (before serving anyone) if an initial route cannot be created.
+impl ControlPlane {
+    /// The line printed once portmux serves (tests and scripts wait for it).
+    fn ready_line(&self) -> String {
+        let settings = &self.shared.settings;
+        let control = match (&settings.control, self.control_fd.borrow().is_some()) {
+            (Some(path), true) => format!("control socket {} (mode 0660)", path.display()),
+            _ => "no control socket".into(),
+        };
+        let admin = match self.admin_listener.borrow().as_ref().and_then(|l| l.local_addr().ok()) {
+            Some(addr) => format!("admin API http://{addr}"),
+            None => "no admin API".into(),
+        };
+        format!(
+            "portmux {} ready: {control}; {admin}; {} workers; listeners open on demand (default address {})",
+            env!("CARGO_PKG_VERSION"),
+            settings.workers,
+            settings.bind
+        )
+    }
+}
+
+/// Runs the control plane until SIGTERM/SIGINT (then stops everything in
+/// order), or until an upgrade handed everything to a new process.
+/// Fails (before serving anyone) if the start-up state cannot be set up.
 pub async fn run(
     shared: Arc<Shared>,
     start: Start,
     mut from_workers: mpsc::UnboundedReceiver<ToControl>,
-) -> Result<(), String> {
+) -> Result<Exit, String> {
     let cp = Rc::new(ControlPlane::new(shared.clone()));
+    *cp.control_fd.borrow_mut() = start.control;
+    *cp.admin_listener.borrow_mut() = start.admin;
+    let fail = |e: String| {
+        shared.stopping.send_replace(true);
+        Err(e)
+    };
+    let previous = match start.handover {
+        Some(fd) => match handover::import(&cp, fd).await {
+            Ok(channel) => Some(channel),
+            Err(e) => return fail(e),
+        },
+        None => None,
+    };
     for (spec, backends) in start.routes {
         let text = spec.key();
         if let Err(AdminError::Bad(e) | AdminError::NotFound(e) | AdminError::Conflict(e)) =
             cp.set_backends(spec, backends)
         {
-            shared.stopping.send_replace(true);
-            return Err(format!("cannot create route {text}: {e}"));
+            return fail(format!("cannot create route {text}: {e}"));
         }
     }
-    let timer_task = tokio_uring::spawn(timer(cp.clone()));
+    cp.start_tasks();
     let intake = tokio_uring::spawn({
         let cp = cp.clone();
         async move {
             while let Some(item) = from_workers.recv().await {
                 match item {
                     ToControl::Conn(conn) => cp.route_conn(conn),
-                    // Only an upgrade pauses relays; handled there.
-                    ToControl::Relay(_) => {}
+                    ToControl::Relay(paused) => cp.relay_paused(paused),
+                    ToControl::Marker(done) => {
+                        let _ = done.send(());
+                    }
                 }
             }
         }
     });
-    let acceptor = start.control.map(|fd| tokio_uring::spawn(session::accept_sessions(cp.clone(), fd)));
-    let admin = start.admin.map(|l| tokio_uring::spawn(crate::admin::serve(cp.clone(), l)));
-    println!("{}", start.ready);
+    let upgraded = previous.is_some();
+    if let Some(channel) = previous {
+        handover::finish_import(&cp, channel);
+    }
+    println!("{}", cp.ready_line());
+    let mut ready = vec!["READY=1".to_string(), "STATUS=serving".to_string()];
+    if upgraded {
+        ready.push(format!("MAINPID={}", std::process::id()));
+    }
+    crate::systemd::notify(&ready.iter().map(String::as_str).collect::<Vec<_>>());
 
-    stop_signal().await;
+    let exit = wait_for_exit(&cp).await;
+    if exit == Exit::Upgraded {
+        // Everything was handed over; only this process's own tasks remain.
+        cp.stop_tasks();
+        shared.stopping.send_replace(true);
+        let mut running = shared.workers_running.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(3), running.wait_for(|n| *n == 0)).await;
+        intake.abort();
+        tracing::info!("handed over; exiting");
+        return Ok(Exit::Upgraded);
+    }
 
     // 1. No new sessions; workers stop accepting and finish what they hold.
-    for task in acceptor.iter().chain(admin.iter()) {
-        task.abort();
-    }
+    cp.stop_tasks();
     shared.stopping.send_replace(true);
     let mut running = shared.workers_running.subscribe();
     let _ = tokio::time::timeout(Duration::from_secs(3), running.wait_for(|n| *n == 0)).await;
@@ -953,7 +1116,41 @@ pub async fn run(
         }
     }
     intake.abort();
-    timer_task.abort();
     tracing::info!("stopped");
-    Ok(())
+    Ok(Exit::Stopped)
+}
+
+/// Waits for SIGTERM/SIGINT, or for a completed upgrade; SIGUSR2 starts an upgrade.
+async fn wait_for_exit(cp: &Rc<ControlPlane>) -> Exit {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut usr2)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::user_defined2()))
+    else {
+        tracing::error!("cannot install signal handlers; stop portmux with SIGKILL");
+        return std::future::pending().await;
+    };
+    let mut exit = cp.exit.subscribe();
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: stopping");
+                return Exit::Stopped;
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT: stopping");
+                return Exit::Stopped;
+            }
+            _ = usr2.recv() => {
+                tracing::info!("SIGUSR2: upgrading");
+                let cp = cp.clone();
+                tokio_uring::spawn(async move {
+                    match crate::upgrade::upgrade(&cp, None).await {
+                        Ok(pid) => tracing::info!(pid, "upgrade done: the new process serves"),
+                        Err(e) => tracing::error!("upgrade failed, this process keeps serving: {e}"),
+                    }
+                });
+            }
+            Ok(e) = exit.wait_for(Option::is_some) => return (*e).unwrap_or(Exit::Stopped),
+        }
+    }
 }

@@ -93,6 +93,8 @@ async fn send<T: AsRawFd + AsFd>(afd: &AsyncFd<T>, msg: &Message) -> std::io::Re
 
 /// How a session's message loop ended.
 enum End {
+    /// An upgrade is moving the session to a new process: leave it untouched.
+    Frozen,
     /// The service closed its end.
     Closed,
     /// The service said Bye.
@@ -119,6 +121,9 @@ async fn serve(cp: Rc<ControlPlane>, fd: OwnedFd, pid: i32, uid: u32) {
             }
             service
         }
+        Ok(Ok(Some(Message::Upgrade { binary }))) => {
+            return upgrade_requested(&cp, &afd, pid, uid, binary).await;
+        }
         Ok(Ok(Some(other))) => {
             let reason = format!("the first message must be Hello, not {}", other.kind());
             return refuse_early(&afd, pid, reason).await;
@@ -127,18 +132,37 @@ async fn serve(cp: Rc<ControlPlane>, fd: OwnedFd, pid: i32, uid: u32) {
         Ok(Err(RecvError::Protocol(reason))) => return refuse_early(&afd, pid, reason).await,
         Err(_) => return refuse_early(&afd, pid, "no Hello within 10 s; the first message must be Hello".into()).await,
     };
+    if cp.is_frozen() {
+        // An upgrade is moving the sessions; this service reconnects to the new portmux.
+        return;
+    }
     let sid = cp.new_session_id();
     let max_unacked = cp.shared.settings.max_unacked;
     let session = Arc::new(Session::new(sid, service, pid, uid, afd.into_inner(), max_unacked));
     cp.add_session(session.clone());
     tracing::info!(session = sid, service = %session.name, pid, uid, "service connected");
+    run(cp, session).await;
+}
+
+/// Reads a session's messages until it ends, or until an upgrade freezes the
+/// control plane (then only at the receive point, never mid-message).
+pub(super) async fn run(cp: Rc<ControlPlane>, session: Arc<Session>) {
+    let sid = session.id;
+    let pid = session.pid;
+    let _reader = cp.reader_started();
     let Ok(afd) = reactor::register(session.clone(), Interest::READABLE | Interest::WRITABLE) else {
         cp.end_session(sid);
         return;
     };
-
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut frozen = cp.freeze_signal();
     let end = loop {
-        match recv(&afd, &mut buf).await {
+        let next = tokio::select! {
+            biased;
+            _ = frozen.wait_for(|f| *f) => break End::Frozen,
+            r = recv(&afd, &mut buf) => r,
+        };
+        match next {
             Ok(None) | Err(RecvError::Io) => break End::Closed,
             Err(RecvError::Protocol(reason)) => break End::Error(reason),
             Ok(Some(msg)) => match msg {
@@ -185,6 +209,9 @@ async fn serve(cp: Rc<ControlPlane>, fd: OwnedFd, pid: i32, uid: u32) {
         }
     };
 
+    if let End::Frozen = end {
+        return;
+    }
     if let End::Error(reason) = &end {
         tracing::warn!(session = sid, service = %session.name, pid, "protocol error, ending the session: {reason}");
         // Queued before the write side is shut down, so the service reads it.
@@ -238,6 +265,22 @@ async fn wait_for_close(afd: &AsyncFd<Arc<Session>>, session: &Session, buf: &mu
         }
     };
     tokio::time::timeout(CLOSE_TIMEOUT, until_closed).await.is_ok()
+}
+
+/// `portmux upgrade` asked for a new process: only root or portmux's own user may.
+async fn upgrade_requested(cp: &Rc<ControlPlane>, afd: &AsyncFd<OwnedFd>, pid: i32, uid: u32, binary: Option<String>) {
+    let ours = rustix::process::getuid().as_raw();
+    let answer = if uid != 0 && uid != ours {
+        tracing::warn!(pid, uid, "refused an upgrade request from another user");
+        Message::Error { reason: format!("uid {uid} may not upgrade portmux; run it as root or as uid {ours}") }
+    } else {
+        tracing::info!(pid, uid, "upgrade requested");
+        match crate::upgrade::upgrade(cp, binary.map(Into::into)).await {
+            Ok(new_pid) => Message::Upgraded { pid: new_pid },
+            Err(reason) => Message::Error { reason },
+        }
+    };
+    let _ = send(afd, &answer).await;
 }
 
 /// Ends a session that never got past Hello: Error, then close.

@@ -84,6 +84,20 @@ pub async fn serve(client: OwnedFd, meta: ConnMeta, pool: Arc<BackendPool>, shar
                 connected = Some((backend.clone(), fd));
                 break;
             }
+            // Out of fds or memory here: no backend is to blame, and trying
+            // another would fail the same way.
+            Err(e) if is_local_exhaustion(&e) => {
+                tracing::warn!(
+                    route = %meta.route,
+                    client = %meta.peer,
+                    "portmux is out of resources for a backend connection: {e} (raise LimitNOFILE / ulimit -n)"
+                );
+                let answer = match meta.proto {
+                    Proto::Http => Reply::unavailable("portmux is out of file descriptors; retry shortly"),
+                    Proto::Tls | Proto::Tcp => Reply::Close,
+                };
+                return reply::send(client, answer).await;
+            }
             Err(e) => {
                 backend.mark_failed(settings.backend_cooldown);
                 tracing::warn!(
@@ -184,6 +198,11 @@ async fn relay_to(
             tracing::debug!(route = %meta.route, backend = %backend.spec.name, client = %meta.peer, "relay ended: {f}");
         }
     }
+}
+
+/// Whether a connect failed for lack of local resources (not the backend's fault).
+fn is_local_exhaustion(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
 }
 
 /// Connects to one of the backend's addresses, each within the connect timeout.

@@ -138,7 +138,10 @@ impl Session {
         let deadline = tokio::time::Instant::now() + patience;
         let dead = loop {
             match net::send_with_fd(self.sock.as_fd(), &bytes, fd.as_fd()) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    tracing::debug!(conn = id, session = self.id, pid = std::process::id(), "handed over");
+                    return Ok(());
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     let sock = self.sock.as_fd();
                     let waited =
@@ -192,6 +195,33 @@ impl Session {
         let mut u = self.unacked();
         u.closed = true;
         u.conns.drain().map(|(_, c)| c).collect()
+    }
+
+    /// An upgrade takes the session to a new process: nothing new is sent here
+    /// any more, and the unacked connections move with it (returned).
+    pub fn freeze(&self) -> Vec<Conn> {
+        let mut u = self.unacked();
+        u.closed = true;
+        let mut conns: Vec<Conn> = u.conns.drain().map(|(_, c)| c).collect();
+        conns.sort_by_key(|c| c.id);
+        conns
+    }
+
+    /// The upgrade failed: the session is this process's again, with its unacked.
+    pub fn thaw(&self, conns: Vec<Conn>) {
+        let mut u = self.unacked();
+        u.closed = false;
+        u.conns.extend(conns.into_iter().map(|c| (c.id, c)));
+    }
+
+    /// Takes over a connection the previous process had sent and not seen acked.
+    pub fn adopt(&self, conn: Conn) {
+        self.unacked().conns.insert(conn.id, conn);
+    }
+
+    /// The session's socket (to hand it on in an upgrade).
+    pub fn socket(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
     }
 
     /// The service did not close its end in time after portmux ended the

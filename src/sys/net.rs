@@ -133,11 +133,15 @@ pub fn seqpacket_alive(path: &Path) -> bool {
 
 /// Sends one datagram carrying `fd` (SCM_RIGHTS), without blocking.
 pub fn send_with_fd(sock: BorrowedFd<'_>, bytes: &[u8], fd: BorrowedFd<'_>) -> io::Result<()> {
-    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    send_with_fds(sock, bytes, &[fd])
+}
+
+/// Sends one datagram carrying up to four fds (SCM_RIGHTS), without blocking.
+pub fn send_with_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(4))];
     let mut control = SendAncillaryBuffer::new(&mut space);
-    let fds = [fd];
-    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
-        return Err(io::Error::other("control buffer too small for one fd"));
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::other("control buffer too small for the fds"));
     }
     let n = net::sendmsg(sock, &[IoSlice::new(bytes)], &mut control, SendFlags::DONTWAIT | SendFlags::NOSIGNAL)?;
     if n != bytes.len() {
@@ -267,4 +271,35 @@ pub fn pipe(size: usize) -> io::Result<(OwnedFd, OwnedFd, usize)> {
     // default size still works.
     let capacity = rustix::pipe::fcntl_setpipe_size(&w, size).or_else(|_| rustix::pipe::fcntl_getpipe_size(&w))?;
     Ok((r, w, capacity))
+}
+
+/// A connected pair of `SOCK_SEQPACKET` sockets (close-on-exec, non-blocking).
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(net::socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK, None)?)
+}
+
+/// Sets or clears close-on-exec on `fd` (cleared only to pass it to a child).
+pub fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    let flags = if on { rustix::io::FdFlags::CLOEXEC } else { rustix::io::FdFlags::empty() };
+    Ok(rustix::io::fcntl_setfd(fd, flags)?)
+}
+
+/// Takes ownership of a socket fd inherited from the parent process by number
+/// (an upgrade's handover socket, or systemd's). Refuses numbers that are not
+/// open sockets.
+pub fn adopt_inherited(raw: i32) -> io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    if raw < 3 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("fd {raw} is not an inherited socket")));
+    }
+    // SAFETY: a borrow only for the checks below; ownership is taken after them.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(raw) };
+    rustix::io::fcntl_getfd(borrowed).map_err(|e| io::Error::new(e.kind(), format!("fd {raw} is not open")))?;
+    sockopt::socket_type(borrowed)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("fd {raw} is not a socket")))?;
+    // SAFETY: the fd is open, is a socket, and was passed to this process to
+    // own; callers take each inherited number once, at start-up.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    set_cloexec(fd.as_fd(), true)?;
+    Ok(fd)
 }
