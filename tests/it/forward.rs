@@ -503,14 +503,33 @@ fn ten_thousand_connections_near_the_fd_limit() {
         thread::sleep(Duration::from_millis(10));
     }
     let rss = std::fs::read_to_string(format!("/proc/{}/status", pm.pid())).unwrap();
-    assert!(answered >= 7_500, "answered {answered}, refused {refused} of {N} (portmux has fds for ~7 990)");
-    assert!(pm.log().contains("cannot accept"), "portmux reached its fd limit and said so");
+    // Near the limit every connection gets the answer, or a clear 503 when portmux
+    // could not open its backend connection, or waits in the accept backlog; never
+    // a reset or garbage. Which of the first two depends on which side of a relay
+    // runs out of fds first.
+    let waiting = got.iter().filter(|b| b.is_empty()).count();
+    let unavailable = got
+        .iter()
+        .filter(|b| b.starts_with(b"HTTP/1.1 503") && String::from_utf8_lossy(b).contains("out of file descriptors"))
+        .count();
+    assert_eq!(
+        answered + unavailable + waiting,
+        conns.len(),
+        "every outcome is clear: {answered} + {unavailable} + {waiting}"
+    );
+    assert!(answered >= 5_000, "answered {answered}, 503 {unavailable}, waiting {waiting}, refused {refused} of {N}");
+    assert!(
+        pm.log().contains("cannot accept") || pm.log().contains("out of resources"),
+        "portmux said it hit its fd limit"
+    );
+    assert!(!pm.log().contains("it is skipped for"), "its own fd shortage is not blamed on the backend");
     drop(conns);
     let left = wait_fds_at_most(pm.pid(), baseline, Duration::from_secs(30));
     assert!(left <= baseline, "fds back to baseline: {left} > {baseline}");
     let r = get(port, "x", "/").unwrap();
     assert_eq!(r.body, "web", "served again afterwards");
-    eprintln!("answered {answered}, refused {refused}; {}", rss.lines().find(|l| l.starts_with("VmHWM")).unwrap_or(""));
+    let peak = rss.lines().find(|l| l.starts_with("VmHWM")).unwrap_or("");
+    eprintln!("answered {answered}, 503 {unavailable}, waiting {waiting}, refused {refused}; {peak}");
 }
 
 #[test]

@@ -5,5 +5,6 @@ mod forward;
 mod peek;
 mod protocol;
 mod restart;
+mod upgrade;
 mod util;
 mod walkthrough;

@@ -86,6 +86,17 @@ pub fn example(name: &str) -> PathBuf {
 struct Output {
     lines: Receiver<String>,
     stderr: Arc<Mutex<String>>,
+    stderr_done: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Output {
+    /// All of stderr, once the child (and whoever shares its stderr) closed it.
+    fn full_stderr(&mut self) -> String {
+        if let Some(t) = self.stderr_done.take() {
+            let _ = t.join();
+        }
+        self.stderr.lock().unwrap().clone()
+    }
 }
 
 fn capture(child: &mut Child) -> Output {
@@ -99,14 +110,14 @@ fn capture(child: &mut Child) -> Output {
     let stderr = Arc::new(Mutex::new(String::new()));
     let sink = stderr.clone();
     let err = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
+    let stderr_done = std::thread::spawn(move || {
         for line in BufReader::new(err).lines().map_while(Result::ok) {
             let mut s = sink.lock().unwrap();
             s.push_str(&line);
             s.push('\n');
         }
     });
-    Output { lines, stderr }
+    Output { lines, stderr, stderr_done: Some(stderr_done) }
 }
 
 fn wait_line(out: &Output, what: &str, within: Duration) -> Result<String, String> {
@@ -147,7 +158,15 @@ pub struct Portmux {
     out: Output,
     control: PathBuf,
     admin: Option<SocketAddr>,
+    /// The process serving now (changes with each upgrade).
+    current: u32,
     _dir: Option<TempDir>,
+}
+
+/// Whether process `pid` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
 }
 
 impl Portmux {
@@ -168,10 +187,12 @@ impl Portmux {
     /// Starts a prepared command (e.g. under `sh -c 'ulimit …; exec portmux …'`).
     pub fn spawn(mut cmd: Command, control: &Path, dir: Option<TempDir>) -> Result<Portmux, String> {
         // Each portmux gets its own admin port, chosen by the kernel.
-        cmd.env("RUST_LOG", "info,portmux=debug").env("PORTMUX_ADMIN", "127.0.0.1:0");
+        cmd.env("RUST_LOG", std::env::var("IT_LOG").unwrap_or_else(|_| "info,portmux=debug".into()))
+            .env("PORTMUX_ADMIN", "127.0.0.1:0");
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|e| e.to_string())?;
         let out = capture(&mut child);
-        let mut pm = Portmux { child, out, control: control.to_path_buf(), admin: None, _dir: dir };
+        let current = child.id();
+        let mut pm = Portmux { child, out, control: control.to_path_buf(), admin: None, current, _dir: dir };
         match wait_line(&pm.out, " ready: ", Duration::from_secs(10)) {
             Ok(line) => {
                 pm.admin = line
@@ -181,9 +202,10 @@ impl Portmux {
                     .and_then(|a| a.parse().ok());
                 Ok(pm)
             }
-            Err(stderr) => {
+            Err(_) => {
                 let status = wait_exit(&mut pm.child, Duration::from_secs(2));
-                Err(format!("{status:?}\n{stderr}"))
+                let stderr = if status.is_some() { pm.out.full_stderr() } else { pm.log() };
+                Err(format!("{}\n{stderr}", exit_text(status)))
             }
         }
     }
@@ -197,8 +219,28 @@ impl Portmux {
         self.admin.expect("this portmux runs no admin API")
     }
 
+    /// The pid of the process serving now.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.current
+    }
+
+    /// `portmux upgrade ARGS…`; on success follows the new process.
+    pub fn upgrade(&mut self, args: &[&str]) -> Result<u32, String> {
+        let out = Command::new(env!("CARGO_BIN_EXE_portmux"))
+            .arg("upgrade")
+            .arg("--control")
+            .arg(&self.control)
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        if !out.status.success() {
+            return Err(format!("{}\n{stderr}", exit_text(Some(out.status))));
+        }
+        let pid =
+            stdout.rsplit("pid ").next().and_then(|p| p.trim().parse().ok()).ok_or(format!("no pid in {stdout}"))?;
+        self.current = pid;
+        Ok(pid)
     }
 
     /// Everything portmux logged so far.
@@ -235,26 +277,43 @@ impl Portmux {
         false
     }
 
-    /// SIGTERM, then waits for the exit.
+    /// From now on, `pid` is the process serving (after a SIGUSR2 upgrade).
+    pub fn follow(&mut self, pid: u32) {
+        self.current = pid;
+    }
+
+    /// Sends `sig` to the process serving now.
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.current as i32) {
+            let _ = rustix::process::kill_process(pid, sig);
+        }
+    }
+
+    /// SIGTERM, then waits for the exit (of the first process; after an
+    /// upgrade, use `signal` and `alive`).
     pub fn terminate(&mut self, within: Duration) -> Option<ExitStatus> {
         signal(&self.child, rustix::process::Signal::TERM);
         wait_exit(&mut self.child, within)
     }
 
-    /// SIGKILL, then reaps it.
+    /// SIGKILL to the process serving now (and the first one), reaped.
     pub fn kill(&mut self) {
+        self.signal(rustix::process::Signal::KILL);
         signal(&self.child, rustix::process::Signal::KILL);
         let _ = self.child.wait();
     }
 
     pub fn is_running(&mut self) -> bool {
+        if self.current != self.child.id() {
+            return alive(self.current);
+        }
         self.child.try_wait().is_ok_and(|s| s.is_none())
     }
 }
 
 impl Drop for Portmux {
     fn drop(&mut self) {
-        if self.is_running() {
+        if self.is_running() || self.child.try_wait().is_ok_and(|s| s.is_none()) {
             self.kill();
         }
     }
@@ -288,8 +347,9 @@ impl Service {
         let mut svc = Service { child, out };
         match wait_line(&svc.out, ready, Duration::from_secs(20)) {
             Ok(_) => Ok(svc),
-            Err(stderr) => {
+            Err(_) => {
                 let status = wait_exit(&mut svc.child, Duration::from_secs(3));
+                let stderr = if status.is_some() { svc.out.full_stderr() } else { svc.stderr() };
                 Err(format!("{}\n{stderr}", exit_text(status)))
             }
         }
