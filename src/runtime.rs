@@ -7,7 +7,7 @@ use crate::route::Table;
 use crate::sys::{net, uring};
 use arc_swap::ArcSwap;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -131,30 +131,60 @@ fn start(mut settings: Settings, handover: Option<OwnedFd>) -> Result<(), StartE
     if upgraded {
         routes.clear();
     }
-    let control = match &settings.control {
-        Some(path) if !upgraded => Some(bind_control(path)?),
-        _ => None,
+    // Under systemd: sockets from socket activation or the fd store.
+    let mut systemd = if upgraded {
+        crate::systemd::Inherited::default()
+    } else {
+        crate::systemd::inherited().map_err(StartError::Route)?
+    };
+    let mut remove_on_stop = false;
+    let control = match (&settings.control, systemd.control.take()) {
+        _ if upgraded => None,
+        (_, Some(fd)) => {
+            remove_on_stop = systemd.control_stored;
+            // A socket unit's socket comes in blocking mode; the acceptor
+            // relies on EAGAIN to know the backlog is empty.
+            net::set_nonblocking(fd.as_fd(), true).map_err(|e| StartError::Route(format!("control socket: {e}")))?;
+            Some(fd)
+        }
+        (Some(path), None) => {
+            let fd = bind_control(path)?;
+            crate::systemd::store(fd.as_fd(), crate::systemd::STORED_CONTROL_NAME);
+            remove_on_stop = true;
+            Some(fd)
+        }
+        (None, None) => None,
     };
     let admin = match settings.admin {
         Some(addr) if !upgraded => match std::net::TcpListener::bind(addr) {
             Ok(l) => Some(l),
             Err(source) => {
-                if let (Some(path), Some((_, identity))) = (&settings.control, &control) {
-                    remove_if_ours(path, *identity);
+                if let (Some(path), true) = (&settings.control, remove_on_stop) {
+                    let _ = std::fs::remove_file(path);
                 }
                 return Err(StartError::Admin { addr, source });
             }
         },
         _ => None,
     };
-    let identity = control.as_ref().map(|(_, id)| *id).or_else(|| {
-        let path = settings.control.as_ref()?;
-        std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
-    });
-    let start = crate::control::Start { control: control.map(|(fd, _)| fd), admin, routes, handover };
+    // The socket file as it is now: removed on a clean stop only if it is still
+    // this one (an upgraded process or another portmux may have replaced it).
+    let identity =
+        settings.control.as_ref().and_then(|p| std::fs::symlink_metadata(p).ok()).map(|m| (m.dev(), m.ino()));
+    let start = crate::control::Start {
+        control,
+        admin,
+        routes,
+        control_owned: remove_on_stop,
+        handover,
+        listeners: systemd.listeners,
+        state_file: systemd.state,
+    };
     let result = serve(settings.clone(), start);
     // After an upgrade the socket file belongs to the new process.
-    if let (Ok(crate::control::Exit::Stopped), Some(path), Some(identity)) = (&result, &settings.control, identity) {
+    if let (Ok(crate::control::Exit::Stopped { control_owned: true }), Some(path), Some(identity)) =
+        (&result, &settings.control, identity)
+    {
         remove_if_ours(path, identity);
     }
     result.map(|_| ())
@@ -214,8 +244,7 @@ fn uring_builder() -> tokio_uring::Builder {
 }
 
 /// Binds the control socket, replacing a stale one, refusing a live one.
-/// Returns the fd and the socket file's identity (device, inode).
-fn bind_control(path: &Path) -> Result<(OwnedFd, (u64, u64)), StartError> {
+fn bind_control(path: &Path) -> Result<OwnedFd, StartError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
         std::fs::create_dir_all(dir).map_err(|source| StartError::Dir { path: dir.to_path_buf(), source })?;
     }
@@ -228,10 +257,7 @@ fn bind_control(path: &Path) -> Result<(OwnedFd, (u64, u64)), StartError> {
         }
         Err(_) => {}
     }
-    let fd = net::seqpacket_listener(path).map_err(|source| StartError::Bind { path: path.to_path_buf(), source })?;
-    let meta =
-        std::fs::symlink_metadata(path).map_err(|source| StartError::Bind { path: path.to_path_buf(), source })?;
-    Ok((fd, (meta.dev(), meta.ino())))
+    net::seqpacket_listener(path).map_err(|source| StartError::Bind { path: path.to_path_buf(), source })
 }
 
 /// Removes the control socket file unless another process has replaced it.

@@ -114,29 +114,16 @@ impl ControlPlane {
             send(Handover::Listener { id: l.listener.id, addr: *addr }, vec![dup(l.listener.fd.as_fd())?])?;
         }
         if let Some(fd) = self.control_fd.borrow().as_ref() {
-            send(Handover::ControlSocket, vec![dup(fd.as_fd())?])?;
+            send(Handover::ControlSocket { owned: self.control_owned.get() }, vec![dup(fd.as_fd())?])?;
         }
         if let Some(l) = self.admin_listener.borrow().as_ref() {
             send(Handover::AdminSocket, vec![dup(l.as_fd())?])?;
         }
-        let mut keys: Vec<&RouteKey> = st.routes.keys().collect();
-        keys.sort();
-        for key in keys {
-            let r = &st.routes[key];
-            let msg = match &r.forward {
-                Some(pool) => Handover::BackendRoute {
-                    route: r.spec.to_string(),
-                    backends: pool.backends.iter().map(|b| b.spec.to_string()).collect(),
-                },
-                None => Handover::ServiceRoute {
-                    route: r.display.to_string(),
-                    service: r.service.clone(),
-                    reserved_ms: r
-                        .reserved_until
-                        .map(|t| t.saturating_duration_since(Instant::now()).as_millis() as u64),
-                },
-            };
+        for msg in st.route_messages() {
             send(msg, vec![])?;
+        }
+        if let Some(file) = self.state_file.borrow().as_ref() {
+            send(Handover::StateFile, vec![dup(file.fd())?])?;
         }
         for (session, conns) in &frozen.unacked {
             let entry = st.sessions.get(&session.id);
@@ -304,12 +291,18 @@ async fn receive_state(cp: &Rc<ControlPlane>, channel: &Channel) -> Result<Vec<C
         match msg.clone() {
             Handover::Listener { id, addr } => {
                 let listener = Arc::new(Listener { id, addr, fd: fd()? });
+                // A listener passed by socket activation is not in the fd store.
+                let pinned = false;
                 ids.insert(addr, id);
                 let mut st = cp.state.borrow_mut();
                 st.next_listener = st.next_listener.max(id);
-                st.listeners.insert(addr, ListenerEntry { listener, idle_since: None });
+                st.listeners.insert(addr, ListenerEntry { listener, idle_since: None, pinned });
             }
-            Handover::ControlSocket => *cp.control_fd.borrow_mut() = Some(fd()?),
+            Handover::ControlSocket { owned } => {
+                *cp.control_fd.borrow_mut() = Some(fd()?);
+                cp.control_owned.set(owned);
+            }
+            Handover::StateFile => *cp.state_file.borrow_mut() = Some(crate::systemd::StateFile::adopt(fd()?)),
             Handover::AdminSocket => *cp.admin_listener.borrow_mut() = Some(std::net::TcpListener::from(fd()?)),
             Handover::BackendRoute { route, backends } => {
                 let spec = RouteSpec::parse(&route).map_err(|e| e.to_string())?;
@@ -382,6 +375,64 @@ async fn receive_state(cp: &Rc<ControlPlane>, channel: &Channel) -> Result<Vec<C
             }
             other => return Err(format!("handover: unexpected {} while receiving the state", other.kind())),
         }
+    }
+}
+
+/// After a restart (a crash, systemd restarting portmux): recreates the routes
+/// kept in the fd store. Routes with backends come back whole; a service's
+/// route comes back reserved for the linger period, so connections queue until
+/// the service (its client library reconnects by itself) registers again.
+pub(super) fn restore(cp: &Rc<ControlPlane>, routes: Vec<Handover>) {
+    let mut restored = 0;
+    for msg in routes {
+        match msg {
+            Handover::BackendRoute { route, backends } => {
+                let resolved: Result<Vec<_>, String> = backends
+                    .iter()
+                    .map(|b| {
+                        let spec = BackendSpec::parse(b)?;
+                        let endpoints = spec.resolve()?;
+                        Ok((spec, endpoints))
+                    })
+                    .collect();
+                match (RouteSpec::parse(&route), resolved) {
+                    (Ok(spec), Ok(resolved)) => match cp.set_backends(spec, resolved) {
+                        Ok(_) => restored += 1,
+                        Err(e) => tracing::warn!(%route, "cannot restore the route: {e:?}"),
+                    },
+                    _ => tracing::warn!(%route, "cannot restore the route: bad spec or backends"),
+                }
+            }
+            Handover::ServiceRoute { route, service, .. } => {
+                let Ok(spec) = RouteSpec::parse(&route) else { continue };
+                let key = route_key(&spec, cp.shared.settings.bind);
+                let addr = key.0;
+                let mut st = cp.state.borrow_mut();
+                if let Err((_, e)) = st.open_listeners(&[(addr, route.clone())]) {
+                    tracing::warn!(%route, "cannot restore the route: {e}");
+                    continue;
+                }
+                st.routes.insert(
+                    key,
+                    RouteState {
+                        display: spec.key().into(),
+                        spec,
+                        forward: None,
+                        service,
+                        sessions: Vec::new(),
+                        queue: VecDeque::new(),
+                        reserved_until: Some(Instant::now() + cp.linger()),
+                        flushing: false,
+                        next: 0,
+                    },
+                );
+                restored += 1;
+            }
+            other => tracing::warn!("unexpected {} in the route state", other.kind()),
+        }
+    }
+    if restored > 0 {
+        tracing::info!(routes = restored, "restored the routes kept in the fd store; services' routes wait for them");
     }
 }
 

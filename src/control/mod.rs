@@ -33,6 +33,8 @@ struct ListenerEntry {
     listener: Arc<Listener>,
     /// Since when it has had no routes.
     idle_since: Option<Instant>,
+    /// Passed by socket activation: systemd owns it; it never closes when idle.
+    pinned: bool,
 }
 
 #[derive(Debug)]
@@ -144,6 +146,31 @@ impl State {
         }
     }
 
+    /// Every route as a handover message: what a new process, or this one after
+    /// a crash, needs to recreate it.
+    fn route_messages(&self) -> Vec<portmux_wire::Handover> {
+        let mut keys: Vec<&RouteKey> = self.routes.keys().collect();
+        keys.sort();
+        keys.into_iter()
+            .map(|key| {
+                let r = &self.routes[key];
+                match &r.forward {
+                    Some(pool) => portmux_wire::Handover::BackendRoute {
+                        route: r.spec.to_string(),
+                        backends: pool.backends.iter().map(|b| b.spec.to_string()).collect(),
+                    },
+                    None => portmux_wire::Handover::ServiceRoute {
+                        route: r.display.to_string(),
+                        service: r.service.clone(),
+                        reserved_ms: r
+                            .reserved_until
+                            .map(|t| t.saturating_duration_since(Instant::now()).as_millis() as u64),
+                    },
+                }
+            })
+            .collect()
+    }
+
     /// Refuses a listening address that overlaps an existing or planned one on the same port.
     fn check_clash(&self, addr: SocketAddr, planned: &[SocketAddr]) -> Result<(), String> {
         match self.listeners.keys().chain(planned).find(|a| clashes(**a, addr)) {
@@ -171,9 +198,12 @@ impl State {
         }
         for (addr, fd) in opened {
             self.next_listener += 1;
+            // Kept in systemd's fd store: a restart after a crash takes it back,
+            // with whatever connections the kernel queued meanwhile.
+            crate::systemd::store(fd.as_fd(), &crate::systemd::listener_name(addr));
             let listener = Arc::new(Listener { id: self.next_listener, addr, fd });
             tracing::info!(%addr, "listening");
-            self.listeners.insert(addr, ListenerEntry { listener, idle_since: None });
+            self.listeners.insert(addr, ListenerEntry { listener, idle_since: None, pinned: false });
         }
         for (addr, _) in addrs {
             if let Some(l) = self.listeners.get_mut(addr) {
@@ -197,7 +227,7 @@ impl State {
             let parked = r.queue.front().map(|p| p.conn.arrived + linger);
             r.reserved_until.into_iter().chain(parked)
         });
-        let listeners = self.listeners.values().filter_map(|l| l.idle_since.map(|t| t + linger));
+        let listeners = self.listeners.values().filter(|l| !l.pinned).filter_map(|l| l.idle_since.map(|t| t + linger));
         routes.chain(listeners).min()
     }
 }
@@ -205,8 +235,9 @@ impl State {
 /// How the control plane ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
-    /// SIGTERM/SIGINT: everything stopped here.
-    Stopped,
+    /// SIGTERM/SIGINT: everything stopped here; `control_owned`: remove the
+    /// control socket's file (portmux created it).
+    Stopped { control_owned: bool },
     /// An upgrade: a new process serves everything; this one handed it all over.
     Upgraded,
 }
@@ -223,6 +254,8 @@ pub(crate) struct ControlPlane {
     /// The control socket and the admin API's listener, kept to restart their
     /// tasks (after a failed upgrade) and to hand them on.
     control_fd: RefCell<Option<OwnedFd>>,
+    /// portmux created the control socket's file (not a socket unit).
+    control_owned: std::cell::Cell<bool>,
     admin_listener: RefCell<Option<std::net::TcpListener>>,
     /// The acceptor, admin and timer tasks.
     tasks: RefCell<Vec<tokio::task::AbortHandle>>,
@@ -236,6 +269,8 @@ pub(crate) struct ControlPlane {
     handover: RefCell<Option<mpsc::UnboundedSender<crate::upgrade::Outgoing>>>,
     upgrading: std::cell::Cell<bool>,
     exit: tokio::sync::watch::Sender<Option<Exit>>,
+    /// The route state kept in systemd's fd store (under systemd only).
+    state_file: RefCell<Option<crate::systemd::StateFile>>,
 }
 
 /// Counts a running session reader.
@@ -262,6 +297,7 @@ impl ControlPlane {
             timer: Notify::new(),
             acked: Notify::new(),
             control_fd: RefCell::new(None),
+            control_owned: std::cell::Cell::new(false),
             admin_listener: RefCell::new(None),
             tasks: RefCell::new(Vec::new()),
             freeze: tokio::sync::watch::Sender::new(false),
@@ -271,6 +307,7 @@ impl ControlPlane {
             handover: RefCell::new(None),
             upgrading: std::cell::Cell::new(false),
             exit: tokio::sync::watch::Sender::new(None),
+            state_file: RefCell::new(None),
         }
     }
 
@@ -323,6 +360,12 @@ impl ControlPlane {
     fn publish(&self) {
         if self.state.borrow().importing {
             return;
+        }
+        if let Some(file) = self.state_file.borrow_mut().as_mut() {
+            let routes = self.state.borrow().route_messages();
+            if let Err(e) = file.write(&routes) {
+                tracing::warn!("cannot keep the route state in the fd store: {e}");
+            }
         }
         let table = self.state.borrow().build_table();
         self.shared.table.store(Arc::new(table));
@@ -651,11 +694,12 @@ impl ControlPlane {
             let idle: Vec<SocketAddr> = st
                 .listeners
                 .iter()
-                .filter(|(_, l)| l.idle_since.is_some_and(|t| t + linger <= now))
+                .filter(|(_, l)| !l.pinned && l.idle_since.is_some_and(|t| t + linger <= now))
                 .map(|(a, _)| *a)
                 .collect();
             for addr in idle {
                 st.listeners.remove(&addr);
+                crate::systemd::unstore(&crate::systemd::listener_name(addr));
                 tracing::info!(%addr, "closed listener: no routes for {}", humantime::format_duration(linger));
                 changed = true;
             }
@@ -991,12 +1035,18 @@ async fn timer(cp: Rc<ControlPlane>) {
 pub struct Start {
     /// The bound control socket, if any.
     pub control: Option<OwnedFd>,
+    /// portmux created its file (it removes it on a clean stop).
+    pub control_owned: bool,
     /// The bound admin API listener, if any.
     pub admin: Option<std::net::TcpListener>,
     /// Routes with backends to create first (resolved).
     pub routes: Vec<(RouteSpec, Resolved)>,
     /// Started by an upgrade: the socket to the previous process.
     pub handover: Option<OwnedFd>,
+    /// Listening sockets from systemd (address, pinned).
+    pub listeners: Vec<(OwnedFd, SocketAddr, bool)>,
+    /// The route state from systemd's fd store (after a restart).
+    pub state_file: Option<OwnedFd>,
 }
 
 impl ControlPlane {
@@ -1030,6 +1080,7 @@ pub async fn run(
 ) -> Result<Exit, String> {
     let cp = Rc::new(ControlPlane::new(shared.clone()));
     *cp.control_fd.borrow_mut() = start.control;
+    cp.control_owned.set(start.control_owned);
     *cp.admin_listener.borrow_mut() = start.admin;
     let fail = |e: String| {
         shared.stopping.send_replace(true);
@@ -1042,6 +1093,26 @@ pub async fn run(
         },
         None => None,
     };
+    for (fd, addr, pinned) in start.listeners {
+        let mut st = cp.state.borrow_mut();
+        st.next_listener += 1;
+        let listener = Arc::new(Listener { id: st.next_listener, addr, fd });
+        st.listeners.insert(addr, ListenerEntry { listener, idle_since: Some(Instant::now()), pinned });
+    }
+    if let Some(fd) = start.state_file {
+        let file = crate::systemd::StateFile::adopt(fd);
+        match file.read() {
+            Ok(routes) => handover::restore(&cp, routes),
+            Err(e) => tracing::warn!("cannot read the route state from the fd store: {e}"),
+        }
+        *cp.state_file.borrow_mut() = Some(file);
+    } else if crate::systemd::managed() && cp.state_file.borrow().is_none() {
+        match crate::systemd::StateFile::create() {
+            Ok(file) => *cp.state_file.borrow_mut() = Some(file),
+            Err(e) => tracing::info!("the route state is not kept across crashes: {e}"),
+        }
+    }
+    cp.publish();
     for (spec, backends) in start.routes {
         let text = spec.key();
         if let Err(AdminError::Bad(e) | AdminError::NotFound(e) | AdminError::Conflict(e)) =
@@ -1089,6 +1160,7 @@ pub async fn run(
     }
 
     // 1. No new sessions; workers stop accepting and finish what they hold.
+    crate::systemd::notify(&["STOPPING=1", "STATUS=stopping"]);
     cp.stop_tasks();
     shared.stopping.send_replace(true);
     let mut running = shared.workers_running.subscribe();
@@ -1117,7 +1189,7 @@ pub async fn run(
     }
     intake.abort();
     tracing::info!("stopped");
-    Ok(Exit::Stopped)
+    Ok(Exit::Stopped { control_owned: cp.control_owned.get() })
 }
 
 /// Waits for SIGTERM/SIGINT, or for a completed upgrade; SIGUSR2 starts an upgrade.
@@ -1134,11 +1206,11 @@ async fn wait_for_exit(cp: &Rc<ControlPlane>) -> Exit {
         tokio::select! {
             _ = term.recv() => {
                 tracing::info!("SIGTERM: stopping");
-                return Exit::Stopped;
+                return Exit::Stopped { control_owned: false };
             }
             _ = int.recv() => {
                 tracing::info!("SIGINT: stopping");
-                return Exit::Stopped;
+                return Exit::Stopped { control_owned: false };
             }
             _ = usr2.recv() => {
                 tracing::info!("SIGUSR2: upgrading");
@@ -1150,7 +1222,7 @@ async fn wait_for_exit(cp: &Rc<ControlPlane>) -> Exit {
                     }
                 });
             }
-            Ok(e) = exit.wait_for(Option::is_some) => return (*e).unwrap_or(Exit::Stopped),
+            Ok(e) = exit.wait_for(Option::is_some) => return (*e).unwrap_or(Exit::Stopped { control_owned: false }),
         }
     }
 }

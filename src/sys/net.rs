@@ -285,20 +285,27 @@ pub fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
 }
 
 /// Takes ownership of a socket fd inherited from the parent process by number
-/// (an upgrade's handover socket, or systemd's). Refuses numbers that are not
-/// open sockets.
+/// (an upgrade's handover socket). Refuses numbers that are not open sockets.
 pub fn adopt_inherited(raw: i32) -> io::Result<OwnedFd> {
+    let fd = adopt_inherited_any(raw)?;
+    sockopt::socket_type(&fd)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("fd {raw} is not a socket")))?;
+    Ok(fd)
+}
+
+/// Takes ownership of any fd inherited by number (systemd's LISTEN_FDS, which
+/// may include a memfd). Refuses numbers below 3 and fds that are not open.
+pub fn adopt_inherited_any(raw: i32) -> io::Result<OwnedFd> {
     use std::os::fd::FromRawFd;
     if raw < 3 {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("fd {raw} is not an inherited socket")));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("fd {raw} is not an inherited fd")));
     }
-    // SAFETY: a borrow only for the checks below; ownership is taken after them.
+    // SAFETY: a borrow only for the check below; ownership is taken after it.
     let borrowed = unsafe { BorrowedFd::borrow_raw(raw) };
     rustix::io::fcntl_getfd(borrowed).map_err(|e| io::Error::new(e.kind(), format!("fd {raw} is not open")))?;
-    sockopt::socket_type(borrowed)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("fd {raw} is not a socket")))?;
-    // SAFETY: the fd is open, is a socket, and was passed to this process to
-    // own; callers take each inherited number once, at start-up.
+    // SAFETY: the fd is open and was passed to this process to own; callers
+    // take each inherited number once, at start-up (the environment variable
+    // naming it is removed as it is read).
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     set_cloexec(fd.as_fd(), true)?;
     Ok(fd)

@@ -132,7 +132,7 @@ mod tests {
         vec![
             (Handover::Start { version: 1, pid: 7 }, "000107"),
             (Handover::Listener { id: 2, addr: "127.0.0.1:80".parse().unwrap() }, "0102007f00000150"),
-            (Handover::ControlSocket, "02"),
+            (Handover::ControlSocket { owned: true }, "0201"),
             (Handover::AdminSocket, "03"),
             (
                 Handover::BackendRoute { route: "tcp://:1".into(), backends: vec!["a:1".into()] },
@@ -150,6 +150,7 @@ mod tests {
             (Handover::Ready, "0b"),
             (Handover::Failed { reason: "no".into() }, "0c026e6f"),
             (Handover::Done, "0d"),
+            (Handover::StateFile, "0e"),
         ]
     }
 

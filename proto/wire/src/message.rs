@@ -121,8 +121,9 @@ pub enum Handover {
     Start { version: u32, pid: u32 },
     /// A public listening socket (+ its fd).
     Listener { id: u64, addr: SocketAddr },
-    /// The control socket's listening fd.
-    ControlSocket,
+    /// The control socket's listening fd; `owned`: portmux created its file
+    /// (and removes it on a clean stop), rather than a socket unit.
+    ControlSocket { owned: bool },
     /// The admin API's listening fd.
     AdminSocket,
     /// A route forwarding to backends.
@@ -146,6 +147,8 @@ pub enum Handover {
     Failed { reason: String },
     /// old → new: nothing more will come.
     Done,
+    /// The route-state file kept in systemd's fd store (+ its fd).
+    StateFile,
 }
 
 impl Handover {
@@ -153,7 +156,7 @@ impl Handover {
         match self {
             Handover::Start { .. } => "Start",
             Handover::Listener { .. } => "Listener",
-            Handover::ControlSocket => "ControlSocket",
+            Handover::ControlSocket { .. } => "ControlSocket",
             Handover::AdminSocket => "AdminSocket",
             Handover::BackendRoute { .. } => "BackendRoute",
             Handover::ServiceRoute { .. } => "ServiceRoute",
@@ -165,6 +168,7 @@ impl Handover {
             Handover::Ready => "Ready",
             Handover::Failed { .. } => "Failed",
             Handover::Done => "Done",
+            Handover::StateFile => "StateFile",
         }
     }
 }
