@@ -5,6 +5,7 @@ mod forward;
 mod peek;
 mod protocol;
 mod restart;
+mod systemd;
 mod upgrade;
 mod util;
 mod walkthrough;

@@ -1,0 +1,287 @@
+//! portmux under systemd: socket activation of the control socket and public
+//! ports (systemd-socket-activate), the fd store across a crash (a stand-in
+//! service manager that restarts portmux like Restart=always), and the units.
+
+use crate::util::*;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The stand-in service manager running `portmux run ARGS…`.
+struct Manager {
+    child: Child,
+    seen: Arc<Mutex<Vec<String>>>,
+    log: Arc<Mutex<String>>,
+}
+
+impl Manager {
+    fn start(args: &[&str]) -> Manager {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/fixtures/fake_systemd.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_portmux"))
+            .args(args)
+            .env("RUST_LOG", "info,portmux=debug")
+            .env_remove("PORTMUX_CONTROL")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python3 runs the stand-in service manager");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let record = seen.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                record.lock().unwrap().push(line);
+            }
+        });
+        let log = Arc::new(Mutex::new(String::new()));
+        let err = child.stderr.take().unwrap();
+        let sink = log.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        Manager { child, seen, log }
+    }
+
+    /// Waits until a line containing `what` was seen (at any time), and returns
+    /// the latest such line.
+    fn wait(&self, what: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(line) = self.seen.lock().unwrap().iter().rev().find(|l| l.contains(what)) {
+                return line.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what:?}; saw {:?}\n{}",
+                self.seen.lock().unwrap(),
+                self.log.lock().unwrap()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for a line containing `what` seen after `count` earlier ones.
+    fn wait_nth(&self, what: &str, n: usize) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let lines: Vec<String> = self.seen.lock().unwrap().iter().filter(|l| l.contains(what)).cloned().collect();
+            if lines.len() >= n {
+                return lines[n - 1].clone();
+            }
+            assert!(Instant::now() < deadline, "no {what:?} #{n}; saw {:?}", self.seen.lock().unwrap());
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn saw(&self, what: &str) -> bool {
+        self.seen.lock().unwrap().iter().any(|l| l.contains(what))
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        // Closing stdin makes it kill the service and exit.
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+fn pid_of(line: &str) -> u32 {
+    line.rsplit('=').next().unwrap().trim().parse().unwrap()
+}
+
+/// New connections, one request each, until `stop`; records (started, error).
+fn requests(
+    port: u16,
+    body: &'static str,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<Vec<(Instant, Option<String>)>> {
+    thread::spawn(move || {
+        let mut out = Vec::new();
+        while !stop.load(Ordering::Relaxed) && out.len() < 50_000 {
+            let started = Instant::now();
+            let result =
+                TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}")).and_then(|mut s| {
+                    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                        .map_err(|e| format!("write: {e}"))?;
+                    let r = read_response(&mut s).map_err(|e| format!("read: {e}"))?;
+                    if r.status == 200 && r.body == body { Ok(()) } else { Err(format!("{} {:?}", r.status, r.body)) }
+                });
+            out.push((started, result.err()));
+        }
+        out
+    })
+}
+
+#[test]
+fn after_a_crash_systemd_restarts_portmux_and_no_queued_connection_is_lost() {
+    let dir = TempDir::new();
+    let control = dir.path().join("control.sock");
+    let control_arg = control.to_str().unwrap();
+    let manager = Manager::start(&["run", "--bind", "127.0.0.1", "--control", control_arg, "--admin", "127.0.0.1:0"]);
+    let first = pid_of(&manager.wait("STARTED pid="));
+    let ready = manager.wait(" ready: ");
+    let admin_addr: std::net::SocketAddr =
+        ready.split("admin API http://").nth(1).and_then(|r| r.split(';').next()).unwrap().parse().unwrap();
+    manager.wait("READY");
+    manager.wait("FDSTORE name=control-stored");
+    manager.wait("FDSTORE name=state");
+
+    let (handoff, forward) = (free_port(), free_port());
+    let _svc = Service::try_hello(&control, &format!("http://:{handoff}"), "svc", &[]).unwrap();
+    let (_backend, backend) = Service::backend("fwd", &[]);
+    let body = format!(r#"{{"route": "http://:{forward}", "backends": ["{backend}"]}}"#);
+    assert_eq!(admin(admin_addr, "POST", "/routes", Some(&body)).0, 200);
+    manager.wait(&format!("FDSTORE name=tcp-127.0.0.1-{handoff}"));
+    manager.wait(&format!("FDSTORE name=tcp-127.0.0.1-{forward}"));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let loads = [requests(handoff, "svc", stop.clone()), requests(forward, "fwd", stop.clone())];
+    thread::sleep(Duration::from_millis(300));
+    rustix::process::kill_process(rustix::process::Pid::from_raw(first as i32).unwrap(), rustix::process::Signal::KILL)
+        .unwrap();
+    // Until it is really gone, the dying process may still take a connection.
+    while alive(first) {
+        thread::sleep(Duration::from_millis(1));
+    }
+    let killed = Instant::now();
+    let second = pid_of(&manager.wait("RESTARTED pid="));
+    assert_ne!(first, second);
+    manager.wait_nth("READY", 2);
+    thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    for (load, route) in loads.into_iter().zip(["handoff", "forward"]) {
+        let results = load.join().unwrap();
+        let refused: Vec<_> =
+            results.iter().filter_map(|(_, e)| e.as_ref()).filter(|e| e.starts_with("connect")).collect();
+        assert!(refused.is_empty(), "{route}: no connection is refused: {refused:?}");
+        // Requests in flight inside the killed process may fail; every one
+        // started after the kill (queued by the kernel meanwhile) is served.
+        let after: Vec<_> = results.iter().filter(|(t, _)| *t > killed).collect();
+        let failed: Vec<_> = after.iter().filter_map(|(_, e)| e.as_ref()).collect();
+        assert!(failed.is_empty(), "{route}: every connection made after the crash is served: {failed:?}");
+        assert!(after.len() >= 20, "{route}: the load went on after the crash ({})", after.len());
+    }
+    let log = manager.log.lock().unwrap().clone();
+    assert!(log.contains("adopted the control socket from systemd"), "{log}");
+    assert!(log.contains("restored the routes kept in the fd store"), "{log}");
+    assert!(manager.saw("RESTARTED"));
+}
+
+#[test]
+fn socket_activation_passes_the_control_socket_and_the_public_ports() {
+    let dir = TempDir::new();
+    let control = dir.path().join("control.sock");
+    let port = free_port();
+    let control_arg = control.to_str().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    // Two socket units' worth: the control socket (SEQPACKET) and a public port,
+    // each activated on its first connection and passed through.
+    let mut cmd = Command::new("systemd-socket-activate");
+    cmd.args(["--seqpacket", "-l", control_arg, "--fdname=control", "systemd-socket-activate", "-l", &listen])
+        .args(["--fdname=web", env!("CARGO_BIN_EXE_portmux"), "run", "--bind", "127.0.0.1", "--linger", "1s"])
+        .args(["--control", control_arg, "--admin", "off"])
+        .env("RUST_LOG", "info,portmux=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut activator = cmd.spawn().expect("systemd-socket-activate is installed (package systemd)");
+    let log = Arc::new(Mutex::new(String::new()));
+    let streams: [std::fs::File; 2] = [
+        std::os::fd::OwnedFd::from(activator.stdout.take().unwrap()).into(),
+        std::os::fd::OwnedFd::from(activator.stderr.take().unwrap()).into(),
+    ];
+    for stream in streams {
+        let sink = log.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+    }
+    let wait_log = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !log.lock().unwrap().contains(what) {
+            assert!(Instant::now() < deadline, "no {what:?} in {}", log.lock().unwrap());
+            thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_log("Listening on");
+    // The service's connection activates the control socket; a first client,
+    // the public port; then portmux starts with both.
+    let svc = thread::spawn({
+        let control = control.clone();
+        move || Service::try_hello(&control, &format!("http://:{port}"), "activated", &[])
+    });
+    wait_log("Communication attempt");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the public port listens");
+        thread::sleep(Duration::from_millis(20));
+    }
+    wait_log("ready:");
+    let mut svc = svc.join().unwrap().unwrap_or_else(|e| panic!("{e}\n{}", log.lock().unwrap()));
+    assert_eq!(get(port, "x", "/").unwrap().body, "activated");
+    let text = log.lock().unwrap().clone();
+    // (The inner activator names every fd it passes "web"; portmux tells them apart by type.)
+    assert!(text.contains("adopted the control socket from systemd"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "adopted a listening socket from systemd addr=127.0.0.1:{port} name=\"web\" pinned=true"
+        )),
+        "{text}"
+    );
+    // The route goes; a socket-activated listener is systemd's: it stays open.
+    svc.kill();
+    wait_log("route released");
+    thread::sleep(Duration::from_millis(1500));
+    assert!(!log.lock().unwrap().contains(&format!("closed listener: no routes for 1s addr=127.0.0.1:{port}")));
+    assert_eq!(get(port, "x", "/").unwrap().status, 404, "still listening, with no route");
+    if let Some(pid) = rustix::process::Pid::from_raw(activator.id() as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+    let _ = activator.wait();
+    assert!(control.exists(), "a socket unit's control socket is not portmux's to remove");
+}
+
+#[test]
+fn the_units_verify_and_their_exposure_is_low() {
+    let dir = TempDir::new();
+    let units = concat!(env!("CARGO_MANIFEST_DIR"), "/dist/systemd");
+    let mut paths = Vec::new();
+    for name in ["portmux.service", "portmux.socket", "portmux-control.socket"] {
+        let text = std::fs::read_to_string(format!("{units}/{name}")).unwrap();
+        // verify checks that ExecStart's binary exists: point it at the one just built.
+        let text = text.replace("/usr/bin/portmux", env!("CARGO_BIN_EXE_portmux"));
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        paths.push(path);
+    }
+    let out =
+        Command::new("systemd-analyze").arg("verify").args(&paths).output().expect("systemd-analyze is installed");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "systemd-analyze verify: {stderr}");
+    let out = Command::new("systemd-analyze").args(["security", "--offline=true"]).arg(&paths[0]).output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    let level: f64 = report
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for portmux.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in {report}"));
+    eprintln!("systemd-analyze security: exposure {level}");
+    assert!(level <= 2.0, "exposure {level} is higher than the 1.6 the features allow:\n{report}");
+}
