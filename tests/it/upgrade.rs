@@ -213,7 +213,9 @@ fn long_lived_streams_continue_byte_exact_across_upgrades() {
     let h = check_counter(client(handoff), stop.clone(), seen_h.clone());
     let f = check_counter(client(forward), stop.clone(), seen_f.clone());
     thread::sleep(Duration::from_millis(200));
+    let mut old = Vec::new();
     for i in 0..20 {
+        old.push(pm.pid());
         pm.upgrade(&[]).unwrap_or_else(|e| panic!("upgrade {i}: {e}"));
         thread::sleep(Duration::from_millis(50));
     }
@@ -226,6 +228,11 @@ fn long_lived_streams_continue_byte_exact_across_upgrades() {
     let counted = (h.join().unwrap().unwrap(), f.join().unwrap().unwrap());
     assert!(counted.0 > 1000 && counted.1 > 1000, "{counted:?}");
     assert!(pm.log().contains("the previous portmux handed over everything relays=1"), "the relay moved each time");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while old.iter().any(|&p| alive(p)) {
+        assert!(Instant::now() < deadline, "every old process exits");
+        thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -234,7 +241,9 @@ fn a_new_binary_that_fails_leaves_the_old_one_serving() {
     let mut pm = Portmux::start(&[]);
     let port = free_port();
     let _svc = Service::hello(&pm, &format!("http://:{port}"), "still old", &[]);
+    assert_eq!(get(port, "x", "/").unwrap().body, "still old");
     let first = pm.pid();
+    let baseline = fd_count(first);
 
     let exits = dir.path().join("exits.sh");
     std::fs::write(&exits, "#!/bin/sh\necho 'broken build' >&2\nexit 3\n").unwrap();
@@ -253,6 +262,11 @@ fn a_new_binary_that_fails_leaves_the_old_one_serving() {
     assert!(err.contains("/nonexistent/portmux"), "{err}");
     assert_eq!(pm.pid(), first);
     assert_eq!(get(port, "x", "/").unwrap().body, "still old", "the old process keeps serving");
+    // Failed attempts leave nothing behind: no fd, no process.
+    let left = wait_fds_at_most(first, baseline, Duration::from_secs(10));
+    assert!(left <= baseline, "fds after failed upgrades: {left} > {baseline}");
+    let children = std::fs::read_to_string(format!("/proc/{first}/task/{first}/children")).unwrap_or_default();
+    assert!(children.trim().is_empty(), "no process left from the failed upgrades: {children}");
     // And a good upgrade still works afterwards; the service moves along.
     let new = pm.upgrade(&[]).unwrap();
     assert_ne!(new, first);
