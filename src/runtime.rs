@@ -111,6 +111,11 @@ fn start(mut settings: Settings, handover: Option<OwnedFd>) -> Result<(), StartE
         }
         return Err(StartError::IoUring(e));
     }
+    match crate::sys::raise_nofile_limit() {
+        Ok((before, after)) if before != after => tracing::debug!("open-file limit raised from {before} to {after}"),
+        Ok((_, after)) => tracing::debug!("open-file limit is {after}"),
+        Err(e) => tracing::warn!("cannot raise the open-file limit to the hard limit: {e}"),
+    }
     if settings.bind.is_unspecified() && settings.bind.is_ipv6() && !net::ipv6_available() {
         tracing::warn!("IPv6 is unavailable on this host; listening on 0.0.0.0 instead of [::] by default");
         settings.bind = std::net::Ipv4Addr::UNSPECIFIED.into();

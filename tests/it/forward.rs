@@ -533,6 +533,31 @@ fn ten_thousand_connections_near_the_fd_limit() {
 }
 
 #[test]
+fn a_low_soft_fd_limit_is_raised_to_the_hard_limit() {
+    // systemd starts services with a soft limit of 1024 (here 200) and a high
+    // hard limit; 300 relayed connections need 600 fds.
+    let dir = TempDir::new();
+    let control = dir.path().join("control.sock");
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(format!(
+        "ulimit -Sn 200 && ulimit -Hn 4000 && exec {} run --bind 127.0.0.1 --control {}",
+        env!("CARGO_BIN_EXE_portmux"),
+        control.display()
+    ));
+    let pm = Portmux::spawn(cmd, &control, Some(dir)).unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", pm.pid())).unwrap();
+    let open_files = limits.lines().find(|l| l.starts_with("Max open files")).unwrap().to_string();
+    assert_eq!(open_files.split_whitespace().nth(3), Some("4000"), "{open_files}");
+    let port = free_port();
+    let (_web, web) = Service::backend("web", &[]);
+    assert!(portmux_cli(&pm, &["route", "add", &format!("http://:{port}"), "--backend", &web.to_string()]).0);
+    let mut conns: Vec<Http> = (0..300).map(|_| Http::connect(port)).collect();
+    for (i, c) in conns.iter_mut().enumerate() {
+        assert_eq!(c.get("x", "/").unwrap_or_else(|e| panic!("connection {i}: {e}")).body, "web");
+    }
+}
+
+#[test]
 fn a_unix_socket_backend_is_served() {
     let dir = TempDir::new();
     let pm = Portmux::start(&[]);
