@@ -204,7 +204,7 @@ async fn serve(fd: OwnedFd, listener: ListenerId, shared: &Shared) {
             Ok(route) => route,
             Err(answer) => {
                 tracing::debug!(%peer, port = local.port(), ?answer, "not delivered");
-                reply::send(fd, answer).await;
+                Box::pin(reply::send(fd, answer)).await;
                 return;
             }
         }
@@ -222,5 +222,7 @@ async fn serve(fd: OwnedFd, listener: ListenerId, shared: &Shared) {
     }
     let id = shared.next_conn_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let conn = Conn { id, fd: Arc::new(fd), listener, meta, arrived, rejected_by: None };
-    handoff::deliver(conn, &route, shared).await;
+    // Boxed, like every phase that ends before a relay does: a task's state is
+    // as large as its largest phase, for as long as the task lives.
+    Box::pin(handoff::deliver(conn, &route, shared)).await;
 }

@@ -143,7 +143,9 @@ pub(crate) async fn write_all(fd: BorrowedFd<'_>, mut bytes: &[u8], deadline: In
 }
 
 async fn drain(fd: BorrowedFd<'_>, deadline: Instant) {
-    let mut buf = [0u8; 4096];
+    // On the heap: a buffer here would be part of every connection task's
+    // state (the task of a long relay too), not only of those that drain.
+    let mut buf = vec![0u8; 4096];
     let mut total = 0;
     while total < DRAIN_LIMIT {
         match net::recv(fd, &mut buf) {

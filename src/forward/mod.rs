@@ -79,7 +79,9 @@ pub async fn serve(client: OwnedFd, meta: ConnMeta, pool: Arc<BackendPool>, shar
         let Some(i) = pool.pick(&tried) else { break };
         tried.push(i);
         let backend = &pool.backends[i];
-        match connect(backend, settings).await {
+        // Boxed: a task's state is as large as its largest phase, and a relay
+        // may live for hours after the connect.
+        match Box::pin(connect(backend, settings)).await {
             Ok(fd) => {
                 connected = Some((backend.clone(), fd));
                 break;
@@ -96,7 +98,7 @@ pub async fn serve(client: OwnedFd, meta: ConnMeta, pool: Arc<BackendPool>, shar
                     Proto::Http => Reply::unavailable("portmux is out of file descriptors; retry shortly"),
                     Proto::Tls | Proto::Tcp => Reply::Close,
                 };
-                return reply::send(client, answer).await;
+                return Box::pin(reply::send(client, answer)).await;
             }
             Err(e) => {
                 backend.mark_failed(settings.backend_cooldown);
@@ -120,13 +122,13 @@ pub async fn serve(client: OwnedFd, meta: ConnMeta, pool: Arc<BackendPool>, shar
             )),
             Proto::Tls | Proto::Tcp => Reply::Close,
         };
-        return reply::send(client, answer).await;
+        return Box::pin(reply::send(client, answer)).await;
     };
     let active = backend.connected();
     if let Some(version) = pool.proxy {
         let header = proxy::header(version, meta.peer, meta.local);
         let deadline = Instant::now() + settings.connect_timeout;
-        if !reply::write_all(server.as_fd(), &header, deadline).await {
+        if !Box::pin(reply::write_all(server.as_fd(), &header, deadline)).await {
             tracing::warn!(route = %meta.route, backend = %backend.spec.name, "could not send the PROXY header");
             return;
         }

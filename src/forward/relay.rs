@@ -14,12 +14,14 @@
 use crate::sys::net;
 use std::cell::{Cell, RefCell};
 use std::fmt;
+use std::future::Future;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::Notify;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 /// Size of a copy buffer; a read that fills it marks a bulk flow.
 const BUFFER: usize = 16 * 1024;
@@ -114,17 +116,27 @@ impl std::str::FromStr for Mode {
 #[derive(Debug, Default)]
 pub struct Pause {
     requested: Cell<bool>,
-    wake: Notify,
+    waker: RefCell<Option<Waker>>,
 }
 
 impl Pause {
     pub fn request(&self) {
         self.requested.set(true);
-        self.wake.notify_waiters();
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
     }
 
     pub fn is_requested(&self) -> bool {
         self.requested.get()
+    }
+
+    /// Remembers whom to wake on a request.
+    fn register(&self, waker: &Waker) {
+        let mut slot = self.waker.borrow_mut();
+        if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *slot = Some(waker.clone());
+        }
     }
 }
 
@@ -145,10 +157,6 @@ pub enum Failure {
     Io { side: Side, op: &'static str, error: io::Error },
     /// Neither side sent or took a byte for the idle timeout.
     Idle(Duration),
-    /// The other direction failed first.
-    Stopped,
-    /// Paused at a safe point on request.
-    Paused,
 }
 
 impl fmt::Display for Failure {
@@ -156,8 +164,6 @@ impl fmt::Display for Failure {
         match self {
             Failure::Io { side, op, error } => write!(f, "{side} failed while portmux was {op}: {error}"),
             Failure::Idle(d) => write!(f, "idle for {} (neither side sent or read)", humantime::format_duration(*d)),
-            Failure::Stopped => f.write_str("stopped"),
-            Failure::Paused => f.write_str("paused"),
         }
     }
 }
@@ -174,230 +180,259 @@ pub struct Outcome {
     pub closed: Closed,
 }
 
-/// The state both directions share.
-struct Shared<'p> {
-    idle: Duration,
-    last: Cell<Instant>,
-    stopped: Cell<bool>,
-    stop: Notify,
-    pause: &'p Pause,
-}
-
-impl Shared<'_> {
-    fn touch(&self) {
-        self.last.set(Instant::now());
-    }
-
-    fn stop(&self) {
-        self.stopped.set(true);
-        self.stop.notify_waiters();
-    }
-
-    /// Runs `op` on `fd` once it is ready for `interest`, retrying while it
-    /// would block; gives up if the relay is stopped (the other direction
-    /// failed, or the watchdog found both idle), and before a read once a pause
-    /// is requested (nothing is held then). A short transfer (`short` says so)
-    /// clears the readiness: the next call then waits for a new event instead
-    /// of spending a system call on EAGAIN.
-    async fn ready<R>(
-        &self,
-        fd: &AsyncFd<OwnedFd>,
-        side: Side,
-        writing: bool,
-        mut op: impl FnMut(BorrowedFd<'_>) -> io::Result<R>,
-        short: impl Fn(&R) -> bool,
-    ) -> Result<R, Failure> {
-        let failure = |error| Failure::Io { side, op: if writing { "writing" } else { "reading" }, error };
-        loop {
-            if self.stopped.get() {
-                return Err(Failure::Stopped);
-            }
-            if !writing && self.pause.is_requested() {
-                return Err(Failure::Paused);
-            }
-            let mut guard = tokio::select! {
-                g = async { if writing { fd.writable().await } else { fd.readable().await } } => g.map_err(failure)?,
-                () = self.stop.notified() => continue,
-                () = self.pause.wake.notified() => continue,
-            };
-            match guard.try_io(|inner| op(inner.get_ref().as_fd())) {
-                Ok(Ok(r)) => {
-                    if short(&r) {
-                        guard.clear_ready();
-                    }
-                    return Ok(r);
-                }
-                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                Ok(Err(e)) => return Err(failure(e)),
-                Err(_would_block) => {}
-            }
-        }
-    }
-
-    /// Ends the relay once neither direction has moved a byte for the idle
-    /// timeout: one timer per relay, not one per wait.
-    async fn watchdog(&self) -> Failure {
-        loop {
-            let deadline = self.last.get() + self.idle;
-            if Instant::now() >= deadline {
-                self.stop();
-                return Failure::Idle(self.idle);
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
-    }
-}
-
 /// Relays until both directions have ended (each end's EOF is passed on as a
-/// half-close), one fails, or `pause` is requested and both reach a safe point.
-/// Both must be non-blocking sockets registered for reading and writing;
-/// `closed` skips directions already over.
-pub async fn relay(
-    client: &AsyncFd<OwnedFd>,
-    backend: &AsyncFd<OwnedFd>,
+/// half-close), one fails, neither moves a byte for `idle`, or `pause` is
+/// requested and both reach a safe point. Both must be non-blocking sockets
+/// registered for reading and writing; `closed` skips directions already over.
+///
+/// One hand-written future drives both directions and the idle timer: no
+/// task, channel or notification per direction, and a few hundred bytes per
+/// relay (10 000 idle relays fit in a few MiB).
+pub fn relay<'a>(
+    client: &'a AsyncFd<OwnedFd>,
+    backend: &'a AsyncFd<OwnedFd>,
     idle: Duration,
     mode: Mode,
-    pause: &Pause,
+    pause: &'a Pause,
     closed: Closed,
-) -> Outcome {
-    let shared =
-        Shared { idle, last: Cell::new(Instant::now()), stopped: Cell::new(false), stop: Notify::new(), pause };
-    let up = async {
-        if closed.client { Ok(0) } else { pump(&shared, mode, client, Side::Client, backend, Side::Backend).await }
+) -> Relay<'a> {
+    let start = |done: bool| Direction {
+        state: if done { State::Done } else { State::Read },
+        pipe: if mode == Mode::Splice && !done { take_pipe() } else { None },
+        total: 0,
     };
-    let down = async {
-        if closed.backend { Ok(0) } else { pump(&shared, mode, backend, Side::Backend, client, Side::Client).await }
-    };
-    let both = async { tokio::join!(up, down) };
-    let mut idle = None;
-    let (up, down) = {
-        let mut both = std::pin::pin!(both);
-        tokio::select! {
-            biased;
-            r = &mut both => r,
-            f = shared.watchdog() => {
-                // The directions see the stop and finish their waits.
-                idle = Some(f);
-                both.await
-            }
-        }
-    };
-    let paused = [&up, &down].iter().any(|r| matches!(r, Err((_, Failure::Paused))));
-    let closed = Closed { client: up.is_ok(), backend: down.is_ok() };
-    let mut failure = idle;
-    let mut bytes = |r: Result<u64, (u64, Failure)>| match r {
-        Ok(n) => n,
-        Err((n, Failure::Paused)) => n,
-        Err((n, f)) => {
-            if failure.is_none() || matches!(failure, Some(Failure::Stopped)) {
-                failure = Some(f);
-            }
-            n
-        }
-    };
-    let (to_backend, to_client) = (bytes(up), bytes(down));
-    Outcome { to_backend, to_client, paused: paused && failure.is_none(), closed, failure }
-}
-
-/// One direction: from `src` to `dst` until `src`'s EOF, then shut down `dst`'s write side.
-async fn pump(
-    shared: &Shared<'_>,
-    mode: Mode,
-    src: &AsyncFd<OwnedFd>,
-    src_side: Side,
-    dst: &AsyncFd<OwnedFd>,
-    dst_side: Side,
-) -> Result<u64, (u64, Failure)> {
-    let mut total = 0u64;
-    let mut pipe: Option<Pipe> = if mode == Mode::Splice { take_pipe() } else { None };
-    let ends = Ends { src, src_side, dst, dst_side };
-    let result = pump_inner(shared, mode, &ends, &mut total, &mut pipe).await;
-    if let Some(p) = pipe {
-        // A pipe that still holds bytes cannot be reused.
-        if result.is_ok() {
-            give_pipe(p);
-        }
-    }
-    match result {
-        Ok(()) => {
-            let _ = net::shutdown_write(dst.get_ref().as_fd());
-            Ok(total)
-        }
-        Err(Failure::Paused) => Err((total, Failure::Paused)),
-        Err(f) => {
-            shared.stop();
-            Err((total, f))
-        }
+    let now = Instant::now();
+    Relay {
+        ends: [client, backend],
+        dirs: [start(closed.client), start(closed.backend)],
+        mode,
+        idle,
+        last: now,
+        timer: Box::pin(tokio::time::sleep_until(now + idle)),
+        pause,
     }
 }
 
-/// The two sockets of one direction.
-struct Ends<'a> {
-    src: &'a AsyncFd<OwnedFd>,
-    src_side: Side,
-    dst: &'a AsyncFd<OwnedFd>,
-    dst_side: Side,
+/// The future [`relay`] returns.
+pub struct Relay<'a> {
+    /// [client, backend]; direction 0 reads the client, direction 1 the backend.
+    ends: [&'a AsyncFd<OwnedFd>; 2],
+    dirs: [Direction; 2],
+    mode: Mode,
+    idle: Duration,
+    /// When a byte last moved.
+    last: Instant,
+    /// Fires at `last + idle` at the earliest; re-armed lazily.
+    timer: Pin<Box<Sleep>>,
+    pause: &'a Pause,
 }
 
-async fn pump_inner(
-    shared: &Shared<'_>,
-    mode: Mode,
-    e: &Ends<'_>,
-    total: &mut u64,
-    pipe: &mut Option<Pipe>,
-) -> Result<(), Failure> {
-    loop {
-        if let Some(p) = pipe.as_ref() {
-            // Bulk: socket → pipe → socket, never through user space.
-            let cap = p.capacity;
-            let w = p.w.as_fd();
-            let n = shared.ready(e.src, e.src_side, false, |fd| net::splice(fd, w, cap), |&n| n > 0 && n < cap).await?;
-            if n == 0 {
-                return Ok(());
+impl fmt::Debug for Relay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Relay")
+            .field("to_backend", &self.dirs[0].total)
+            .field("to_client", &self.dirs[1].total)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One direction's progress.
+struct Direction {
+    state: State,
+    /// Set once the flow is bulk (or in `Mode::Splice`): bytes go through it.
+    pipe: Option<Pipe>,
+    total: u64,
+}
+
+enum State {
+    /// Waiting for bytes (or the end) from the source: a safe point.
+    Read,
+    /// Sending `buf[sent..len]` to the destination.
+    Write { buf: Box<[u8]>, sent: usize, len: usize },
+    /// Splicing `left` of `len` bytes from the pipe to the destination.
+    Drain { left: usize, len: usize },
+    /// The source's end-of-file was passed on.
+    Done,
+    /// Stopped at the safe point on request.
+    Paused,
+}
+
+/// What one step of a direction came to.
+enum Step {
+    /// It waits (or is finished); the future stays pending for it.
+    Idle,
+    /// Bytes moved.
+    Moved,
+}
+
+impl Future for Relay<'_> {
+    type Output = Outcome;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let this = self.get_mut();
+        this.pause.register(cx.waker());
+        let mut moved = false;
+        for i in 0..2 {
+            match this.step(i, cx) {
+                Ok(Step::Moved) => moved = true,
+                Ok(Step::Idle) => {}
+                Err(f) => return Poll::Ready(this.finish(Some(f))),
             }
-            let mut left = n;
-            while left > 0 {
-                let r = p.r.as_fd();
-                left -= shared.ready(e.dst, e.dst_side, true, |fd| net::splice(r, fd, left), |&m| m < left).await?;
-            }
-            *total += n as u64;
-            shared.touch();
-            continue;
         }
-        // The buffer comes from the pool only once bytes are ready: an idle
-        // connection holds none.
-        let read = |fd: BorrowedFd<'_>| {
-            let mut buf = take_buffer();
-            match net::recv(fd, &mut buf) {
-                Ok(n) => Ok((buf, n)),
-                Err(err) => {
-                    give_buffer(buf);
-                    Err(err)
+        let over = |d: &Direction| matches!(d.state, State::Done | State::Paused);
+        if over(&this.dirs[0]) && over(&this.dirs[1]) {
+            return Poll::Ready(this.finish(None));
+        }
+        if moved {
+            this.last = Instant::now();
+        }
+        // The idle timer: re-armed to the latest deadline each time it fires early.
+        while this.timer.as_mut().poll(cx).is_ready() {
+            let deadline = this.last + this.idle;
+            if Instant::now() >= deadline {
+                return Poll::Ready(this.finish(Some(Failure::Idle(this.idle))));
+            }
+            this.timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    }
+}
+
+impl Relay<'_> {
+    /// Advances direction `i` as far as it goes without blocking.
+    fn step(&mut self, i: usize, cx: &mut Context<'_>) -> Result<Step, Failure> {
+        let (src, dst) = (self.ends[i], self.ends[1 - i]);
+        let (src_side, dst_side) = if i == 0 { (Side::Client, Side::Backend) } else { (Side::Backend, Side::Client) };
+        let reading = |error| Failure::Io { side: src_side, op: "reading", error };
+        let writing = |error| Failure::Io { side: dst_side, op: "writing", error };
+        let dir = &mut self.dirs[i];
+        let mut step = Step::Idle;
+        loop {
+            match &mut dir.state {
+                State::Done | State::Paused => return Ok(step),
+                State::Read => {
+                    if self.pause.is_requested() {
+                        dir.state = State::Paused;
+                        return Ok(step);
+                    }
+                    let Poll::Ready(ready) = src.poll_read_ready(cx) else { return Ok(step) };
+                    let mut guard = ready.map_err(reading)?;
+                    if let Some(p) = &dir.pipe {
+                        // Bulk: socket → pipe → socket, never through user space.
+                        let (w, cap) = (p.w.as_fd(), p.capacity);
+                        match guard.try_io(|fd| net::splice(fd.get_ref().as_fd(), w, cap)) {
+                            Err(_would_block) => {}
+                            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Ok(Err(e)) => return Err(reading(e)),
+                            Ok(Ok(0)) => {
+                                let _ = net::shutdown_write(dst.get_ref().as_fd());
+                                dir.state = State::Done;
+                            }
+                            Ok(Ok(n)) => {
+                                // A short read emptied the socket: wait for an event
+                                // rather than spend a system call on EAGAIN.
+                                if n < cap {
+                                    guard.clear_ready();
+                                }
+                                dir.state = State::Drain { left: n, len: n };
+                            }
+                        }
+                        continue;
+                    }
+                    // The buffer comes from the pool only once bytes are ready:
+                    // an idle connection holds none.
+                    let mut buf = take_buffer();
+                    match guard.try_io(|fd| net::recv(fd.get_ref().as_fd(), &mut buf)) {
+                        Ok(Ok(0)) => {
+                            give_buffer(buf);
+                            let _ = net::shutdown_write(dst.get_ref().as_fd());
+                            dir.state = State::Done;
+                        }
+                        Ok(Ok(n)) => {
+                            if n < buf.len() {
+                                guard.clear_ready();
+                            }
+                            dir.state = State::Write { buf, sent: 0, len: n };
+                        }
+                        Ok(Err(e)) if e.kind() != io::ErrorKind::Interrupted => {
+                            give_buffer(buf);
+                            return Err(reading(e));
+                        }
+                        Ok(Err(_)) | Err(_) => give_buffer(buf),
+                    }
+                }
+                State::Write { buf, sent, len } => {
+                    let Poll::Ready(ready) = dst.poll_write_ready(cx) else { return Ok(step) };
+                    let mut guard = ready.map_err(writing)?;
+                    let left = *len - *sent;
+                    match guard.try_io(|fd| net::send(fd.get_ref().as_fd(), &buf[*sent..*len])) {
+                        Err(_would_block) => {}
+                        Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Ok(Err(e)) => return Err(writing(e)),
+                        Ok(Ok(m)) if m < left => {
+                            guard.clear_ready();
+                            *sent += m;
+                        }
+                        Ok(Ok(_)) => {
+                            let (full, n) = (*len == buf.len(), *len);
+                            let State::Write { buf, .. } = std::mem::replace(&mut dir.state, State::Read) else {
+                                unreachable!()
+                            };
+                            give_buffer(buf);
+                            dir.total += n as u64;
+                            step = Step::Moved;
+                            if full && self.mode == Mode::Auto {
+                                dir.pipe = take_pipe();
+                            }
+                        }
+                    }
+                }
+                State::Drain { left, len } => {
+                    let Some(p) = &dir.pipe else { unreachable!("draining without a pipe") };
+                    let Poll::Ready(ready) = dst.poll_write_ready(cx) else { return Ok(step) };
+                    let mut guard = ready.map_err(writing)?;
+                    let r = p.r.as_fd();
+                    match guard.try_io(|fd| net::splice(r, fd.get_ref().as_fd(), *left)) {
+                        Err(_would_block) => {}
+                        Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Ok(Err(e)) => return Err(writing(e)),
+                        Ok(Ok(m)) if m < *left => {
+                            guard.clear_ready();
+                            *left -= m;
+                        }
+                        Ok(Ok(_)) => {
+                            dir.total += *len as u64;
+                            dir.state = State::Read;
+                            step = Step::Moved;
+                        }
+                    }
                 }
             }
-        };
-        let (buf, n) = shared.ready(e.src, e.src_side, false, read, |(b, n)| *n > 0 && *n < b.len()).await?;
-        let size = buf.len();
-        if n == 0 {
-            give_buffer(buf);
-            return Ok(());
         }
-        let mut sent = 0;
-        while sent < n {
-            let left = n - sent;
-            match shared.ready(e.dst, e.dst_side, true, |fd| net::send(fd, &buf[sent..n]), |&m| m < left).await {
-                Ok(m) => sent += m,
-                Err(f) => {
-                    give_buffer(buf);
-                    return Err(f);
-                }
+    }
+
+    /// The outcome; buffers and empty pipes go back to the pools.
+    fn finish(&mut self, failure: Option<Failure>) -> Outcome {
+        let paused = failure.is_none() && self.dirs.iter().any(|d| matches!(d.state, State::Paused));
+        let mut closed = [false; 2];
+        for (i, dir) in self.dirs.iter_mut().enumerate() {
+            closed[i] = matches!(dir.state, State::Done);
+            if let State::Write { buf, .. } = std::mem::replace(&mut dir.state, State::Done) {
+                give_buffer(buf);
+            }
+            // Only a direction that ended cleanly surely left its pipe empty
+            // for reuse; other pipes are closed (fds back to baseline).
+            match dir.pipe.take() {
+                Some(p) if closed[i] => give_pipe(p),
+                _ => {}
             }
         }
-        give_buffer(buf);
-        *total += n as u64;
-        shared.touch();
-        if n == size && mode == Mode::Auto {
-            *pipe = take_pipe();
+        Outcome {
+            to_backend: self.dirs[0].total,
+            to_client: self.dirs[1].total,
+            failure,
+            paused,
+            closed: Closed { client: closed[0], backend: closed[1] },
         }
     }
 }
