@@ -533,6 +533,24 @@ fn ten_thousand_connections_near_the_fd_limit() {
 }
 
 #[test]
+fn large_responses_switch_to_splice_and_keep_alive_continues() {
+    // The bench's 1 MiB scenario: hello --size repeats its body; the relay
+    // switches that direction to splice mid-response, and the connection then
+    // carries more requests, small and large, byte-exact.
+    let pm = Portmux::start(&[]);
+    let port = free_port();
+    let (_big, big) = Service::backend("0123456789abcdef", &["--size", "1048577"]);
+    assert!(portmux_cli(&pm, &["route", "add", &format!("http://:{port}"), "--backend", &big.to_string()]).0);
+    let expected: String = "0123456789abcdef".chars().cycle().take(1_048_577).collect();
+    let mut c = Http::connect(port);
+    for i in 0..5 {
+        let r = c.get("x", "/").unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(r.status, 200);
+        assert!(r.body == expected, "request {i}: {} bytes, exact: false", r.body.len());
+    }
+}
+
+#[test]
 fn a_low_soft_fd_limit_is_raised_to_the_hard_limit() {
     // systemd starts services with a soft limit of 1024 (here 200) and a high
     // hard limit; 300 relayed connections need 600 fds.

@@ -5,10 +5,11 @@
 //!
 //! With `--listen ADDR` it listens on ADDR itself instead (no portmux): the
 //! same server as a plain backend, or as the "direct" baseline of a benchmark.
+//! `--size BYTES` repeats BODY to that many bytes (large responses).
 //!
 //! ```text
-//! hello SPEC BODY [--name NAME] [--control PATH] [--tls-cert PEM --tls-key PEM]
-//! hello --listen ADDR BODY [--tls-cert PEM --tls-key PEM]
+//! hello SPEC BODY [--name NAME] [--control PATH] [--tls-cert PEM --tls-key PEM] [--size BYTES]
+//! hello --listen ADDR BODY [--tls-cert PEM --tls-key PEM] [--size BYTES]
 //! hello 'http://:8000/a' 'From A'
 //! ```
 
@@ -24,8 +25,8 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-const USAGE: &str = "usage: hello SPEC BODY [--name NAME] [--control PATH] [--tls-cert PEM --tls-key PEM]\n       \
-                     hello --listen ADDR BODY [--tls-cert PEM --tls-key PEM]";
+const USAGE: &str = "usage: hello SPEC BODY [--name NAME] [--control PATH] [--tls-cert PEM --tls-key PEM] \
+                     [--size BYTES]\n       hello --listen ADDR BODY [--tls-cert PEM --tls-key PEM] [--size BYTES]";
 
 struct Args {
     /// A route spec, or with `listen` the address to listen on.
@@ -36,11 +37,12 @@ struct Args {
     control: Option<String>,
     cert: Option<String>,
     key: Option<String>,
+    size: Option<usize>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut positional = Vec::new();
-    let (mut name, mut control, mut cert, mut key, mut listen) = (None, None, None, None, None);
+    let (mut name, mut control, mut cert, mut key, mut listen, mut size) = (None, None, None, None, None, None);
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let slot = match a.as_str() {
@@ -49,6 +51,7 @@ fn parse_args() -> Result<Args, String> {
             "--tls-cert" => &mut cert,
             "--tls-key" => &mut key,
             "--listen" => &mut listen,
+            "--size" => &mut size,
             "-h" | "--help" => return Err(USAGE.into()),
             s if s.starts_with("--") => return Err(format!("unknown option {s}\n{USAGE}")),
             _ => {
@@ -65,7 +68,14 @@ fn parse_args() -> Result<Args, String> {
     if cert.is_some() != key.is_some() {
         return Err("--tls-cert and --tls-key go together".into());
     }
-    Ok(Args { spec, listen: direct, body, name, control, cert, key })
+    let size = match size {
+        Some(s) => Some(s.parse().map_err(|_| format!("--size {s} is not a number of bytes"))?),
+        None => None,
+    };
+    if body.is_empty() && size.is_some() {
+        return Err("--size needs a non-empty BODY to repeat".into());
+    }
+    Ok(Args { spec, listen: direct, body, name, control, cert, key, size })
 }
 
 fn tls_acceptor(cert: &str, key: &str) -> Result<TlsAcceptor, String> {
@@ -104,7 +114,10 @@ async fn main() -> ExitCode {
         },
         _ => None,
     };
-    let body = Bytes::from(args.body.clone());
+    let body = match args.size {
+        Some(n) => Bytes::from(args.body.bytes().cycle().take(n).collect::<Vec<u8>>()),
+        None => Bytes::from(args.body.clone()),
+    };
     if args.listen {
         return listen_directly(&args.spec, tls, body).await;
     }
