@@ -92,7 +92,7 @@ struct Common {
     /// Worker threads, one io_uring runtime each [default: one per core]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     workers: Option<u16>,
-    /// How relays move bytes: auto (copy small exchanges, splice bulk), or copy/splice only (for measurements)
+    /// How relays move bytes: auto (copy on loopback and for small exchanges, splice bulk across a NIC), or copy/splice only (for measurements)
     #[arg(long, value_name = "MODE", default_value = "auto", hide = true)]
     relay_mode: portmux::forward::relay::Mode,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive); RUST_LOG also works

@@ -16,7 +16,7 @@ use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -88,14 +88,27 @@ impl fmt::Display for Side {
     }
 }
 
-/// How a relay moves bytes: `Auto` copies until a read fills the buffer, then
-/// splices; the others force one way (for measurements).
+/// How a relay moves bytes: `Auto` copies when both peers are on loopback
+/// (measured faster there, see [`Mode::for_flow`]) and otherwise copies until a
+/// read fills the buffer, then splices; the others force one way (for
+/// measurements).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Mode {
     #[default]
     Auto,
     Copy,
     Splice,
+}
+
+impl Mode {
+    /// The mode for one flow. On loopback, splicing saves no copy the receiver
+    /// does not make anyway, and its large batches pipeline worse: measured
+    /// here (wrk through a forward route, same run) copy beat splice by a third
+    /// with 1 MiB bodies and matched it with 16 and 256 MiB ones. Across a NIC,
+    /// splice keeps bulk bytes out of user space.
+    pub fn for_flow(self, client: BorrowedFd<'_>, backend: BorrowedFd<'_>) -> Mode {
+        if self == Mode::Auto && net::peer_is_local(client) && net::peer_is_local(backend) { Mode::Copy } else { self }
+    }
 }
 
 impl std::str::FromStr for Mode {
@@ -523,6 +536,18 @@ mod tests {
         assert_eq!(answer.len(), payload.len() + 1);
         assert!(answer[..payload.len()] == payload[..], "the relayed bytes are exact");
         assert_eq!((outcome.to_backend, outcome.to_client), (payload.len() as u64, payload.len() as u64 + 1));
+    }
+
+    #[test]
+    fn loopback_flows_copy_and_forced_modes_stay() {
+        let (a, _x) = pair();
+        let (b, _y) = pair();
+        assert_eq!(Mode::Auto.for_flow(a.as_fd(), b.as_fd()), Mode::Copy);
+        assert_eq!(Mode::Splice.for_flow(a.as_fd(), b.as_fd()), Mode::Splice);
+        let (u, _v) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(net::peer_is_local(u.as_fd()), "a Unix socket has no NIC");
+        let unconnected = TcpListener::bind("127.0.0.1:0").unwrap();
+        assert_eq!(Mode::Auto.for_flow(unconnected.as_fd(), b.as_fd()), Mode::Auto, "no peer: not known local");
     }
 
     #[test]

@@ -86,6 +86,19 @@ pub fn tcp_addrs(fd: BorrowedFd<'_>) -> io::Result<(SocketAddr, SocketAddr)> {
     Ok((std_addr(peer)?, std_addr(net::getsockname(fd)?)?))
 }
 
+/// Whether a connected socket's peer is on this host's loopback (or the
+/// socket is a Unix one): no NIC between the two ends.
+pub fn peer_is_local(fd: BorrowedFd<'_>) -> bool {
+    match net::getpeername(fd) {
+        Ok(Some(addr)) => match std_addr(addr) {
+            Ok(SocketAddr::V4(a)) => a.ip().is_loopback(),
+            Ok(SocketAddr::V6(a)) => a.ip().is_loopback() || a.ip().to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+            Err(_) => true, // not an IP address: a Unix socket
+        },
+        _ => false,
+    }
+}
+
 /// The address a listening socket is bound to.
 pub fn local_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
     std_addr(net::getsockname(fd)?)

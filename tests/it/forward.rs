@@ -217,7 +217,14 @@ fn least_connections_sends_new_connections_to_the_idler_backend() {
 
 #[test]
 fn a_64_mib_transfer_is_byte_exact_both_ways_with_half_close() {
-    let pm = Portmux::start(&[]);
+    // On loopback `auto` copies; splice (chosen across a NIC) is forced too.
+    for mode in ["auto", "splice"] {
+        transfer_64_mib(mode);
+    }
+}
+
+fn transfer_64_mib(mode: &str) {
+    let pm = Portmux::start(&["--relay-mode", mode]);
     let port = free_port();
     let echo = TestBackend::start("echo", false);
     let (ok, _, err) =
@@ -236,8 +243,8 @@ fn a_64_mib_transfer_is_byte_exact_both_ways_with_half_close() {
     let mut back = Vec::with_capacity(SIZE);
     s.read_to_end(&mut back).unwrap();
     t.join().unwrap();
-    assert_eq!(back.len(), SIZE);
-    assert!(back == data, "64 MiB came back byte-exact");
+    assert_eq!(back.len(), SIZE, "{mode}");
+    assert!(back == data, "64 MiB came back byte-exact ({mode})");
 }
 
 #[test]
@@ -533,20 +540,22 @@ fn ten_thousand_connections_near_the_fd_limit() {
 }
 
 #[test]
-fn large_responses_switch_to_splice_and_keep_alive_continues() {
-    // The bench's 1 MiB scenario: hello --size repeats its body; the relay
-    // switches that direction to splice mid-response, and the connection then
-    // carries more requests, small and large, byte-exact.
-    let pm = Portmux::start(&[]);
-    let port = free_port();
+fn large_responses_stay_byte_exact_over_keep_alive_copied_or_spliced() {
+    // The bench's 1 MiB scenario: hello --size repeats its body; in splice mode
+    // the relay switches that direction to splice mid-response, and the
+    // connection then carries more answers, byte-exact.
     let (_big, big) = Service::backend("0123456789abcdef", &["--size", "1048577"]);
-    assert!(portmux_cli(&pm, &["route", "add", &format!("http://:{port}"), "--backend", &big.to_string()]).0);
     let expected: String = "0123456789abcdef".chars().cycle().take(1_048_577).collect();
-    let mut c = Http::connect(port);
-    for i in 0..5 {
-        let r = c.get("x", "/").unwrap_or_else(|e| panic!("request {i}: {e}"));
-        assert_eq!(r.status, 200);
-        assert!(r.body == expected, "request {i}: {} bytes, exact: false", r.body.len());
+    for mode in ["auto", "splice"] {
+        let pm = Portmux::start(&["--relay-mode", mode]);
+        let port = free_port();
+        assert!(portmux_cli(&pm, &["route", "add", &format!("http://:{port}"), "--backend", &big.to_string()]).0);
+        let mut c = Http::connect(port);
+        for i in 0..5 {
+            let r = c.get("x", "/").unwrap_or_else(|e| panic!("{mode}, request {i}: {e}"));
+            assert_eq!(r.status, 200);
+            assert!(r.body == expected, "{mode}, request {i}: {} bytes, exact: false", r.body.len());
+        }
     }
 }
 
