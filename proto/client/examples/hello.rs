@@ -159,9 +159,24 @@ async fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// A listening socket with the backlog portmux's own listeners have (4096),
+/// so a burst of connections is not dropped where portmux would take it.
+async fn listen_on(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = std::io::Error::new(std::io::ErrorKind::InvalidInput, "the address resolves to nothing");
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(4096)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 /// Serves on a listening socket of its own, without portmux.
 async fn listen_directly(addr: &str, tls: Option<TlsAcceptor>, body: Bytes) -> ExitCode {
-    let listener = match tokio::net::TcpListener::bind(addr).await {
+    let listener = match listen_on(addr).await {
         Ok(l) => l,
         Err(e) => {
             eprintln!("hello: cannot listen on {addr}: {e}");
