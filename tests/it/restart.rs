@@ -4,6 +4,7 @@
 
 use crate::util::*;
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -279,4 +280,66 @@ fn queued_connections_are_delivered_in_arrival_order() {
         let (_stream, info) = listener.accept().unwrap();
         assert_eq!(info.path, Some(format!("/{i}")), "connections come in the order they arrived");
     }
+}
+
+#[test]
+fn an_event_loop_on_the_poll_fd_accepts_and_reconnects_after_portmux_restarts() {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let dir = TempDir::new();
+    let control = dir.path().join("control.sock");
+    let mut pm = Portmux::start_at(&control, &[], None).unwrap();
+    let port = free_port();
+    let listener =
+        portmux_client::Builder::new().route(format!("http://:{port}/loop")).control(&control).bind().unwrap();
+    let fd = listener.poll_fd().unwrap();
+    assert!(listener.try_accept().unwrap().is_none(), "nothing waits yet, and try_accept does not block");
+    // One event loop iteration: wait for the fd, then take what there is.
+    let next = || -> Option<(std::net::TcpStream, portmux_client::ConnInfo)> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+            let wait = Timespec { tv_sec: 1, tv_nsec: 0 };
+            if poll(&mut fds, Some(&wait)).unwrap() == 0 {
+                continue;
+            }
+            if let Some(conn) = listener.try_accept().unwrap() {
+                return Some(conn);
+            }
+        }
+        None
+    };
+    let answer = |(mut s, info): (std::net::TcpStream, portmux_client::ConnInfo)| {
+        let body = info.path.unwrap_or_default();
+        write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    };
+    let client = thread::spawn(move || get(port, "x", "/loop/1").unwrap().body);
+    answer(next().expect("the poll fd woke the loop for a connection"));
+    assert_eq!(client.join().unwrap(), "/loop/1");
+
+    pm.kill();
+    let readable = |ms: i64| {
+        let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+        poll(&mut fds, Some(&Timespec { tv_sec: ms / 1000, tv_nsec: ms % 1000 * 1_000_000 })).unwrap() > 0
+    };
+    assert!(readable(2000), "the session's end wakes the loop");
+    assert!(listener.try_accept().unwrap().is_none(), "portmux is down: one failed attempt, no blocking");
+    // The dead session left the set (or the loop would spin), and a timer wakes
+    // the loop for the next attempt.
+    assert!(!readable(0), "the loop is not woken again at once");
+    assert!(readable(900), "the reconnection timer wakes the loop");
+    assert!(listener.try_accept().unwrap().is_none());
+    let pm2 = Portmux::start_at(&control, &[], None).unwrap();
+    let client = thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Refused until the listener has registered again with the new portmux.
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the route never came back");
+            thread::sleep(Duration::from_millis(50));
+        }
+        get(port, "x", "/loop/2").unwrap().body
+    });
+    answer(next().expect("the loop reconnected and got the next connection"));
+    assert_eq!(client.join().unwrap(), "/loop/2");
+    assert!(pm2.wait_count("registered", 1, Duration::from_secs(1)), "{}", pm2.log());
+    assert_eq!(listener.poll_fd().unwrap().as_raw_fd(), fd.as_raw_fd(), "the poll fd stays the same");
 }

@@ -31,9 +31,9 @@ use rustix::net::{RecvFlags, SendFlags};
 use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Environment variable naming the service when the builder does not.
@@ -124,6 +124,19 @@ impl Error {
     fn is_transient(&self) -> bool {
         matches!(self, Error::Connect { .. } | Error::Io(_))
     }
+}
+
+/// A connection portmux sent arrived without its fd: this process is out of
+/// file descriptors (the kernel dropped the fd: `MSG_CTRUNC`). It is not lost:
+/// the listener rejected it, so portmux gives it to another instance of the
+/// service, or to this one again shortly. Returned inside an [`io::Error`]
+/// (`err.get_ref()` downcasts to it).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{reason}")]
+pub struct FdNotReceived {
+    /// portmux's id of the connection.
+    pub id: u64,
+    pub reason: String,
 }
 
 /// Configures a [`Listener`]: the routes, the service name, the control socket.
@@ -224,7 +237,8 @@ fn executable_name() -> String {
 
 /// A blocking listener for handed-over connections, like `std::net::TcpListener`.
 ///
-/// `accept` may be called from several threads; each connection goes to one caller.
+/// `accept` may be called from several threads; each connection goes to one
+/// caller. Event loops use [`Listener::poll_fd`] with [`Listener::try_accept`].
 #[derive(Debug)]
 pub struct Listener {
     cfg: Config,
@@ -233,12 +247,73 @@ pub struct Listener {
     bound: Mutex<Vec<Bound>>,
     /// Serialises receivers.
     receiving: Mutex<Receiving>,
+    /// What `poll_fd` returns; made on its first call.
+    poller: OnceLock<Poller>,
 }
 
 #[derive(Debug)]
 struct Receiving {
     backlog: VecDeque<(TcpStream, ConnInfo)>,
     buf: Vec<u8>,
+    /// Set while the session is gone and `try_accept` reconnects step by step.
+    lost: Option<Backoff>,
+}
+
+/// Reconnection attempts without blocking: when the session went, and the
+/// delay before the next attempt.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    since: Instant,
+    delay: Duration,
+}
+
+const FIRST_RETRY: Duration = Duration::from_millis(10);
+const MAX_RETRY: Duration = Duration::from_millis(500);
+
+/// A stable fd for event loops: an epoll set holding the current session
+/// socket (swapped on reconnect) and a timer that wakes the loop for the next
+/// reconnection attempt while portmux is away. Readable means "call `try_accept`".
+#[derive(Debug)]
+struct Poller {
+    epoll: OwnedFd,
+    timer: OwnedFd,
+}
+
+impl Poller {
+    fn new() -> io::Result<Poller> {
+        use rustix::event::epoll;
+        use rustix::time::{TimerfdClockId, TimerfdFlags, timerfd_create};
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        let timer = timerfd_create(TimerfdClockId::Monotonic, TimerfdFlags::CLOEXEC | TimerfdFlags::NONBLOCK)?;
+        epoll::add(&epoll, &timer, epoll::EventData::new_u64(1), epoll::EventFlags::IN)?;
+        Ok(Poller { epoll, timer })
+    }
+
+    fn watch(&self, sock: &OwnedFd) -> io::Result<()> {
+        use rustix::event::epoll;
+        epoll::add(&self.epoll, sock, epoll::EventData::new_u64(0), epoll::EventFlags::IN)?;
+        Ok(())
+    }
+
+    /// Stops watching a session that ended (it would stay readable forever).
+    fn forget(&self, sock: &OwnedFd) {
+        let _ = rustix::event::epoll::delete(&self.epoll, sock);
+    }
+
+    /// Wakes the event loop after `delay`; `None` disarms and clears the timer.
+    fn wake_after(&self, delay: Option<Duration>) {
+        use rustix::time::{Itimerspec, TimerfdTimerFlags, Timespec, timerfd_settime};
+        let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
+        let value =
+            delay.map_or(zero, |d| Timespec { tv_sec: d.as_secs() as _, tv_nsec: d.subsec_nanos().max(1) as _ });
+        let _ = timerfd_settime(
+            &self.timer,
+            TimerfdTimerFlags::empty(),
+            &Itimerspec { it_interval: zero, it_value: value },
+        );
+        let mut expirations = [0u8; 8];
+        let _ = rustix::io::read(&self.timer, &mut expirations);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -258,7 +333,8 @@ impl Listener {
             cfg,
             sock: Mutex::new(Arc::new(opened.sock)),
             bound: Mutex::new(opened.bound),
-            receiving: Mutex::new(Receiving { backlog: opened.early.into(), buf }),
+            receiving: Mutex::new(Receiving { backlog: opened.early.into(), buf, lost: None }),
+            poller: OnceLock::new(),
         })
     }
 
@@ -289,50 +365,132 @@ impl Listener {
             if let Some(next) = rx.backlog.pop_front() {
                 return Ok(next);
             }
-            let sock = self.current();
-            let incoming = match proto::receive(&*sock, &mut rx.buf, RecvFlags::empty()) {
-                Ok(i) => i,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Incoming::Closed,
-                Err(e) => return Err(e),
-            };
-            match incoming {
-                Incoming::Conn(id, stream, info) => {
-                    // Tell portmux it can close its copy; if portmux is gone, the
-                    // connection is ours all the same.
-                    let _ = proto::send(&*sock, &proto::ack(id), SendFlags::empty());
-                    stream.set_nonblocking(false)?;
-                    return Ok((stream, info));
-                }
-                Incoming::Lost(id, why) => {
-                    let _ = proto::send(&*sock, &proto::reject(id, &why), SendFlags::empty());
-                    return Err(io::Error::other(why));
-                }
-                Incoming::Closed | Incoming::Ended(_) => {
-                    let Receiving { backlog, buf } = &mut *rx;
-                    self.reconnect(backlog, buf)?;
-                }
-                Incoming::Registered(_) | Incoming::Refused { .. } | Incoming::Nothing => {}
+            if let Some(lost) = rx.lost {
+                self.reconnect(&mut rx, lost.since)?;
+                continue;
+            }
+            if let Some(next) = self.receive_one(&mut rx, RecvFlags::empty())? {
+                return Ok(next);
             }
         }
     }
 
+    /// Takes the next connection if one is there, without blocking: `Ok(None)`
+    /// when there is none yet. Wait for [`Listener::poll_fd`] to be readable
+    /// before calling it again. While portmux is away (restarting), each call
+    /// makes one reconnection attempt and the poll fd wakes the loop for the next.
+    pub fn try_accept(&self) -> io::Result<Option<(TcpStream, ConnInfo)>> {
+        let mut rx = lock(&self.receiving);
+        let poller = self.poller.get();
+        loop {
+            if let Some(next) = rx.backlog.pop_front() {
+                return Ok(Some(next));
+            }
+            if let Some(lost) = rx.lost {
+                if let Some(p) = poller {
+                    p.wake_after(None);
+                }
+                match handshake(&self.cfg, &mut rx.buf) {
+                    Ok(opened) => {
+                        self.install(&mut rx, opened)?;
+                        continue;
+                    }
+                    Err(e)
+                        if e.is_transient() && self.cfg.reconnect.is_none_or(|limit| lost.since.elapsed() < limit) =>
+                    {
+                        rx.lost = Some(Backoff { since: lost.since, delay: (lost.delay * 2).min(MAX_RETRY) });
+                        if let Some(p) = poller {
+                            p.wake_after(Some(lost.delay));
+                        }
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            match self.receive_one(&mut rx, RecvFlags::DONTWAIT) {
+                Ok(Some(next)) => return Ok(Some(next)),
+                Ok(None) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// An fd that is readable when [`Listener::try_accept`] has something to
+    /// do, for `poll`/`epoll`/libuv/asyncio. It stays the same fd across
+    /// reconnections and lives as long as the listener; do not close it.
+    pub fn poll_fd(&self) -> io::Result<BorrowedFd<'_>> {
+        if let Some(p) = self.poller.get() {
+            return Ok(p.epoll.as_fd());
+        }
+        let rx = lock(&self.receiving);
+        if self.poller.get().is_none() {
+            let p = Poller::new()?;
+            match rx.lost {
+                None => p.watch(&self.current())?,
+                Some(_) => p.wake_after(Some(Duration::from_nanos(1))),
+            }
+            let _ = self.poller.set(p);
+        }
+        drop(rx);
+        self.poller.get().map(|p| p.epoll.as_fd()).ok_or_else(|| io::Error::other("poller vanished"))
+    }
+
+    /// Receives one message; `Ok(None)` when it was not a connection (the
+    /// session may have ended: then `rx.lost` is set).
+    fn receive_one(&self, rx: &mut Receiving, flags: RecvFlags) -> io::Result<Option<(TcpStream, ConnInfo)>> {
+        let sock = self.current();
+        let incoming = match proto::receive(&*sock, &mut rx.buf, flags) {
+            Ok(i) => i,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Incoming::Closed,
+            Err(e) => return Err(e),
+        };
+        match incoming {
+            Incoming::Conn(id, stream, info) => {
+                // Tell portmux it can close its copy; if portmux is gone, the
+                // connection is ours all the same.
+                let _ = proto::send(&*sock, &proto::ack(id), SendFlags::empty());
+                stream.set_nonblocking(false)?;
+                Ok(Some((stream, info)))
+            }
+            Incoming::Lost(id, reason) => {
+                let _ = proto::send(&*sock, &proto::reject(id, &reason), SendFlags::empty());
+                Err(io::Error::other(FdNotReceived { id, reason }))
+            }
+            Incoming::Closed | Incoming::Ended(_) => {
+                if let Some(p) = self.poller.get() {
+                    p.forget(&sock);
+                }
+                rx.lost = Some(Backoff { since: Instant::now(), delay: FIRST_RETRY });
+                Ok(None)
+            }
+            Incoming::Registered(_) | Incoming::Refused { .. } | Incoming::Nothing => Ok(None),
+        }
+    }
+
+    /// Makes a new session the current one.
+    fn install(&self, rx: &mut Receiving, opened: Opened<OwnedFd>) -> io::Result<()> {
+        if let Some(p) = self.poller.get() {
+            p.watch(&opened.sock)?;
+        }
+        *lock(&self.sock) = Arc::new(opened.sock);
+        *lock(&self.bound) = opened.bound;
+        rx.backlog.extend(opened.early);
+        rx.lost = None;
+        Ok(())
+    }
+
     /// Reconnects and registers again, with backoff, until it works, a
     /// permanent error (such as a refusal), or the reconnect timeout.
-    fn reconnect(&self, backlog: &mut VecDeque<(TcpStream, ConnInfo)>, buf: &mut [u8]) -> io::Result<()> {
-        let started = Instant::now();
-        let mut delay = Duration::from_millis(10);
+    fn reconnect(&self, rx: &mut Receiving, since: Instant) -> io::Result<()> {
+        let mut delay = FIRST_RETRY;
         loop {
-            match handshake(&self.cfg, buf) {
-                Ok(opened) => {
-                    *lock(&self.sock) = Arc::new(opened.sock);
-                    *lock(&self.bound) = opened.bound;
-                    backlog.extend(opened.early);
-                    return Ok(());
-                }
-                Err(e) if e.is_transient() && self.cfg.reconnect.is_none_or(|limit| started.elapsed() < limit) => {
+            match handshake(&self.cfg, &mut rx.buf) {
+                Ok(opened) => return self.install(rx, opened),
+                Err(e) if e.is_transient() && self.cfg.reconnect.is_none_or(|limit| since.elapsed() < limit) => {
                     std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_millis(500));
+                    delay = (delay * 2).min(MAX_RETRY);
                 }
                 Err(e) => return Err(e.into()),
             }

@@ -77,7 +77,7 @@ impl Listener {
                 }
                 Incoming::Lost(id, why) => {
                     let _ = send(&self.sock, &proto::reject(id, &why)).await;
-                    return Err(io::Error::other(why));
+                    return Err(io::Error::other(crate::FdNotReceived { id, reason: why }));
                 }
                 Incoming::Closed | Incoming::Ended(_) => self.reconnect().await?,
                 Incoming::Registered(_) | Incoming::Refused { .. } | Incoming::Nothing => {}
