@@ -1,6 +1,7 @@
 //! Integration tests: the real `portmux` binary with real services, real
 //! sockets and real TLS, driven the way users drive them.
 
+mod ffi;
 mod forward;
 mod peek;
 mod protocol;

@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""hello.py: a portmux service in Python through libportmux and ctypes.
+
+    python3 hello.py SPEC BODY        e.g. hello.py 'http://:8000/b?name=b' 'From B'
+
+Claims SPEC, then answers every HTTP/1.1 request on every connection portmux
+hands over with BODY (keep-alive honoured), one thread per connection. The
+accept side is an event loop (selectors) on portmux_listener_fd(), as asyncio
+or any other loop would use it. SIGTERM/SIGINT free the listener and exit.
+libportmux.so is found through $PORTMUX_LIB, else the system's library path.
+"""
+
+import ctypes
+import os
+import selectors
+import signal
+import socket
+import sys
+import threading
+
+PORTMUX_OK = 0
+PORTMUX_ERR_WOULD_BLOCK = -5
+
+
+class ConnInfo(ctypes.Structure):
+    """struct portmux_conn_info from portmux.h."""
+    _fields_ = [
+        ("id", ctypes.c_uint64),
+        ("proto", ctypes.c_int),
+        ("peeked", ctypes.c_uint32),
+        ("truncated", ctypes.c_int),
+        ("peer", ctypes.c_char * 64),
+        ("local", ctypes.c_char * 64),
+        ("sni", ctypes.c_char * 256),
+        ("alpn", ctypes.c_char * 256),
+        ("host", ctypes.c_char * 256),
+        ("path", ctypes.c_char * 4096),
+        ("route", ctypes.c_char * 512),
+    ]
+
+
+def load():
+    lib = ctypes.CDLL(os.environ.get("PORTMUX_LIB") or "libportmux.so.0")
+    listener_p = ctypes.c_void_p
+    lib.portmux_listen.argtypes = [ctypes.c_char_p, ctypes.POINTER(listener_p)]
+    lib.portmux_listen.restype = ctypes.c_int
+    lib.portmux_accept_nonblocking.argtypes = [listener_p, ctypes.POINTER(ConnInfo)]
+    lib.portmux_accept_nonblocking.restype = ctypes.c_int
+    lib.portmux_listener_fd.argtypes = [listener_p]
+    lib.portmux_listener_fd.restype = ctypes.c_int
+    lib.portmux_listener_free.argtypes = [listener_p]
+    lib.portmux_listener_free.restype = None
+    lib.portmux_strerror.argtypes = [ctypes.c_int]
+    lib.portmux_strerror.restype = ctypes.c_char_p
+    lib.portmux_last_error.argtypes = []
+    lib.portmux_last_error.restype = ctypes.c_char_p
+    return lib
+
+
+def serve(sock, body):
+    """Answers requests on one connection until the client is done."""
+    answer = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n" % len(body)
+    buf = b""
+    with sock:
+        while True:
+            while b"\r\n\r\n" not in buf:
+                data = sock.recv(16384)
+                if not data or len(buf) > 65536:
+                    return
+                buf += data
+            head, buf = buf.split(b"\r\n\r\n", 1)
+            lines = head.split(b"\r\n")
+            headers = {k.strip().lower(): v.strip() for k, _, v in (l.partition(b":") for l in lines[1:])}
+            skip = int(headers.get(b"content-length", b"0") or 0)
+            close = lines[0].endswith(b"HTTP/1.0")
+            if b"connection" in headers:
+                close = headers[b"connection"].lower() == b"close"
+            sock.sendall(answer + (b"connection: close\r\n\r\n" if close else b"\r\n") + body)
+            if close:
+                return
+            while skip > 0:  # a request body, so keep-alive stays in step
+                if not buf:
+                    buf = sock.recv(min(skip, 16384))
+                    if not buf:
+                        return
+                used = min(skip, len(buf))
+                buf, skip = buf[used:], skip - used
+
+
+def main():
+    if len(sys.argv) != 3:
+        sys.exit(f"usage: {sys.argv[0]} SPEC BODY")
+    spec, body = sys.argv[1], sys.argv[2].encode()
+    lib = load()
+    listener = ctypes.c_void_p()
+    rc = lib.portmux_listen(spec.encode(), ctypes.byref(listener))
+    if rc != PORTMUX_OK:
+        sys.exit(f"hello.py: cannot claim {spec}: {lib.portmux_last_error().decode()}")
+    print(f"hello.py: registered {spec}", flush=True)
+
+    # Signals wake the loop through a pipe (set_wakeup_fd), so it stops cleanly.
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    sel = selectors.DefaultSelector()
+    sel.register(lib.portmux_listener_fd(listener), selectors.EVENT_READ, "portmux")
+    sel.register(wake_r, selectors.EVENT_READ, "signal")
+    running = True
+    while running:
+        for key, _ in sel.select():
+            if key.data == "signal":
+                running = False
+                break
+            while True:
+                info = ConnInfo()
+                fd = lib.portmux_accept_nonblocking(listener, ctypes.byref(info))
+                if fd == PORTMUX_ERR_WOULD_BLOCK:
+                    break
+                if fd < 0:
+                    print(f"hello.py: accept: {lib.portmux_strerror(fd).decode()} "
+                          f"({lib.portmux_last_error().decode()})", file=sys.stderr, flush=True)
+                    break
+                conn = socket.socket(fileno=fd)
+                threading.Thread(target=serve, args=(conn, body), daemon=True).start()
+    sel.close()
+    lib.portmux_listener_free(listener)
+    print("hello.py: stopped", flush=True)
+
+
+if __name__ == "__main__":
+    main()

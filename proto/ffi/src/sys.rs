@@ -1,0 +1,195 @@
+//! The exported C functions: pointer checks, panic fences, and the hand-over
+//! of ownership (listeners as boxes, connections as raw fds).
+//!
+//! Thread safety: `portmux_accept` and `portmux_accept_nonblocking` may be
+//! called from several threads at once on one listener (each connection goes to
+//! exactly one caller); `portmux_listener_free` must not overlap any other call
+//! on the same listener. Error details are per thread.
+
+use crate::error::{self, Failure, PORTMUX_ERR_INTERNAL, PORTMUX_ERR_SPEC, PORTMUX_ERR_WOULD_BLOCK, PORTMUX_OK};
+use crate::info::portmux_conn_info;
+use portmux_client::ConnInfo;
+use std::ffi::{CStr, c_char, c_int};
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, IntoRawFd};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+/// A claimed route: a session with portmux that receives the connections
+/// portmux hands over, and re-registers by itself after portmux restarts.
+/// Opaque; made by portmux_listen, released by portmux_listener_free.
+#[derive(Debug)]
+pub struct portmux_listener {
+    inner: portmux_client::Listener,
+}
+
+/// Runs `f`, turning a failure into its code (with its detail kept for
+/// portmux_last_error) and a panic into PORTMUX_ERR_INTERNAL.
+fn fenced(f: impl FnOnce() -> Result<c_int, Failure>) -> c_int {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(result)) => result,
+        Ok(Err(failure)) if failure.code == PORTMUX_ERR_WOULD_BLOCK => failure.code,
+        Ok(Err(failure)) => error::record(failure),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            error::record(Failure::new(PORTMUX_ERR_INTERNAL, format!("libportmux panicked: {what}")))
+        }
+    }
+}
+
+/// Gives the caller the connection: fills `info` when it is not NULL and
+/// returns the fd, whose ownership passes to the caller.
+fn deliver(stream: TcpStream, conn: &ConnInfo, info: *mut portmux_conn_info) -> c_int {
+    if !info.is_null() {
+        // SAFETY: `info` is non-null and, per the callers' contracts, valid for
+        // writing one portmux_conn_info; `write` does not read the old contents.
+        unsafe { info.write(portmux_conn_info::from_info(conn)) };
+    }
+    stream.into_raw_fd()
+}
+
+/// Connects to portmux's control socket ($PORTMUX_CONTROL, else portmux's
+/// default path) and claims `route_spec`, in the syntax of every portmux route
+/// ("http://:8000/a", "tls://api.example.com:443", "tcp://:5432"). Options go in
+/// its query string: "?name=web" names the service (instances with one name
+/// share the route and take over each other's queued connections; default
+/// $PORTMUX_SERVICE, else the executable's name).
+///
+/// On success stores a new listener in `*out` and returns PORTMUX_OK; the
+/// caller owns it and releases it with portmux_listener_free. On failure
+/// stores NULL in `*out` (when `out` is not NULL) and returns
+/// PORTMUX_ERR_NULL, PORTMUX_ERR_SPEC, PORTMUX_ERR_NOT_RUNNING,
+/// PORTMUX_ERR_REFUSED, PORTMUX_ERR_PROTOCOL or PORTMUX_ERR_IO;
+/// portmux_last_error() then says what was wrong and what to do.
+///
+/// # Safety
+/// `route_spec` is NULL or a NUL-terminated string; `out` is NULL or valid for
+/// writing one pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn portmux_listen(route_spec: *const c_char, out: *mut *mut portmux_listener) -> c_int {
+    fenced(|| {
+        if out.is_null() {
+            return Err(Failure::null("out (where to store the listener)"));
+        }
+        // SAFETY: `out` is non-null and valid for writing a pointer (contract).
+        unsafe { out.write(std::ptr::null_mut()) };
+        if route_spec.is_null() {
+            return Err(Failure::null("route_spec"));
+        }
+        // SAFETY: non-null and NUL-terminated (contract); only read, and copied
+        // before returning.
+        let spec = unsafe { CStr::from_ptr(route_spec) };
+        let spec = spec.to_str().map_err(|_| Failure::new(PORTMUX_ERR_SPEC, "the route spec is not valid UTF-8"))?;
+        let inner = portmux_client::Listener::bind(spec)?;
+        let listener = Box::into_raw(Box::new(portmux_listener { inner }));
+        // SAFETY: as above.
+        unsafe { out.write(listener) };
+        Ok(PORTMUX_OK)
+    })
+}
+
+/// Waits for the next connection portmux hands over and returns its fd
+/// (>= 0): a connected TCP socket in blocking mode, close-on-exec, owned by the
+/// caller (close it when done), whose first bytes (those portmux looked at)
+/// are still unread. When `info` is not NULL it receives what portmux saw.
+///
+/// While portmux restarts, the call keeps waiting: the library reconnects and
+/// registers again by itself. Returns a negative code on failure:
+/// PORTMUX_ERR_NULL, PORTMUX_ERR_FD_LIMIT (this process is out of fds; the
+/// connection is delivered again, call again after freeing some),
+/// PORTMUX_ERR_REFUSED (after a restart another service now holds the route),
+/// PORTMUX_ERR_PROTOCOL or PORTMUX_ERR_IO.
+///
+/// # Safety
+/// `listener` is NULL or a live listener from portmux_listen; `info` is NULL
+/// or valid for writing one portmux_conn_info.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn portmux_accept(listener: *mut portmux_listener, info: *mut portmux_conn_info) -> c_int {
+    fenced(|| {
+        // SAFETY: NULL or a live listener (contract); only shared access is taken,
+        // and the client's Listener is Sync.
+        let l = unsafe { listener.as_ref() }.ok_or_else(|| Failure::null("listener"))?;
+        let (stream, conn) = l.inner.accept()?;
+        Ok(deliver(stream, &conn, info))
+    })
+}
+
+/// Like portmux_accept, but never waits for a connection: returns
+/// PORTMUX_ERR_WOULD_BLOCK when none is there yet. Call it when
+/// portmux_listener_fd() is readable, until it returns PORTMUX_ERR_WOULD_BLOCK.
+/// While portmux is away each call makes one reconnection attempt (a local
+/// connect and registration, normally well under a millisecond) and the
+/// listener fd becomes readable again when the next attempt is due.
+///
+/// # Safety
+/// As for portmux_accept.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn portmux_accept_nonblocking(
+    listener: *mut portmux_listener,
+    info: *mut portmux_conn_info,
+) -> c_int {
+    fenced(|| {
+        // SAFETY: as in portmux_accept.
+        let l = unsafe { listener.as_ref() }.ok_or_else(|| Failure::null("listener"))?;
+        match l.inner.try_accept()? {
+            Some((stream, conn)) => Ok(deliver(stream, &conn, info)),
+            None => Err(Failure::new(PORTMUX_ERR_WOULD_BLOCK, "")),
+        }
+    })
+}
+
+/// An fd that becomes readable when portmux_accept_nonblocking has something
+/// to do, for poll/epoll/libuv/asyncio. It is the same fd for the listener's
+/// whole life (also across portmux restarts), is owned by the listener (do not
+/// close it) and is closed by portmux_listener_free. Returns the fd, or
+/// PORTMUX_ERR_NULL or PORTMUX_ERR_IO.
+///
+/// # Safety
+/// `listener` is NULL or a live listener from portmux_listen.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn portmux_listener_fd(listener: *const portmux_listener) -> c_int {
+    fenced(|| {
+        // SAFETY: NULL or a live listener (contract); shared access only.
+        let l = unsafe { listener.as_ref() }.ok_or_else(|| Failure::null("listener"))?;
+        Ok(l.inner.poll_fd()?.as_raw_fd())
+    })
+}
+
+/// Ends the session (portmux keeps the route's new connections for the
+/// service's next instance during its linger period) and frees the listener.
+/// Connections already accepted are untouched. NULL is accepted and ignored.
+///
+/// # Safety
+/// `listener` is NULL or a listener from portmux_listen not yet freed, with no
+/// other call on it in progress or to come.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn portmux_listener_free(listener: *mut portmux_listener) {
+    if listener.is_null() {
+        return;
+    }
+    fenced(|| {
+        // SAFETY: made by Box::into_raw in portmux_listen and, per the
+        // contract, freed only once and used by nobody else now.
+        drop(unsafe { Box::from_raw(listener) });
+        Ok(PORTMUX_OK)
+    });
+}
+
+/// The fixed English text of a result code ("unknown portmux result code" for
+/// a number that is none). The string is static: do not free it.
+#[unsafe(no_mangle)]
+pub extern "C" fn portmux_strerror(code: c_int) -> *const c_char {
+    error::describe(code).as_ptr()
+}
+
+/// What the last failing call on this thread said: what was wrong and what
+/// to do ("portmux refused http://:8000/a: held by service 'web'"). Empty if
+/// none failed yet. Owned by the library; valid until the next libportmux call
+/// on this thread.
+#[unsafe(no_mangle)]
+pub extern "C" fn portmux_last_error() -> *const c_char {
+    error::last()
+}
