@@ -365,6 +365,11 @@ impl Service {
         let _ = self.child.wait();
     }
 
+    /// Waits for the service to exit by itself.
+    pub fn wait(&mut self, within: Duration) -> Option<ExitStatus> {
+        wait_exit(&mut self.child, within)
+    }
+
     /// SIGTERM (a graceful stop), waited for.
     pub fn terminate(&mut self) -> Option<ExitStatus> {
         signal(&self.child, rustix::process::Signal::TERM);
