@@ -290,7 +290,7 @@ async fn receive_state(cp: &Rc<ControlPlane>, channel: &Channel) -> Result<Vec<C
         let mut fd = || fds.pop().ok_or_else(|| format!("handover: {} arrived without its fd", msg.kind()));
         match msg.clone() {
             Handover::Listener { id, addr } => {
-                let listener = Arc::new(Listener { id, addr, fd: fd()? });
+                let listener = Arc::new(Listener::new(id, addr, fd()?));
                 // A listener passed by socket activation is not in the fd store.
                 let pinned = false;
                 ids.insert(addr, id);

@@ -201,7 +201,7 @@ impl State {
             // Kept in systemd's fd store: a restart after a crash takes it back,
             // with whatever connections the kernel queued meanwhile.
             crate::systemd::store(fd.as_fd(), &crate::systemd::listener_name(addr));
-            let listener = Arc::new(Listener { id: self.next_listener, addr, fd });
+            let listener = Arc::new(Listener::new(self.next_listener, addr, fd));
             tracing::info!(%addr, "listening");
             self.listeners.insert(addr, ListenerEntry { listener, idle_since: None, pinned: false });
         }
@@ -368,6 +368,9 @@ impl ControlPlane {
             }
         }
         let table = self.state.borrow().build_table();
+        for port in table.ports.values() {
+            port.listener.defer_accept(port.tcp.is_none());
+        }
         self.shared.table.store(Arc::new(table));
         self.shared.table_version.send_modify(|v| *v += 1);
     }
@@ -1096,7 +1099,7 @@ pub async fn run(
     for (fd, addr, pinned) in start.listeners {
         let mut st = cp.state.borrow_mut();
         st.next_listener += 1;
-        let listener = Arc::new(Listener { id: st.next_listener, addr, fd });
+        let listener = Arc::new(Listener::new(st.next_listener, addr, fd));
         st.listeners.insert(addr, ListenerEntry { listener, idle_since: Some(Instant::now()), pinned });
     }
     if let Some(fd) = start.state_file {

@@ -11,9 +11,9 @@ use portmux_wire::spec::{RouteSpec, Scheme, normalize_path};
 use portmux_wire::{ConnMeta, Proto};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 /// Identifies a listening socket for the life of the process.
 pub type ListenerId = u64;
@@ -28,6 +28,32 @@ pub struct Listener {
     pub id: ListenerId,
     pub addr: SocketAddr,
     pub fd: OwnedFd,
+    /// What `defer_accept` last set: 0 unknown (inherited socket), 1 off, 2 on.
+    deferred: AtomicU8,
+}
+
+impl Listener {
+    pub fn new(id: ListenerId, addr: SocketAddr, fd: OwnedFd) -> Listener {
+        Listener { id, addr, fd, deferred: AtomicU8::new(0) }
+    }
+
+    /// Lets the kernel hold new connections until their first bytes arrive
+    /// (TCP_DEFER_ACCEPT, 1 s) when every route on the port is one where the
+    /// client speaks first (http://, tls://): each connection then reaches a
+    /// worker with its head already there, which saves a readiness wait and a
+    /// wakeup per connection. A client that stays silent is accepted after
+    /// about a second and meets the peek deadline as before. Off while a
+    /// tcp:// route may serve a protocol where the server speaks first.
+    pub fn defer_accept(&self, on: bool) {
+        let want = if on { 2 } else { 1 };
+        if self.deferred.swap(want, Ordering::Relaxed) == want {
+            return;
+        }
+        if let Err(e) = crate::sys::net::set_defer_accept(self.fd.as_fd(), u32::from(on)) {
+            self.deferred.store(0, Ordering::Relaxed);
+            tracing::warn!(addr = %self.addr, "cannot set TCP_DEFER_ACCEPT: {e}");
+        }
+    }
 }
 
 /// One snapshot of everything workers need.
@@ -192,7 +218,7 @@ mod tests {
 
     fn listener() -> Arc<Listener> {
         let fd = crate::sys::net::tcp_listener("127.0.0.1:0".parse().unwrap()).unwrap();
-        Arc::new(Listener { id: 1, addr: "127.0.0.1:8000".parse().unwrap(), fd })
+        Arc::new(Listener::new(1, "127.0.0.1:8000".parse().unwrap(), fd))
     }
 
     fn route(spec: &str) -> Arc<Route> {

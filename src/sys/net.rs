@@ -60,13 +60,26 @@ pub fn shutdown_both(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// Sets `SO_RCVLOWAT`: readiness (poll) fires only once this many bytes are queued.
 pub fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
     let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    set_int_option(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, value)
+}
+
+/// Sets `TCP_DEFER_ACCEPT` on a listening socket: the kernel completes an
+/// accept only once the client has sent data, or after about `seconds` (then
+/// the connection is accepted anyway). 0 turns it off.
+pub fn set_defer_accept(fd: BorrowedFd<'_>, seconds: u32) -> io::Result<()> {
+    let value = libc::c_int::try_from(seconds).unwrap_or(libc::c_int::MAX);
+    set_int_option(fd, libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, value)
+}
+
+/// `setsockopt` for an int-valued option.
+fn set_int_option(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
     // SAFETY: `fd` is a valid open socket for the borrow's lifetime; the option
     // value points to a live c_int whose size we pass exactly.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
+            level,
+            name,
             (&raw const value).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         )

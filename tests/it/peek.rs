@@ -136,3 +136,45 @@ fn portmux_keeps_serving_when_it_runs_out_of_file_descriptors() {
     assert_eq!(r.body, "still serving");
     assert!(pm.is_running());
 }
+
+/// Connections to `port` the kernel still holds as SYN_RECV (accepted by TCP,
+/// not yet handed to portmux), from /proc/net/tcp{,6}.
+fn held_by_the_kernel(port: u16) -> usize {
+    let local = format!(":{port:04X} ");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .flat_map(|t| t.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && format!("{} ", &f[1][f[1].len() - 5..]) == local && f[3] == "03"
+        })
+        .count()
+}
+
+#[test]
+fn client_first_ports_defer_accept_until_bytes_arrive_and_tcp_ports_do_not() {
+    let pm = Portmux::start(&["--peek-timeout", "1s"]);
+    let (http_port, tcp_port) = (free_port(), free_port());
+    let _web = Service::hello(&pm, &format!("http://:{http_port}"), "deferred", &[]);
+    let _raw = Service::hello(&pm, &format!("tcp://:{tcp_port}"), "raw", &[]);
+    // A silent client of the HTTP port stays with the kernel: no worker wakes for it.
+    let started = Instant::now();
+    let mut silent = client(http_port);
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(held_by_the_kernel(http_port), 1, "TCP_DEFER_ACCEPT holds the silent connection");
+    // A client that speaks is served at once.
+    assert_eq!(get(http_port, "x", "/").unwrap().body, "deferred");
+    // The silent one is accepted after about a second and closed at the peek deadline.
+    assert!(read_until_close(&mut silent).is_ok());
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1500) && took < Duration::from_secs(5), "closed after {took:?}");
+
+    // A tcp:// port is not deferred: a server-speaks-first service gets the
+    // connection at once (hello answers HTTP, so ask it; portmux itself must not wait).
+    let _silent_raw = client(tcp_port);
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(held_by_the_kernel(tcp_port), 0, "a tcp:// port hands connections over without waiting");
+    assert_eq!(get(tcp_port, "x", "/").unwrap().body, "raw");
+    drop(silent);
+}
