@@ -300,9 +300,11 @@ impl Poller {
         let _ = rustix::event::epoll::delete(&self.epoll, sock);
     }
 
-    /// Wakes the event loop after `delay`; `None` disarms and clears the timer.
+    /// Wakes the event loop after `delay`; `None` disarms the timer. Either
+    /// way an expiry not yet seen is cleared first.
     fn wake_after(&self, delay: Option<Duration>) {
         use rustix::time::{Itimerspec, TimerfdTimerFlags, Timespec, timerfd_settime};
+        self.clear();
         let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
         let value =
             delay.map_or(zero, |d| Timespec { tv_sec: d.as_secs() as _, tv_nsec: d.subsec_nanos().max(1) as _ });
@@ -311,6 +313,10 @@ impl Poller {
             TimerfdTimerFlags::empty(),
             &Itimerspec { it_interval: zero, it_value: value },
         );
+    }
+
+    /// Consumes an expiry of the timer, so it stops making the fd readable.
+    fn clear(&self) {
         let mut expirations = [0u8; 8];
         let _ = rustix::io::read(&self.timer, &mut expirations);
     }
@@ -376,14 +382,23 @@ impl Listener {
     }
 
     /// Takes the next connection if one is there, without blocking: `Ok(None)`
-    /// when there is none yet. Wait for [`Listener::poll_fd`] to be readable
-    /// before calling it again. While portmux is away (restarting), each call
-    /// makes one reconnection attempt and the poll fd wakes the loop for the next.
+    /// when there is none yet. Call it until it returns `Ok(None)`, then wait
+    /// for [`Listener::poll_fd`] to be readable. While portmux is away
+    /// (restarting), each call makes one reconnection attempt and the poll fd
+    /// wakes the loop for the next.
     pub fn try_accept(&self) -> io::Result<Option<(TcpStream, ConnInfo)>> {
         let mut rx = lock(&self.receiving);
         let poller = self.poller.get();
+        if let Some(p) = poller {
+            p.clear(); // This call does what the timer woke the loop for.
+        }
         loop {
             if let Some(next) = rx.backlog.pop_front() {
+                // Connections that came with a (re)registration wait here, not
+                // in the socket: keep the poll fd readable while any is left.
+                if let (Some(p), false) = (poller, rx.backlog.is_empty()) {
+                    p.wake_after(Some(Duration::from_nanos(1)));
+                }
                 return Ok(Some(next));
             }
             if let Some(lost) = rx.lost {
@@ -426,9 +441,11 @@ impl Listener {
         let rx = lock(&self.receiving);
         if self.poller.get().is_none() {
             let p = Poller::new()?;
-            match rx.lost {
-                None => p.watch(&self.current())?,
-                Some(_) => p.wake_after(Some(Duration::from_nanos(1))),
+            if rx.lost.is_none() {
+                p.watch(&self.current())?;
+            }
+            if rx.lost.is_some() || !rx.backlog.is_empty() {
+                p.wake_after(Some(Duration::from_nanos(1)));
             }
             let _ = self.poller.set(p);
         }
