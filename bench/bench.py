@@ -551,9 +551,10 @@ def write_report(bench, all_results, elapsed):
             "near half of direct. Next steps, in the order they should pay off: (1) forward: let the kernel "
             "relay established flows itself (a sockmap with an `sk_skb` verdict program redirects bytes "
             "socket to socket without waking portmux; this kernel has CONFIG_BPF_STREAM_PARSER), which removes "
-            "both the wakeups and the system calls; (2) handoff, new connections: portmux spends ~19 µs per "
-            "handed-off connection (accept, peek, SCM_RIGHTS send, the Ack round trip, close); batching Acks "
-            "and accepting in multishot would cut the wakeups per connection.", ""]
+            "both the wakeups and the system calls; (2) handoff, new connections: portmux spends "
+            f"{fmt(pm_close, '.0f')} µs per handed-off connection (accept, peek, SCM_RIGHTS send, the Ack round "
+            "trip on the control thread, close) and the service pays a receive and an Ack on top of its own "
+            "accept; batching Acks and accepting in multishot would cut the wakeups per connection.", ""]
     lines += ["## Commands", "", "```"] + sorted(set(bench.commands)) + ["```", ""]
     lines += ["Peers' configurations: bench/peers/. Reproduce: `bench/run` (or `bench/run --quick`).", ""]
     os.makedirs(RESULTS, exist_ok=True)
