@@ -178,8 +178,7 @@ async fn relay_to(
     };
     let pause = pause_handle();
     let settings = &shared.settings;
-    let mode = settings.relay_mode.for_flow(client.get_ref().as_fd(), server.get_ref().as_fd());
-    let outcome = relay::relay(&client, &server, settings.idle_timeout, mode, &pause, closed).await;
+    let outcome = relay::relay(&client, &server, settings.idle_timeout, settings.relay_mode, &pause, closed).await;
     drop(active);
     if outcome.paused {
         let paused = Paused {

@@ -88,10 +88,10 @@ impl fmt::Display for Side {
     }
 }
 
-/// How a relay moves bytes: `Auto` copies when both peers are on loopback
-/// (measured faster there, see [`Mode::for_flow`]) and otherwise copies until a
-/// read fills the buffer, then splices; the others force one way (for
-/// measurements).
+/// How a relay moves bytes: `Auto` copies until a read fills the buffer, then
+/// splices, unless both peers are on loopback (measured faster there, see
+/// [`Mode::for_flow`]; asked only then, so small exchanges pay nothing for it);
+/// the others force one way (for measurements).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Mode {
     #[default]
@@ -318,6 +318,9 @@ impl Relay<'_> {
         let (src_side, dst_side) = if i == 0 { (Side::Client, Side::Backend) } else { (Side::Backend, Side::Client) };
         let reading = |error| Failure::Io { side: src_side, op: "reading", error };
         let writing = |error| Failure::Io { side: dst_side, op: "writing", error };
+        // Once the other direction is over, this one's end needs no FIN of
+        // its own: the relay then ends and closing the sockets sends it.
+        let other_over = matches!(self.dirs[1 - i].state, State::Done);
         let dir = &mut self.dirs[i];
         let mut step = Step::Idle;
         loop {
@@ -338,7 +341,9 @@ impl Relay<'_> {
                             Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                             Ok(Err(e)) => return Err(reading(e)),
                             Ok(Ok(0)) => {
-                                let _ = net::shutdown_write(dst.get_ref().as_fd());
+                                if !other_over {
+                                    let _ = net::shutdown_write(dst.get_ref().as_fd());
+                                }
                                 dir.state = State::Done;
                             }
                             Ok(Ok(n)) => {
@@ -358,7 +363,9 @@ impl Relay<'_> {
                     match guard.try_io(|fd| net::recv(fd.get_ref().as_fd(), &mut buf)) {
                         Ok(Ok(0)) => {
                             give_buffer(buf);
-                            let _ = net::shutdown_write(dst.get_ref().as_fd());
+                            if !other_over {
+                                let _ = net::shutdown_write(dst.get_ref().as_fd());
+                            }
                             dir.state = State::Done;
                         }
                         Ok(Ok(n)) => {
@@ -395,7 +402,13 @@ impl Relay<'_> {
                             dir.total += n as u64;
                             step = Step::Moved;
                             if full && self.mode == Mode::Auto {
-                                dir.pipe = take_pipe();
+                                // A bulk flow: only now is it worth two system
+                                // calls to learn whether both peers are on loopback.
+                                let (c, b) = (self.ends[0].get_ref().as_fd(), self.ends[1].get_ref().as_fd());
+                                self.mode = Mode::Auto.for_flow(c, b);
+                                if self.mode == Mode::Auto {
+                                    dir.pipe = take_pipe();
+                                }
                             }
                         }
                     }
