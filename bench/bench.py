@@ -4,12 +4,13 @@
 Every system serves the very same bytes from the same server, the client
 crate's `hello` example (directly, handed off by portmux, or behind a proxy),
 and is measured with identical wrk parameters, one after the other, in
-interleaved rounds; the tables give medians. Results: bench/results/latest.md
-and latest.png. Every process started here is stopped here, by PID; only
+interleaved rounds; the tables give medians. Results: bench/results/latest.md,
+latest.png and latest.json. Every process started here is stopped here, by PID; only
 loopback is used.
 """
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -44,15 +45,15 @@ IDLE = min(10_000, MAXCONN)
 PEER_SYSTEMS = ("haproxy-tcp", "haproxy-http", "nginx-stream", "nginx-http", "sniproxy")
 
 SCENARIOS = [
-    dict(key="ka", title="keep-alive, small responses", body="hello", size=None, conns=50, close=False, tls=False,
+    dict(key="ka", short="keep-alive", title="keep-alive, small responses", body="hello", size=None, conns=50, close=False, tls=False,
          systems=("direct", "portmux-handoff", "portmux-forward") + PEER_SYSTEMS),
-    dict(key="close", title="new connection per request", body="hello", size=None, conns=50, close=True, tls=False,
+    dict(key="close", short="new connection each", title="new connection per request", body="hello", size=None, conns=50, close=True, tls=False,
          systems=("direct", "portmux-handoff", "portmux-forward") + PEER_SYSTEMS),
-    dict(key="1m", title="1 MiB bodies", body="x", size=1 << 20, conns=8, close=False, tls=False,
+    dict(key="1m", short="1 MiB bodies", title="1 MiB bodies", body="x", size=1 << 20, conns=8, close=False, tls=False,
          systems=("direct", "portmux-handoff", "portmux-forward") + PEER_SYSTEMS),
-    dict(key="16m", title="16 MiB bodies", body="x", size=16 << 20, conns=4, close=False, tls=False,
+    dict(key="16m", short="16 MiB bodies", title="16 MiB bodies", body="x", size=16 << 20, conns=4, close=False, tls=False,
          systems=("direct", "portmux-handoff", "portmux-forward") + PEER_SYSTEMS),
-    dict(key="tls", title="TLS passthrough by SNI", body="hello", size=None, conns=50, close=False, tls=True,
+    dict(key="tls", short="TLS passthrough", title="TLS passthrough by SNI", body="hello", size=None, conns=50, close=False, tls=True,
          systems=("direct", "portmux-handoff", "portmux-forward", "haproxy-tcp", "nginx-stream", "sniproxy")),
     dict(key="path", title="per-request path routing", na="portmux's per-request (L7) engine is not built yet"),
     dict(key="idle", title=f"{IDLE:,} idle connections (memory)".replace(",", " "), idle=IDLE, body="hello",
@@ -558,6 +559,8 @@ def write_report(bench, all_results, elapsed):
     lines += ["## Commands", "", "```"] + sorted(set(bench.commands)) + ["```", ""]
     lines += ["Peers' configurations: bench/peers/. Reproduce: `bench/run` (or `bench/run --quick`).", ""]
     os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "latest.json"), "w") as f:
+        json.dump(summary, f, indent=1, sort_keys=True)
     text = "\n".join(lines)
     with open(os.path.join(RESULTS, "latest.md"), "w") as f:
         f.write(text)
@@ -571,16 +574,16 @@ def plot(summary):
     systems = ["direct", "portmux-handoff", "portmux-forward"] + list(PEER_SYSTEMS)
     data = os.path.join(RESULTS, "latest.dat")
     with open(data, "w") as f:
-        f.write("scenario " + " ".join(systems) + " " + " ".join(s + "_p99" for s in systems) + "\n")
+        f.write("scenario " + " ".join(systems) + " " + " ".join(systems) + "\n")
         for sc in keys:
             s = summary[sc["key"]]
             direct = s.get("direct", {}).get("rps") or 1
             rel = [f"{s[x]['rps'] / direct:.3f}" if x in s else "NaN" for x in systems]
             p99 = [f"{s[x]['p99']:.3f}" if x in s and s[x]["p99"] else "NaN" for x in systems]
-            f.write(f"\"{sc['key']}\" " + " ".join(rel) + " " + " ".join(p99) + "\n")
+            f.write(f"\"{sc.get('short', sc['key'])}\" " + " ".join(rel) + " " + " ".join(p99) + "\n")
     n = len(systems)
     script = f"""
-set terminal pngcairo size 1400,900 font ',10'
+set terminal pngcairo size 1400,900 font ',10' noenhanced
 set output '{os.path.join(RESULTS, "latest.png")}'
 set multiplot layout 2,1 title 'portmux benchmark (bench/results/latest.md)'
 set style data histograms
@@ -589,8 +592,10 @@ set style fill solid 0.9 border -1
 set key outside right
 set grid ytics
 set ylabel 'req/s, relative to direct'
+set yrange [0:*]
 plot for [i=2:{n + 1}] '{data}' using i:xtic(1) title columnheader(i)
 set ylabel 'p99 latency (ms, log)'
+set yrange [*:*]
 set logscale y
 plot for [i={n + 2}:{2 * n + 1}] '{data}' using i:xtic(1) title columnheader(i)
 unset multiplot
