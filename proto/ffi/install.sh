@@ -30,4 +30,10 @@ ln -sf "libportmux.so.$major" "$prefix/lib/libportmux.so"
 install -m 0644 "$from/libportmux.a" "$prefix/lib/libportmux.a"
 install -m 0644 "$here/include/portmux.h" "$prefix/include/portmux.h"
 sed -e "s|@PREFIX@|$prefix|" -e "s|@VERSION@|$version|" "$here/portmux.pc.in" > "$prefix/lib/pkgconfig/portmux.pc"
+# The dynamic linker's cache knows the new library in the system's own dirs;
+# elsewhere programs need -Wl,-rpath or LD_LIBRARY_PATH.
+case "$prefix" in
+  /usr|/usr/local) [ "$(id -u)" = 0 ] && command -v ldconfig >/dev/null && { ldconfig || true; } ;;
+  *) echo "note: $prefix/lib is not searched by default: link with -Wl,-rpath,$prefix/lib or set LD_LIBRARY_PATH" ;;
+esac
 echo "installed libportmux $version in $prefix"
