@@ -235,6 +235,31 @@ fn a_connection_arriving_with_the_fd_table_full_is_reported_and_delivered_again(
 }
 
 #[test]
+fn the_python_struct_mirror_has_the_c_layout() {
+    let source = prefix().join("layout.c");
+    std::fs::write(
+        &source,
+        "#include <stddef.h>\n#include <stdio.h>\n#include \"portmux.h\"\nint main(void) {\n    \
+         printf(\"%zu %zu %zu %zu\\n\", sizeof(portmux_conn_info), offsetof(portmux_conn_info, peer),\n           \
+         offsetof(portmux_conn_info, path), offsetof(portmux_conn_info, route));\n    return 0;\n}\n",
+    )
+    .unwrap();
+    let c = Command::new(compile(&source, "layout", false)).output().unwrap();
+    let python = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import ctypes, sys; sys.path.insert(0, sys.argv[1]); import hello; C = hello.ConnInfo; \
+             print(ctypes.sizeof(C), C.peer.offset, C.path.offset, C.route.offset)",
+        )
+        .arg(ffi_dir().join("examples"))
+        .output()
+        .unwrap();
+    let (c, python) = (String::from_utf8_lossy(&c.stdout), String::from_utf8_lossy(&python.stdout));
+    assert!(!c.trim().is_empty(), "the layout probe printed nothing");
+    assert_eq!(python, c, "hello.py's ConnInfo must match portmux.h's portmux_conn_info");
+}
+
+#[test]
 fn the_python_example_serves_through_ctypes_and_survives_a_portmux_restart() {
     prefix();
     let dir = TempDir::new();

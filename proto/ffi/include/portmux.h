@@ -137,7 +137,9 @@ int portmux_listen(const char *route_spec, struct portmux_listener **out);
 // are still unread. When `info` is not NULL it receives what portmux saw.
 //
 // While portmux restarts, the call keeps waiting: the library reconnects and
-// registers again by itself. Returns a negative code on failure:
+// registers again by itself. Signals do not end the wait (it resumes after
+// EINTR); a program that must stop on a signal polls portmux_listener_fd()
+// with its signal fd or self-pipe instead. Returns a negative code on failure:
 // PORTMUX_ERR_NULL, PORTMUX_ERR_FD_LIMIT (this process is out of fds; the
 // connection is delivered again, call again after freeing some),
 // PORTMUX_ERR_REFUSED (after a restart another service now holds the route),
