@@ -385,7 +385,8 @@ impl Listener {
     /// when there is none yet. Call it until it returns `Ok(None)`, then wait
     /// for [`Listener::poll_fd`] to be readable. While portmux is away
     /// (restarting), each call makes one reconnection attempt and the poll fd
-    /// wakes the loop for the next.
+    /// wakes the loop for the next. Receivers take turns: while another thread
+    /// is inside a blocking [`Listener::accept`], this call waits for it.
     pub fn try_accept(&self) -> io::Result<Option<(TcpStream, ConnInfo)>> {
         let mut rx = lock(&self.receiving);
         let poller = self.poller.get();

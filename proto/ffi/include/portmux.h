@@ -155,7 +155,9 @@ int portmux_accept(struct portmux_listener *listener, struct portmux_conn_info *
 // portmux_listener_fd() is readable, until it returns PORTMUX_ERR_WOULD_BLOCK.
 // While portmux is away each call makes one reconnection attempt (a local
 // connect and registration, normally well under a millisecond) and the
-// listener fd becomes readable again when the next attempt is due.
+// listener fd becomes readable again when the next attempt is due. Receivers
+// take turns: while another thread is inside a blocking portmux_accept on the
+// same listener, this call waits for it, so pick one style per listener.
 //
 // # Safety
 // As for portmux_accept.
