@@ -9,7 +9,7 @@ use crate::handoff::{Conn, Session, SessionId};
 use crate::route::{Listener, RouteKey};
 use crate::upgrade::{Channel, Outgoing};
 use portmux_wire::{Handover, PROTOCOL_VERSION, RouteSpec};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::rc::Rc;
@@ -319,17 +319,8 @@ async fn receive_state(cp: &Rc<ControlPlane>, channel: &Channel) -> Result<Vec<C
             Handover::ServiceRoute { route, service, reserved_ms } => {
                 let spec = RouteSpec::parse(&route).map_err(|e| e.to_string())?;
                 let key = route_key(&spec, settings.bind);
-                let state = RouteState {
-                    display: spec.key().into(),
-                    spec,
-                    forward: None,
-                    service,
-                    sessions: Vec::new(),
-                    queue: VecDeque::new(),
-                    reserved_until: reserved_ms.map(|ms| Instant::now() + Duration::from_millis(ms)),
-                    flushing: false,
-                    next: 0,
-                };
+                let reserved_until = reserved_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
+                let state = RouteState::new(spec, service, None, reserved_until);
                 cp.state.borrow_mut().routes.insert(key, state);
             }
             Handover::Session { id, name, pid, uid, draining, routes } => {
@@ -412,20 +403,7 @@ pub(super) fn restore(cp: &Rc<ControlPlane>, routes: Vec<Handover>) {
                     tracing::warn!(%route, "cannot restore the route: {e}");
                     continue;
                 }
-                st.routes.insert(
-                    key,
-                    RouteState {
-                        display: spec.key().into(),
-                        spec,
-                        forward: None,
-                        service,
-                        sessions: Vec::new(),
-                        queue: VecDeque::new(),
-                        reserved_until: Some(Instant::now() + cp.linger()),
-                        flushing: false,
-                        next: 0,
-                    },
-                );
+                st.routes.insert(key, RouteState::new(spec, service, None, Some(Instant::now() + cp.linger())));
                 restored += 1;
             }
             other => tracing::warn!("unexpected {} in the route state", other.kind()),

@@ -71,6 +71,28 @@ struct RouteState {
     next: usize,
 }
 
+impl RouteState {
+    /// A route nobody has joined yet: no session, nothing queued.
+    fn new(
+        spec: RouteSpec,
+        service: String,
+        forward: Option<Arc<BackendPool>>,
+        reserved_until: Option<Instant>,
+    ) -> Self {
+        RouteState {
+            display: spec.key().into(),
+            spec,
+            forward,
+            service,
+            sessions: Vec::new(),
+            queue: VecDeque::new(),
+            reserved_until,
+            flushing: false,
+            next: 0,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     /// An upgrade froze the state: every route queues (through the control plane).
@@ -439,18 +461,7 @@ impl ControlPlane {
         st.open_listeners(&addrs)?;
         let mut bound = Vec::new();
         for (key, spec) in plan {
-            let display: Arc<str> = spec.key().into();
-            let route = st.routes.entry(key.clone()).or_insert_with(|| RouteState {
-                display: display.clone(),
-                spec,
-                forward: None,
-                service: name.clone(),
-                sessions: Vec::new(),
-                queue: VecDeque::new(),
-                reserved_until: None,
-                flushing: false,
-                next: 0,
-            });
+            let route = st.routes.entry(key.clone()).or_insert_with(|| RouteState::new(spec, name.clone(), None, None));
             if !route.sessions.contains(&sid) {
                 route.sessions.push(sid);
             }
@@ -784,20 +795,7 @@ impl ControlPlane {
         let names: Vec<String> = backends.iter().map(|b| b.spec.to_string()).collect();
         tracing::info!(route = %shown, backends = %names.join(","), policy = policy.as_str(), "forwarding");
         let pool = Arc::new(BackendPool::new(backends, policy, proxy));
-        st.routes.insert(
-            key.clone(),
-            RouteState {
-                display: shown,
-                spec,
-                forward: Some(pool),
-                service: String::new(),
-                sessions: Vec::new(),
-                queue: VecDeque::new(),
-                reserved_until: None,
-                flushing: false,
-                next: 0,
-            },
-        );
+        st.routes.insert(key.clone(), RouteState::new(spec, String::new(), Some(pool), None));
         let view = st.view(&key);
         drop(st);
         self.publish();
