@@ -455,16 +455,8 @@ fn faults_are_answered_and_fds_return_to_baseline() {
 
 #[test]
 fn ten_thousand_connections_near_the_fd_limit() {
-    let dir = TempDir::new();
-    let control = dir.path().join("control.sock");
-    let mut cmd = Command::new("sh");
     // 10 000 relayed connections need 20 000 fds; portmux gets 16 000.
-    cmd.arg("-c").arg(format!(
-        "ulimit -n 16000 && exec {} run --bind 127.0.0.1 --peek-timeout 30s --control {}",
-        env!("CARGO_BIN_EXE_portmux"),
-        control.display()
-    ));
-    let pm = Portmux::spawn(cmd, &control, Some(dir)).unwrap();
+    let pm = Portmux::start_with_ulimit("-n 16000", &["--peek-timeout", "30s"]);
     let port = free_port();
     let (_web, web) = Service::backend("web", &[]);
     assert!(portmux_cli(&pm, &["route", "add", &format!("http://:{port}"), "--backend", &web.to_string()]).0);
@@ -563,15 +555,7 @@ fn large_responses_stay_byte_exact_over_keep_alive_copied_or_spliced() {
 fn a_low_soft_fd_limit_is_raised_to_the_hard_limit() {
     // systemd starts services with a soft limit of 1024 (here 200) and a high
     // hard limit; 300 relayed connections need 600 fds.
-    let dir = TempDir::new();
-    let control = dir.path().join("control.sock");
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c").arg(format!(
-        "ulimit -Sn 200 && ulimit -Hn 4000 && exec {} run --bind 127.0.0.1 --control {}",
-        env!("CARGO_BIN_EXE_portmux"),
-        control.display()
-    ));
-    let pm = Portmux::spawn(cmd, &control, Some(dir)).unwrap();
+    let pm = Portmux::start_with_ulimit("-Sn 200 -Hn 4000", &[]);
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", pm.pid())).unwrap();
     let open_files = limits.lines().find(|l| l.starts_with("Max open files")).unwrap().to_string();
     assert_eq!(open_files.split_whitespace().nth(3), Some("4000"), "{open_files}");

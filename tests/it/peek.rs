@@ -5,7 +5,6 @@
 use crate::util::*;
 use std::io::Write;
 use std::net::Shutdown;
-use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -116,15 +115,7 @@ fn garbage_gets_a_clear_answer_and_everyone_else_is_served() {
 
 #[test]
 fn portmux_keeps_serving_when_it_runs_out_of_file_descriptors() {
-    let dir = TempDir::new();
-    let control = dir.path().join("control.sock");
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c").arg(format!(
-        "ulimit -n 64 && exec {} run --bind 127.0.0.1 --peek-timeout 2s --control {}",
-        env!("CARGO_BIN_EXE_portmux"),
-        control.display()
-    ));
-    let mut pm = Portmux::spawn(cmd, &control, Some(dir)).unwrap();
+    let mut pm = Portmux::start_with_ulimit("-n 64", &["--peek-timeout", "2s"]);
     let port = free_port();
     let _svc = Service::hello(&pm, &format!("http://:{port}"), "still serving", &[]);
     // Far more idle clients than portmux has fds: the rest wait in the backlog.

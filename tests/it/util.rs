@@ -184,7 +184,26 @@ impl Portmux {
         Portmux::spawn(cmd, control, dir)
     }
 
-    /// Starts a prepared command (e.g. under `sh -c 'ulimit …; exec portmux …'`).
+    /// Like `start`, with shell `ulimit` settings applied first (e.g. `-n 64`,
+    /// or `-Sn 200 -Hn 4000` for soft and hard limits apart).
+    pub fn start_with_ulimit(ulimit: &str, extra: &[&str]) -> Portmux {
+        let dir = TempDir::new();
+        let control = dir.path().join("control.sock");
+        let limits: Vec<String> =
+            ulimit.split(" -").map(|l| format!("ulimit -{}", l.trim_start_matches('-'))).collect();
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("{} && exec \"$0\" \"$@\"", limits.join(" && ")))
+            .arg(env!("CARGO_BIN_EXE_portmux"))
+            .args(["run", "--bind", "127.0.0.1", "--control"])
+            .arg(&control)
+            .args(extra)
+            .env_remove("PORTMUX_CONTROL");
+        Portmux::spawn(cmd, &control, Some(dir))
+            .unwrap_or_else(|e| panic!("portmux (ulimit {ulimit}) did not start:\n{e}"))
+    }
+
+    /// Starts a prepared command.
     pub fn spawn(mut cmd: Command, control: &Path, dir: Option<TempDir>) -> Result<Portmux, String> {
         // Each portmux gets its own admin port, chosen by the kernel.
         cmd.env("RUST_LOG", std::env::var("IT_LOG").unwrap_or_else(|_| "info,portmux=debug".into()))
