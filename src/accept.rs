@@ -8,7 +8,7 @@ use crate::handoff::{self, Conn};
 use crate::reply;
 use crate::route::{Listener, ListenerId, Target};
 use crate::runtime::Shared;
-use crate::sys::{net, uring};
+use portmux_sys::{net, uring};
 use portmux_wire::{ConnMeta, Proto};
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};

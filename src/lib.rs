@@ -3,7 +3,7 @@
 //! neither portmux nor the services drop a connection when they restart.
 //!
 //! See `docs/ARCHITECTURE.md` for how the pieces fit.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod accept;
 pub mod admin;
@@ -15,6 +15,5 @@ pub mod handoff;
 pub mod reply;
 pub mod route;
 pub mod runtime;
-pub mod sys;
 pub mod systemd;
 pub mod upgrade;

@@ -1,6 +1,6 @@
 //! The `portmux` command line: run the daemon, manage routes with backends
 //! through the admin API, or run seamless mode.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
 use portmux::admin::{self, RouteView, TargetView};
@@ -232,16 +232,13 @@ fn default_control() -> PathBuf {
 /// Asks the running portmux (over its control socket) to replace itself.
 fn upgrade(control: Option<PathBuf>, binary: Option<PathBuf>) -> Result<(), String> {
     use portmux_wire::Message;
-    use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
+    use rustix::net::{RecvFlags, SendFlags};
     let path = control.unwrap_or_else(default_control);
     let binary = match binary {
         Some(b) => Some(std::fs::canonicalize(&b).map_err(|e| format!("{}: {e}", b.display()))?),
         None => None,
     };
-    let sock = rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)
-        .map_err(|e| e.to_string())?;
-    let addr = SocketAddrUnix::new(&path).map_err(|e| e.to_string())?;
-    rustix::net::connect(&sock, &addr).map_err(|e| {
+    let sock = portmux_sys::net::seqpacket_connect(&path, false).map_err(|e| {
         format!(
             "cannot reach portmux at {}: {e}; is it running? (--control or PORTMUX_CONTROL name its socket)",
             path.display()

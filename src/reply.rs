@@ -6,7 +6,7 @@
 //! So: send the answer, shut down our side (FIN), read and discard what the
 //! client sends until it closes or a short deadline passes, then close.
 
-use crate::sys::{net, uring};
+use portmux_sys::{net, uring};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Duration;
 use tokio::time::Instant;

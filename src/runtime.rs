@@ -4,8 +4,8 @@
 use crate::config::Settings;
 use crate::handoff::Conn;
 use crate::route::Table;
-use crate::sys::{net, uring};
 use arc_swap::ArcSwap;
+use portmux_sys::{net, uring};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -111,7 +111,7 @@ fn start(mut settings: Settings, handover: Option<OwnedFd>) -> Result<(), StartE
         }
         return Err(StartError::IoUring(e));
     }
-    match crate::sys::raise_nofile_limit() {
+    match portmux_sys::raise_nofile_limit() {
         Ok((before, after)) if before != after => tracing::debug!("open-file limit raised from {before} to {after}"),
         Ok((_, after)) => tracing::debug!("open-file limit is {after}"),
         Err(e) => tracing::warn!("cannot raise the open-file limit to the hard limit: {e}"),

@@ -4,11 +4,10 @@
 //! on-demand listeners, the control socket and the route state in the fd
 //! store, so that after a crash and a restart nothing the kernel queued is lost.
 
-use crate::sys::net;
+use portmux_sys::net;
 use portmux_wire::Handover;
-use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketType};
-use std::io::{self, IoSlice};
-use std::mem::MaybeUninit;
+use rustix::net::{SocketAddrUnix, SocketType};
+use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
@@ -37,13 +36,7 @@ fn notify_addr() -> Option<Result<SocketAddrUnix, io::Error>> {
 fn send(lines: &str, fds: &[BorrowedFd<'_>]) -> bool {
     let Some(Ok(addr)) = notify_addr() else { return false };
     let Ok(sock) = UnixDatagram::unbound() else { return false };
-    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
-        return false;
-    }
-    rustix::net::sendmsg_addr(&sock, &addr, &[IoSlice::new(lines.as_bytes())], &mut control, SendFlags::NOSIGNAL)
-        .is_ok()
+    portmux_sys::scm::send_to_with_fds(sock.as_fd(), &addr, lines.as_bytes(), fds).is_ok()
 }
 
 /// Sends `lines` to systemd, if portmux runs under it. Returns whether it was sent.
@@ -90,20 +83,9 @@ pub struct Inherited {
 
 /// Takes the fds systemd passed (`LISTEN_PID` must be this process).
 pub fn inherited() -> Result<Inherited, String> {
-    let pid = crate::sys::take_env("LISTEN_PID");
-    let count = crate::sys::take_env("LISTEN_FDS");
-    let names = crate::sys::take_env("LISTEN_FDNAMES");
     let mut out = Inherited::default();
-    let (Some(pid), Some(count)) = (pid, count) else { return Ok(out) };
-    if pid.to_str().and_then(|p| p.parse::<u32>().ok()) != Some(std::process::id()) {
-        return Ok(out);
-    }
-    let count: i32 = count.to_str().and_then(|c| c.parse().ok()).ok_or("LISTEN_FDS is not a number")?;
-    let names: Vec<String> =
-        names.map(|n| n.to_string_lossy().split(':').map(String::from).collect()).unwrap_or_default();
-    for i in 0..count {
-        let fd = net::adopt_inherited_any(3 + i).map_err(|e| format!("LISTEN_FDS: {e}"))?;
-        let name = names.get(i as usize).map(String::as_str).unwrap_or("");
+    for passed in portmux_sys::inherit::listen_fds().map_err(|e| e.to_string())? {
+        let (fd, name) = (passed.fd, passed.name.as_str());
         if name == STATE_NAME {
             out.state = Some(fd);
             continue;

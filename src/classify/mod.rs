@@ -4,7 +4,7 @@
 pub mod http;
 pub mod tls;
 
-use crate::sys::{net, uring};
+use portmux_sys::{net, uring};
 use std::io;
 use std::os::fd::BorrowedFd;
 use tokio::time::Instant;

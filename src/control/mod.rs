@@ -13,7 +13,7 @@ use crate::handoff::{Conn, Refusal, Session, SessionId};
 use crate::reply::{self, Reply};
 use crate::route::{Listener, Pool, PortRoutes, Route, RouteKey, Table, Target};
 use crate::runtime::{Shared, ToControl};
-use crate::sys::{net, uring};
+use portmux_sys::{net, uring};
 use portmux_wire::spec::{RouteSpec, Scheme};
 use portmux_wire::{Bound, Proto};
 use std::cell::RefCell;

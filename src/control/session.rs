@@ -4,7 +4,7 @@
 
 use super::ControlPlane;
 use crate::handoff::Session;
-use crate::sys::{net, reactor};
+use portmux_sys::{net, reactor, scm};
 use portmux_wire::spec::validate_service_name;
 use portmux_wire::{MAX_MESSAGE, Message, PROTOCOL_VERSION};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -64,7 +64,7 @@ enum RecvError {
 
 /// Receives one message; `Ok(None)` at end-of-file.
 async fn recv<T: AsRawFd + AsFd>(afd: &AsyncFd<T>, buf: &mut [u8]) -> Result<Option<Message>, RecvError> {
-    let dg = match afd.async_io(Interest::READABLE, |s| net::recv_datagram(s, buf)).await {
+    let dg = match afd.async_io(Interest::READABLE, |s| scm::recv_with_fds(s, buf, scm::Wait::DontWait)).await {
         Ok(d) => d,
         Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => return Ok(None),
         Err(e) => {
@@ -87,7 +87,7 @@ async fn recv<T: AsRawFd + AsFd>(afd: &AsyncFd<T>, buf: &mut [u8]) -> Result<Opt
 /// Sends one message, waiting while the socket is full, for at most SEND_TIMEOUT.
 async fn send<T: AsRawFd + AsFd>(afd: &AsyncFd<T>, msg: &Message) -> std::io::Result<()> {
     let bytes = portmux_wire::encode(msg).map_err(std::io::Error::other)?;
-    let sending = afd.async_io(Interest::WRITABLE, |s| net::send_datagram(s.as_fd(), &bytes));
+    let sending = afd.async_io(Interest::WRITABLE, |s| scm::send_datagram(s.as_fd(), &bytes, scm::Wait::DontWait));
     tokio::time::timeout(SEND_TIMEOUT, sending).await.map_err(|_| std::io::ErrorKind::TimedOut)?
 }
 
@@ -150,7 +150,7 @@ pub(super) async fn run(cp: Rc<ControlPlane>, session: Arc<Session>) {
     let sid = session.id;
     let pid = session.pid;
     let _reader = cp.reader_started();
-    let Ok(afd) = reactor::register(session.clone(), Interest::READABLE | Interest::WRITABLE) else {
+    let Ok(afd) = reactor::register(session.shared_socket(), Interest::READABLE | Interest::WRITABLE) else {
         cp.end_session(sid);
         return;
     };
@@ -247,12 +247,12 @@ pub(super) async fn run(cp: Rc<ControlPlane>, session: Arc<Session>) {
 /// Best-effort Error message, without waiting.
 fn send_error(session: &Session, reason: &str) -> std::io::Result<()> {
     let bytes = portmux_wire::encode(&Message::Error { reason: reason.to_string() }).map_err(std::io::Error::other)?;
-    net::send_datagram(session.as_fd(), &bytes)
+    scm::send_datagram(session.as_fd(), &bytes, scm::Wait::DontWait)
 }
 
 /// After portmux ended the session: take the service's remaining acks until it
 /// closes its end. False if it did not within CLOSE_TIMEOUT.
-async fn wait_for_close(afd: &AsyncFd<Arc<Session>>, session: &Session, buf: &mut [u8]) -> bool {
+async fn wait_for_close(afd: &AsyncFd<Arc<OwnedFd>>, session: &Session, buf: &mut [u8]) -> bool {
     let until_closed = async {
         loop {
             match recv(afd, buf).await {

@@ -1,7 +1,7 @@
 //! Backends of a forwarding route: their addresses, weights, passive health and
 //! live counts, and the load-balancing choice among them (lock-free).
 
-use crate::sys::net::Endpoint;
+use portmux_sys::net::Endpoint;
 use std::fmt;
 use std::net::ToSocketAddrs;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

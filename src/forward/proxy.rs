@@ -116,7 +116,7 @@ pub async fn receive(
     let mut scratch = [0u8; 512];
     while left > 0 {
         let n = left.min(scratch.len());
-        match crate::sys::net::recv(fd, &mut scratch[..n]) {
+        match portmux_sys::net::recv(fd, &mut scratch[..n]) {
             Ok(0) => return Err("the client hung up".into()),
             Ok(got) => left -= got,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}

@@ -11,7 +11,7 @@
 //! no system call that way, where an io_uring PollAdd per wait halved the
 //! keep-alive request rate.
 
-use crate::sys::net;
+use portmux_sys::net;
 use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::future::Future;
@@ -472,8 +472,8 @@ mod tests {
     fn run(client: OwnedFd, backend: OwnedFd, idle: Duration) -> Outcome {
         tokio_uring::start(async move {
             let interest = tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE;
-            let c = crate::sys::reactor::register(client, interest).unwrap();
-            let b = crate::sys::reactor::register(backend, interest).unwrap();
+            let c = portmux_sys::reactor::register(client, interest).unwrap();
+            let b = portmux_sys::reactor::register(backend, interest).unwrap();
             relay(&c, &b, idle, Mode::Auto, &Pause::default(), Closed::default()).await
         })
     }
@@ -484,8 +484,8 @@ mod tests {
         let (backend_end, mut backend) = pair();
         let (client_end, backend_end) = tokio_uring::start(async move {
             let interest = tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE;
-            let c = crate::sys::reactor::register(client_end, interest).unwrap();
-            let b = crate::sys::reactor::register(backend_end, interest).unwrap();
+            let c = portmux_sys::reactor::register(client_end, interest).unwrap();
+            let b = portmux_sys::reactor::register(backend_end, interest).unwrap();
             let pause = Pause::default();
             let stop_soon = async {
                 tokio::time::sleep(Duration::from_millis(50)).await;

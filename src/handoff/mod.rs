@@ -4,10 +4,10 @@
 
 use crate::route::{ListenerId, Route, Target};
 use crate::runtime::Shared;
-use crate::sys::{net, uring};
+use portmux_sys::{net, scm, uring};
 use portmux_wire::{ConnMeta, Message};
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -55,7 +55,8 @@ pub struct Session {
     pub name: String,
     pub pid: i32,
     pub uid: u32,
-    sock: OwnedFd,
+    /// Shared with the reader's reactor registration (an `Arc` keeps its fd stable).
+    sock: Arc<OwnedFd>,
     failed: AtomicBool,
     unacked: Mutex<Unacked>,
     max_unacked: usize,
@@ -75,7 +76,7 @@ impl Session {
             name,
             pid,
             uid,
-            sock,
+            sock: Arc::new(sock),
             failed: AtomicBool::new(false),
             unacked: Mutex::new(Unacked::default()),
             max_unacked,
@@ -137,7 +138,7 @@ impl Session {
         }
         let deadline = tokio::time::Instant::now() + patience;
         let dead = loop {
-            match net::send_with_fd(self.sock.as_fd(), &bytes, fd.as_fd()) {
+            match scm::send_with_fds(self.sock.as_fd(), &bytes, &[fd.as_fd()], scm::Wait::DontWait) {
                 Ok(()) => {
                     tracing::debug!(conn = id, session = self.id, pid = std::process::id(), "handed over");
                     return Ok(());
@@ -224,6 +225,11 @@ impl Session {
         self.sock.as_fd()
     }
 
+    /// The session's socket, shared (to register it with the reactor).
+    pub fn shared_socket(&self) -> Arc<OwnedFd> {
+        self.sock.clone()
+    }
+
     /// The service did not close its end in time after portmux ended the
     /// session: it may still read the queued connections, so portmux only drops
     /// its own copies. Returns how many were unacked.
@@ -241,12 +247,6 @@ impl Session {
 impl AsFd for Session {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.sock.as_fd()
-    }
-}
-
-impl AsRawFd for Session {
-    fn as_raw_fd(&self) -> RawFd {
-        self.sock.as_raw_fd()
     }
 }
 

@@ -49,7 +49,7 @@ impl Listener {
         if self.deferred.swap(want, Ordering::Relaxed) == want {
             return;
         }
-        if let Err(e) = crate::sys::net::set_defer_accept(self.fd.as_fd(), u32::from(on)) {
+        if let Err(e) = portmux_sys::net::set_defer_accept(self.fd.as_fd(), u32::from(on)) {
             self.deferred.store(0, Ordering::Relaxed);
             tracing::warn!(addr = %self.addr, "cannot set TCP_DEFER_ACCEPT: {e}");
         }
@@ -217,7 +217,7 @@ mod tests {
     use crate::classify::{http::RequestHead, tls::ClientHello};
 
     fn listener() -> Arc<Listener> {
-        let fd = crate::sys::net::tcp_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let fd = portmux_sys::net::tcp_listener("127.0.0.1:0".parse().unwrap()).unwrap();
         Arc::new(Listener::new(1, "127.0.0.1:8000".parse().unwrap(), fd))
     }
 

@@ -11,7 +11,7 @@
 
 use crate::control::{ControlPlane, Exit};
 use crate::runtime::ToControl;
-use crate::sys::{net, reactor};
+use portmux_sys::{net, reactor, scm};
 use portmux_wire::{Handover, PROTOCOL_VERSION};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -46,13 +46,16 @@ impl Channel {
     pub async fn send(&self, msg: &Handover, fds: Vec<OwnedFd>) -> io::Result<()> {
         let bytes = portmux_wire::encode(msg).map_err(io::Error::other)?;
         let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
-        self.sock.async_io(Interest::WRITABLE, |s| net::send_with_fds(s.as_fd(), &bytes, &borrowed)).await
+        self.sock
+            .async_io(Interest::WRITABLE, |s| scm::send_with_fds(s.as_fd(), &bytes, &borrowed, scm::Wait::DontWait))
+            .await
     }
 
     /// The next message and its fds; `None` when the other process is gone.
     pub async fn recv(&self) -> io::Result<Option<(Handover, Vec<OwnedFd>)>> {
         let mut buf = vec![0u8; portmux_wire::MAX_MESSAGE];
-        let dg = self.sock.async_io(Interest::READABLE, |s| net::recv_datagram(s, &mut buf)).await?;
+        let dg =
+            self.sock.async_io(Interest::READABLE, |s| scm::recv_with_fds(s, &mut buf, scm::Wait::DontWait)).await?;
         if dg.len == 0 && dg.fds.is_empty() {
             return Ok(None);
         }
@@ -66,16 +69,14 @@ impl Channel {
 
 /// In a new process: the handover socket, if an upgrade started it.
 pub fn inherited() -> Result<Option<OwnedFd>, String> {
-    let Some(value) = crate::sys::take_env(UPGRADE_FD_ENV) else { return Ok(None) };
-    let raw: i32 = value.to_str().and_then(|v| v.parse().ok()).ok_or(format!("{UPGRADE_FD_ENV} is not a number"))?;
-    net::adopt_inherited(raw).map(Some).map_err(|e| format!("{UPGRADE_FD_ENV}: {e}"))
+    portmux_sys::inherit::socket_from_env(UPGRADE_FD_ENV).map_err(|e| format!("{UPGRADE_FD_ENV}: {e}"))
 }
 
 /// Tells the previous process this one cannot start, and why.
 pub fn report_failure(fd: OwnedFd, reason: &str) {
     let bytes = portmux_wire::encode(&Handover::Failed { reason: reason.into() }).unwrap_or_default();
     let _ = net::set_nonblocking(fd.as_fd(), false);
-    let _ = net::send_datagram(fd.as_fd(), &bytes);
+    let _ = scm::send_datagram(fd.as_fd(), &bytes, scm::Wait::Block);
 }
 
 fn kill(pid: u32) {

@@ -196,7 +196,7 @@ fn services_keep_their_connections_and_register_again_when_portmux_restarts() {
         let mut paths = Vec::new();
         for _ in 0..2 {
             let (mut stream, info) = blocking.accept().unwrap();
-            paths.push(info.path.unwrap_or_default());
+            paths.push(info.meta.path.unwrap_or_default());
             stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nblocking").unwrap();
         }
         paths
@@ -309,7 +309,7 @@ fn an_event_loop_on_the_poll_fd_accepts_and_reconnects_after_portmux_restarts() 
         None
     };
     let answer = |(mut s, info): (std::net::TcpStream, portmux_client::ConnInfo)| {
-        let body = info.path.unwrap_or_default();
+        let body = info.meta.path.unwrap_or_default();
         write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
     };
     let client = thread::spawn(move || get(port, "x", "/loop/1").unwrap().body);

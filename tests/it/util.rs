@@ -2,8 +2,10 @@
 //! `hello` example), temporary directories, free ports, and small HTTP, TLS
 //! and raw control-protocol clients.
 
+use portmux_sys::scm::Wait;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -587,10 +589,7 @@ pub struct RawSession {
 
 impl RawSession {
     pub fn connect(control: &Path) -> RawSession {
-        use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
-        let fd =
-            rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None).unwrap();
-        rustix::net::connect(&fd, &SocketAddrUnix::new(control).unwrap()).unwrap();
+        let fd = portmux_sys::net::seqpacket_connect(control, false).unwrap();
         rustix::net::sockopt::set_socket_timeout(
             &fd,
             rustix::net::sockopt::Timeout::Recv,
@@ -601,19 +600,12 @@ impl RawSession {
     }
 
     pub fn send_bytes(&self, bytes: &[u8]) -> std::io::Result<()> {
-        rustix::net::send(&self.fd, bytes, rustix::net::SendFlags::NOSIGNAL)?;
-        Ok(())
+        portmux_sys::scm::send_datagram(self.fd.as_fd(), bytes, Wait::Block)
     }
 
     /// Sends bytes with an fd attached (which services must never do).
     pub fn send_with_fd(&self, bytes: &[u8], fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
-        use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
-        let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
-        let mut control = SendAncillaryBuffer::new(&mut space);
-        let fds = [fd];
-        assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
-        rustix::net::sendmsg(&self.fd, &[std::io::IoSlice::new(bytes)], &mut control, SendFlags::NOSIGNAL)?;
-        Ok(())
+        portmux_sys::scm::send_with_fds(self.fd.as_fd(), bytes, &[fd], Wait::Block)
     }
 
     pub fn send(&self, msg: &portmux_wire::Message) {
@@ -633,27 +625,13 @@ impl RawSession {
 
     /// The next message and its fd; `None` at end-of-file.
     pub fn recv(&self) -> Option<(portmux_wire::Message, Option<std::os::fd::OwnedFd>)> {
-        use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
         let mut buf = vec![0u8; 70000];
-        let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(2))];
-        let mut control = RecvAncillaryBuffer::new(&mut space);
-        let msg = rustix::net::recvmsg(
-            &self.fd,
-            &mut [std::io::IoSliceMut::new(&mut buf)],
-            &mut control,
-            RecvFlags::CMSG_CLOEXEC,
-        )
-        .ok()?;
-        let mut fd = None;
-        for m in control.drain() {
-            if let RecvAncillaryMessage::ScmRights(mut fds) = m {
-                fd = fds.next();
-            }
-        }
-        if msg.bytes == 0 {
+        let dg = portmux_sys::scm::recv_with_fds(&self.fd, &mut buf, Wait::Block).ok()?;
+        assert!(!dg.truncated && !dg.fds_truncated, "portmux sent a datagram this test cannot take: {dg:?}");
+        if dg.len == 0 {
             return None;
         }
-        Some((portmux_wire::decode(&buf[..msg.bytes]).unwrap(), fd))
+        Some((portmux_wire::decode(&buf[..dg.len]).unwrap(), dg.fds.into_iter().next()))
     }
 }
 

@@ -24,10 +24,10 @@ mod proto;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 
-pub use portmux_wire::{Bound, Proto};
+pub use portmux_wire::{Bound, ConnMeta, Proto};
 
+use portmux_sys::scm::Wait;
 use proto::{Config, Incoming};
-use rustix::net::{RecvFlags, SendFlags};
 use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
@@ -42,45 +42,22 @@ pub const SERVICE_ENV: &str = "PORTMUX_SERVICE";
 /// How long the opening handshake may take before portmux counts as unresponsive.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What portmux knows about a handed-over connection.
+/// What portmux knows about a handed-over connection: its id, and the
+/// [`ConnMeta`] that came with it (route, protocol, peer and local address,
+/// SNI, ALPN, Host, path, bytes peeked), whose fields read through it:
+/// `info.peer`, `info.sni`, `info.path`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnInfo {
     /// portmux's id for this connection.
     pub id: u64,
-    /// The route (canonical spec) it matched.
-    pub route: String,
-    /// What portmux recognised: TLS, HTTP, or raw TCP.
-    pub proto: Proto,
-    /// The client's address.
-    pub peer: SocketAddr,
-    /// The address the client connected to.
-    pub local: SocketAddr,
-    /// TLS server name (lower case).
-    pub sni: Option<String>,
-    /// ALPN protocols the client offered.
-    pub alpn: Vec<String>,
-    /// HTTP Host of the first request (lower case, no port).
-    pub host: Option<String>,
-    /// HTTP request target of the first request.
-    pub path: Option<String>,
-    /// Bytes portmux looked at; all are still unread in the stream.
-    pub peeked: u32,
+    pub meta: ConnMeta,
 }
 
-impl ConnInfo {
-    fn from_meta(id: u64, m: portmux_wire::ConnMeta) -> ConnInfo {
-        ConnInfo {
-            id,
-            route: m.route,
-            proto: m.proto,
-            peer: m.peer,
-            local: m.local,
-            sni: m.sni,
-            alpn: m.alpn,
-            host: m.host,
-            path: m.path,
-            peeked: m.peeked,
-        }
+impl std::ops::Deref for ConnInfo {
+    type Target = ConnMeta;
+
+    fn deref(&self) -> &ConnMeta {
+        &self.meta
     }
 }
 
@@ -375,7 +352,7 @@ impl Listener {
                 self.reconnect(&mut rx, lost.since)?;
                 continue;
             }
-            if let Some(next) = self.receive_one(&mut rx, RecvFlags::empty())? {
+            if let Some(next) = self.receive_one(&mut rx, Wait::Block)? {
                 return Ok(next);
             }
         }
@@ -423,7 +400,7 @@ impl Listener {
                     Err(e) => return Err(e.into()),
                 }
             }
-            match self.receive_one(&mut rx, RecvFlags::DONTWAIT) {
+            match self.receive_one(&mut rx, Wait::DontWait) {
                 Ok(Some(next)) => return Ok(Some(next)),
                 Ok(None) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
@@ -456,9 +433,9 @@ impl Listener {
 
     /// Receives one message; `Ok(None)` when it was not a connection (the
     /// session may have ended: then `rx.lost` is set).
-    fn receive_one(&self, rx: &mut Receiving, flags: RecvFlags) -> io::Result<Option<(TcpStream, ConnInfo)>> {
+    fn receive_one(&self, rx: &mut Receiving, wait: Wait) -> io::Result<Option<(TcpStream, ConnInfo)>> {
         let sock = self.current();
-        let incoming = match proto::receive(&*sock, &mut rx.buf, flags) {
+        let incoming = match proto::receive(&*sock, &mut rx.buf, wait) {
             Ok(i) => i,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(None),
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Incoming::Closed,
@@ -468,12 +445,12 @@ impl Listener {
             Incoming::Conn(id, stream, info) => {
                 // Tell portmux it can close its copy; if portmux is gone, the
                 // connection is ours all the same.
-                let _ = proto::send(&*sock, &proto::ack(id), SendFlags::empty());
+                let _ = proto::send(&*sock, &proto::ack(id), Wait::Block);
                 stream.set_nonblocking(false)?;
                 Ok(Some((stream, info)))
             }
             Incoming::Lost(id, reason) => {
-                let _ = proto::send(&*sock, &proto::reject(id, &reason), SendFlags::empty());
+                let _ = proto::send(&*sock, &proto::reject(id, &reason), Wait::Block);
                 Err(io::Error::other(FdNotReceived { id, reason }))
             }
             Incoming::Closed | Incoming::Ended(_) => {
@@ -519,14 +496,14 @@ impl Listener {
     /// graceful shutdown); others with the same name, or a successor, get them.
     pub fn drain(&self) -> io::Result<()> {
         let bytes = portmux_wire::encode(&portmux_wire::Message::Drain).map_err(io::Error::other)?;
-        proto::send(&*self.current(), &bytes, SendFlags::empty())
+        proto::send(&*self.current(), &bytes, Wait::Block)
     }
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
         if let Ok(bytes) = portmux_wire::encode(&portmux_wire::Message::Bye) {
-            let _ = proto::send(&*self.current(), &bytes, SendFlags::DONTWAIT);
+            let _ = proto::send(&*self.current(), &bytes, Wait::DontWait);
         }
     }
 }
@@ -546,11 +523,11 @@ fn handshake(cfg: &Config, buf: &mut [u8]) -> Result<Opened<OwnedFd>, Error> {
     rustix::net::sockopt::set_socket_timeout(&sock, rustix::net::sockopt::Timeout::Recv, Some(HANDSHAKE_TIMEOUT))
         .map_err(io::Error::from)?;
     for msg in cfg.opening()? {
-        proto::send(&sock, &msg, SendFlags::empty())?;
+        proto::send(&sock, &msg, Wait::Block)?;
     }
     let mut early = Vec::new();
     loop {
-        match proto::receive(&sock, buf, RecvFlags::empty()) {
+        match proto::receive(&sock, buf, Wait::Block) {
             Ok(Incoming::Registered(bound)) => {
                 rustix::net::sockopt::set_socket_timeout(&sock, rustix::net::sockopt::Timeout::Recv, None)
                     .map_err(io::Error::from)?;
@@ -560,11 +537,11 @@ fn handshake(cfg: &Config, buf: &mut [u8]) -> Result<Opened<OwnedFd>, Error> {
             Ok(Incoming::Ended(reason)) => return Err(Error::Ended(reason)),
             Ok(Incoming::Closed) => return Err(Error::Ended("portmux closed the session during registration".into())),
             Ok(Incoming::Conn(id, stream, info)) => {
-                proto::send(&sock, &proto::ack(id), SendFlags::empty())?;
+                proto::send(&sock, &proto::ack(id), Wait::Block)?;
                 stream.set_nonblocking(false)?;
                 early.push((stream, info));
             }
-            Ok(Incoming::Lost(id, why)) => proto::send(&sock, &proto::reject(id, &why), SendFlags::empty())?,
+            Ok(Incoming::Lost(id, why)) => proto::send(&sock, &proto::reject(id, &why), Wait::Block)?,
             Ok(Incoming::Nothing) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

@@ -2,10 +2,9 @@
 //! message with its fd, and what each message means to a service.
 
 use crate::{ConnInfo, Error};
+use portmux_sys::scm::{self, Wait};
 use portmux_wire::{Bound, Message, PROTOCOL_VERSION};
-use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendFlags};
-use std::io::{self, IoSliceMut};
-use std::mem::MaybeUninit;
+use std::io;
 use std::net::TcpStream;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
@@ -55,29 +54,17 @@ pub(crate) enum Incoming {
 /// Receives and interprets one datagram. Fds arrive close-on-exec; a
 /// truncated control message (MSG_CTRUNC) is an error, never a silent loss.
 /// `buf` is a reusable buffer of [`portmux_wire::MAX_MESSAGE`] bytes.
-pub(crate) fn receive(sock: impl AsFd, buf: &mut [u8], flags: RecvFlags) -> io::Result<Incoming> {
-    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(4))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let msg = rustix::net::recvmsg(
-        sock,
-        &mut [IoSliceMut::new(buf)],
-        &mut control,
-        flags | RecvFlags::CMSG_CLOEXEC | RecvFlags::TRUNC,
-    )?;
-    let mut fds: Vec<OwnedFd> = Vec::new();
-    for m in control.drain() {
-        if let RecvAncillaryMessage::ScmRights(received) = m {
-            fds.extend(received);
-        }
-    }
-    let ctrunc = msg.flags.contains(ReturnFlags::CTRUNC);
-    if msg.bytes == 0 && fds.is_empty() {
+pub(crate) fn receive(sock: impl AsFd, buf: &mut [u8], wait: Wait) -> io::Result<Incoming> {
+    let mut dg = scm::recv_with_fds(sock, buf, wait)?;
+    let ctrunc = dg.fds_truncated;
+    if dg.len == 0 && dg.fds.is_empty() {
         return Ok(Incoming::Closed);
     }
-    if msg.flags.contains(ReturnFlags::TRUNC) {
+    if dg.truncated {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "portmux sent an oversized message"));
     }
-    let decoded = portmux_wire::decode(&buf[..msg.bytes])
+    let fds = &mut dg.fds;
+    let decoded = portmux_wire::decode(&buf[..dg.len])
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("portmux sent a bad message: {e}")))?;
     Ok(match decoded {
         Message::Connection { id, meta } => {
@@ -91,7 +78,7 @@ pub(crate) fn receive(sock: impl AsFd, buf: &mut [u8], flags: RecvFlags) -> io::
                 return Ok(Incoming::Lost(id, why.into()));
             }
             let stream = TcpStream::from(fds.remove(0));
-            Incoming::Conn(id, stream, ConnInfo::from_meta(id, meta))
+            Incoming::Conn(id, stream, ConnInfo { id, meta })
         }
         Message::Registered { routes } => Incoming::Registered(routes),
         Message::Refused { route, reason } => Incoming::Refused { route, reason },
@@ -111,23 +98,13 @@ pub(crate) fn reject(id: u64, reason: &str) -> Vec<u8> {
     portmux_wire::encode(&Message::Reject { id, reason: reason.into() }).unwrap_or_default()
 }
 
-/// Sends one datagram; blocking or not depending on `flags`.
-pub(crate) fn send(sock: impl AsFd, bytes: &[u8], flags: SendFlags) -> io::Result<()> {
-    rustix::net::send(sock, bytes, flags | SendFlags::NOSIGNAL)?;
-    Ok(())
+/// Sends one datagram; blocking or not depending on `wait`.
+pub(crate) fn send(sock: impl AsFd, bytes: &[u8], wait: Wait) -> io::Result<()> {
+    scm::send_datagram(sock.as_fd(), bytes, wait)
 }
 
 /// Opens a `SOCK_SEQPACKET` connection to the control socket.
 pub(crate) fn connect(cfg: &Config, nonblocking: bool) -> Result<OwnedFd, Error> {
-    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
-    let mut flags = SocketFlags::CLOEXEC;
-    if nonblocking {
-        flags |= SocketFlags::NONBLOCK;
-    }
-    let connect_error = |source: io::Error| Error::Connect { path: cfg.control.clone(), source };
-    let fd = rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, flags, None)
-        .map_err(|e| connect_error(e.into()))?;
-    let addr = SocketAddrUnix::new(&cfg.control).map_err(|e| connect_error(e.into()))?;
-    rustix::net::connect(&fd, &addr).map_err(|e| connect_error(e.into()))?;
-    Ok(fd)
+    portmux_sys::net::seqpacket_connect(&cfg.control, nonblocking)
+        .map_err(|source| Error::Connect { path: cfg.control.clone(), source })
 }

@@ -3,8 +3,8 @@
 
 use crate::proto::{self, Config, Incoming};
 use crate::{ConnInfo, Error, Opened};
+use portmux_sys::scm::Wait;
 use portmux_wire::{Bound, Message};
-use rustix::net::{RecvFlags, SendFlags};
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
@@ -63,7 +63,7 @@ impl Listener {
             let buf = &mut self.buf;
             let sock = &self.sock;
             let incoming =
-                sock.async_io(Interest::READABLE, || proto::receive(sock.as_fd(), buf, RecvFlags::DONTWAIT)).await;
+                sock.async_io(Interest::READABLE, || proto::receive(sock.as_fd(), buf, Wait::DontWait)).await;
             let incoming = match incoming {
                 Ok(i) => i,
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Incoming::Closed,
@@ -114,13 +114,13 @@ impl Listener {
 impl Drop for Listener {
     fn drop(&mut self) {
         if let Ok(bytes) = portmux_wire::encode(&Message::Bye) {
-            let _ = proto::send(self.sock.as_fd(), &bytes, SendFlags::DONTWAIT);
+            let _ = proto::send(self.sock.as_fd(), &bytes, Wait::DontWait);
         }
     }
 }
 
 async fn send(sock: &UnixDatagram, bytes: &[u8]) -> io::Result<()> {
-    sock.async_io(Interest::WRITABLE, || proto::send(sock.as_fd(), bytes, SendFlags::DONTWAIT)).await
+    sock.async_io(Interest::WRITABLE, || proto::send(sock.as_fd(), bytes, Wait::DontWait)).await
 }
 
 async fn handshake(cfg: &Config, buf: &mut [u8]) -> Result<Opened<UnixDatagram>, Error> {
@@ -133,7 +133,7 @@ async fn handshake(cfg: &Config, buf: &mut [u8]) -> Result<Opened<UnixDatagram>,
     let answer = async {
         loop {
             let incoming =
-                sock.async_io(Interest::READABLE, || proto::receive(sock.as_fd(), buf, RecvFlags::DONTWAIT)).await?;
+                sock.async_io(Interest::READABLE, || proto::receive(sock.as_fd(), buf, Wait::DontWait)).await?;
             match incoming {
                 Incoming::Registered(bound) => return Ok(bound),
                 Incoming::Refused { route, reason } => return Err(Error::Refused { route, reason }),
@@ -185,8 +185,7 @@ impl axum::serve::Listener for Listener {
     /// listening address of the first route, `route` is that route, `id` is 0.
     fn local_addr(&self) -> io::Result<ConnInfo> {
         let first = self.bound.first().ok_or(io::ErrorKind::NotConnected)?;
-        Ok(ConnInfo {
-            id: 0,
+        let meta = portmux_wire::ConnMeta {
             route: first.route.clone(),
             proto: portmux_wire::Proto::Tcp,
             peer: first.listen,
@@ -196,7 +195,8 @@ impl axum::serve::Listener for Listener {
             host: None,
             path: None,
             peeked: 0,
-        })
+        };
+        Ok(ConnInfo { id: 0, meta })
     }
 }
 

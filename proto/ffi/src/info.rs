@@ -102,8 +102,7 @@ mod tests {
 
     #[test]
     fn fields_are_filled_and_cut_at_character_boundaries() {
-        let info = ConnInfo {
-            id: 42,
+        let meta = portmux_client::ConnMeta {
             route: "http://a.example.test:8000/x".into(),
             proto: Proto::Http,
             peer: "[::1]:5000".parse().unwrap(),
@@ -114,6 +113,7 @@ mod tests {
             path: Some(format!("/{}", "é".repeat(3000))),
             peeked: 77,
         };
+        let info = ConnInfo { id: 42, meta };
         let c = portmux_conn_info::from_info(&info);
         assert_eq!((c.id, c.proto, c.peeked), (42, PORTMUX_PROTO_HTTP, 77));
         assert_eq!(text(&c.peer), "[::1]:5000");
@@ -125,7 +125,8 @@ mod tests {
         let path = text(&c.path);
         assert!(path.len() <= 4095 && path.starts_with("/é") && path.ends_with('é'), "{}", path.len());
         assert_eq!(c.truncated, 1);
-        let short = ConnInfo { path: Some("/a".into()), ..info };
+        let mut short = info;
+        short.meta.path = Some("/a".into());
         assert_eq!(portmux_conn_info::from_info(&short).truncated, 0);
     }
 }

@@ -1,5 +1,5 @@
-//! Registering fds with tokio's reactor (epoll), for the control plane's
-//! long waits: the control socket and each session's socket.
+//! Registering fds with tokio's reactor (epoll), for long waits: the control
+//! socket, each session's socket, relays' sockets.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -15,8 +15,6 @@ pub unsafe trait StableFd: AsRawFd {}
 
 // SAFETY: an OwnedFd owns its fd and closes it only when dropped.
 unsafe impl StableFd for OwnedFd {}
-// SAFETY: a Session owns its socket for its whole life and never replaces it.
-unsafe impl StableFd for crate::handoff::Session {}
 // SAFETY: an Arc points to the same value, with the same fd, for its whole life.
 unsafe impl<T: StableFd> StableFd for Arc<T> {}
 

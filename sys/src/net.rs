@@ -1,14 +1,11 @@
 //! Socket system calls: TCP listeners, non-blocking peek/send/recv, SO_RCVLOWAT,
-//! addresses, and the control socket (`SOCK_SEQPACKET`, SCM_RIGHTS, SO_PEERCRED).
+//! addresses, and the control socket (`SOCK_SEQPACKET`, SO_PEERCRED). Fds
+//! travelling in datagrams are in [`crate::scm`].
 
-use rustix::net::{
-    self, AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
-    SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType, sockopt,
-};
-use std::io::{self, IoSlice, IoSliceMut};
-use std::mem::MaybeUninit;
+use rustix::net::{self, AddressFamily, RecvFlags, SendFlags, SocketAddrUnix, SocketFlags, SocketType, sockopt};
+use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
 /// Backlog of every public listener; the kernel caps it at `net.core.somaxconn`.
@@ -149,79 +146,24 @@ pub fn seqpacket_accept(listener: BorrowedFd<'_>) -> io::Result<Option<(OwnedFd,
     }
 }
 
+/// Connects a `SOCK_SEQPACKET` socket (close-on-exec; non-blocking if asked)
+/// to the control socket at `path`.
+pub fn seqpacket_connect(path: &Path, nonblocking: bool) -> io::Result<OwnedFd> {
+    let mut flags = SocketFlags::CLOEXEC;
+    if nonblocking {
+        flags |= SocketFlags::NONBLOCK;
+    }
+    let fd = net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, flags, None)?;
+    net::connect(&fd, &SocketAddrUnix::new(path)?)?;
+    Ok(fd)
+}
+
 /// Whether something accepts connections at a Unix socket path (a live portmux).
 pub fn seqpacket_alive(path: &Path) -> bool {
     let Ok(fd) = net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None) else {
         return false;
     };
     SocketAddrUnix::new(path).is_ok_and(|a| net::connect(&fd, &a).is_ok())
-}
-
-/// Sends one datagram carrying `fd` (SCM_RIGHTS), without blocking.
-pub fn send_with_fd(sock: BorrowedFd<'_>, bytes: &[u8], fd: BorrowedFd<'_>) -> io::Result<()> {
-    send_with_fds(sock, bytes, &[fd])
-}
-
-/// Sends one datagram carrying up to four fds (SCM_RIGHTS), without blocking.
-pub fn send_with_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(4))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
-        return Err(io::Error::other("control buffer too small for the fds"));
-    }
-    let n = net::sendmsg(sock, &[IoSlice::new(bytes)], &mut control, SendFlags::DONTWAIT | SendFlags::NOSIGNAL)?;
-    if n != bytes.len() {
-        // SOCK_SEQPACKET sends whole datagrams or nothing.
-        return Err(io::Error::other(format!("short datagram send: {n} of {}", bytes.len())));
-    }
-    Ok(())
-}
-
-/// Sends one datagram without fds, without blocking.
-pub fn send_datagram(sock: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<()> {
-    let n = net::send(sock, bytes, SendFlags::DONTWAIT | SendFlags::NOSIGNAL)?;
-    if n != bytes.len() {
-        return Err(io::Error::other(format!("short datagram send: {n} of {}", bytes.len())));
-    }
-    Ok(())
-}
-
-/// One received datagram.
-#[derive(Debug)]
-pub struct Datagram {
-    /// Bytes in the datagram (may exceed the buffer when `truncated`).
-    pub len: usize,
-    /// The datagram was larger than the buffer.
-    pub truncated: bool,
-    /// Fds that came with it (closed when dropped).
-    pub fds: Vec<OwnedFd>,
-    /// Some fds were discarded by the kernel (`MSG_CTRUNC`).
-    pub fds_truncated: bool,
-}
-
-/// Receives one datagram without blocking; fds arrive close-on-exec.
-/// `len == 0` with no error means the peer closed the session.
-pub fn recv_datagram(sock: impl AsFd, buf: &mut [u8]) -> io::Result<Datagram> {
-    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(4))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let msg = net::recvmsg(
-        sock,
-        &mut [IoSliceMut::new(buf)],
-        &mut control,
-        RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC | RecvFlags::TRUNC,
-    )?;
-    let mut fds = Vec::new();
-    for m in control.drain() {
-        if let RecvAncillaryMessage::ScmRights(received) = m {
-            fds.extend(received);
-        }
-    }
-    Ok(Datagram {
-        len: msg.bytes,
-        truncated: msg.flags.contains(ReturnFlags::TRUNC),
-        fds,
-        fds_truncated: msg.flags.contains(ReturnFlags::CTRUNC),
-    })
 }
 
 /// Sets or clears `O_NONBLOCK` (on the open file: shared with every holder of the fd).
@@ -308,31 +250,4 @@ pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 pub fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     let flags = if on { rustix::io::FdFlags::CLOEXEC } else { rustix::io::FdFlags::empty() };
     Ok(rustix::io::fcntl_setfd(fd, flags)?)
-}
-
-/// Takes ownership of a socket fd inherited from the parent process by number
-/// (an upgrade's handover socket). Refuses numbers that are not open sockets.
-pub fn adopt_inherited(raw: i32) -> io::Result<OwnedFd> {
-    let fd = adopt_inherited_any(raw)?;
-    sockopt::socket_type(&fd)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("fd {raw} is not a socket")))?;
-    Ok(fd)
-}
-
-/// Takes ownership of any fd inherited by number (systemd's LISTEN_FDS, which
-/// may include a memfd). Refuses numbers below 3 and fds that are not open.
-pub fn adopt_inherited_any(raw: i32) -> io::Result<OwnedFd> {
-    use std::os::fd::FromRawFd;
-    if raw < 3 {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("fd {raw} is not an inherited fd")));
-    }
-    // SAFETY: a borrow only for the check below; ownership is taken after it.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(raw) };
-    rustix::io::fcntl_getfd(borrowed).map_err(|e| io::Error::new(e.kind(), format!("fd {raw} is not open")))?;
-    // SAFETY: the fd is open and was passed to this process to own; callers
-    // take each inherited number once, at start-up (the environment variable
-    // naming it is removed as it is read).
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    set_cloexec(fd.as_fd(), true)?;
-    Ok(fd)
 }

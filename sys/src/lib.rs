@@ -1,19 +1,18 @@
-//! The only place with `unsafe`: socket calls and custom io_uring operations.
+//! The only `unsafe` code of portmux, shared by the daemon, the client
+//! library, libportmux and the tests: socket calls the safe wrappers lack,
+//! SCM_RIGHTS in both directions, adopting inherited fds, custom io_uring ops.
+//!
+//! Every `unsafe` block carries a `// SAFETY:` comment; a function whose
+//! safety depends on its caller is an `unsafe fn` with a `# Safety` section.
 #![allow(unsafe_code)]
 
+pub mod inherit;
 pub mod net;
+#[cfg(feature = "tokio")]
 pub mod reactor;
+pub mod scm;
+#[cfg(feature = "uring")]
 pub mod uring;
-
-/// Reads and removes an environment variable (one meant for this process
-/// only, such as an inherited fd's number), so no child inherits it.
-pub fn take_env(name: &str) -> Option<std::ffi::OsString> {
-    let value = std::env::var_os(name)?;
-    // SAFETY: called at start-up, before this process starts any thread, so
-    // nothing reads the environment concurrently.
-    unsafe { std::env::remove_var(name) };
-    Some(value)
-}
 
 /// Raises the soft limit on open files to the hard limit, as a proxy that
 /// holds two fds per relayed connection must (systemd starts services with a
