@@ -4,10 +4,11 @@
 
 use crate::classify;
 use crate::forward;
-use crate::handoff::{self, Conn};
+use crate::handoff::{Conn, ConnDesc};
+use crate::ids::ListenerId;
 use crate::reply;
-use crate::route::{Listener, ListenerId, Target};
-use crate::runtime::Shared;
+use crate::route::{Listener, Route, Target};
+use crate::shared::{Shared, TaskGuard, ToControl};
 use portmux_sys::{net, uring};
 use portmux_wire::{ConnMeta, Proto};
 use std::collections::HashMap;
@@ -19,24 +20,6 @@ use tokio::sync::{Notify, mpsc};
 
 /// How long a stopping worker lets connections in progress finish.
 const STOP_GRACE: Duration = Duration::from_secs(1);
-
-/// Counts a connection task in the process-wide in-flight count while it runs.
-pub(crate) struct Guard(Arc<Shared>);
-
-impl Guard {
-    pub(crate) fn new(shared: &Arc<Shared>) -> Guard {
-        shared.in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Guard(shared.clone())
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
-}
 
 struct AcceptLoop {
     stop: Rc<Notify>,
@@ -81,10 +64,12 @@ pub async fn worker(shared: Arc<Shared>, index: usize, mut inbox: mpsc::Unbounde
             _ = handing_over.changed() => {}
             _ = pause.changed() => {}
             Some(job) = inbox.recv() => {
-                let guard = Guard::new(&shared);
+                let guard = TaskGuard::new(&shared);
                 let shared = shared.clone();
                 tokio_uring::spawn(async move {
-                    forward::resume(job, &shared).await;
+                    if let Some(paused) = forward::resume(job, &shared.settings).await {
+                        let _ = shared.to_control.send(ToControl::Relay(paused));
+                    }
                     drop(guard);
                 });
             }
@@ -124,7 +109,7 @@ async fn accept_loop(listener: Arc<Listener>, shared: Arc<Shared>, stop: Rc<Noti
         };
         match result {
             Ok(conn) => {
-                let guard = Guard::new(&shared);
+                let guard = TaskGuard::new(&shared);
                 let shared = shared.clone();
                 let id = listener.id;
                 tokio_uring::spawn(async move {
@@ -193,8 +178,8 @@ async fn serve(fd: OwnedFd, listener: ListenerId, shared: &Shared) {
         path: None,
         peeked: 0,
     };
-    let route = if port.needs_peek() {
-        let peek = classify::peek(fd.as_fd(), port.want(), deadline, shared.settings.peek_max).await;
+    let route = if port.routes.needs_peek() {
+        let peek = classify::peek(fd.as_fd(), port.routes.want(), deadline, shared.settings.peek_max).await;
         meta.peeked = peek.bytes as u32;
         // Routes may have changed while the client was sending.
         if let Some(now) = shared.table.load().port(listener) {
@@ -209,7 +194,7 @@ async fn serve(fd: OwnedFd, listener: ListenerId, shared: &Shared) {
             }
         }
     } else {
-        match &port.tcp {
+        match port.routes.tcp() {
             Some(r) => {
                 meta.route = r.key.to_string();
                 r.clone()
@@ -218,11 +203,28 @@ async fn serve(fd: OwnedFd, listener: ListenerId, shared: &Shared) {
         }
     };
     if let Target::Forward(pool) = &route.target {
-        return forward::serve(fd, meta, pool.clone(), shared).await;
+        if let Some(paused) = forward::serve(fd, meta, pool.clone(), &shared.settings).await {
+            let _ = shared.to_control.send(ToControl::Relay(paused));
+        }
+        return;
     }
-    let id = shared.next_conn_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let conn = Conn { id, fd: Arc::new(fd), listener, meta, arrived, rejected_by: None };
+    let desc = ConnDesc { id: shared.conn_id(), listener, meta, arrived, rejected_by: None };
     // Boxed, like every phase that ends before a relay does: a task's state is
     // as large as its largest phase, for as long as the task lives.
-    Box::pin(handoff::deliver(conn, &route, shared)).await;
+    Box::pin(deliver(Conn { fd: Arc::new(fd), desc }, &route, shared)).await;
+}
+
+/// Delivers `conn` on `route` to a live session (round robin, trying each
+/// once), or gives it to the control plane to queue.
+async fn deliver(mut conn: Conn, route: &Route, shared: &Shared) {
+    if let Target::Pool(pool) = &route.target {
+        for session in pool.order() {
+            match session.hand_over(conn, shared.settings.handoff_patience).await {
+                Ok(()) => return,
+                Err(refusal) => conn = refusal.into_conn(),
+            }
+        }
+    }
+    // If the control plane is gone (shutting down), the connection closes here.
+    let _ = shared.to_control.send(ToControl::Conn(conn));
 }

@@ -2,7 +2,7 @@
 //! seamless's plain-text verbs (`/set`, `/add`, `/remove`, `/get`). It runs on
 //! the control plane's thread; `portmux route …` is a thin client of it.
 
-use crate::control::{AdminError, ControlPlane};
+use crate::control::{Control, ControlError, Kind, Lifecycle};
 use crate::forward::backend::BackendSpec;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
@@ -12,15 +12,10 @@ use serde::{Deserialize, Serialize};
 use std::convert::Infallible;
 use std::rc::Rc;
 
+pub use crate::control::views::{BackendView, InstanceView, ListenerView, RouteView, StatusView, TargetView};
+
 /// Largest request body the admin API reads.
 const MAX_BODY: usize = 1024 * 1024;
-
-/// A route with backends, as a user asks for it.
-#[derive(Debug, Clone)]
-pub struct RouteConfig {
-    pub route: String,
-    pub backends: Vec<BackendSpec>,
-}
 
 /// One backend in a request: `"host:port@weight"` or `{"addr": …, "weight": …}`.
 #[derive(Debug, Deserialize)]
@@ -37,65 +32,77 @@ struct RouteRequest {
     backends: Vec<BackendEntry>,
 }
 
-/// A route as the API shows it.
-#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
-pub struct RouteView {
-    pub route: String,
-    pub listen: String,
-    #[serde(flatten)]
-    pub target: TargetView,
+/// Why the admin API refused a request; each says what to send instead.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(
+        "body must be JSON like {{\"route\": \"http://:8000\", \"backends\": [\"127.0.0.1:9001\", \"127.0.0.1:9002@3\"]}}: {0}"
+    )]
+    Body(#[source] serde_json::Error),
+    #[error("request body: {reason} (limit {MAX_BODY} bytes)")]
+    TooLarge { reason: String },
+    #[error("{0}")]
+    Backend(String),
+    #[error("no backends given; a route needs at least one")]
+    NoBackends,
+    #[error("DELETE /routes needs ?route=SPEC")]
+    NoRouteParam,
+    #[error("{method} is not allowed on {path}")]
+    Method { method: Method, path: String },
+    #[error("no endpoint {method} {path}; the API has /routes, /status, /get, /set, /add and /remove")]
+    NoEndpoint { method: Method, path: String },
+    #[error(transparent)]
+    Control(#[from] ControlError),
 }
 
-/// Where a route's connections go.
-#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum TargetView {
-    /// Handed to a service's instances.
-    Service { service: String, instances: Vec<InstanceView>, queued: usize, reserved_for_s: Option<u64> },
-    /// Forwarded to backend addresses.
-    Backends { policy: String, proxy: Option<String>, backends: Vec<BackendView> },
+impl AdminError {
+    fn status(&self) -> StatusCode {
+        match self {
+            AdminError::Body(_) | AdminError::Backend(_) | AdminError::NoBackends | AdminError::NoRouteParam => {
+                StatusCode::BAD_REQUEST
+            }
+            AdminError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            AdminError::Method { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            AdminError::NoEndpoint { .. } => StatusCode::NOT_FOUND,
+            AdminError::Control(e) => match e.kind() {
+                Kind::Invalid => StatusCode::BAD_REQUEST,
+                Kind::NotFound => StatusCode::NOT_FOUND,
+                Kind::Conflict => StatusCode::CONFLICT,
+            },
+        }
+    }
 }
 
-#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
-pub struct InstanceView {
-    pub pid: i32,
-    pub uid: u32,
-    pub draining: bool,
-    pub unacked: usize,
-}
-
-#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
-pub struct BackendView {
-    pub addr: String,
-    pub weight: u32,
-    /// False while passive health skips it after a failed connect.
-    pub healthy: bool,
-    pub active: usize,
-    pub connections: u64,
-    pub failures: u64,
-    pub endpoints: Vec<String>,
-}
-
-/// Serves the admin API on `listener` until the task is aborted.
-pub(crate) async fn serve(cp: Rc<ControlPlane>, listener: std::net::TcpListener) {
+/// Serves the admin API on `listener` while the control plane serves; pauses
+/// during an upgrade's freeze (requests wait in the kernel for whichever
+/// process serves next) and ends once this process handed over or stops.
+pub async fn serve(control: Rc<Control>, listener: std::net::TcpListener) {
     let listener = match listener.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(listener)) {
         Ok(l) => l,
         Err(e) => return tracing::error!("admin API: {e}"),
     };
+    let mut lifecycle = control.lifecycle();
     loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::warn!("admin API: accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
+        match lifecycle.wait_for(|l| *l != Lifecycle::Frozen).await.map(|l| *l) {
+            Ok(Lifecycle::Serving) => {}
+            _ => return,
+        }
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!("admin API: accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = lifecycle.changed() => continue,
         };
-        let cp = cp.clone();
+        let control = control.clone();
         tokio_uring::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let cp = cp.clone();
-                async move { Ok::<_, Infallible>(handle(&cp, req).await) }
+                let control = control.clone();
+                async move { Ok::<_, Infallible>(handle(&control, req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
@@ -125,11 +132,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>
 }
 
 fn admin_error(e: AdminError) -> Response<Full<Bytes>> {
-    match e {
-        AdminError::Bad(m) => error(StatusCode::BAD_REQUEST, m),
-        AdminError::NotFound(m) => error(StatusCode::NOT_FOUND, m),
-        AdminError::Conflict(m) => error(StatusCode::CONFLICT, m),
-    }
+    error(e.status(), e.to_string())
 }
 
 /// Decodes an `application/x-www-form-urlencoded` query string.
@@ -168,92 +171,79 @@ fn param<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a str> {
     q.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
 }
 
-async fn handle(cp: &Rc<ControlPlane>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(control: &Rc<Control>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
     let q = query(parts.uri.query());
     let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, format!("request body: {e} (limit {MAX_BODY} bytes)")),
+        Err(e) => return admin_error(AdminError::TooLarge { reason: e.to_string() }),
     };
     let method = parts.method;
-    match (method.clone(), parts.uri.path()) {
-        (Method::GET, "/routes") => json(StatusCode::OK, &serde_json::json!({ "routes": cp.views() })),
-        (Method::POST | Method::PUT, "/routes") => {
-            let req: RouteRequest = match serde_json::from_slice(&body) {
-                Ok(r) => r,
-                Err(e) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        format!(
-                            "body must be JSON like {{\"route\": \"http://:8000\", \"backends\": [\"127.0.0.1:9001\", \
-                             \"127.0.0.1:9002@3\"]}}: {e}"
-                        ),
-                    );
-                }
-            };
-            let mut backends = Vec::new();
-            for entry in req.backends {
-                let parsed = match entry {
-                    BackendEntry::Text(t) => BackendSpec::parse(&t),
-                    BackendEntry::Full { addr, weight } => BackendSpec::parse(&addr).and_then(|mut b| {
-                        if let Some(w) = weight {
-                            b = BackendSpec::parse(&format!("{}@{w}", b.name))?;
-                        }
-                        Ok(b)
-                    }),
-                };
-                match parsed {
-                    Ok(b) => backends.push(b),
-                    Err(e) => return error(StatusCode::BAD_REQUEST, e),
-                }
-            }
-            if backends.is_empty() {
-                return error(StatusCode::BAD_REQUEST, "no backends given; a route needs at least one");
-            }
-            match set_backends(cp, &req.route, backends).await {
-                Ok(view) => json(StatusCode::OK, &view),
-                Err(e) => admin_error(e),
-            }
-        }
+    let path = parts.uri.path();
+    let result = match (method.clone(), path) {
+        (Method::GET, "/routes") => Ok(json(StatusCode::OK, &serde_json::json!({ "routes": control.views() }))),
+        (Method::POST | Method::PUT, "/routes") => add_route(control, &body).await,
         (Method::DELETE, "/routes") => match param(&q, "route") {
-            None => error(StatusCode::BAD_REQUEST, "DELETE /routes needs ?route=SPEC"),
-            Some(r) => match cp.remove_route(r) {
-                Ok(removed) => json(StatusCode::OK, &serde_json::json!({ "removed": removed })),
-                Err(e) => admin_error(e),
-            },
+            None => Err(AdminError::NoRouteParam),
+            Some(r) => control
+                .remove_route(r)
+                .map(|removed| json(StatusCode::OK, &serde_json::json!({ "removed": removed })))
+                .map_err(AdminError::from),
         },
-        (Method::GET, "/status") => json(StatusCode::OK, &cp.status()),
+        (Method::GET, "/status") => Ok(json(StatusCode::OK, &control.status())),
         (Method::GET | Method::POST, verb @ ("/get" | "/set" | "/add" | "/remove")) => {
-            seamless(cp, verb, &q).await.unwrap_or_else(|m| text(StatusCode::BAD_REQUEST, format!("error: {m}\n")))
+            return seamless(control, verb, &q)
+                .await
+                .unwrap_or_else(|m| text(StatusCode::BAD_REQUEST, format!("error: {m}\n")));
         }
         (_, "/routes" | "/status" | "/get" | "/set" | "/add" | "/remove") => {
-            error(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {}", parts.uri.path()))
+            Err(AdminError::Method { method, path: path.to_string() })
         }
-        (_, path) => error(
-            StatusCode::NOT_FOUND,
-            format!("no endpoint {method} {path}; the API has /routes, /status, /get, /set, /add and /remove"),
-        ),
+        (_, path) => Err(AdminError::NoEndpoint { method, path: path.to_string() }),
+    };
+    result.unwrap_or_else(admin_error)
+}
+
+/// `POST /routes`: a route forwarding to backends.
+async fn add_route(control: &Rc<Control>, body: &[u8]) -> Result<Response<Full<Bytes>>, AdminError> {
+    let req: RouteRequest = serde_json::from_slice(body).map_err(AdminError::Body)?;
+    let mut backends = Vec::new();
+    for entry in req.backends {
+        let parsed = match entry {
+            BackendEntry::Text(t) => BackendSpec::parse(&t),
+            BackendEntry::Full { addr, weight } => BackendSpec::parse(&addr).and_then(|mut b| {
+                if let Some(w) = weight {
+                    b = BackendSpec::parse(&format!("{}@{w}", b.name))?;
+                }
+                Ok(b)
+            }),
+        };
+        backends.push(parsed.map_err(AdminError::Backend)?);
     }
+    if backends.is_empty() {
+        return Err(AdminError::NoBackends);
+    }
+    let view = set_backends(control, &req.route, backends).await?;
+    Ok(json(StatusCode::OK, &view))
 }
 
 /// Resolves the backends (host names may need the resolver, off this thread)
 /// and gives the route to the control plane.
-async fn set_backends(cp: &ControlPlane, route: &str, backends: Vec<BackendSpec>) -> Result<RouteView, AdminError> {
-    let spec = portmux_wire::RouteSpec::parse(route).map_err(|e| AdminError::Bad(e.to_string()))?;
+async fn set_backends(control: &Rc<Control>, route: &str, backends: Vec<BackendSpec>) -> Result<RouteView, AdminError> {
+    let spec = portmux_wire::RouteSpec::parse(route)
+        .map_err(|source| ControlError::Spec { route: route.to_string(), source })?;
     let resolved = tokio::task::spawn_blocking(move || {
         backends.into_iter().map(|b| b.resolve().map(|e| (b, e))).collect::<Result<Vec<_>, _>>()
     })
     .await
-    .map_err(|e| AdminError::Bad(format!("resolver: {e}")))?
-    .map_err(AdminError::Bad)?;
-    cp.set_backends(spec, resolved)
+    .map_err(|e| AdminError::Backend(format!("resolver: {e}")))?
+    .map_err(AdminError::Backend)?;
+    Ok(control.set_backends(spec, resolved)?)
 }
 
 /// seamless's verbs, on the one route with backends (or the one named by `route=`).
-async fn seamless(cp: &ControlPlane, verb: &str, q: &[(String, String)]) -> Result<Response<Full<Bytes>>, String> {
-    let (route, mut backends) = cp.backends_of(param(q, "route")).map_err(|e| match e {
-        AdminError::Bad(m) | AdminError::NotFound(m) | AdminError::Conflict(m) => m,
-    })?;
+async fn seamless(control: &Rc<Control>, verb: &str, q: &[(String, String)]) -> Result<Response<Full<Bytes>>, String> {
+    let (route, mut backends) = control.backends_of(param(q, "route")).map_err(|e| e.to_string())?;
     match verb {
         "/set" => {
             let list = param(q, "backends").filter(|v| !v.is_empty()).ok_or("missing 'backends' parameter")?;
@@ -278,9 +268,7 @@ async fn seamless(cp: &ControlPlane, verb: &str, q: &[(String, String)]) -> Resu
         _ => {}
     }
     if verb != "/get" {
-        set_backends(cp, &route, backends.clone()).await.map_err(|e| match e {
-            AdminError::Bad(m) | AdminError::NotFound(m) | AdminError::Conflict(m) => m,
-        })?;
+        set_backends(control, &route, backends.clone()).await.map_err(|e| e.to_string())?;
     }
     let list: Vec<String> = backends.iter().map(ToString::to_string).collect();
     Ok(text(StatusCode::OK, format!("{}\n", list.join(","))))

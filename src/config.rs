@@ -1,8 +1,15 @@
-//! Settings of a running portmux (from the command line; no config file is needed).
+//! Settings of a running portmux (from the command line; no config file is
+//! needed), and how users write the things they configure: backends and
+//! routes with backends.
 
-use std::net::{IpAddr, SocketAddr};
+use portmux_sys::net::Endpoint;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
+
+/// Most backends' weight; keeps the round-robin schedule short.
+pub const MAX_WEIGHT: u32 = 100;
 
 /// Everything `portmux run` can be told.
 #[derive(Debug, Clone)]
@@ -36,13 +43,16 @@ pub struct Settings {
     /// How long a backend that failed to connect is skipped.
     pub backend_cooldown: Duration,
     /// How relays move bytes (auto; copy or splice only for measurements).
-    pub relay_mode: crate::forward::relay::Mode,
+    pub relay_mode: RelayMode,
     /// Public listeners expect a PROXY protocol header (v1 or v2) first.
     pub accept_proxy: bool,
     /// Routes with backends to create at start-up (seamless mode).
-    pub initial_routes: Vec<crate::admin::RouteConfig>,
+    pub initial_routes: Vec<RouteConfig>,
     /// After an upgrade, how long the old process may finish its last work.
     pub drain: Duration,
+    /// During an upgrade, how long the state may stay frozen for the new
+    /// process to take it and say it serves; then the upgrade is undone.
+    pub upgrade_timeout: Duration,
     /// The binary and arguments this process was started with: an upgrade
     /// starts the binary now at that path with the same arguments.
     pub exe: PathBuf,
@@ -66,12 +76,120 @@ impl Settings {
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(300),
             backend_cooldown: Duration::from_secs(10),
-            relay_mode: crate::forward::relay::Mode::Auto,
+            relay_mode: RelayMode::Auto,
             accept_proxy: false,
             initial_routes: Vec::new(),
             drain: Duration::from_secs(30),
+            upgrade_timeout: Duration::from_secs(10),
             exe: std::env::current_exe().unwrap_or_else(|_| "portmux".into()),
             args: std::env::args_os().skip(1).collect(),
+        }
+    }
+}
+
+/// A backend as written by a user: `host:port`, `[v6]:port`, `unix:/path`,
+/// optionally followed by `@WEIGHT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSpec {
+    /// The address as given, without the weight (host names kept).
+    pub name: String,
+    pub weight: u32,
+}
+
+impl BackendSpec {
+    pub fn parse(text: &str) -> Result<BackendSpec, String> {
+        let text = text.trim();
+        let (name, weight) = match text.rsplit_once('@') {
+            Some((n, w)) if !w.is_empty() && w.bytes().all(|b| b.is_ascii_digit()) => {
+                let w: u32 = w.parse().map_err(|_| format!("'{w}' is not a weight"))?;
+                if !(1..=MAX_WEIGHT).contains(&w) {
+                    return Err(format!("weight {w} of '{n}' is out of range; use 1 to {MAX_WEIGHT}"));
+                }
+                (n, w)
+            }
+            _ => (text, 1),
+        };
+        if name.is_empty() {
+            return Err("empty backend address".into());
+        }
+        if let Some(path) = name.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(format!("'{name}': a Unix socket backend needs an absolute path, e.g. unix:/run/app.sock"));
+            }
+        } else {
+            let port_ok =
+                name.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !port_ok {
+                return Err(format!("'{name}' is not a backend address; write host:port, [v6]:port or unix:/path"));
+            }
+        }
+        Ok(BackendSpec { name: name.to_string(), weight })
+    }
+
+    /// Parses a comma-separated list (at least one).
+    pub fn parse_list(text: &str) -> Result<Vec<BackendSpec>, String> {
+        let list: Vec<BackendSpec> =
+            text.split(',').filter(|s| !s.trim().is_empty()).map(BackendSpec::parse).collect::<Result<_, _>>()?;
+        if list.is_empty() {
+            return Err("no backends given".into());
+        }
+        Ok(list)
+    }
+
+    /// Resolves the address (host names through the system resolver; this may block).
+    pub fn resolve(&self) -> Result<Vec<Endpoint>, String> {
+        if let Some(path) = self.name.strip_prefix("unix:") {
+            return Ok(vec![Endpoint::Unix(path.into())]);
+        }
+        let addrs: Vec<Endpoint> = self
+            .name
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve backend '{}': {e}", self.name))?
+            .map(Endpoint::Tcp)
+            .collect();
+        if addrs.is_empty() {
+            return Err(format!("backend '{}' resolves to no address", self.name));
+        }
+        Ok(addrs)
+    }
+}
+
+impl fmt::Display for BackendSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.weight == 1 { f.write_str(&self.name) } else { write!(f, "{}@{}", self.name, self.weight) }
+    }
+}
+
+/// Backends with their resolved addresses, ready to build a pool from.
+pub type Resolved = Vec<(BackendSpec, Vec<Endpoint>)>;
+
+/// A route with backends, as a user asks for it.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub route: String,
+    pub backends: Vec<BackendSpec>,
+}
+
+/// How relays move bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RelayMode {
+    /// Copy on loopback and for small exchanges; splice bulk transfers across a NIC.
+    #[default]
+    Auto,
+    /// Always copy through user-space buffers (for measurements).
+    Copy,
+    /// Always splice(2) through pipes (for measurements).
+    Splice,
+}
+
+impl std::str::FromStr for RelayMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<RelayMode, String> {
+        match s {
+            "auto" => Ok(RelayMode::Auto),
+            "copy" => Ok(RelayMode::Copy),
+            "splice" => Ok(RelayMode::Splice),
+            _ => Err(format!("'{s}' is not a relay mode; use auto, copy or splice")),
         }
     }
 }

@@ -2,7 +2,12 @@
 //! demand over a control socket, and receive their client connections' fds;
 //! neither portmux nor the services drop a connection when they restart.
 //!
-//! See `docs/ARCHITECTURE.md` for how the pieces fit.
+//! Modules in dependency order (each uses only those before it):
+//! leaves `ids`, `config`, `systemd` (and the `portmux-sys` and `portmux-wire`
+//! crates); mechanisms `reply`, `classify`, `forward`, `handoff`, `route`;
+//! `shared` (what workers and the control plane share); `accept` (the
+//! workers) and `control` (the control plane's core and driver); `admin` and
+//! `upgrade`; `runtime`, the one composition root. See `docs/ARCHITECTURE.md`.
 #![forbid(unsafe_code)]
 
 pub mod accept;
@@ -12,8 +17,10 @@ pub mod config;
 pub mod control;
 pub mod forward;
 pub mod handoff;
+pub mod ids;
 pub mod reply;
 pub mod route;
 pub mod runtime;
+pub mod shared;
 pub mod systemd;
 pub mod upgrade;

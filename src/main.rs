@@ -89,12 +89,19 @@ struct Common {
     /// (relays that cannot move, clients still being read)
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     drain: Duration,
+    /// During an upgrade, how long the state may stay frozen for the new process to take it
+    /// and say it serves; then the upgrade is undone and this process serves on
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    upgrade_timeout: Duration,
+    /// How long a hand-over waits for room in a service's full control socket before trying another instance
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration, hide = true)]
+    handoff_patience: Duration,
     /// Worker threads, one io_uring runtime each [default: one per core]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     workers: Option<u16>,
     /// How relays move bytes: auto (copy on loopback and for small exchanges, splice bulk across a NIC), or copy/splice only (for measurements)
     #[arg(long, value_name = "MODE", default_value = "auto", hide = true)]
-    relay_mode: portmux::forward::relay::Mode,
+    relay_mode: portmux::config::RelayMode,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive); RUST_LOG also works
     #[arg(long, value_name = "FILTER", default_value = "info")]
     log: String,
@@ -196,6 +203,8 @@ fn settings(control: Option<PathBuf>, common: &Common) -> Settings {
     s.backend_cooldown = common.backend_cooldown;
     s.accept_proxy = common.accept_proxy;
     s.drain = common.drain;
+    s.upgrade_timeout = common.upgrade_timeout;
+    s.handoff_patience = common.handoff_patience;
     s.relay_mode = common.relay_mode;
     if let Some(w) = common.workers {
         s.workers = w.into();
@@ -220,7 +229,7 @@ fn seamless(args: TcpArgs) -> Result<(), String> {
     let backends = BackendSpec::parse_list(&args.backends)?;
     let mut s = settings(None, &args.common);
     s.admin = Some(SocketAddr::from(([127, 0, 0, 1], args.http_port)));
-    s.initial_routes = vec![admin::RouteConfig { route: format!("tcp://:{}", args.listen_port), backends }];
+    s.initial_routes = vec![portmux::config::RouteConfig { route: format!("tcp://:{}", args.listen_port), backends }];
     portmux::runtime::run(s).map_err(|e| e.to_string())
 }
 
@@ -306,10 +315,13 @@ fn route(action: RouteAction, addr: SocketAddr) -> Result<(), String> {
 /// One line per route: where it listens and where its connections go.
 fn describe(v: &RouteView) -> String {
     let target = match &v.target {
-        TargetView::Service { service, instances, queued, reserved_for_s } => {
+        TargetView::Service { service, instances, queued, half_closed, reserved_for_s } => {
             let mut t = format!("service '{service}', {} instance(s)", instances.len());
             if *queued > 0 {
                 t += &format!(", {queued} queued");
+            }
+            if *half_closed > 0 {
+                t += &format!(" ({half_closed} half-closed)");
             }
             if let Some(s) = reserved_for_s {
                 t += &format!(", reserved for {s}s more");

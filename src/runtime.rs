@@ -1,75 +1,19 @@
-//! Start-up and shutdown: checks, the control socket, one tokio-uring worker
-//! thread per core, and the control plane on the main thread.
+//! The composition root: start-up checks, the control socket and the admin
+//! API, one tokio-uring worker thread per core, the control plane on the main
+//! thread with the admin API and the upgrade machinery beside it, signals,
+//! and the order things stop in. Nothing else wires modules together.
 
 use crate::config::Settings;
-use crate::handoff::Conn;
-use crate::route::Table;
-use arc_swap::ArcSwap;
+use crate::control::{Control, Exit, Sockets};
+use crate::shared::Shared;
+use crate::systemd;
 use portmux_sys::{net, uring};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
-use tokio::sync::{mpsc, watch};
-
-/// State shared by the workers and the control plane.
-#[derive(Debug)]
-pub struct Shared {
-    pub settings: Settings,
-    /// The current route table; replaced whole on every change.
-    pub table: ArcSwap<Table>,
-    /// Bumped after every new table, to wake workers (new or closed listeners).
-    pub table_version: watch::Sender<u64>,
-    /// Connections the workers could not deliver directly (queued routes, busy
-    /// services), and relays paused for an upgrade.
-    pub to_control: mpsc::UnboundedSender<ToControl>,
-    /// Set when portmux is stopping: workers stop accepting.
-    pub stopping: watch::Sender<bool>,
-    /// Set while handing over to a new process: workers stop accepting (the
-    /// listeners stay open; the kernel queues), and once `pause_relays` is also
-    /// set, relays pause to move.
-    pub handing_over: watch::Sender<bool>,
-    pub pause_relays: watch::Sender<bool>,
-    /// Connection tasks running in this process (all workers), and a wake-up
-    /// when it reaches zero.
-    pub in_flight: std::sync::atomic::AtomicUsize,
-    pub idle: tokio::sync::Notify,
-    /// Accept loops running (all workers), and a wake-up when it reaches zero:
-    /// an upgrade's freeze waits for every accept to be over, so that a
-    /// connection accepted at that moment is counted in flight, not lost.
-    pub accepting: std::sync::atomic::AtomicUsize,
-    pub accepts_over: tokio::sync::Notify,
-    /// Work for the workers (relays resumed after an upgrade), round robin.
-    pub inboxes: Vec<mpsc::UnboundedSender<crate::forward::Resume>>,
-    pub next_inbox: std::sync::atomic::AtomicUsize,
-    /// Workers still running.
-    pub workers_running: watch::Sender<usize>,
-    pub next_conn_id: AtomicU64,
-}
-
-/// What reaches the control plane from the workers.
-#[derive(Debug)]
-pub enum ToControl {
-    /// A connection to queue or deliver through the control plane.
-    Conn(Conn),
-    /// A relay paused for an upgrade, to hand to the new process.
-    Relay(crate::forward::Paused),
-    /// Answered once everything sent before it was handled (the channel is FIFO).
-    Marker(tokio::sync::oneshot::Sender<()>),
-}
-
-impl Shared {
-    /// Hands a resumed relay to the next worker.
-    pub fn to_worker(&self, job: crate::forward::Resume) {
-        if self.inboxes.is_empty() {
-            return;
-        }
-        let i = self.next_inbox.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.inboxes.len();
-        let _ = self.inboxes[i].send(job);
-    }
-}
+use std::rc::Rc;
+use tokio::sync::mpsc;
 
 /// Why portmux could not start; each says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -86,21 +30,31 @@ pub enum StartError {
     Dir { path: PathBuf, source: io::Error },
     #[error("cannot bind the control socket {path}: {source}")]
     Bind { path: PathBuf, source: io::Error },
+    #[error("the control socket from systemd: {0}")]
+    ControlSocket(#[source] io::Error),
     #[error("cannot start the io_uring runtime: {0}")]
     Runtime(io::Error),
     #[error("cannot start a worker thread: {0}")]
     Thread(io::Error),
     #[error("cannot listen for the admin API on {addr}: {source}; choose another --admin address")]
     Admin { addr: std::net::SocketAddr, source: io::Error },
+    #[error("route {route}: {reason}")]
+    Route { route: String, reason: String },
     #[error("{0}")]
-    Route(String),
+    InitialRoute(String),
+    #[error("the upgrade socket: {0}")]
+    UpgradeSocket(#[source] io::Error),
+    #[error("{0}")]
+    Upgrade(#[from] crate::upgrade::UpgradeError),
+    #[error("{0}")]
+    Systemd(#[from] systemd::SystemdError),
 }
 
 /// Runs portmux until SIGTERM or SIGINT, or until an upgrade replaced it.
 /// Started by an upgrade, a failure before serving is also reported to the
 /// previous process (which keeps serving).
 pub fn run(settings: Settings) -> Result<(), StartError> {
-    let handover = crate::upgrade::inherited().map_err(StartError::Route)?;
+    let handover = crate::upgrade::inherited().map_err(StartError::UpgradeSocket)?;
     start(settings, handover)
 }
 
@@ -120,51 +74,45 @@ fn start(mut settings: Settings, handover: Option<OwnedFd>) -> Result<(), StartE
         tracing::warn!("IPv6 is unavailable on this host; listening on 0.0.0.0 instead of [::] by default");
         settings.bind = std::net::Ipv4Addr::UNSPECIFIED.into();
     }
+    // After an upgrade, the sockets and the routes come from the previous process.
+    let upgraded = handover.is_some();
     let mut routes = Vec::new();
-    for r in &settings.initial_routes {
-        let spec = portmux_wire::RouteSpec::parse(&r.route).map_err(|e| StartError::Route(e.to_string()))?;
+    for r in settings.initial_routes.iter().filter(|_| !upgraded) {
+        let failed = |reason: String| StartError::Route { route: r.route.clone(), reason };
+        let spec = portmux_wire::RouteSpec::parse(&r.route).map_err(|e| failed(e.to_string()))?;
         let backends = r
             .backends
             .iter()
             .map(|b| b.resolve().map(|e| (b.clone(), e)))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(StartError::Route)?;
+            .map_err(failed)?;
         routes.push((spec, backends));
     }
-    // After an upgrade, the sockets and the routes come from the previous process.
-    let upgraded = handover.is_some();
-    if upgraded {
-        routes.clear();
-    }
     // Under systemd: sockets from socket activation or the fd store.
-    let mut systemd = if upgraded {
-        crate::systemd::Inherited::default()
-    } else {
-        crate::systemd::inherited().map_err(StartError::Route)?
-    };
-    let mut remove_on_stop = false;
-    let control = match (&settings.control, systemd.control.take()) {
+    let mut systemd = if upgraded { systemd::Inherited::default() } else { systemd::inherited()? };
+    let mut sockets = Sockets::default();
+    sockets.control = match (&settings.control, systemd.control.take()) {
         _ if upgraded => None,
         (_, Some(fd)) => {
-            remove_on_stop = systemd.control_stored;
+            sockets.control_owned = systemd.control_stored;
             // A socket unit's socket comes in blocking mode; the acceptor
             // relies on EAGAIN to know the backlog is empty.
-            net::set_nonblocking(fd.as_fd(), true).map_err(|e| StartError::Route(format!("control socket: {e}")))?;
+            net::set_nonblocking(fd.as_fd(), true).map_err(StartError::ControlSocket)?;
             Some(fd)
         }
         (Some(path), None) => {
             let fd = bind_control(path)?;
-            crate::systemd::store(fd.as_fd(), crate::systemd::STORED_CONTROL_NAME);
-            remove_on_stop = true;
+            systemd::store(fd.as_fd(), systemd::STORED_CONTROL_NAME);
+            sockets.control_owned = true;
             Some(fd)
         }
         (None, None) => None,
     };
-    let admin = match settings.admin {
+    sockets.admin = match settings.admin {
         Some(addr) if !upgraded => match std::net::TcpListener::bind(addr) {
             Ok(l) => Some(l),
             Err(source) => {
-                if let (Some(path), true) = (&settings.control, remove_on_stop) {
+                if let (Some(path), true) = (&settings.control, sockets.control_owned) {
                     let _ = std::fs::remove_file(path);
                 }
                 return Err(StartError::Admin { addr, source });
@@ -176,51 +124,35 @@ fn start(mut settings: Settings, handover: Option<OwnedFd>) -> Result<(), StartE
     // this one (an upgraded process or another portmux may have replaced it).
     let identity =
         settings.control.as_ref().and_then(|p| std::fs::symlink_metadata(p).ok()).map(|m| (m.dev(), m.ino()));
-    let start = crate::control::Start {
-        control,
-        admin,
-        routes,
-        control_owned: remove_on_stop,
-        handover,
-        listeners: systemd.listeners,
-        state_file: systemd.state,
-    };
-    let result = serve(settings.clone(), start);
+    let control_path = settings.control.clone();
+    let begin = Begin { sockets, routes, handover, systemd };
+    let (exit, owned) = serve(settings, begin)?;
     // After an upgrade the socket file belongs to the new process.
-    if let (Ok(crate::control::Exit::Stopped { control_owned: true }), Some(path), Some(identity)) =
-        (&result, &settings.control, identity)
-    {
+    if let (Exit::Stopped, true, Some(path), Some(identity)) = (exit, owned, &control_path, identity) {
         remove_if_ours(path, identity);
     }
-    result.map(|_| ())
+    Ok(())
 }
 
-fn serve(settings: Settings, start: crate::control::Start) -> Result<crate::control::Exit, StartError> {
-    let (to_control, from_workers) = mpsc::unbounded_channel();
+/// What the control plane starts from.
+struct Begin {
+    sockets: Sockets,
+    /// Routes with backends to create first (resolved).
+    routes: Vec<(portmux_wire::RouteSpec, crate::forward::backend::Resolved)>,
+    /// Started by an upgrade: the socket to the previous process.
+    handover: Option<OwnedFd>,
+    /// What systemd passed.
+    systemd: systemd::Inherited,
+}
+
+fn serve(settings: Settings, begin: Begin) -> Result<(Exit, bool), StartError> {
     let workers = settings.workers.max(1);
-    let (inboxes, mut receivers): (Vec<_>, Vec<_>) = (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
-    let shared = Arc::new(Shared {
-        settings,
-        table: ArcSwap::from_pointee(Table::default()),
-        table_version: watch::Sender::new(0),
-        to_control,
-        stopping: watch::Sender::new(false),
-        handing_over: watch::Sender::new(false),
-        pause_relays: watch::Sender::new(false),
-        in_flight: std::sync::atomic::AtomicUsize::new(0),
-        idle: tokio::sync::Notify::new(),
-        accepting: std::sync::atomic::AtomicUsize::new(0),
-        accepts_over: tokio::sync::Notify::new(),
-        inboxes,
-        next_inbox: std::sync::atomic::AtomicUsize::new(0),
-        workers_running: watch::Sender::new(workers),
-        next_conn_id: AtomicU64::new(1),
-    });
+    let (shared, intake, mut inboxes) = Shared::new(settings, workers);
     let control_rt = tokio_uring::Runtime::new(&uring_builder()).map_err(StartError::Runtime)?;
     let mut threads = Vec::new();
     for i in 0..workers {
         let shared = shared.clone();
-        let inbox = receivers.remove(0);
+        let inbox = inboxes.remove(0);
         let t = std::thread::Builder::new()
             .name(format!("portmux-worker-{i}"))
             .spawn(move || match tokio_uring::Runtime::new(&uring_builder()) {
@@ -233,12 +165,101 @@ fn serve(settings: Settings, start: crate::control::Start) -> Result<crate::cont
             .map_err(StartError::Thread)?;
         threads.push(t);
     }
-    let result = control_rt.block_on(crate::control::run(shared.clone(), start, from_workers));
+    let result = control_rt.block_on(async {
+        let control = Control::new(shared.clone(), begin.sockets);
+        let outcome = run_control(&control, begin.routes, begin.handover, begin.systemd, intake).await;
+        if outcome.is_err() {
+            shared.stopping.send_replace(true);
+        }
+        outcome.map(|exit| (exit, control.control_owned()))
+    });
     drop(control_rt);
     for t in threads {
         let _ = t.join();
     }
-    result.map_err(StartError::Route)
+    result
+}
+
+async fn run_control(
+    control: &Rc<Control>,
+    routes: Vec<(portmux_wire::RouteSpec, crate::forward::backend::Resolved)>,
+    handover: Option<OwnedFd>,
+    systemd: systemd::Inherited,
+    intake: mpsc::UnboundedReceiver<crate::shared::ToControl>,
+) -> Result<Exit, StartError> {
+    let previous = match handover {
+        Some(fd) => Some(crate::upgrade::import(control, fd).await?),
+        None => None,
+    };
+    // What systemd passed and the routes kept in its fd store go in before
+    // any table is published: a listener must not serve before its routes are back.
+    let restoring = previous.is_none().then(|| control.begin_import());
+    for (fd, addr, pinned) in systemd.listeners {
+        control.adopt_listener(fd, addr, pinned);
+    }
+    if let Some(fd) = systemd.state {
+        let file = systemd::StateFile::adopt(fd);
+        let routes = file.read();
+        control.keep_state_in(file);
+        match routes {
+            Ok(routes) => control.restore(routes),
+            Err(e) => tracing::warn!("cannot read the route state from the fd store: {e}"),
+        }
+    } else if systemd::managed() && !control.keeps_state() {
+        match systemd::StateFile::create() {
+            Ok(file) => control.keep_state_in(file),
+            Err(e) => tracing::info!("the route state is not kept across crashes: {e}"),
+        }
+    }
+    if let Some(importer) = restoring {
+        control.end_import(importer);
+    }
+    control.start_routes(routes).map_err(StartError::InitialRoute)?;
+    let (upgrades, requests) = mpsc::unbounded_channel();
+    control.set_upgrader(upgrades.clone());
+    tokio_uring::spawn(crate::upgrade::serve_requests(control.clone(), requests));
+    if let Some(listener) = control.admin_listener() {
+        tokio_uring::spawn(crate::admin::serve(control.clone(), listener));
+    }
+    tokio_uring::spawn(signals(control.clone(), upgrades));
+    let upgraded = previous.is_some();
+    if let Some(channel) = previous {
+        crate::upgrade::finish_import(control, channel);
+    }
+    println!("{}", control.ready_line());
+    let mut ready = vec!["READY=1".to_string(), "STATUS=serving".to_string()];
+    if upgraded {
+        ready.push(format!("MAINPID={}", std::process::id()));
+    }
+    systemd::notify(&ready.iter().map(String::as_str).collect::<Vec<_>>());
+    Ok(control.serve(intake).await)
+}
+
+/// SIGTERM/SIGINT stop portmux; SIGUSR2 upgrades it.
+async fn signals(control: Rc<Control>, upgrades: mpsc::UnboundedSender<crate::control::UpgradeRequest>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut usr2)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::user_defined2()))
+    else {
+        tracing::error!("cannot install signal handlers; stop portmux with SIGKILL");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: stopping");
+                return control.request_exit(Exit::Stopped);
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT: stopping");
+                return control.request_exit(Exit::Stopped);
+            }
+            _ = usr2.recv() => {
+                tracing::info!("SIGUSR2: upgrading");
+                let _ = upgrades.send(crate::control::UpgradeRequest { binary: None, reply: None });
+            }
+        }
+    }
 }
 
 /// Ring size of every runtime: room for many connections being peeked at once.

@@ -81,10 +81,23 @@ pub struct Inherited {
     pub state: Option<OwnedFd>,
 }
 
+/// Why the fds systemd passed cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SystemdError {
+    #[error("the fds systemd passed (LISTEN_FDS) cannot be taken: {0}")]
+    ListenFds(#[source] io::Error),
+    #[error("the socket systemd passed as '{name}' has no address: {source}")]
+    Address {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
 /// Takes the fds systemd passed (`LISTEN_PID` must be this process).
-pub fn inherited() -> Result<Inherited, String> {
+pub fn inherited() -> Result<Inherited, SystemdError> {
     let mut out = Inherited::default();
-    for passed in portmux_sys::inherit::listen_fds().map_err(|e| e.to_string())? {
+    for passed in portmux_sys::inherit::listen_fds().map_err(SystemdError::ListenFds)? {
         let (fd, name) = (passed.fd, passed.name.as_str());
         if name == STATE_NAME {
             out.state = Some(fd);
@@ -97,7 +110,8 @@ pub fn inherited() -> Result<Inherited, String> {
                 out.control = Some(fd);
             }
             Ok(SocketType::STREAM) => {
-                let addr = net::local_addr(fd.as_fd()).map_err(|e| format!("passed socket {name}: {e}"))?;
+                let addr = net::local_addr(fd.as_fd())
+                    .map_err(|source| SystemdError::Address { name: name.to_string(), source })?;
                 let pinned = !name.starts_with("tcp-");
                 tracing::info!(%addr, name, pinned, "adopted a listening socket from systemd");
                 out.listeners.push((fd, addr, pinned));

@@ -2,8 +2,11 @@
 //! rejects, drain and bye; a malformed or out-of-order message ends this
 //! session alone, with an Error naming the problem.
 
-use super::ControlPlane;
+use super::core::Mode;
+use super::driver::{Control, Lifecycle};
+use super::error::SessionError;
 use crate::handoff::Session;
+use crate::ids::ConnId;
 use portmux_sys::{net, reactor, scm};
 use portmux_wire::spec::validate_service_name;
 use portmux_wire::{MAX_MESSAGE, Message, PROTOCOL_VERSION};
@@ -22,22 +25,32 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// before portmux drops its own copies of the unacked connections.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Accepts control connections until aborted.
-pub(super) async fn accept_sessions(cp: Rc<ControlPlane>, fd: OwnedFd) {
+/// Accepts control connections until aborted; waits while the control plane
+/// does not serve (an upgrade froze it), so those services reach whichever
+/// process serves next.
+pub(super) async fn accept_sessions(control: Rc<Control>, fd: OwnedFd) {
     let listener = match reactor::register(fd, Interest::READABLE) {
         Ok(l) => l,
         Err(e) => return tracing::error!("cannot watch the control socket: {e}"),
     };
+    let mut lifecycle = control.lifecycle();
     loop {
-        let mut ready = match listener.readable().await {
-            Ok(r) => r,
-            Err(e) => return tracing::error!("control socket failed: {e}"),
+        match lifecycle.wait_for(|l| *l != Lifecycle::Frozen).await.map(|l| *l) {
+            Ok(Lifecycle::Serving) => {}
+            _ => return,
+        }
+        let mut ready = tokio::select! {
+            r = listener.readable() => match r {
+                Ok(r) => r,
+                Err(e) => return tracing::error!("control socket failed: {e}"),
+            },
+            _ = lifecycle.changed() => continue,
         };
         loop {
             match net::seqpacket_accept(listener.get_ref().as_fd()) {
                 Ok(Some((fd, cred))) => {
                     let pid = cred.pid.as_raw_nonzero().get();
-                    tokio_uring::spawn(serve(cp.clone(), fd, pid, cred.uid.as_raw()));
+                    tokio_uring::spawn(serve(control.clone(), fd, pid, cred.uid.as_raw()));
                 }
                 Ok(None) => {
                     ready.clear_ready();
@@ -58,8 +71,8 @@ pub(super) async fn accept_sessions(cp: Rc<ControlPlane>, fd: OwnedFd) {
 enum RecvError {
     /// The socket failed; treated as the service closing.
     Io,
-    /// Malformed, oversized, or carrying fds: the text is sent back as Error.
-    Protocol(String),
+    /// Malformed, oversized, or carrying fds: sent back as Error.
+    Protocol(SessionError),
 }
 
 /// Receives one message; `Ok(None)` at end-of-file.
@@ -73,15 +86,17 @@ async fn recv<T: AsRawFd + AsFd>(afd: &AsyncFd<T>, buf: &mut [u8]) -> Result<Opt
         }
     };
     if !dg.fds.is_empty() || dg.fds_truncated {
-        return Err(RecvError::Protocol("services must not send file descriptors to portmux".into()));
+        return Err(RecvError::Protocol(SessionError::FdsSent));
     }
     if dg.truncated {
-        return Err(RecvError::Protocol(format!("message of {} bytes exceeds the {MAX_MESSAGE}-byte limit", dg.len)));
+        return Err(RecvError::Protocol(SessionError::Oversized { len: dg.len, max: MAX_MESSAGE }));
     }
     if dg.len == 0 {
         return Ok(None);
     }
-    portmux_wire::decode(&buf[..dg.len]).map(Some).map_err(|e| RecvError::Protocol(e.to_string()))
+    portmux_wire::decode(&buf[..dg.len])
+        .map(Some)
+        .map_err(|e| RecvError::Protocol(SessionError::Malformed(e.to_string())))
 }
 
 /// Sends one message, waiting while the socket is full, for at most SEND_TIMEOUT.
@@ -100,21 +115,18 @@ enum End {
     /// The service said Bye.
     Bye,
     /// A protocol error, sent back to the service.
-    Error(String),
+    Error(SessionError),
 }
 
-async fn serve(cp: Rc<ControlPlane>, fd: OwnedFd, pid: i32, uid: u32) {
+async fn serve(control: Rc<Control>, fd: OwnedFd, pid: i32, uid: u32) {
     let Ok(afd) = reactor::register(fd, Interest::READABLE | Interest::WRITABLE) else { return };
     let mut buf = vec![0u8; MAX_MESSAGE];
     let service = match tokio::time::timeout(HELLO_TIMEOUT, recv(&afd, &mut buf)).await {
         Ok(Ok(Some(Message::Hello { version, service }))) => {
             let problem = if version != PROTOCOL_VERSION {
-                Some(format!(
-                    "protocol version {version} is not supported: this portmux speaks version {PROTOCOL_VERSION}; \
-                     use a client library of the same release"
-                ))
+                Some(SessionError::Version { version, ours: PROTOCOL_VERSION })
             } else {
-                validate_service_name(&service).err()
+                validate_service_name(&service).err().map(SessionError::BadName)
             };
             if let Some(reason) = problem {
                 return refuse_early(&afd, pid, reason).await;
@@ -122,44 +134,39 @@ async fn serve(cp: Rc<ControlPlane>, fd: OwnedFd, pid: i32, uid: u32) {
             service
         }
         Ok(Ok(Some(Message::Upgrade { binary }))) => {
-            return upgrade_requested(&cp, &afd, pid, uid, binary).await;
+            return upgrade_requested(&control, &afd, pid, uid, binary).await;
         }
-        Ok(Ok(Some(other))) => {
-            let reason = format!("the first message must be Hello, not {}", other.kind());
-            return refuse_early(&afd, pid, reason).await;
-        }
+        Ok(Ok(Some(other))) => return refuse_early(&afd, pid, SessionError::NotHello(other.kind())).await,
         Ok(Ok(None)) | Ok(Err(RecvError::Io)) => return,
         Ok(Err(RecvError::Protocol(reason))) => return refuse_early(&afd, pid, reason).await,
-        Err(_) => return refuse_early(&afd, pid, "no Hello within 10 s; the first message must be Hello".into()).await,
+        Err(_) => return refuse_early(&afd, pid, SessionError::NoHello(HELLO_TIMEOUT.as_secs())).await,
     };
-    if cp.is_frozen() {
+    if control.mode() != Mode::Serving {
         // An upgrade is moving the sessions; this service reconnects to the new portmux.
         return;
     }
-    let sid = cp.new_session_id();
-    let max_unacked = cp.shared.settings.max_unacked;
-    let session = Arc::new(Session::new(sid, service, pid, uid, afd.into_inner(), max_unacked));
-    cp.add_session(session.clone());
-    tracing::info!(session = sid, service = %session.name, pid, uid, "service connected");
-    run(cp, session).await;
+    let session = control.open_session(service, pid, uid, afd.into_inner());
+    tracing::info!(session = %session.id, service = %session.name, pid, uid, "service connected");
+    run(control, session).await;
 }
 
 /// Reads a session's messages until it ends, or until an upgrade freezes the
 /// control plane (then only at the receive point, never mid-message).
-pub(super) async fn run(cp: Rc<ControlPlane>, session: Arc<Session>) {
+pub(super) async fn run(control: Rc<Control>, session: Arc<Session>) {
     let sid = session.id;
     let pid = session.pid;
-    let _reader = cp.reader_started();
+    let _reader = control.reader_started();
     let Ok(afd) = reactor::register(session.shared_socket(), Interest::READABLE | Interest::WRITABLE) else {
-        cp.end_session(sid);
+        control.end_session(sid);
         return;
     };
     let mut buf = vec![0u8; MAX_MESSAGE];
-    let mut frozen = cp.freeze_signal();
+    let mut lifecycle = control.lifecycle();
     let end = loop {
         let next = tokio::select! {
             biased;
-            _ = frozen.wait_for(|f| *f) => break End::Frozen,
+            // Stopping, readers go on: the services' last acks still come.
+            _ = lifecycle.wait_for(|l| *l == Lifecycle::Frozen) => break End::Frozen,
             r = recv(&afd, &mut buf) => r,
         };
         match next {
@@ -167,44 +174,42 @@ pub(super) async fn run(cp: Rc<ControlPlane>, session: Arc<Session>) {
             Err(RecvError::Protocol(reason)) => break End::Error(reason),
             Ok(Some(msg)) => match msg {
                 Message::Register { routes } => {
-                    let reply = match cp.register(sid, &routes) {
+                    let reply = match control.register(sid, &routes) {
                         Ok(bound) => {
                             for b in &bound {
-                                tracing::info!(session = sid, service = %session.name, route = %b.route, listen = %b.listen, "registered");
+                                tracing::info!(session = %sid, service = %session.name, route = %b.route, listen = %b.listen, "registered");
                             }
                             Message::Registered { routes: bound }
                         }
-                        Err((route, reason)) => {
-                            tracing::info!(session = sid, service = %session.name, %route, "refused: {reason}");
-                            Message::Refused { route, reason }
+                        Err(e) => {
+                            let route = e.route().to_string();
+                            tracing::info!(session = %sid, service = %session.name, %route, "refused: {e}");
+                            Message::Refused { route, reason: e.to_string() }
                         }
                     };
                     if let Err(e) = send(&afd, &reply).await {
-                        tracing::info!(session = sid, service = %session.name, "cannot reply: {e}");
+                        tracing::info!(session = %sid, service = %session.name, "cannot reply: {e}");
                         break End::Closed;
                     }
-                    cp.flush_routes_of(sid);
                 }
                 Message::Ack { id } => {
-                    if session.ack(id) {
-                        cp.acked.notify_waiters();
+                    if session.ack(ConnId(id)) {
+                        control.acked.notify_waiters();
                     } else {
-                        tracing::debug!(session = sid, conn = id, "ack for an unknown connection");
+                        tracing::debug!(session = %sid, conn = id, "ack for an unknown connection");
                     }
                 }
                 Message::Reject { id, reason } => {
-                    if let Some(mut conn) = session.take(id) {
-                        tracing::info!(session = sid, service = %session.name, conn = id, "connection rejected: {reason}");
-                        conn.rejected_by = Some((sid, Instant::now()));
-                        cp.route_conn(conn);
+                    if let Some(mut conn) = session.take(ConnId(id)) {
+                        tracing::info!(session = %sid, service = %session.name, conn = id, "connection rejected: {reason}");
+                        conn.desc.rejected_by = Some((sid, Instant::now()));
+                        control.arrived(conn);
                     }
                 }
-                Message::Drain => cp.drain(sid),
+                Message::Drain => control.drain(sid),
                 Message::Bye => break End::Bye,
-                Message::Hello { .. } => break End::Error("Hello was already sent; send it once, first".into()),
-                other => {
-                    break End::Error(format!("{} is a message portmux sends, not one it accepts", other.kind()));
-                }
+                Message::Hello { .. } => break End::Error(SessionError::HelloAgain),
+                other => break End::Error(SessionError::NotAccepted(other.kind())),
             },
         }
     };
@@ -213,20 +218,20 @@ pub(super) async fn run(cp: Rc<ControlPlane>, session: Arc<Session>) {
         return;
     }
     if let End::Error(reason) = &end {
-        tracing::warn!(session = sid, service = %session.name, pid, "protocol error, ending the session: {reason}");
+        tracing::warn!(session = %sid, service = %session.name, pid, "protocol error, ending the session: {reason}");
         // Queued before the write side is shut down, so the service reads it.
-        let _ = send_error(&session, reason);
+        let _ = send_error(&session, &reason.to_string());
     }
     if let End::Bye = end {
-        tracing::info!(session = sid, service = %session.name, "service said bye");
+        tracing::info!(session = %sid, service = %session.name, "service said bye");
     }
     // No new connections for this session from here on.
     session.fail();
-    cp.end_session(sid);
+    control.end_session(sid);
     if !matches!(end, End::Closed) && !wait_for_close(&afd, &session, &mut buf).await {
         let n = session.abandon();
         tracing::warn!(
-            session = sid,
+            session = %sid,
             service = %session.name,
             "the service did not close its session within {}s; dropped portmux's copies of {n} unacked connections",
             CLOSE_TIMEOUT.as_secs()
@@ -237,10 +242,10 @@ pub(super) async fn run(cp: Rc<ControlPlane>, session: Arc<Session>) {
     // kernel, so the unacked connections are re-routed or queued.
     let unacked = session.close();
     if !unacked.is_empty() {
-        tracing::info!(session = sid, service = %session.name, "re-routing {} unacked connections", unacked.len());
+        tracing::info!(session = %sid, service = %session.name, "re-routing {} unacked connections", unacked.len());
     }
     for conn in unacked {
-        cp.route_conn(conn);
+        control.arrived(conn);
     }
 }
 
@@ -258,7 +263,7 @@ async fn wait_for_close(afd: &AsyncFd<Arc<OwnedFd>>, session: &Session, buf: &mu
             match recv(afd, buf).await {
                 Ok(None) | Err(RecvError::Io) => return,
                 Ok(Some(Message::Ack { id })) => {
-                    session.ack(id);
+                    session.ack(ConnId(id));
                 }
                 _ => {}
             }
@@ -268,23 +273,24 @@ async fn wait_for_close(afd: &AsyncFd<Arc<OwnedFd>>, session: &Session, buf: &mu
 }
 
 /// `portmux upgrade` asked for a new process: only root or portmux's own user may.
-async fn upgrade_requested(cp: &Rc<ControlPlane>, afd: &AsyncFd<OwnedFd>, pid: i32, uid: u32, binary: Option<String>) {
+async fn upgrade_requested(control: &Rc<Control>, afd: &AsyncFd<OwnedFd>, pid: i32, uid: u32, binary: Option<String>) {
     let ours = rustix::process::getuid().as_raw();
     let answer = if uid != 0 && uid != ours {
         tracing::warn!(pid, uid, "refused an upgrade request from another user");
         Message::Error { reason: format!("uid {uid} may not upgrade portmux; run it as root or as uid {ours}") }
     } else {
         tracing::info!(pid, uid, "upgrade requested");
-        match crate::upgrade::upgrade(cp, binary.map(Into::into)).await {
-            Ok(new_pid) => Message::Upgraded { pid: new_pid },
-            Err(reason) => Message::Error { reason },
+        match control.request_upgrade(binary.map(Into::into)).await {
+            Ok(Ok(new_pid)) => Message::Upgraded { pid: new_pid },
+            Ok(Err(reason)) => Message::Error { reason },
+            Err(_) => Message::Error { reason: "the upgrade was abandoned".into() },
         }
     };
     let _ = send(afd, &answer).await;
 }
 
 /// Ends a session that never got past Hello: Error, then close.
-async fn refuse_early(afd: &AsyncFd<OwnedFd>, pid: i32, reason: String) {
+async fn refuse_early(afd: &AsyncFd<OwnedFd>, pid: i32, reason: SessionError) {
     tracing::warn!(pid, "control session refused: {reason}");
-    let _ = send(afd, &Message::Error { reason }).await;
+    let _ = send(afd, &Message::Error { reason: reason.to_string() }).await;
 }

@@ -1,15 +1,11 @@
 //! Backends of a forwarding route: their addresses, weights, passive health and
 //! live counts, and the load-balancing choice among them (lock-free).
 
+pub use crate::config::{BackendSpec, Resolved};
 use portmux_sys::net::Endpoint;
-use std::fmt;
-use std::net::ToSocketAddrs;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-
-/// Most backends' weight; keeps the round-robin schedule short.
-pub const MAX_WEIGHT: u32 = 100;
 
 /// How a route chooses among its backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -62,82 +58,6 @@ impl ProxyVersion {
         }
     }
 }
-
-/// A backend as written by a user: `host:port`, `[v6]:port`, `unix:/path`,
-/// optionally followed by `@WEIGHT`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BackendSpec {
-    /// The address as given, without the weight (host names kept).
-    pub name: String,
-    pub weight: u32,
-}
-
-impl BackendSpec {
-    pub fn parse(text: &str) -> Result<BackendSpec, String> {
-        let text = text.trim();
-        let (name, weight) = match text.rsplit_once('@') {
-            Some((n, w)) if !w.is_empty() && w.bytes().all(|b| b.is_ascii_digit()) => {
-                let w: u32 = w.parse().map_err(|_| format!("'{w}' is not a weight"))?;
-                if !(1..=MAX_WEIGHT).contains(&w) {
-                    return Err(format!("weight {w} of '{n}' is out of range; use 1 to {MAX_WEIGHT}"));
-                }
-                (n, w)
-            }
-            _ => (text, 1),
-        };
-        if name.is_empty() {
-            return Err("empty backend address".into());
-        }
-        if let Some(path) = name.strip_prefix("unix:") {
-            if !path.starts_with('/') {
-                return Err(format!("'{name}': a Unix socket backend needs an absolute path, e.g. unix:/run/app.sock"));
-            }
-        } else {
-            let port_ok =
-                name.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
-            if !port_ok {
-                return Err(format!("'{name}' is not a backend address; write host:port, [v6]:port or unix:/path"));
-            }
-        }
-        Ok(BackendSpec { name: name.to_string(), weight })
-    }
-
-    /// Parses a comma-separated list (at least one).
-    pub fn parse_list(text: &str) -> Result<Vec<BackendSpec>, String> {
-        let list: Vec<BackendSpec> =
-            text.split(',').filter(|s| !s.trim().is_empty()).map(BackendSpec::parse).collect::<Result<_, _>>()?;
-        if list.is_empty() {
-            return Err("no backends given".into());
-        }
-        Ok(list)
-    }
-
-    /// Resolves the address (host names through the system resolver; this may block).
-    pub fn resolve(&self) -> Result<Vec<Endpoint>, String> {
-        if let Some(path) = self.name.strip_prefix("unix:") {
-            return Ok(vec![Endpoint::Unix(path.into())]);
-        }
-        let addrs: Vec<Endpoint> = self
-            .name
-            .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve backend '{}': {e}", self.name))?
-            .map(Endpoint::Tcp)
-            .collect();
-        if addrs.is_empty() {
-            return Err(format!("backend '{}' resolves to no address", self.name));
-        }
-        Ok(addrs)
-    }
-}
-
-impl fmt::Display for BackendSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.weight == 1 { f.write_str(&self.name) } else { write!(f, "{}@{}", self.name, self.weight) }
-    }
-}
-
-/// Backends with their resolved addresses, ready to build a pool from.
-pub type Resolved = Vec<(BackendSpec, Vec<Endpoint>)>;
 
 /// Milliseconds since the process started; 0 means "never".
 fn now_ms() -> u64 {

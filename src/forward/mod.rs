@@ -8,7 +8,6 @@ pub mod relay;
 
 use crate::config::Settings;
 use crate::reply::{self, Reply};
-use crate::runtime::{Shared, ToControl};
 use backend::{Backend, BackendPool};
 use portmux_sys::{net, reactor, uring};
 use portmux_wire::{ConnMeta, Proto};
@@ -70,9 +69,10 @@ fn pause_handle() -> Rc<relay::Pause> {
     pause
 }
 
-/// Forwards the client on `fd` (its first bytes only peeked) to a backend of `pool`.
-pub async fn serve(client: OwnedFd, meta: ConnMeta, pool: Arc<BackendPool>, shared: &Shared) {
-    let settings = &shared.settings;
+/// Forwards the client on `fd` (its first bytes only peeked) to a backend of
+/// `pool`, until the relay ends, or pauses for an upgrade: then its sockets
+/// come back, to move to the new process.
+pub async fn serve(client: OwnedFd, meta: ConnMeta, pool: Arc<BackendPool>, settings: &Settings) -> Option<Paused> {
     let mut tried = Vec::new();
     let mut connected = None;
     while tried.len() < TRIES {
@@ -98,7 +98,8 @@ pub async fn serve(client: OwnedFd, meta: ConnMeta, pool: Arc<BackendPool>, shar
                     Proto::Http => Reply::unavailable("portmux is out of file descriptors; retry shortly"),
                     Proto::Tls | Proto::Tcp => Reply::Close,
                 };
-                return Box::pin(reply::send(client, answer)).await;
+                Box::pin(reply::send(client, answer)).await;
+                return None;
             }
             Err(e) => {
                 backend.mark_failed(settings.backend_cooldown);
@@ -122,7 +123,8 @@ pub async fn serve(client: OwnedFd, meta: ConnMeta, pool: Arc<BackendPool>, shar
             )),
             Proto::Tls | Proto::Tcp => Reply::Close,
         };
-        return Box::pin(reply::send(client, answer)).await;
+        Box::pin(reply::send(client, answer)).await;
+        return None;
     };
     let active = backend.connected();
     if let Some(version) = pool.proxy {
@@ -130,35 +132,35 @@ pub async fn serve(client: OwnedFd, meta: ConnMeta, pool: Arc<BackendPool>, shar
         let deadline = Instant::now() + settings.connect_timeout;
         if !Box::pin(reply::write_all(server.as_fd(), &header, deadline)).await {
             tracing::warn!(route = %meta.route, backend = %backend.spec.name, "could not send the PROXY header");
-            return;
+            return None;
         }
     }
     if let Err(e) = net::set_nonblocking(client.as_fd(), true).and_then(|()| net::set_nodelay(client.as_fd())) {
         tracing::debug!(client = %meta.peer, "client socket unusable: {e}");
-        return;
+        return None;
     }
-    relay_to(client, server, meta, &backend, active, relay::Closed::default(), shared).await;
+    relay_to(client, server, meta, &backend, active, relay::Closed::default(), settings).await
 }
 
 /// Resumes a relay that a previous portmux paused for an upgrade.
-pub async fn resume(job: Resume, shared: &Shared) {
+pub async fn resume(job: Resume, settings: &Settings) -> Option<Paused> {
     let Resume { paused, pool } = job;
     match pool.backends.iter().find(|b| b.spec.name == paused.backend_name) {
         Some(backend) => {
             let active = backend.connected();
-            relay_to(paused.client, paused.backend, paused.meta, backend, active, paused.closed, shared).await;
+            relay_to(paused.client, paused.backend, paused.meta, backend, active, paused.closed, settings).await
         }
         None => {
             // The backend left the route meanwhile; its connection carries on.
             let orphan = Arc::new(Backend::new(backend::BackendSpec { name: paused.backend_name, weight: 1 }, vec![]));
             let active = orphan.connected();
-            relay_to(paused.client, paused.backend, paused.meta, &orphan, active, paused.closed, shared).await;
+            relay_to(paused.client, paused.backend, paused.meta, &orphan, active, paused.closed, settings).await
         }
     }
 }
 
-/// Relays until done, or until paused: then hands the sockets to the control
-/// plane, which passes them to the new process.
+/// Relays until done, or until paused: then returns the sockets, for the
+/// control plane to pass to the new process.
 async fn relay_to(
     client: OwnedFd,
     server: OwnedFd,
@@ -166,18 +168,17 @@ async fn relay_to(
     backend: &Arc<Backend>,
     active: backend::ActiveGuard,
     closed: relay::Closed,
-    shared: &Shared,
-) {
+    settings: &Settings,
+) -> Option<Paused> {
     let interest = tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE;
     let (client, server) = match (reactor::register(client, interest), reactor::register(server, interest)) {
         (Ok(c), Ok(s)) => (c, s),
         (Err(e), _) | (_, Err(e)) => {
             tracing::warn!(client = %meta.peer, "cannot watch the relay's sockets: {e}");
-            return;
+            return None;
         }
     };
     let pause = pause_handle();
-    let settings = &shared.settings;
     let outcome = relay::relay(&client, &server, settings.idle_timeout, settings.relay_mode, &pause, closed).await;
     drop(active);
     if outcome.paused {
@@ -188,8 +189,7 @@ async fn relay_to(
             backend_name: backend.spec.name.clone(),
             closed: outcome.closed,
         };
-        let _ = shared.to_control.send(ToControl::Relay(paused));
-        return;
+        return Some(paused);
     }
     match &outcome.failure {
         None => {}
@@ -200,6 +200,7 @@ async fn relay_to(
             tracing::debug!(route = %meta.route, backend = %backend.spec.name, client = %meta.peer, "relay ended: {f}");
         }
     }
+    None
 }
 
 /// Whether a connect failed for lack of local resources (not the backend's fault).

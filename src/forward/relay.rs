@@ -90,37 +90,17 @@ impl fmt::Display for Side {
 
 /// How a relay moves bytes: `Auto` copies until a read fills the buffer, then
 /// splices, unless both peers are on loopback (measured faster there, see
-/// [`Mode::for_flow`]; asked only then, so small exchanges pay nothing for it);
+/// [`for_flow`]; asked only then, so small exchanges pay nothing for it);
 /// the others force one way (for measurements).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Mode {
-    #[default]
-    Auto,
-    Copy,
-    Splice,
-}
+pub use crate::config::RelayMode as Mode;
 
-impl Mode {
-    /// The mode for one flow. On loopback, splicing saves no copy the receiver
-    /// does not make anyway, and its large batches pipeline worse: measured
-    /// here (wrk through a forward route, same run) copy beat splice by a third
-    /// with 1 MiB bodies and matched it with 16 and 256 MiB ones. Across a NIC,
-    /// splice keeps bulk bytes out of user space.
-    pub fn for_flow(self, client: BorrowedFd<'_>, backend: BorrowedFd<'_>) -> Mode {
-        if self == Mode::Auto && net::peer_is_local(client) && net::peer_is_local(backend) { Mode::Copy } else { self }
-    }
-}
-
-impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Mode, String> {
-        match s {
-            "auto" => Ok(Mode::Auto),
-            "copy" => Ok(Mode::Copy),
-            "splice" => Ok(Mode::Splice),
-            _ => Err(format!("'{s}' is not a relay mode; use auto, copy or splice")),
-        }
-    }
+/// The mode for one flow. On loopback, splicing saves no copy the receiver
+/// does not make anyway, and its large batches pipeline worse: measured
+/// here (wrk through a forward route, same run) copy beat splice by a third
+/// with 1 MiB bodies and matched it with 16 and 256 MiB ones. Across a NIC,
+/// splice keeps bulk bytes out of user space.
+pub fn for_flow(mode: Mode, client: BorrowedFd<'_>, backend: BorrowedFd<'_>) -> Mode {
+    if mode == Mode::Auto && net::peer_is_local(client) && net::peer_is_local(backend) { Mode::Copy } else { mode }
 }
 
 /// Asks a relay to stop at its next safe point (both directions waiting to
@@ -405,7 +385,7 @@ impl Relay<'_> {
                                 // A bulk flow: only now is it worth two system
                                 // calls to learn whether both peers are on loopback.
                                 let (c, b) = (self.ends[0].get_ref().as_fd(), self.ends[1].get_ref().as_fd());
-                                self.mode = Mode::Auto.for_flow(c, b);
+                                self.mode = for_flow(Mode::Auto, c, b);
                                 if self.mode == Mode::Auto {
                                     dir.pipe = take_pipe();
                                 }
@@ -555,12 +535,12 @@ mod tests {
     fn loopback_flows_copy_and_forced_modes_stay() {
         let (a, _x) = pair();
         let (b, _y) = pair();
-        assert_eq!(Mode::Auto.for_flow(a.as_fd(), b.as_fd()), Mode::Copy);
-        assert_eq!(Mode::Splice.for_flow(a.as_fd(), b.as_fd()), Mode::Splice);
+        assert_eq!(for_flow(Mode::Auto, a.as_fd(), b.as_fd()), Mode::Copy);
+        assert_eq!(for_flow(Mode::Splice, a.as_fd(), b.as_fd()), Mode::Splice);
         let (u, _v) = std::os::unix::net::UnixStream::pair().unwrap();
         assert!(net::peer_is_local(u.as_fd()), "a Unix socket has no NIC");
         let unconnected = TcpListener::bind("127.0.0.1:0").unwrap();
-        assert_eq!(Mode::Auto.for_flow(unconnected.as_fd(), b.as_fd()), Mode::Auto, "no peer: not known local");
+        assert_eq!(for_flow(Mode::Auto, unconnected.as_fd(), b.as_fd()), Mode::Auto, "no peer: not known local");
     }
 
     #[test]

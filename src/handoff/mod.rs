@@ -2,8 +2,7 @@
 //! of each until the service acks it, and giving back the unacked ones when a
 //! session dies so they are re-routed or parked, never dropped.
 
-use crate::route::{ListenerId, Route, Target};
-use crate::runtime::Shared;
+use crate::ids::{ConnId, ListenerId, SessionId};
 use portmux_sys::{net, scm, uring};
 use portmux_wire::{ConnMeta, Message};
 use std::collections::HashMap;
@@ -11,17 +10,14 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+use tokio::sync::Notify;
 
-/// Identifies a control session for the life of the process.
-pub type SessionId = u64;
-
-/// A client connection on its way to a service.
-#[derive(Debug)]
-pub struct Conn {
-    pub id: u64,
-    /// Shared so that a sender and the unacked map can both hold it; the socket
-    /// closes (in this process) when the last copy goes.
-    pub fd: Arc<OwnedFd>,
+/// Everything portmux knows about a connection on its way to a service, but
+/// its socket: what the control plane's core keeps and decides on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnDesc {
+    pub id: ConnId,
+    /// The listener it came through.
     pub listener: ListenerId,
     pub meta: ConnMeta,
     pub arrived: Instant,
@@ -29,20 +25,39 @@ pub struct Conn {
     pub rejected_by: Option<(SessionId, Instant)>,
 }
 
+/// A client connection on its way to a service.
+#[derive(Debug)]
+pub struct Conn {
+    /// Shared so that a sender and the unacked map can both hold it; the socket
+    /// closes (in this process) when the last copy goes.
+    pub fd: Arc<OwnedFd>,
+    pub desc: ConnDesc,
+}
+
+impl Conn {
+    pub fn id(&self) -> ConnId {
+        self.desc.id
+    }
+}
+
 /// Why a hand-over did not happen; the connection comes back with it.
 #[derive(Debug)]
 pub enum Refusal {
-    /// The session is closed, or the service closed its end (it is now marked failed).
+    /// The service closed its end (the session is now marked failed), or the
+    /// session had already failed.
     Dead(Conn),
     /// The session's socket stayed full for the whole patience, it has too many
     /// unacked, or the kernel refused for lack of resources.
     Busy(Conn),
+    /// The control plane closed the session to new connections (it ended, or
+    /// an upgrade is moving it): deliver it elsewhere, or through the control plane.
+    Closed(Conn),
 }
 
 impl Refusal {
     pub fn into_conn(self) -> Conn {
         match self {
-            Refusal::Dead(c) | Refusal::Busy(c) => c,
+            Refusal::Dead(c) | Refusal::Busy(c) | Refusal::Closed(c) => c,
         }
     }
 }
@@ -59,14 +74,21 @@ pub struct Session {
     sock: Arc<OwnedFd>,
     failed: AtomicBool,
     unacked: Mutex<Unacked>,
+    /// Wakes hand-overs waiting for room in the socket when the session closes.
+    stop: Notify,
+    /// Wakes whoever waits for the last hand-over in progress to end.
+    sends_over: Notify,
     max_unacked: usize,
 }
 
 #[derive(Debug, Default)]
 struct Unacked {
-    /// Set once by the control plane; afterwards nothing new is accepted.
+    /// Set by the control plane; afterwards nothing new is accepted.
     closed: bool,
-    conns: HashMap<u64, Conn>,
+    /// Sent (or being sent) and not acked; `false`: its send is still in progress.
+    conns: HashMap<ConnId, (Conn, bool)>,
+    /// Hand-overs in progress (each holds one not-yet-sent entry).
+    sending: usize,
 }
 
 impl Session {
@@ -79,6 +101,8 @@ impl Session {
             sock: Arc::new(sock),
             failed: AtomicBool::new(false),
             unacked: Mutex::new(Unacked::default()),
+            stop: Notify::new(),
+            sends_over: Notify::new(),
             max_unacked,
         }
     }
@@ -107,84 +131,111 @@ impl Session {
         self.unacked().conns.len()
     }
 
-    /// Sends `conn` to the service; waits up to `patience` while its socket is full.
-    /// Until the service acks, the connection stays in the unacked map.
+    /// Number of hand-overs in progress (waiting for room in the socket).
+    pub fn sending(&self) -> usize {
+        self.unacked().sending
+    }
+
+    /// Sends `conn` to the service; waits up to `patience` while its socket is
+    /// full. Until the service acks, the connection stays in the unacked map.
     pub async fn hand_over(&self, mut conn: Conn, patience: Duration) -> Result<(), Refusal> {
         if !self.is_usable() {
             return Err(Refusal::Dead(conn));
         }
         // The metadata moves into the message for encoding and back out, uncopied.
-        let msg = Message::Connection { id: conn.id, meta: conn.meta };
+        let msg = Message::Connection { id: conn.desc.id.0, meta: conn.desc.meta };
         let encoded = portmux_wire::encode(&msg);
         let Message::Connection { meta, .. } = msg else { unreachable!("built just above") };
-        conn.meta = meta;
+        conn.desc.meta = meta;
         let bytes = match encoded {
             Ok(b) => b,
             Err(e) => {
-                tracing::error!(conn = conn.id, "cannot encode a connection message: {e}");
+                tracing::error!(conn = %conn.id(), "cannot encode a connection message: {e}");
                 return Err(Refusal::Dead(conn));
             }
         };
-        let (id, fd) = (conn.id, conn.fd.clone());
+        let (id, fd) = (conn.id(), conn.fd.clone());
         {
             let mut u = self.unacked();
             if u.closed {
-                return Err(Refusal::Dead(conn));
+                return Err(Refusal::Closed(conn));
             }
             if u.conns.len() >= self.max_unacked {
                 return Err(Refusal::Busy(conn));
             }
-            u.conns.insert(id, conn);
+            u.conns.insert(id, (conn, false));
+            u.sending += 1;
         }
         let deadline = tokio::time::Instant::now() + patience;
-        let dead = loop {
+        let outcome = loop {
             match scm::send_with_fds(self.sock.as_fd(), &bytes, &[fd.as_fd()], scm::Wait::DontWait) {
-                Ok(()) => {
-                    tracing::debug!(conn = id, session = self.id, pid = std::process::id(), "handed over");
-                    return Ok(());
-                }
+                Ok(()) => break Sent::Yes,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    // Registered before the check, so a close after it still wakes this wait.
+                    let stopped = self.stop.notified();
+                    let mut stopped = std::pin::pin!(stopped);
+                    stopped.as_mut().enable();
+                    if self.unacked().closed {
+                        break Sent::Closed;
+                    }
                     let sock = self.sock.as_fd();
-                    let waited =
-                        uring::race(sock, uring::poll(sock, libc::POLLOUT as u32), tokio::time::sleep_until(deadline))
-                            .await;
-                    match waited {
+                    let give_up = async {
+                        tokio::select! {
+                            () = tokio::time::sleep_until(deadline) => {}
+                            () = stopped => {}
+                        }
+                    };
+                    match uring::race(sock, uring::poll(sock, libc::POLLOUT as u32), give_up).await {
                         uring::Raced::Done(Ok(_)) => {}
                         // Another task of this worker cancelled its own wait on this socket.
                         uring::Raced::Done(Err(e)) if e.raw_os_error() == Some(libc::ECANCELED) => {}
-                        uring::Raced::Done(Err(_)) => break true,
-                        uring::Raced::Stopped(_) => break false,
+                        uring::Raced::Done(Err(_)) => break Sent::Dead,
+                        uring::Raced::Stopped(_) if self.unacked().closed => break Sent::Closed,
+                        uring::Raced::Stopped(_) => break Sent::Busy,
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    tracing::debug!(session = self.id, service = %self.name, "handoff failed: {e}");
+                    tracing::debug!(session = %self.id, service = %self.name, "handoff failed: {e}");
                     // The service closed its end; other errors (ETOOMANYREFS,
                     // ENOBUFS) are pressure, not a dead session.
                     let closed = matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN));
-                    break closed;
+                    break if closed { Sent::Dead } else { Sent::Busy };
                 }
             }
         };
-        if dead {
+        if let Sent::Dead = outcome {
             self.fail();
         }
-        // Take it back, unless the control plane already did (the session ended).
-        match self.unacked().conns.remove(&id) {
-            Some(conn) if dead => Err(Refusal::Dead(conn)),
-            Some(conn) => Err(Refusal::Busy(conn)),
-            None => Ok(()),
+        let mut u = self.unacked();
+        u.sending -= 1;
+        if u.sending == 0 {
+            self.sends_over.notify_waiters();
         }
+        if let Sent::Yes = outcome {
+            if let Some((_, sent)) = u.conns.get_mut(&id) {
+                *sent = true;
+            }
+            tracing::debug!(conn = %id, session = %self.id, pid = std::process::id(), "handed over");
+            return Ok(());
+        }
+        // Not there: the control plane took it meanwhile (the session ended): it is theirs now.
+        let Some((conn, _)) = u.conns.remove(&id) else { return Ok(()) };
+        Err(match outcome {
+            Sent::Dead => Refusal::Dead(conn),
+            Sent::Closed => Refusal::Closed(conn),
+            Sent::Busy | Sent::Yes => Refusal::Busy(conn),
+        })
     }
 
     /// The service acknowledged `id`: portmux's copy can go. False if unknown.
-    pub fn ack(&self, id: u64) -> bool {
+    pub fn ack(&self, id: ConnId) -> bool {
         self.unacked().conns.remove(&id).is_some()
     }
 
     /// The service rejected `id`: take it back to deliver elsewhere.
-    pub fn take(&self, id: u64) -> Option<Conn> {
-        self.unacked().conns.remove(&id)
+    pub fn take(&self, id: ConnId) -> Option<Conn> {
+        self.unacked().conns.remove(&id).map(|(c, _)| c)
     }
 
     /// The service closed its end: the kernel discarded whatever it had not
@@ -195,16 +246,41 @@ impl Session {
         self.failed.store(true, Ordering::Relaxed);
         let mut u = self.unacked();
         u.closed = true;
-        u.conns.drain().map(|(_, c)| c).collect()
+        self.stop.notify_waiters();
+        let mut conns: Vec<Conn> = u.conns.drain().map(|(_, (c, _))| c).collect();
+        conns.sort_by_key(Conn::id);
+        conns
     }
 
-    /// An upgrade takes the session to a new process: nothing new is sent here
-    /// any more, and the unacked connections move with it (returned).
-    pub fn freeze(&self) -> Vec<Conn> {
+    /// An upgrade is taking the session to another process: nothing new is
+    /// sent here any more, and hand-overs waiting for room give up now (their
+    /// callers deliver those connections through the control plane).
+    pub fn freeze(&self) {
+        self.unacked().closed = true;
+        self.stop.notify_waiters();
+    }
+
+    /// Waits until no hand-over is in progress on this session.
+    pub async fn sends_done(&self) {
+        loop {
+            let over = self.sends_over.notified();
+            let mut over = std::pin::pin!(over);
+            over.as_mut().enable();
+            if self.unacked().sending == 0 {
+                return;
+            }
+            over.await;
+        }
+    }
+
+    /// After [`Session::freeze`]: the connections sent and not acked, which
+    /// move with the session (in id order). A send still in progress keeps
+    /// its connection; it gives it back to its caller or completes.
+    pub fn take_unacked(&self) -> Vec<Conn> {
         let mut u = self.unacked();
-        u.closed = true;
-        let mut conns: Vec<Conn> = u.conns.drain().map(|(_, c)| c).collect();
-        conns.sort_by_key(|c| c.id);
+        let sent: Vec<ConnId> = u.conns.iter().filter(|(_, (_, sent))| *sent).map(|(id, _)| *id).collect();
+        let mut conns: Vec<Conn> = sent.into_iter().filter_map(|id| u.conns.remove(&id)).map(|(c, _)| c).collect();
+        conns.sort_by_key(Conn::id);
         conns
     }
 
@@ -212,12 +288,12 @@ impl Session {
     pub fn thaw(&self, conns: Vec<Conn>) {
         let mut u = self.unacked();
         u.closed = false;
-        u.conns.extend(conns.into_iter().map(|c| (c.id, c)));
+        u.conns.extend(conns.into_iter().map(|c| (c.id(), (c, true))));
     }
 
     /// Takes over a connection the previous process had sent and not seen acked.
     pub fn adopt(&self, conn: Conn) {
-        self.unacked().conns.insert(conn.id, conn);
+        self.unacked().conns.insert(conn.id(), (conn, true));
     }
 
     /// The session's socket (to hand it on in an upgrade).
@@ -238,29 +314,24 @@ impl Session {
         let _ = net::shutdown_both(self.sock.as_fd());
         let mut u = self.unacked();
         u.closed = true;
+        self.stop.notify_waiters();
         let n = u.conns.len();
         u.conns.clear();
         n
     }
 }
 
+/// How one send attempt ended.
+#[derive(Debug, Clone, Copy)]
+enum Sent {
+    Yes,
+    Dead,
+    Busy,
+    Closed,
+}
+
 impl AsFd for Session {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.sock.as_fd()
     }
-}
-
-/// Worker side: deliver `conn` on `route` to a live session (round robin,
-/// trying each once), or give it to the control plane to queue.
-pub async fn deliver(mut conn: Conn, route: &Route, shared: &Shared) {
-    if let Target::Pool(pool) = &route.target {
-        for session in pool.order() {
-            match session.hand_over(conn, shared.settings.handoff_patience).await {
-                Ok(()) => return,
-                Err(refusal) => conn = refusal.into_conn(),
-            }
-        }
-    }
-    // If the control plane is gone (shutting down), the connection closes here.
-    let _ = shared.to_control.send(crate::runtime::ToControl::Conn(conn));
 }

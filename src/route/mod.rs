@@ -2,10 +2,13 @@
 //! what to do with a classified connection.
 //!
 //! The control plane builds a new [`Table`] on every change and publishes it as
-//! an `Arc`; workers load it without locks.
+//! an `Arc`; workers load it without locks. [`Matcher`] holds the matching
+//! rules alone, so the control plane's core matches exactly as workers do.
 
 use crate::classify::Peeked;
+use crate::forward::backend::BackendPool;
 use crate::handoff::Session;
+use crate::ids::ListenerId;
 use crate::reply::Reply;
 use portmux_wire::spec::{RouteSpec, Scheme, normalize_path};
 use portmux_wire::{ConnMeta, Proto};
@@ -15,12 +18,14 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
-/// Identifies a listening socket for the life of the process.
-pub type ListenerId = u64;
-
 /// Identifies a route: its listening address and its canonical spec without
 /// the listening address and the service name.
 pub type RouteKey = (SocketAddr, Arc<str>);
+
+/// A route's identity on its listening address.
+pub fn route_key(spec: &RouteSpec, default_bind: std::net::IpAddr) -> RouteKey {
+    (spec.listen_addr(default_bind), spec.identity().into())
+}
 
 /// A public listening socket, shared by all workers (each accepts on it).
 #[derive(Debug)]
@@ -68,16 +73,95 @@ impl Table {
     }
 }
 
-/// The routes of one listening socket.
+/// The routes of one listening socket, most specific first, each with a
+/// value: the workers' [`Route`], the control core's route key.
+#[derive(Debug, Clone)]
+pub struct Matcher<T> {
+    /// The whole-port route: takes what no other route on the port matches.
+    tcp: Option<T>,
+    /// Most specific first (host rank, then path length).
+    http: Vec<(RouteSpec, T)>,
+    /// Most specific first.
+    tls: Vec<(RouteSpec, T)>,
+}
+
+impl<T> Default for Matcher<T> {
+    fn default() -> Self {
+        Matcher { tcp: None, http: Vec::new(), tls: Vec::new() }
+    }
+}
+
+impl<T> Matcher<T> {
+    /// Sorts `routes` most specific first.
+    pub fn new(routes: impl IntoIterator<Item = (RouteSpec, T)>) -> Matcher<T> {
+        let mut m = Matcher::default();
+        for (spec, value) in routes {
+            match spec.scheme {
+                Scheme::Tcp => m.tcp = Some(value),
+                Scheme::Http | Scheme::Https => m.http.push((spec, value)),
+                Scheme::Tls => m.tls.push((spec, value)),
+            }
+        }
+        let specificity = |(s, _): &(RouteSpec, T)| (s.host.rank(), s.path.as_ref().map_or(0, String::len));
+        m.http.sort_by_key(|r| std::cmp::Reverse(specificity(r)));
+        m.tls.sort_by_key(|r| std::cmp::Reverse(specificity(r)));
+        m
+    }
+
+    /// The whole-port route, if there is one.
+    pub fn tcp(&self) -> Option<&T> {
+        self.tcp.as_ref()
+    }
+
+    /// A port with only a whole-port route is not peeked at all (server-speaks-first
+    /// protocols work); any other port is.
+    pub fn needs_peek(&self) -> bool {
+        !(self.tcp.is_some() && self.http.is_empty() && self.tls.is_empty())
+    }
+
+    /// Whether every route here is one where the client speaks first.
+    pub fn client_speaks_first(&self) -> bool {
+        self.tcp.is_none()
+    }
+
+    /// What is worth parsing on this port. Without a whole-port route, HTTP is
+    /// parsed even on a TLS-only port, to answer plain HTTP with a readable 400.
+    pub fn want(&self) -> crate::classify::Want {
+        crate::classify::Want { tls: !self.tls.is_empty(), http: !self.http.is_empty() || self.tcp.is_none() }
+    }
+
+    /// The route for a connection with this metadata (SNI for TLS, Host and
+    /// path for HTTP, the whole-port route otherwise or as a fallback).
+    pub fn lookup(&self, meta: &ConnMeta) -> Option<&T> {
+        let specific = match meta.proto {
+            Proto::Tls => self.tls.iter().find(|(s, _)| s.host.matches(meta.sni.as_deref())),
+            Proto::Http => {
+                let path = normalize_path(meta.path.as_deref().unwrap_or("/"));
+                self.http.iter().find(|(s, _)| s.host.matches(meta.host.as_deref()) && s.matches_path(&path))
+            }
+            Proto::Tcp => None,
+        };
+        specific.map(|(_, v)| v).or(self.tcp.as_ref())
+    }
+
+    /// The answer when nothing on this port (`port`) matches.
+    pub fn no_route(&self, meta: &ConnMeta, port: u16) -> Reply {
+        match meta.proto {
+            Proto::Tls => Reply::tls_alert(crate::reply::ALERT_UNRECOGNIZED_NAME),
+            Proto::Http if self.http.is_empty() && !self.tls.is_empty() => {
+                Reply::bad_request("plain HTTP was sent to a port that expects TLS")
+            }
+            Proto::Http => Reply::not_found(meta.host.as_deref(), meta.path.as_deref(), port),
+            Proto::Tcp => Reply::Close,
+        }
+    }
+}
+
+/// The routes of one listening socket, as workers use them.
 #[derive(Debug)]
 pub struct PortRoutes {
     pub listener: Arc<Listener>,
-    /// The whole-port route: takes what no other route on the port matches.
-    pub tcp: Option<Arc<Route>>,
-    /// Most specific first (host rank, then path length).
-    pub http: Vec<Arc<Route>>,
-    /// Most specific first.
-    pub tls: Vec<Arc<Route>>,
+    pub routes: Matcher<Arc<Route>>,
 }
 
 /// A route and where its connections go now.
@@ -99,7 +183,7 @@ pub enum Target {
     /// service is restarting, draining, or older connections are still queued).
     Queue,
     /// To one of these backend addresses (the worker connects and relays).
-    Forward(Arc<crate::forward::backend::BackendPool>),
+    Forward(Arc<BackendPool>),
 }
 
 /// Live, non-draining sessions of one service for a route.
@@ -125,50 +209,13 @@ impl Pool {
 impl PortRoutes {
     /// Builds a port's routes, sorting them most specific first.
     pub fn new(listener: Arc<Listener>, routes: Vec<Arc<Route>>) -> PortRoutes {
-        let mut p = PortRoutes { listener, tcp: None, http: Vec::new(), tls: Vec::new() };
-        for r in routes {
-            match r.spec.scheme {
-                Scheme::Tcp => p.tcp = Some(r),
-                Scheme::Http | Scheme::Https => p.http.push(r),
-                Scheme::Tls => p.tls.push(r),
-            }
-        }
-        let specificity = |r: &Arc<Route>| (r.spec.host.rank(), r.spec.path.as_ref().map_or(0, String::len));
-        p.http.sort_by_key(|r| std::cmp::Reverse(specificity(r)));
-        p.tls.sort_by_key(|r| std::cmp::Reverse(specificity(r)));
-        p
-    }
-
-    /// A port with only a whole-port route is not peeked at all (server-speaks-first
-    /// protocols work); any other port is.
-    pub fn needs_peek(&self) -> bool {
-        !(self.tcp.is_some() && self.http.is_empty() && self.tls.is_empty())
-    }
-
-    /// What is worth parsing on this port. Without a whole-port route, HTTP is
-    /// parsed even on a TLS-only port, to answer plain HTTP with a readable 400.
-    pub fn want(&self) -> crate::classify::Want {
-        crate::classify::Want { tls: !self.tls.is_empty(), http: !self.http.is_empty() || self.tcp.is_none() }
-    }
-
-    /// The route for a connection with this metadata (SNI for TLS, Host and
-    /// path for HTTP, the whole-port route otherwise or as a fallback).
-    pub fn lookup(&self, meta: &ConnMeta) -> Option<&Arc<Route>> {
-        let specific = match meta.proto {
-            Proto::Tls => self.tls.iter().find(|r| r.spec.host.matches(meta.sni.as_deref())),
-            Proto::Http => {
-                let path = normalize_path(meta.path.as_deref().unwrap_or("/"));
-                self.http.iter().find(|r| r.spec.host.matches(meta.host.as_deref()) && r.spec.matches_path(&path))
-            }
-            Proto::Tcp => None,
-        };
-        specific.or(self.tcp.as_ref())
+        PortRoutes { listener, routes: Matcher::new(routes.into_iter().map(|r| (r.spec.clone(), r))) }
     }
 
     /// Decides what happens to a peeked connection: the route to deliver it on
     /// (with `meta` completed), or the answer portmux gives itself.
     pub fn decide(&self, peek: Peeked, meta: &mut ConnMeta) -> Result<Arc<Route>, Reply> {
-        let fallback = |reply: Reply| self.tcp.clone().ok_or(reply);
+        let fallback = |reply: Reply| self.routes.tcp().cloned().ok_or(reply);
         match peek {
             Peeked::Tls(hello) => {
                 meta.proto = Proto::Tls;
@@ -191,23 +238,11 @@ impl PortRoutes {
             Peeked::HungUp => return Err(Reply::Close),
             Peeked::Failed(_) => return Err(Reply::Abort),
         }
-        if let Some(route) = self.lookup(meta) {
+        if let Some(route) = self.routes.lookup(meta) {
             meta.route = route.key.to_string();
             return Ok(route.clone());
         }
-        Err(self.no_route(meta))
-    }
-
-    /// The answer when nothing on this port matches.
-    pub fn no_route(&self, meta: &ConnMeta) -> Reply {
-        match meta.proto {
-            Proto::Tls => Reply::tls_alert(crate::reply::ALERT_UNRECOGNIZED_NAME),
-            Proto::Http if self.http.is_empty() && !self.tls.is_empty() => {
-                Reply::bad_request("plain HTTP was sent to a port that expects TLS")
-            }
-            Proto::Http => Reply::not_found(meta.host.as_deref(), meta.path.as_deref(), self.listener.addr.port()),
-            Proto::Tcp => Reply::Close,
-        }
+        Err(self.routes.no_route(meta, self.listener.addr.port()))
     }
 }
 
@@ -218,7 +253,7 @@ mod tests {
 
     fn listener() -> Arc<Listener> {
         let fd = portmux_sys::net::tcp_listener("127.0.0.1:0".parse().unwrap()).unwrap();
-        Arc::new(Listener::new(1, "127.0.0.1:8000".parse().unwrap(), fd))
+        Arc::new(Listener::new(ListenerId(1), "127.0.0.1:8000".parse().unwrap(), fd))
     }
 
     fn route(spec: &str) -> Arc<Route> {
@@ -283,7 +318,7 @@ mod tests {
     #[test]
     fn no_match_answers_by_protocol_and_tcp_is_the_fallback() {
         let port = PortRoutes::new(listener(), vec![route("http://a.test:8000"), route("tls://b.test:8000")]);
-        assert!(port.needs_peek());
+        assert!(port.routes.needs_peek());
         assert!(matches!(http(&port, Some("z.test"), "/"), Err(Reply::Http { status: 404, .. })));
         assert!(matches!(tls(&port, Some("z.test")), Err(Reply::TlsAlert(_))));
         assert!(matches!(tls(&port, None), Err(Reply::TlsAlert(_))));
@@ -297,10 +332,10 @@ mod tests {
         assert!(with_tcp.decide(Peeked::HungUp, &mut m).is_err());
 
         let tcp_only = PortRoutes::new(listener(), vec![route("tcp://:8000")]);
-        assert!(!tcp_only.needs_peek());
+        assert!(!tcp_only.routes.needs_peek());
 
         let tls_only = PortRoutes::new(listener(), vec![route("tls://b.test:8000")]);
-        assert!(tls_only.want().http, "plain HTTP on a TLS port is parsed to answer 400");
+        assert!(tls_only.routes.want().http, "plain HTTP on a TLS port is parsed to answer 400");
         assert!(matches!(http(&tls_only, Some("b.test"), "/"), Err(Reply::Http { status: 400, .. })));
     }
 }

@@ -5,71 +5,99 @@
 //! accepting; the listening sockets stay open and the kernel queues), sends its
 //! state with the fds (listeners, control and admin sockets, routes, sessions,
 //! unacked and queued connections) and waits for Ready. If the new process
-//! fails before that, the old thaws and keeps serving. After Ready, the old
-//! pauses its relays at safe points and sends them, sends what its last
-//! connections turn into, says Done, and exits.
+//! fails or stops answering before that (every wait is bounded by
+//! `--upgrade-timeout`), the old kills it, thaws and keeps serving. After
+//! Ready, the old pauses its relays at safe points and sends them, sends what
+//! its last connections turn into, says Done, and exits.
 
-use crate::control::{ControlPlane, Exit};
-use crate::runtime::ToControl;
-use portmux_sys::{net, reactor, scm};
+mod channel;
+
+pub use channel::Channel;
+
+use crate::control::{Control, Exit, HandoverError, Outgoing};
+use crate::reply::{self, Reply};
+use crate::shared::ToControl;
+use crate::systemd;
+use portmux_sys::{net, scm};
 use portmux_wire::{Handover, PROTOCOL_VERSION};
+use std::cell::Cell;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::process::ExitStatus;
 use std::rc::Rc;
 use std::time::Duration;
-use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 
 /// Environment variable naming the handover socket's fd in the new process.
 pub const UPGRADE_FD_ENV: &str = "PORTMUX_UPGRADE_FD";
-/// How long the new process may take to say Start, and then Ready.
+/// How long the new process may take to say Start (nothing is frozen yet).
 const START_TIMEOUT: Duration = Duration::from_secs(30);
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a new process that closed the handover may take to exit before it is killed.
+const EXIT_WAIT: Duration = Duration::from_secs(2);
+/// A handover message that cannot be written for this long: the new process
+/// stopped reading.
+const SEND_STALL: Duration = Duration::from_secs(5);
 
-/// One handover message to send, with the fds it carries.
-pub type Outgoing = (Handover, Vec<OwnedFd>);
-
-/// The handover socket, one message per datagram.
-#[derive(Debug)]
-pub struct Channel {
-    sock: AsyncFd<OwnedFd>,
+/// Why an upgrade failed; the old process keeps serving in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    #[error("an upgrade is already under way")]
+    InProgress,
+    #[error("cannot create the handover socket: {0}")]
+    Socket(#[source] io::Error),
+    #[error("cannot start {}: {source}", binary.display())]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the new binary speaks handover version {theirs}, this one {PROTOCOL_VERSION}")]
+    Version { theirs: u32 },
+    #[error("the new process failed: {0}")]
+    Failed(String),
+    #[error("the new process (pid {pid}) exited before it was ready: {status}")]
+    Exited { pid: u32, status: ExitStatus },
+    #[error("the new process (pid {pid}) closed the handover before it was ready; it was stopped")]
+    Closed { pid: u32 },
+    #[error("the new process (pid {pid}) sent {kind} instead of {expected}")]
+    Unexpected { pid: u32, kind: &'static str, expected: &'static str },
+    #[error("the new process (pid {pid}) did not start within {}s", START_TIMEOUT.as_secs())]
+    StartTimeout { pid: u32 },
+    #[error("the new process (pid {pid}) was not ready within {secs}s of the freeze; it was stopped")]
+    ReadyTimeout { pid: u32, secs: u64 },
+    #[error("handover: {0}")]
+    Handover(#[from] HandoverError),
+    #[error("handover socket: {0}")]
+    Channel(#[source] io::Error),
 }
 
-impl Channel {
-    pub fn new(fd: OwnedFd) -> io::Result<Channel> {
-        net::set_nonblocking(fd.as_fd(), true)?;
-        Ok(Channel { sock: reactor::register(fd, Interest::READABLE | Interest::WRITABLE)? })
-    }
+/// Which process an upgrade failure is to blame on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The new binary: it did not start, failed, or stopped answering.
+    NewProcess,
+    /// This process: it could not start the new one or send its state.
+    ThisProcess,
+}
 
-    pub async fn send(&self, msg: &Handover, fds: Vec<OwnedFd>) -> io::Result<()> {
-        let bytes = portmux_wire::encode(msg).map_err(io::Error::other)?;
-        let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
-        self.sock
-            .async_io(Interest::WRITABLE, |s| scm::send_with_fds(s.as_fd(), &bytes, &borrowed, scm::Wait::DontWait))
-            .await
-    }
-
-    /// The next message and its fds; `None` when the other process is gone.
-    pub async fn recv(&self) -> io::Result<Option<(Handover, Vec<OwnedFd>)>> {
-        let mut buf = vec![0u8; portmux_wire::MAX_MESSAGE];
-        let dg =
-            self.sock.async_io(Interest::READABLE, |s| scm::recv_with_fds(s, &mut buf, scm::Wait::DontWait)).await?;
-        if dg.len == 0 && dg.fds.is_empty() {
-            return Ok(None);
+impl UpgradeError {
+    pub fn side(&self) -> Side {
+        match self {
+            UpgradeError::InProgress
+            | UpgradeError::Socket(_)
+            | UpgradeError::Spawn { .. }
+            | UpgradeError::Handover(_)
+            | UpgradeError::Channel(_) => Side::ThisProcess,
+            _ => Side::NewProcess,
         }
-        if dg.truncated || dg.fds_truncated {
-            return Err(io::Error::other("truncated handover message"));
-        }
-        let msg = portmux_wire::decode(&buf[..dg.len]).map_err(io::Error::other)?;
-        Ok(Some((msg, dg.fds)))
     }
 }
 
 /// In a new process: the handover socket, if an upgrade started it.
-pub fn inherited() -> Result<Option<OwnedFd>, String> {
-    portmux_sys::inherit::socket_from_env(UPGRADE_FD_ENV).map_err(|e| format!("{UPGRADE_FD_ENV}: {e}"))
+pub fn inherited() -> io::Result<Option<OwnedFd>> {
+    portmux_sys::inherit::socket_from_env(UPGRADE_FD_ENV)
+        .map_err(|e| io::Error::new(e.kind(), format!("{UPGRADE_FD_ENV}: {e}")))
 }
 
 /// Tells the previous process this one cannot start, and why.
@@ -85,130 +113,180 @@ fn kill(pid: u32) {
     }
 }
 
+/// Serves upgrade requests (`portmux upgrade`, SIGUSR2) one after another.
+pub async fn serve_requests(
+    control: Rc<Control>,
+    mut requests: mpsc::UnboundedReceiver<crate::control::UpgradeRequest>,
+) {
+    while let Some(request) = requests.recv().await {
+        let result = upgrade(&control, request.binary).await;
+        match &result {
+            Ok(pid) => tracing::info!(pid, "upgrade done: the new process serves"),
+            Err(e) => tracing::error!("upgrade failed, this process keeps serving: {e}"),
+        }
+        if let Some(reply) = request.reply {
+            let _ = reply.send(result.map_err(|e| e.to_string()));
+        }
+    }
+}
+
 /// Replaces this process with `binary` (default: the one it was started from).
 /// Returns the new process's pid once it serves; on failure this process keeps
 /// serving and the error says why (the new process's own reason when it gave one).
-pub(crate) async fn upgrade(cp: &Rc<ControlPlane>, binary: Option<PathBuf>) -> Result<u32, String> {
-    if !cp.begin_upgrade() {
-        return Err("an upgrade is already under way".into());
+pub async fn upgrade(control: &Rc<Control>, binary: Option<PathBuf>) -> Result<u32, UpgradeError> {
+    if !control.begin_upgrade() {
+        return Err(UpgradeError::InProgress);
     }
-    let result = run(cp, binary).await;
+    let result = run(control, binary).await;
     if result.is_err() {
-        cp.end_upgrade();
-        crate::systemd::notify(&["READY=1", "STATUS=serving (the last upgrade failed)"]);
+        control.end_upgrade();
+        systemd::notify(&["READY=1", "STATUS=serving (the last upgrade failed)"]);
     }
     result
 }
 
-async fn run(cp: &Rc<ControlPlane>, binary: Option<PathBuf>) -> Result<u32, String> {
-    let settings = &cp.shared().settings;
+/// How the new process ended, once it closed the handover: its exit status
+/// if it exits soon, else it is killed.
+async fn exited(pid: u32, status: oneshot::Receiver<io::Result<ExitStatus>>) -> UpgradeError {
+    match tokio::time::timeout(EXIT_WAIT, status).await {
+        Ok(Ok(Ok(status))) => UpgradeError::Exited { pid, status },
+        _ => {
+            kill(pid);
+            UpgradeError::Closed { pid }
+        }
+    }
+}
+
+async fn run(control: &Rc<Control>, binary: Option<PathBuf>) -> Result<u32, UpgradeError> {
+    let settings = &control.shared().settings;
     let binary = binary.unwrap_or_else(|| settings.exe.clone());
-    crate::systemd::reloading();
-    let (ours, theirs) = net::seqpacket_pair().map_err(|e| format!("socketpair: {e}"))?;
-    net::set_cloexec(theirs.as_fd(), false).map_err(|e| e.to_string())?;
+    systemd::reloading();
+    let (ours, theirs) = net::seqpacket_pair().map_err(UpgradeError::Socket)?;
+    net::set_cloexec(theirs.as_fd(), false).map_err(UpgradeError::Socket)?;
     let child = std::process::Command::new(&binary)
         .args(&settings.args)
         .env(UPGRADE_FD_ENV, theirs.as_raw_fd().to_string())
         .stdin(std::process::Stdio::null())
         .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        .map_err(|source| UpgradeError::Spawn { binary: binary.clone(), source })?;
     drop(theirs);
     let pid = child.id();
     tracing::info!(pid, binary = %binary.display(), "started the new process");
+    // A thread reaps it, whatever happens to the upgrade.
     let (status_tx, status_rx) = oneshot::channel();
     std::thread::spawn(move || {
         let mut child = child;
         let _ = status_tx.send(child.wait());
     });
-    let exited = |rx: oneshot::Receiver<io::Result<std::process::ExitStatus>>| async move {
-        match rx.await {
-            Ok(Ok(status)) => format!("the new process (pid {pid}) exited before it was ready: {status}"),
-            _ => format!("the new process (pid {pid}) closed the handover before it was ready"),
-        }
-    };
-    let channel = Rc::new(Channel::new(ours).map_err(|e| e.to_string())?);
+    let channel = Rc::new(Channel::new(ours).map_err(UpgradeError::Socket)?);
 
     // 1. It starts.
     match tokio::time::timeout(START_TIMEOUT, channel.recv()).await {
         Ok(Ok(Some((Handover::Start { version, .. }, _)))) if version == PROTOCOL_VERSION => {}
         Ok(Ok(Some((Handover::Start { version, .. }, _)))) => {
             kill(pid);
-            return Err(format!("the new binary speaks handover version {version}, this one {PROTOCOL_VERSION}"));
+            return Err(UpgradeError::Version { theirs: version });
         }
-        Ok(Ok(Some((Handover::Failed { reason }, _)))) => return Err(format!("the new process failed: {reason}")),
-        Ok(Ok(None)) | Ok(Err(_)) => return Err(exited(status_rx).await),
+        Ok(Ok(Some((Handover::Failed { reason }, _)))) => return Err(UpgradeError::Failed(reason)),
+        Ok(Ok(None)) | Ok(Err(_)) => return Err(exited(pid, status_rx).await),
         Ok(Ok(Some((other, _)))) => {
             kill(pid);
-            return Err(format!("the new process sent {} instead of Start", other.kind()));
+            return Err(UpgradeError::Unexpected { pid, kind: other.kind(), expected: "Start" });
         }
         Err(_) => {
             kill(pid);
-            return Err(format!("the new process did not start within {}s", START_TIMEOUT.as_secs()));
+            return Err(UpgradeError::StartTimeout { pid });
         }
     }
 
-    // 2. Freeze and hand over the state.
-    let frozen = cp.freeze().await;
+    // 2. Freeze and hand over the state; from here on every wait ends by the deadline.
+    let within = settings.upgrade_timeout;
+    let deadline = tokio::time::Instant::now() + within;
+    let frozen = control.freeze(within).await;
     let (out, rx) = mpsc::unbounded_channel();
-    let sender = tokio_uring::spawn(send_all(channel.clone(), rx));
-    let mut failure = cp.export(&frozen, &out).err();
+    let committed = Rc::new(Cell::new(false));
+    let sender = tokio_uring::spawn(send_all(channel.clone(), rx, committed.clone()));
+    let mut failure = control.export(&frozen, &out).err().map(UpgradeError::from);
 
     // 3. It serves, or the upgrade is undone.
     if failure.is_none() {
-        failure = match tokio::time::timeout(READY_TIMEOUT, channel.recv()).await {
+        failure = match tokio::time::timeout_at(deadline, channel.recv()).await {
             Ok(Ok(Some((Handover::Ready, _)))) => None,
-            Ok(Ok(Some((Handover::Failed { reason }, _)))) => Some(format!("the new process failed: {reason}")),
-            Ok(Ok(None)) | Ok(Err(_)) => Some(exited(status_rx).await),
-            Ok(Ok(Some((other, _)))) => Some(format!("the new process sent {} instead of Ready", other.kind())),
-            Err(_) => Some(format!("the new process was not ready within {}s", READY_TIMEOUT.as_secs())),
+            Ok(Ok(Some((Handover::Failed { reason }, _)))) => Some(UpgradeError::Failed(reason)),
+            Ok(Ok(None)) | Ok(Err(_)) => Some(exited(pid, status_rx).await),
+            Ok(Ok(Some((other, _)))) => Some(UpgradeError::Unexpected { pid, kind: other.kind(), expected: "Ready" }),
+            Err(_) => Some(UpgradeError::ReadyTimeout { pid, secs: within.as_secs() }),
         };
     }
     if let Some(reason) = failure {
         kill(pid);
         sender.abort();
-        cp.thaw(frozen);
-        tracing::error!("upgrade failed, this process keeps serving: {reason}");
+        control.thaw(frozen);
         return Err(reason);
     }
 
     // 4. Committed: the new process serves.
-    cp.commit(frozen, out.clone());
-    crate::systemd::notify(&[&format!("MAINPID={pid}"), "STATUS=handed over to the new process; draining"]);
+    committed.set(true);
+    control.commit(frozen, out.clone());
+    systemd::notify(&[&format!("MAINPID={pid}"), "STATUS=handed over to the new process; draining"]);
     tracing::info!(pid, "the new process serves; moving relays and draining");
-    tokio_uring::spawn(finish(cp.clone(), out, sender));
+    tokio_uring::spawn(finish(control.clone(), out, sender));
     Ok(pid)
 }
 
-/// Writes the handover messages in order.
-async fn send_all(channel: Rc<Channel>, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
+/// Writes the handover messages in order. If the new process stops taking
+/// them after the commit, what they carried is this process's to settle: a
+/// connection to deliver gets its answer here (it is not dropped unanswered);
+/// a relay is closed, and said so. (Before the commit nothing is answered:
+/// this process still holds the originals and thaws.)
+async fn send_all(channel: Rc<Channel>, mut rx: mpsc::UnboundedReceiver<Outgoing>, committed: Rc<Cell<bool>>) {
+    let mut broken: Option<String> = None;
     while let Some((msg, fds)) = rx.recv().await {
-        if let Err(e) = channel.send(&msg, fds).await {
-            tracing::warn!("handover: cannot send {}: {e}", msg.kind());
-            return;
+        if broken.is_none() {
+            match tokio::time::timeout(SEND_STALL, channel.send(&msg, &fds)).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => broken = Some(e.to_string()),
+                Err(_) => broken = Some(format!("the new process took no message for {}s", SEND_STALL.as_secs())),
+            }
+            tracing::warn!("handover: cannot send {}: {}", msg.kind(), broken.as_deref().unwrap_or_default());
         }
+        if !committed.get() {
+            continue;
+        }
+        undeliverable(msg, fds, broken.as_deref().unwrap_or_default());
+    }
+}
+
+/// A connection or relay that could not reach the new process after the commit.
+fn undeliverable(msg: Handover, fds: Vec<OwnedFd>, why: &str) {
+    match msg {
+        Handover::Deliver { id, meta, .. } => {
+            let Some(fd) = fds.into_iter().next() else { return };
+            tracing::warn!(conn = id, peer = %meta.peer, "cannot hand a connection to the new process ({why}); answering it here");
+            let reply = match meta.proto {
+                portmux_wire::Proto::Http => {
+                    Reply::unavailable("portmux is being replaced and cannot serve this request now; retry")
+                }
+                _ => Reply::Close,
+            };
+            tokio_uring::spawn(reply::send(fd, reply));
+        }
+        Handover::Relay { meta, .. } => {
+            tracing::warn!(client = %meta.peer, "cannot hand a relay to the new process ({why}); it is closed");
+        }
+        _ => {}
     }
 }
 
 /// After the commit: pause the relays (they move to the new process), wait for
 /// the last connection tasks (bounded by `--drain`), say Done, exit.
-async fn finish(cp: Rc<ControlPlane>, out: mpsc::UnboundedSender<Outgoing>, sender: tokio::task::JoinHandle<()>) {
-    let shared = cp.shared().clone();
+async fn finish(control: Rc<Control>, out: mpsc::UnboundedSender<Outgoing>, sender: tokio::task::JoinHandle<()>) {
+    let shared = control.shared().clone();
     shared.pause_relays.send_replace(true);
     crate::forward::pause_all();
-    let deadline = tokio::time::Instant::now() + shared.settings.drain;
-    loop {
-        let idle = shared.idle.notified();
+    if !shared.tasks_done(shared.settings.drain).await {
         let left = shared.in_flight.load(std::sync::atomic::Ordering::Relaxed);
-        if left == 0 {
-            break;
-        }
-        tokio::select! {
-            () = idle => {}
-            () = tokio::time::sleep_until(deadline) => {
-                tracing::warn!(left, "connections still busy at the end of the drain period are closed");
-                break;
-            }
-        }
+        tracing::warn!(left, "connections still busy at the end of the drain period are closed");
     }
     // Everything the workers sent before this marker has been handed over.
     let (marker, handled) = oneshot::channel();
@@ -217,7 +295,72 @@ async fn finish(cp: Rc<ControlPlane>, out: mpsc::UnboundedSender<Outgoing>, send
     }
     let _ = out.send((Handover::Done, Vec::new()));
     drop(out);
-    cp.drop_handover();
-    let _ = sender.await;
-    cp.request_exit(Exit::Upgraded);
+    control.drop_handover();
+    if tokio::time::timeout(SEND_STALL * 2, sender).await.is_err() {
+        tracing::warn!("the new process stopped taking the last handover messages");
+    }
+    control.request_exit(Exit::Upgraded);
+}
+
+/// In the new process: tells the previous one this one started, and takes
+/// its state. On a failure the previous process is told why (it thaws and
+/// keeps serving).
+pub async fn import(control: &Rc<Control>, fd: OwnedFd) -> Result<Rc<Channel>, UpgradeError> {
+    let channel = Rc::new(Channel::new(fd).map_err(UpgradeError::Channel)?);
+    let start = Handover::Start { version: PROTOCOL_VERSION, pid: std::process::id() };
+    channel.send(&start, &[]).await.map_err(UpgradeError::Channel)?;
+    let mut importer = control.begin_import();
+    let result = loop {
+        let (msg, fds) = match channel.recv().await {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                break Err(UpgradeError::Failed(
+                    "the previous portmux closed the handover before sending its state".into(),
+                ));
+            }
+            Err(e) => break Err(UpgradeError::Channel(e)),
+        };
+        match control.import(&mut importer, msg, fds) {
+            Ok(true) => break Ok(()),
+            Ok(false) => {}
+            Err(e) => break Err(UpgradeError::Handover(e)),
+        }
+    };
+    if let Err(e) = result {
+        let _ = channel.send(&Handover::Failed { reason: e.to_string() }, &[]).await;
+        return Err(e);
+    }
+    control.end_import(importer);
+    Ok(channel)
+}
+
+/// In the new process, once serving: tells the previous process, then takes
+/// what it still hands over (late connections, paused relays) until it is done.
+pub fn finish_import(control: &Rc<Control>, channel: Rc<Channel>) {
+    let control = control.clone();
+    tokio_uring::spawn(async move {
+        if let Err(e) = channel.send(&Handover::Ready, &[]).await {
+            tracing::warn!("could not tell the previous portmux that this one is ready: {e}");
+        }
+        let mut relays = 0usize;
+        loop {
+            match channel.recv().await {
+                Ok(Some((Handover::Done, _))) | Ok(None) => break,
+                Ok(Some((msg, fds))) => {
+                    let kind = msg.kind();
+                    if kind == "Relay" {
+                        relays += 1;
+                    }
+                    if !control.take_late(msg, fds) {
+                        tracing::warn!("handover: unexpected {kind} after ready");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("handover: {e}");
+                    break;
+                }
+            }
+        }
+        tracing::info!(relays, "the previous portmux handed over everything");
+    });
 }

@@ -27,11 +27,11 @@ fn a_restarted_service_answers_the_requests_that_arrived_while_it_was_down() {
         let mut old = Service::hello(&pm, &spec, "old", &["--name", "web"]);
         assert_eq!(get(port, "x", "/w").unwrap().body, "old");
         stop(&mut old);
-        let before = pm.count(QUEUED);
+        pm.wait_reserved(&spec);
         let waiting: Vec<_> = (0..5)
             .map(|i| thread::spawn(move || get(port, "x", &format!("/w/{i}")).map_err(|e| e.to_string())))
             .collect();
-        assert!(pm.wait_count(QUEUED, before + 5, Duration::from_secs(10)), "{how}: requests were not queued");
+        pm.wait_queued(&spec, 5);
         let _new = Service::hello(&pm, &spec, "new", &["--name", "web"]);
         for w in waiting {
             let r = w.join().unwrap().unwrap_or_else(|e| panic!("{how}: a queued request failed: {e}"));
@@ -88,11 +88,7 @@ fn a_service_that_does_not_return_gets_its_clients_a_503_or_a_clean_close() {
     // The released route can be claimed by anyone; an unused listener closes after the linger.
     let _other = Service::hello(&pm, &format!("http://:{http_port}"), "other", &["--name", "other"]);
     assert_eq!(get(http_port, "x", "/").unwrap().body, "other");
-    assert!(
-        pm.wait_log(&format!("closed listener: no routes for 1s addr=127.0.0.1:{tls_port}"), Duration::from_secs(10)),
-        "{}",
-        pm.log()
-    );
+    pm.wait_for("the unused TLS listener closing", |pm| !pm.listens_on(tls_port));
     // The socket closes once every worker's accept loop has let go of it.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -114,18 +110,24 @@ fn queues_are_bounded_and_a_client_that_hangs_up_frees_its_place() {
         c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         c
     };
+    pm.wait_reserved(&spec);
     let first = request(client(port));
+    pm.wait_queued(&spec, 1);
     let second = thread::spawn(move || read_response(&mut request(client(port))).unwrap());
-    assert!(pm.wait_count(QUEUED, 2, Duration::from_secs(10)));
+    pm.wait_queued(&spec, 2);
     // The queue is full: the third is refused at once, with the reason.
     let r = read_response(&mut request(client(port))).unwrap();
     assert_eq!(r.status, 503);
     assert!(r.body.contains("is full (2 connections)"), "{}", r.body);
-    // The first client gives up: its place goes to the next one.
+    // The first client gives up (closes: a FIN, which looks like a half-close
+    // until someone writes to it): its place goes to the next one.
     drop(first);
-    assert!(pm.wait_log("queued client hung up", Duration::from_secs(10)), "{}", pm.log());
+    pm.wait_for("the first client's FIN seen", |pm| half_closed(pm.route(&spec).as_ref()) == Some(1));
     let fourth = thread::spawn(move || read_response(&mut request(client(port))).unwrap());
-    assert!(pm.wait_count(QUEUED, 3, Duration::from_secs(10)));
+    pm.wait_for("the fourth client taking the first one's place", |pm| {
+        let r = pm.route(&spec);
+        queued(r.as_ref()) == Some(2) && half_closed(r.as_ref()) == Some(0)
+    });
     let _new = Service::hello(&pm, &spec, "new", &["--name", "q"]);
     for t in [second, fourth] {
         let r = t.join().unwrap();
@@ -175,7 +177,10 @@ fn a_draining_instance_gets_no_new_connections() {
     let old = portmux_client::Builder::new().route(&spec).name("blue").control(pm.control()).bind().unwrap();
     let _new = Service::hello(&pm, &spec, "new", &["--name", "blue"]);
     old.drain().unwrap();
-    assert!(pm.wait_log("draining: no new connections", Duration::from_secs(10)));
+    pm.wait_for("the old instance draining", |pm| match pm.route(&spec).map(|r| r.target) {
+        Some(portmux::admin::TargetView::Service { instances, .. }) => instances.iter().any(|i| i.draining),
+        _ => false,
+    });
     for _ in 0..10 {
         // Had one reached the drained instance, nobody would answer it.
         assert_eq!(get(port, "x", "/").unwrap().body, "new");
@@ -208,7 +213,8 @@ fn services_keep_their_connections_and_register_again_when_portmux_restarts() {
     // portmux is out of the data path: the handed-over connection carries on.
     assert_eq!(kept.get("x", "/again").unwrap().body, "still here");
     let pm2 = Portmux::start_at(&control, &[], None).unwrap();
-    assert!(pm2.wait_count("registered", 2, Duration::from_secs(10)), "both services re-registered: {}", pm2.log());
+    pm2.wait_instances(&format!("http://:{port}"), 1);
+    pm2.wait_instances(&format!("http://:{port}/blocking"), 1);
     assert_eq!(get(port, "x", "/").unwrap().body, "still here");
     assert_eq!(kept.get("x", "/third").unwrap().body, "still here");
     assert_eq!(get(port, "x", "/blocking/2").unwrap().body, "blocking");
@@ -267,13 +273,13 @@ fn queued_connections_are_delivered_in_arrival_order() {
     let port = free_port();
     let spec = format!("http://:{port}");
     drop(RawSession::register(pm.control(), "ordered", &[&spec]));
-    assert!(pm.wait_log("route reserved", Duration::from_secs(5)));
+    pm.wait_reserved(&spec);
     let mut clients = Vec::new();
     for i in 0..8 {
         let mut c = client(port);
         write!(c, "GET /{i} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         clients.push(c);
-        assert!(pm.wait_count(QUEUED, i + 1, Duration::from_secs(5)), "request {i} was not queued");
+        pm.wait_queued(&spec, i + 1);
     }
     let listener = portmux_client::Builder::new().route(&spec).name("ordered").control(pm.control()).bind().unwrap();
     for i in 0..8 {
@@ -346,6 +352,6 @@ fn an_event_loop_on_the_poll_fd_accepts_and_reconnects_after_portmux_restarts() 
     });
     answer(next().expect("the loop reconnected and got the next connection"));
     assert_eq!(client.join().unwrap(), "/loop/2");
-    assert!(pm2.wait_count("registered", 1, Duration::from_secs(1)), "{}", pm2.log());
+    assert_eq!(instances(pm2.route(&format!("http://:{port}/loop")).as_ref()), Some(1), "registered again");
     assert_eq!(listener.poll_fd().unwrap().as_raw_fd(), fd.as_raw_fd(), "the poll fd stays the same");
 }

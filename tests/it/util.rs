@@ -2,6 +2,7 @@
 //! `hello` example), temporary directories, free ports, and small HTTP, TLS
 //! and raw control-protocol clients.
 
+use portmux::admin::TargetView;
 use portmux_sys::scm::Wait;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -286,16 +287,61 @@ impl Portmux {
         self.log().matches(what).count()
     }
 
-    /// Waits until the log contains `what` at least `n` times.
-    pub fn wait_count(&self, what: &str, n: usize, within: Duration) -> bool {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if self.count(what) >= n {
-                return true;
-            }
+    /// Every route, from the admin API.
+    pub fn routes(&self) -> Vec<portmux::admin::RouteView> {
+        let (status, body) = admin(self.admin(), "GET", "/routes", None);
+        assert_eq!(status, 200, "GET /routes: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        serde_json::from_value(v["routes"].clone()).unwrap()
+    }
+
+    /// The route shown as `route` (its canonical spec), if portmux has it.
+    pub fn route(&self, route: &str) -> Option<portmux::admin::RouteView> {
+        self.routes().into_iter().find(|r| r.route == route)
+    }
+
+    /// The process as the admin API shows it.
+    pub fn status(&self) -> portmux::admin::StatusView {
+        let (status, body) = admin(self.admin(), "GET", "/status", None);
+        assert_eq!(status, 200, "GET /status: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Waits (at most 10 s) until `ready` holds for this portmux, as its admin
+    /// API shows it; panics saying `what` did not happen, with the log.
+    pub fn wait_for(&self, what: &str, ready: impl Fn(&Portmux) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ready(self) {
+            assert!(Instant::now() < deadline, "{what} did not happen within 10 s:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(10));
         }
-        false
+    }
+
+    /// Waits until `route`'s queue holds `n` connections.
+    pub fn wait_queued(&self, route: &str, n: usize) {
+        self.wait_for(&format!("{n} connections queued on {route}"), |pm| queued(pm.route(route).as_ref()) == Some(n));
+    }
+
+    /// Waits until `route` has `n` instances registered.
+    pub fn wait_instances(&self, route: &str, n: usize) {
+        self.wait_for(&format!("{n} instances on {route}"), |pm| instances(pm.route(route).as_ref()) == Some(n));
+    }
+
+    /// Waits until `route` is reserved (its service left; connections queue).
+    pub fn wait_reserved(&self, route: &str) {
+        self.wait_for(&format!("{route} reserved"), |pm| {
+            matches!(pm.route(route).map(|r| r.target), Some(TargetView::Service { reserved_for_s: Some(_), .. }))
+        });
+    }
+
+    /// Waits until portmux no longer has `route`.
+    pub fn wait_gone(&self, route: &str) {
+        self.wait_for(&format!("{route} released"), |pm| pm.route(route).is_none());
+    }
+
+    /// Whether portmux listens on `port` (as its status says).
+    pub fn listens_on(&self, port: u16) -> bool {
+        self.status().listeners.iter().any(|l| l.addr.ends_with(&format!(":{port}")))
     }
 
     /// From now on, `pid` is the process serving (after a SIGUSR2 upgrade).
@@ -340,6 +386,30 @@ impl Drop for Portmux {
     }
 }
 
+/// How many connections a service's route has queued.
+pub fn queued(route: Option<&portmux::admin::RouteView>) -> Option<usize> {
+    match route.map(|r| &r.target) {
+        Some(TargetView::Service { queued, .. }) => Some(*queued),
+        _ => None,
+    }
+}
+
+/// How many of a service's queued clients shut down their sending side.
+pub fn half_closed(route: Option<&portmux::admin::RouteView>) -> Option<usize> {
+    match route.map(|r| &r.target) {
+        Some(TargetView::Service { half_closed, .. }) => Some(*half_closed),
+        _ => None,
+    }
+}
+
+/// How many instances a service's route has.
+pub fn instances(route: Option<&portmux::admin::RouteView>) -> Option<usize> {
+    match route.map(|r| &r.target) {
+        Some(TargetView::Service { instances, .. }) => Some(instances.len()),
+        _ => None,
+    }
+}
+
 /// A service process: the client crate's `hello` example.
 pub struct Service {
     child: Child,
@@ -378,6 +448,10 @@ impl Service {
 
     pub fn stderr(&self) -> String {
         self.out.stderr.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGKILL (a crash), reaped.
@@ -741,6 +815,11 @@ pub fn greeted(port: u16) -> (TcpStream, String) {
         line.push(b[0]);
     }
     (s, String::from_utf8_lossy(&line).into_owned())
+}
+
+/// The number of threads of process `pid`.
+pub fn thread_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count()).unwrap_or(0)
 }
 
 /// The number of open fds of process `pid`.

@@ -149,6 +149,9 @@ pub enum Handover {
     Done,
     /// The route-state file kept in systemd's fd store (+ its fd).
     StateFile,
+    /// A public listening socket that systemd passed by socket activation (+
+    /// its fd): it stays open when no route uses it.
+    PinnedListener { id: u64, addr: SocketAddr },
 }
 
 impl Handover {
@@ -169,6 +172,7 @@ impl Handover {
             Handover::Failed { .. } => "Failed",
             Handover::Done => "Done",
             Handover::StateFile => "StateFile",
+            Handover::PinnedListener { .. } => "PinnedListener",
         }
     }
 }

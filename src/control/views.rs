@@ -1,0 +1,182 @@
+//! What the admin API and `portmux route list` show: routes with their owners
+//! or backends, queues and health, and the state of the whole process, built
+//! from the core's state (and the sessions' live counts).
+
+use super::core::{Core, Mode, RouteTarget};
+use crate::handoff::Session;
+use crate::ids::SessionId;
+use crate::route::RouteKey;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A route as the API shows it.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct RouteView {
+    pub route: String,
+    pub listen: String,
+    #[serde(flatten)]
+    pub target: TargetView,
+}
+
+/// Where a route's connections go.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TargetView {
+    /// Handed to a service's instances.
+    Service {
+        service: String,
+        instances: Vec<InstanceView>,
+        /// Connections waiting for an instance.
+        queued: usize,
+        /// Of those, clients that shut down their sending side (they keep
+        /// their place, and are the first to give it up when the queue is full).
+        #[serde(default)]
+        half_closed: usize,
+        /// Seconds until the route is released, while no instance holds it.
+        reserved_for_s: Option<u64>,
+    },
+    /// Forwarded to backend addresses.
+    Backends { policy: String, proxy: Option<String>, backends: Vec<BackendView> },
+}
+
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct InstanceView {
+    pub pid: i32,
+    pub uid: u32,
+    pub draining: bool,
+    /// Connections sent and not yet acknowledged.
+    pub unacked: usize,
+    /// Hand-overs waiting for room in the session's socket.
+    #[serde(default)]
+    pub sending: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct BackendView {
+    pub addr: String,
+    pub weight: u32,
+    /// False while passive health skips it after a failed connect.
+    pub healthy: bool,
+    pub active: usize,
+    pub connections: u64,
+    pub failures: u64,
+    pub endpoints: Vec<String>,
+}
+
+/// A listening socket as the API shows it.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct ListenerView {
+    pub addr: String,
+    /// Passed by socket activation: systemd owns it, it never closes.
+    pub pinned: bool,
+    pub routes: usize,
+}
+
+/// The process as the API shows it.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct StatusView {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_s: u64,
+    /// serving, upgrading (frozen for a handover), handed_over, stopping.
+    pub state: String,
+    pub control: Option<String>,
+    pub listeners: Vec<ListenerView>,
+    pub sessions: usize,
+    pub routes: usize,
+    pub queued: usize,
+}
+
+/// The view of the route at `key`.
+pub fn route(
+    core: &Core,
+    sessions: &BTreeMap<SessionId, Arc<Session>>,
+    key: &RouteKey,
+    now: Instant,
+) -> Option<RouteView> {
+    let r = core.routes().get(key)?;
+    let target = match &r.target {
+        RouteTarget::Backends(pool) => TargetView::Backends {
+            policy: pool.policy.as_str().into(),
+            proxy: pool.proxy.map(|v| v.as_str().into()),
+            backends: pool
+                .backends
+                .iter()
+                .map(|b| BackendView {
+                    addr: b.spec.name.clone(),
+                    weight: b.spec.weight,
+                    healthy: !b.is_down(),
+                    active: b.active(),
+                    connections: b.connections(),
+                    failures: b.failures(),
+                    endpoints: b.endpoints.iter().map(ToString::to_string).collect(),
+                })
+                .collect(),
+        },
+        RouteTarget::Service(s) => TargetView::Service {
+            service: s.service.clone(),
+            instances: s
+                .sessions
+                .iter()
+                .filter_map(|id| Some((core.sessions().get(id)?, sessions.get(id))))
+                .map(|(state, live)| InstanceView {
+                    pid: state.pid,
+                    uid: state.uid,
+                    draining: state.draining,
+                    unacked: live.map_or(0, |s| s.unacked_len()),
+                    sending: live.map_or(0, |s| s.sending()),
+                })
+                .collect(),
+            queued: s.queue.len(),
+            half_closed: s.queue.iter().filter(|id| core.conn(**id).is_some_and(|h| h.half_closed)).count(),
+            reserved_for_s: s.reserved_until.map(|t| t.saturating_duration_since(now).as_secs()),
+        },
+    };
+    Some(RouteView { route: r.display.to_string(), listen: key.0.to_string(), target })
+}
+
+/// Every route, in key order.
+pub fn routes(core: &Core, sessions: &BTreeMap<SessionId, Arc<Session>>, now: Instant) -> Vec<RouteView> {
+    core.routes().keys().filter_map(|k| route(core, sessions, k, now)).collect()
+}
+
+/// The whole process.
+pub fn status(core: &Core, control: Option<String>, uptime_s: u64) -> StatusView {
+    let state = match core.mode() {
+        Mode::Serving => "serving",
+        Mode::Frozen => "upgrading",
+        Mode::HandedOver => "handed_over",
+        Mode::Stopped => "stopping",
+    };
+    let listeners = core
+        .listeners()
+        .values()
+        .filter(|l| l.bound)
+        .map(|l| ListenerView {
+            addr: l.addr.to_string(),
+            pinned: l.pinned,
+            routes: core.routes().keys().filter(|k| k.0 == l.addr).count(),
+        })
+        .collect();
+    let queued = core
+        .routes()
+        .values()
+        .map(|r| match &r.target {
+            RouteTarget::Service(s) => s.queue.len(),
+            RouteTarget::Backends(_) => 0,
+        })
+        .sum();
+    StatusView {
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+        uptime_s,
+        state: state.into(),
+        control,
+        listeners,
+        sessions: core.sessions().len(),
+        routes: core.routes().len(),
+        queued,
+    }
+}
