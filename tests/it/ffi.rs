@@ -136,9 +136,11 @@ fn the_c_example_serves_the_walkthrough() {
     // A restart within the linger period: requests that arrive meanwhile wait
     // and are answered by the new instance.
     assert!(a.terminate().is_some_and(|s| s.success()), "hello.c stops cleanly on SIGTERM: {}", a.stderr());
+    let route = format!("http://:{port}/a");
+    pm.wait_reserved(&route);
     let waiting: Vec<_> =
         (0..3).map(|i| thread::spawn(move || get(port, "x", &format!("/a/w{i}")).map_err(|e| e.to_string()))).collect();
-    assert!(pm.wait_count("queued", 3, Duration::from_secs(10)), "requests were queued: {}", pm.log());
+    pm.wait_queued(&route, 3);
     let _a2 = start_c(&hello, &pm, &format!("http://:{port}/a?name=c-a"), "From A again", false);
     for w in waiting {
         let r = w.join().unwrap().expect("a queued request failed");
@@ -152,6 +154,7 @@ fn the_c_example_runs_clean_under_valgrind() {
     let pm = Portmux::start(&[]);
     let port = free_port();
     let mut svc = start_c(&hello, &pm, &format!("http://:{port}/v?name=valgrind"), "checked", true);
+    let threads = thread_count(svc.pid());
     for i in 0..5 {
         assert_eq!(get(port, "x", &format!("/v/{i}")).unwrap().body, "checked");
     }
@@ -160,7 +163,12 @@ fn the_c_example_runs_clean_under_valgrind() {
         assert_eq!(conn.get("x", "/v/ka").unwrap().body, "checked");
     }
     drop(conn);
-    thread::sleep(Duration::from_millis(300)); // the connection threads finish
+    // The connection threads finish: the service is back to its threads before them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while thread_count(svc.pid()) > threads {
+        assert!(std::time::Instant::now() < deadline, "hello.c's connection threads did not finish");
+        thread::sleep(Duration::from_millis(10));
+    }
     let status = svc.terminate();
     assert!(
         status.is_some_and(|s| s.success()),
@@ -283,7 +291,7 @@ fn the_python_example_serves_through_ctypes_and_survives_a_portmux_restart() {
     assert_eq!(conn.get("x", "/py/3").unwrap().body, "From Python");
     thread::sleep(Duration::from_millis(300)); // a few failed reconnection attempts
     let pm2 = Portmux::start_at(&control, &[], None).unwrap();
-    assert!(pm2.wait_count("registered", 1, Duration::from_secs(10)), "hello.py re-registered: {}", pm2.log());
+    pm2.wait_instances(&format!("http://:{port}/py"), 1);
     assert_eq!(get(port, "x", "/py/after").unwrap().body, "From Python");
     let status = svc.terminate();
     assert!(status.is_some_and(|s| s.success()), "{}: {}", exit_text(status), svc.stderr());

@@ -139,10 +139,10 @@ fn a_reserved_route_is_refused_to_others_until_it_is_released() {
     let port = free_port();
     let spec = format!("http://:{port}");
     drop(RawSession::register(pm.control(), "alpha", &[&spec]));
-    assert!(pm.wait_log("route reserved for 1s", std::time::Duration::from_secs(5)));
+    pm.wait_reserved(&spec);
     let refusal = Service::try_hello(pm.control(), &spec, "beta", &["--name", "beta"]).err().unwrap();
     assert!(refusal.contains("reserved for service 'alpha'"), "{refusal}");
-    assert!(pm.wait_log("route released", std::time::Duration::from_secs(5)));
+    pm.wait_gone(&spec);
     let _beta = Service::hello(&pm, &spec, "beta", &["--name", "beta"]);
     assert_eq!(get(port, "x", "/").unwrap().body, "beta");
 }

@@ -181,80 +181,166 @@ fn after_a_crash_systemd_restarts_portmux_and_no_queued_connection_is_lost() {
     assert!(manager.saw("RESTARTED"));
 }
 
+/// portmux started by two nested `systemd-socket-activate`s, as two socket
+/// units would: the control socket (SEQPACKET) and one public port, each
+/// activated on its first connection and passed through, and a service
+/// (`hello`) whose registration activated them. Stopped (by PID) when dropped.
+struct Activated {
+    activator: Child,
+    log: Arc<Mutex<String>>,
+    control: std::path::PathBuf,
+    port: u16,
+    svc: Option<Service>,
+    /// The admin API of the serving portmux, as its ready line says.
+    pm_admin: std::net::SocketAddr,
+    _dir: TempDir,
+}
+
+impl Activated {
+    fn start() -> Activated {
+        let dir = TempDir::new();
+        let control = dir.path().join("control.sock");
+        let port = free_port();
+        let control_arg = control.to_str().unwrap();
+        let listen = format!("127.0.0.1:{port}");
+        let mut cmd = Command::new("systemd-socket-activate");
+        cmd.args(["--seqpacket", "-l", control_arg, "--fdname=control", "systemd-socket-activate", "-l", &listen])
+            .args(["--fdname=web", env!("CARGO_BIN_EXE_portmux"), "run", "--bind", "127.0.0.1", "--linger", "1s"])
+            .args(["--control", control_arg, "--admin", "127.0.0.1:0"])
+            .env("RUST_LOG", "info,portmux=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut activator = cmd.spawn().expect("systemd-socket-activate is installed (package systemd)");
+        let log = Arc::new(Mutex::new(String::new()));
+        let streams: [std::fs::File; 2] = [
+            std::os::fd::OwnedFd::from(activator.stdout.take().unwrap()).into(),
+            std::os::fd::OwnedFd::from(activator.stderr.take().unwrap()).into(),
+        ];
+        for stream in streams {
+            let sink = log.clone();
+            thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    sink.lock().unwrap().push_str(&(line + "\n"));
+                }
+            });
+        }
+        let wait_log = |what: &str| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !log.lock().unwrap().contains(what) {
+                assert!(Instant::now() < deadline, "no {what:?} in {}", log.lock().unwrap());
+                thread::sleep(Duration::from_millis(10));
+            }
+        };
+        wait_log("Listening on");
+        // The service's connection activates the control socket; a first client,
+        // the public port; then portmux starts with both.
+        let svc = thread::spawn({
+            let control = control.clone();
+            move || Service::try_hello(&control, &format!("http://:{port}"), "activated", &[])
+        });
+        wait_log("Communication attempt");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the public port listens");
+            thread::sleep(Duration::from_millis(20));
+        }
+        wait_log("ready:");
+        let svc = svc.join().unwrap().unwrap_or_else(|e| panic!("{e}\n{}", log.lock().unwrap()));
+        let pm_admin = log
+            .lock()
+            .unwrap()
+            .split("admin API http://")
+            .nth(1)
+            .and_then(|r| r.split(';').next())
+            .and_then(|a| a.parse().ok())
+            .expect("the ready line names the admin API");
+        Activated { activator, log, control, port, svc: Some(svc), pm_admin, _dir: dir }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// The listeners of the serving portmux: (port, pinned).
+    fn listeners(&self) -> Vec<(u16, bool)> {
+        let (_, body) = admin(self.pm_admin, "GET", "/status", None);
+        let status: portmux::admin::StatusView = serde_json::from_str(&body).unwrap();
+        status.listeners.iter().map(|l| (l.addr.rsplit(':').next().unwrap().parse().unwrap(), l.pinned)).collect()
+    }
+
+    /// The activated service leaves, and so does one on another port that
+    /// portmux opened on demand (a witness). Once the witness's listener has
+    /// closed (a linger period after its route was released), the activated
+    /// port's would have too, were it not systemd's: it must still listen.
+    fn check_the_activated_listener_outlives_its_routes(&mut self) {
+        let witness_port = free_port();
+        let mut witness =
+            Service::try_hello(&self.control, &format!("http://:{witness_port}"), "witness", &[]).unwrap();
+        assert!(self.listeners().contains(&(witness_port, false)), "{:?}", self.listeners());
+        if let Some(mut svc) = self.svc.take() {
+            svc.kill();
+        }
+        witness.kill();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.listeners().iter().any(|(p, _)| *p == witness_port) {
+            assert!(Instant::now() < deadline, "the witness's listener closes after the linger period\n{}", self.log());
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert!(self.listeners().contains(&(self.port, true)), "{:?}\n{}", self.listeners(), self.log());
+        assert_eq!(get(self.port, "x", "/").unwrap().status, 404, "still listening, with no route");
+    }
+}
+
+impl Activated {
+    /// SIGTERM to the activator (which passes it on), and waits for the exit.
+    fn stop(&mut self) {
+        if let Ok(None) = self.activator.try_wait()
+            && let Some(pid) = rustix::process::Pid::from_raw(self.activator.id() as i32)
+        {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let _ = self.activator.wait();
+    }
+}
+
+impl Drop for Activated {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 #[test]
 fn socket_activation_passes_the_control_socket_and_the_public_ports() {
-    let dir = TempDir::new();
-    let control = dir.path().join("control.sock");
-    let port = free_port();
-    let control_arg = control.to_str().unwrap();
-    let listen = format!("127.0.0.1:{port}");
-    // Two socket units' worth: the control socket (SEQPACKET) and a public port,
-    // each activated on its first connection and passed through.
-    let mut cmd = Command::new("systemd-socket-activate");
-    cmd.args(["--seqpacket", "-l", control_arg, "--fdname=control", "systemd-socket-activate", "-l", &listen])
-        .args(["--fdname=web", env!("CARGO_BIN_EXE_portmux"), "run", "--bind", "127.0.0.1", "--linger", "1s"])
-        .args(["--control", control_arg, "--admin", "off"])
-        .env("RUST_LOG", "info,portmux=debug")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut activator = cmd.spawn().expect("systemd-socket-activate is installed (package systemd)");
-    let log = Arc::new(Mutex::new(String::new()));
-    let streams: [std::fs::File; 2] = [
-        std::os::fd::OwnedFd::from(activator.stdout.take().unwrap()).into(),
-        std::os::fd::OwnedFd::from(activator.stderr.take().unwrap()).into(),
-    ];
-    for stream in streams {
-        let sink = log.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
-    }
-    let wait_log = |what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !log.lock().unwrap().contains(what) {
-            assert!(Instant::now() < deadline, "no {what:?} in {}", log.lock().unwrap());
-            thread::sleep(Duration::from_millis(10));
-        }
-    };
-    wait_log("Listening on");
-    // The service's connection activates the control socket; a first client,
-    // the public port; then portmux starts with both.
-    let svc = thread::spawn({
-        let control = control.clone();
-        move || Service::try_hello(&control, &format!("http://:{port}"), "activated", &[])
-    });
-    wait_log("Communication attempt");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "the public port listens");
-        thread::sleep(Duration::from_millis(20));
-    }
-    wait_log("ready:");
-    let mut svc = svc.join().unwrap().unwrap_or_else(|e| panic!("{e}\n{}", log.lock().unwrap()));
-    assert_eq!(get(port, "x", "/").unwrap().body, "activated");
-    let text = log.lock().unwrap().clone();
+    let mut activated = Activated::start();
+    assert_eq!(get(activated.port, "x", "/").unwrap().body, "activated");
+    let text = activated.log();
     // (The inner activator names every fd it passes "web"; portmux tells them apart by type.)
     assert!(text.contains("adopted the control socket from systemd"), "{text}");
     assert!(
         text.contains(&format!(
-            "adopted a listening socket from systemd addr=127.0.0.1:{port} name=\"web\" pinned=true"
+            "adopted a listening socket from systemd addr=127.0.0.1:{} name=\"web\" pinned=true",
+            activated.port
         )),
         "{text}"
     );
     // The route goes; a socket-activated listener is systemd's: it stays open.
-    svc.kill();
-    wait_log("route released");
-    thread::sleep(Duration::from_millis(1500));
-    assert!(!log.lock().unwrap().contains(&format!("closed listener: no routes for 1s addr=127.0.0.1:{port}")));
-    assert_eq!(get(port, "x", "/").unwrap().status, 404, "still listening, with no route");
-    if let Some(pid) = rustix::process::Pid::from_raw(activator.id() as i32) {
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-    }
-    let _ = activator.wait();
-    assert!(control.exists(), "a socket unit's control socket is not portmux's to remove");
+    activated.check_the_activated_listener_outlives_its_routes();
+    activated.stop();
+    assert!(activated.control.exists(), "a socket unit's control socket is not portmux's to remove");
+}
+
+#[test]
+fn socket_activated_listeners_stay_pinned_across_an_upgrade() {
+    let mut activated = Activated::start();
+    let out = Command::new(env!("CARGO_BIN_EXE_portmux"))
+        .args(["upgrade", "--control", activated.control.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "upgrade: {}\n{}", String::from_utf8_lossy(&out.stderr), activated.log());
+    assert_eq!(get(activated.port, "x", "/").unwrap().body, "activated", "the new process serves the route");
+    assert!(activated.listeners().contains(&(activated.port, true)), "{:?}", activated.listeners());
+    activated.check_the_activated_listener_outlives_its_routes();
 }
 
 #[test]

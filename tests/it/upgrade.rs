@@ -280,11 +280,11 @@ fn sigusr2_upgrades_too() {
     let _svc = Service::hello(&pm, &format!("http://:{port}"), "served", &[]);
     let first = pm.pid();
     pm.signal(rustix::process::Signal::USR2);
-    assert!(pm.wait_log("upgrade done: the new process serves", Duration::from_secs(15)), "{}", pm.log());
-    let log = pm.log();
-    let line = log.lines().find(|l| l.contains("upgrade done")).unwrap();
-    let pid: u32 = line.rsplit("pid=").next().and_then(|p| p.trim().parse().ok()).unwrap();
+    // The admin API moves with everything else: the process answering it is the new one.
+    pm.wait_for("the new process serving", |pm| pm.status().pid != first);
+    let pid = pm.status().pid;
     pm.follow(pid);
+    assert!(pm.log().contains(&format!("upgrade done: the new process serves pid={pid}")), "{}", pm.log());
     let deadline = Instant::now() + Duration::from_secs(10);
     while alive(first) {
         assert!(Instant::now() < deadline, "the old process exits");
