@@ -535,7 +535,8 @@ impl Control {
     /// The process, for the admin API.
     pub fn status(&self) -> StatusView {
         let control = self.shared.settings.control.as_ref().map(|p| p.display().to_string());
-        views::status(&self.core.borrow(), control, self.started.elapsed().as_secs())
+        let connections = self.shared.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+        views::status(&self.core.borrow(), control, self.started.elapsed().as_secs(), connections)
     }
 
     pub(super) fn mode(&self) -> Mode {

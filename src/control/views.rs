@@ -48,9 +48,10 @@ pub struct InstanceView {
     pub draining: bool,
     /// Connections sent and not yet acknowledged.
     pub unacked: usize,
-    /// Hand-overs waiting for room in the session's socket.
+    /// Hand-overs waiting for room in the session's socket (the service is
+    /// not reading its control messages).
     #[serde(default)]
-    pub sending: usize,
+    pub waiting_for_room: usize,
 }
 
 #[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
@@ -87,6 +88,9 @@ pub struct StatusView {
     pub sessions: usize,
     pub routes: usize,
     pub queued: usize,
+    /// Connections this process is working on: being peeked at, relayed, answered.
+    #[serde(default)]
+    pub connections: usize,
 }
 
 /// The view of the route at `key`.
@@ -126,7 +130,7 @@ pub fn route(
                     uid: state.uid,
                     draining: state.draining,
                     unacked: live.map_or(0, |s| s.unacked_len()),
-                    sending: live.map_or(0, |s| s.sending()),
+                    waiting_for_room: live.map_or(0, |s| s.waiting_for_room()),
                 })
                 .collect(),
             queued: s.queue.len(),
@@ -143,7 +147,7 @@ pub fn routes(core: &Core, sessions: &BTreeMap<SessionId, Arc<Session>>, now: In
 }
 
 /// The whole process.
-pub fn status(core: &Core, control: Option<String>, uptime_s: u64) -> StatusView {
+pub fn status(core: &Core, control: Option<String>, uptime_s: u64, connections: usize) -> StatusView {
     let state = match core.mode() {
         Mode::Serving => "serving",
         Mode::Frozen => "upgrading",
@@ -178,5 +182,6 @@ pub fn status(core: &Core, control: Option<String>, uptime_s: u64) -> StatusView
         sessions: core.sessions().len(),
         routes: core.routes().len(),
         queued,
+        connections,
     }
 }

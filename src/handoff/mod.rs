@@ -89,6 +89,8 @@ struct Unacked {
     conns: HashMap<ConnId, (Conn, bool)>,
     /// Hand-overs in progress (each holds one not-yet-sent entry).
     sending: usize,
+    /// Of those, the ones waiting for room in the socket.
+    waiting: usize,
 }
 
 impl Session {
@@ -131,9 +133,9 @@ impl Session {
         self.unacked().conns.len()
     }
 
-    /// Number of hand-overs in progress (waiting for room in the socket).
-    pub fn sending(&self) -> usize {
-        self.unacked().sending
+    /// Number of hand-overs waiting for room in the session's socket.
+    pub fn waiting_for_room(&self) -> usize {
+        self.unacked().waiting
     }
 
     /// Sends `conn` to the service; waits up to `patience` while its socket is
@@ -185,7 +187,10 @@ impl Session {
                             () = stopped => {}
                         }
                     };
-                    match uring::race(sock, uring::poll(sock, libc::POLLOUT as u32), give_up).await {
+                    self.unacked().waiting += 1;
+                    let waited = uring::race(sock, uring::poll(sock, libc::POLLOUT as u32), give_up).await;
+                    self.unacked().waiting -= 1;
+                    match waited {
                         uring::Raced::Done(Ok(_)) => {}
                         // Another task of this worker cancelled its own wait on this socket.
                         uring::Raced::Done(Err(e)) if e.raw_os_error() == Some(libc::ECANCELED) => {}

@@ -16,7 +16,7 @@ pub use channel::Channel;
 
 use crate::control::{Control, Exit, HandoverError, Outgoing};
 use crate::reply::{self, Reply};
-use crate::shared::ToControl;
+use crate::shared::{Shared, TaskGuard, ToControl};
 use crate::systemd;
 use portmux_sys::{net, scm};
 use portmux_wire::{Handover, PROTOCOL_VERSION};
@@ -26,6 +26,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
@@ -205,7 +206,7 @@ async fn run(control: &Rc<Control>, binary: Option<PathBuf>) -> Result<u32, Upgr
     let frozen = control.freeze(within).await;
     let (out, rx) = mpsc::unbounded_channel();
     let committed = Rc::new(Cell::new(false));
-    let sender = tokio_uring::spawn(send_all(channel.clone(), rx, committed.clone()));
+    let sender = tokio_uring::spawn(send_all(channel.clone(), rx, committed.clone(), control.shared().clone()));
     let mut failure = control.export(&frozen, &out).err().map(UpgradeError::from);
 
     // 3. It serves, or the upgrade is undone.
@@ -239,7 +240,12 @@ async fn run(control: &Rc<Control>, binary: Option<PathBuf>) -> Result<u32, Upgr
 /// connection to deliver gets its answer here (it is not dropped unanswered);
 /// a relay is closed, and said so. (Before the commit nothing is answered:
 /// this process still holds the originals and thaws.)
-async fn send_all(channel: Rc<Channel>, mut rx: mpsc::UnboundedReceiver<Outgoing>, committed: Rc<Cell<bool>>) {
+async fn send_all(
+    channel: Rc<Channel>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    committed: Rc<Cell<bool>>,
+    shared: Arc<Shared>,
+) {
     let mut broken: Option<String> = None;
     while let Some((msg, fds)) = rx.recv().await {
         if broken.is_none() {
@@ -253,12 +259,12 @@ async fn send_all(channel: Rc<Channel>, mut rx: mpsc::UnboundedReceiver<Outgoing
         if !committed.get() {
             continue;
         }
-        undeliverable(msg, fds, broken.as_deref().unwrap_or_default());
+        undeliverable(&shared, msg, fds, broken.as_deref().unwrap_or_default());
     }
 }
 
 /// A connection or relay that could not reach the new process after the commit.
-fn undeliverable(msg: Handover, fds: Vec<OwnedFd>, why: &str) {
+fn undeliverable(shared: &Arc<Shared>, msg: Handover, fds: Vec<OwnedFd>, why: &str) {
     match msg {
         Handover::Deliver { id, meta, .. } => {
             let Some(fd) = fds.into_iter().next() else { return };
@@ -269,7 +275,12 @@ fn undeliverable(msg: Handover, fds: Vec<OwnedFd>, why: &str) {
                 }
                 _ => Reply::Close,
             };
-            tokio_uring::spawn(reply::send(fd, reply));
+            // Counted, so this process waits for the answer before it exits.
+            let guard = TaskGuard::new(shared);
+            tokio_uring::spawn(async move {
+                reply::send(fd, reply).await;
+                drop(guard);
+            });
         }
         Handover::Relay { meta, .. } => {
             tracing::warn!(client = %meta.peer, "cannot hand a relay to the new process ({why}); it is closed");
@@ -299,6 +310,8 @@ async fn finish(control: Rc<Control>, out: mpsc::UnboundedSender<Outgoing>, send
     if tokio::time::timeout(SEND_STALL * 2, sender).await.is_err() {
         tracing::warn!("the new process stopped taking the last handover messages");
     }
+    // Answers to what could not be handed over go out before this process exits.
+    shared.tasks_done(Duration::from_secs(3)).await;
     control.request_exit(Exit::Upgraded);
 }
 

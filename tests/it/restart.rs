@@ -136,6 +136,26 @@ fn queues_are_bounded_and_a_client_that_hangs_up_frees_its_place() {
 }
 
 #[test]
+fn a_queued_client_that_half_closed_after_its_request_keeps_its_place() {
+    let pm = Portmux::start(&[]);
+    let port = free_port();
+    let spec = format!("http://:{port}");
+    Service::hello(&pm, &spec, "old", &["--name", "hc"]).kill();
+    pm.wait_reserved(&spec);
+    // The whole request, then shutdown(SHUT_WR), as HTTP/1.0-style clients and `nc -N` do.
+    let mut c = client(port);
+    c.write_all(b"GET /hc HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    pm.wait_for("the half-close seen", |pm| {
+        let r = pm.route(&spec);
+        queued(r.as_ref()) == Some(1) && half_closed(r.as_ref()) == Some(1)
+    });
+    let _new = Service::hello(&pm, &spec, "new", &["--name", "hc"]);
+    let r = read_response(&mut c).unwrap_or_else(|e| panic!("{e}\n{}", pm.log()));
+    assert_eq!((r.status, r.body.as_str()), (200, "new"));
+}
+
+#[test]
 fn connections_a_dying_session_had_not_acked_go_to_another_instance() {
     let pm = Portmux::start(&[]);
     let port = free_port();

@@ -293,3 +293,147 @@ fn sigusr2_upgrades_too() {
     assert!(alive(pid));
     assert_eq!(get(port, "x", "/").unwrap().body, "served");
 }
+
+/// A stand-in "new binary" (python) that says Start, as a portmux would,
+/// and then either stops answering (`stall`: it holds the handover socket and
+/// reads nothing) or closes the handover and lingers (`close`).
+fn fake_new_binary(dir: &std::path::Path, mode: &str) -> std::path::PathBuf {
+    let start =
+        portmux_wire::encode(&portmux_wire::Handover::Start { version: portmux_wire::PROTOCOL_VERSION, pid: 1 })
+            .unwrap();
+    let hex: String = start.iter().map(|b| format!("{b:02x}")).collect();
+    let script = dir.join(format!("{mode}.py"));
+    let after = match mode {
+        "stall" => "time.sleep(120)",
+        _ => "s.close()\ntime.sleep(120)",
+    };
+    std::fs::write(
+        &script,
+        format!(
+            "#!/usr/bin/env python3\nimport os, socket, time\n\
+             s = socket.socket(fileno=int(os.environ['PORTMUX_UPGRADE_FD']))\n\
+             s.send(bytes.fromhex('{hex}'))\n{after}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    script
+}
+
+#[test]
+fn a_new_process_that_stops_answering_after_the_freeze_is_killed_and_the_old_one_thaws() {
+    let dir = TempDir::new();
+    let mut pm = Portmux::start(&["--upgrade-timeout", "2s"]);
+    let port = free_port();
+    let _svc = Service::hello(&pm, &format!("http://:{port}"), "served", &[]);
+    let first = pm.pid();
+    for (mode, why) in [
+        ("stall", "was not ready within 2s of the freeze; it was stopped"),
+        ("close", "closed the handover before it was ready; it was stopped"),
+    ] {
+        let script = fake_new_binary(dir.path(), mode);
+        // A client arriving meanwhile waits in the kernel and is served after the thaw.
+        let meanwhile = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(500));
+            get(port, "x", "/meanwhile").map(|r| r.body).map_err(|e| e.to_string())
+        });
+        let started = Instant::now();
+        let err = pm.upgrade(&["--binary", script.to_str().unwrap()]).unwrap_err();
+        let took = started.elapsed();
+        assert!(err.contains(why), "{mode}: {err}");
+        assert!(took < Duration::from_secs(8), "{mode}: the upgrade gave up after {took:?}");
+        assert_eq!(meanwhile.join().unwrap().as_deref(), Ok("served"), "{mode}: the client that came meanwhile");
+        assert_eq!(get(port, "x", "/").unwrap().body, "served", "{mode}: the old process serves on");
+        assert_eq!(pm.status().state, "serving");
+        assert_eq!(pm.pid(), first);
+        // The stand-in was killed, and reaped.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let children = std::fs::read_to_string(format!("/proc/{first}/task/{first}/children")).unwrap_or_default();
+            if children.trim().is_empty() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{mode}: the stand-in is still there: {children}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // And a later upgrade still works.
+    let new = pm.upgrade(&[]).unwrap_or_else(|e| panic!("{e}\n{}", pm.log()));
+    assert_ne!(new, first);
+    assert_eq!(get(port, "x", "/").unwrap().body, "served");
+}
+
+#[test]
+fn a_connection_being_handed_over_when_the_state_freezes_is_delivered_by_the_new_process() {
+    // A service that reads nothing: its session socket fills up, and the next
+    // hand-over waits for room (for up to 3 s) when the upgrade freezes everything.
+    let mut pm = Portmux::start(&["--handoff-patience", "3s"]);
+    let port = free_port();
+    let spec = format!("http://:{port}");
+    let raw = RawSession::register(pm.control(), "full", &[&spec]);
+    let sending = |pm: &Portmux| match pm.route(&spec).map(|r| r.target) {
+        Some(portmux::admin::TargetView::Service { instances, .. }) => {
+            instances.iter().map(|i| i.waiting_for_room).sum()
+        }
+        _ => 0,
+    };
+    let mut clients = Vec::new();
+    while sending(&pm) == 0 {
+        assert!(clients.len() < 5000, "the session's socket never filled up");
+        let mut c = client(port);
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        clients.push(c);
+        if clients.len() % 50 == 0 {
+            thread::sleep(Duration::from_millis(20)); // let the hand-overs catch up
+        }
+    }
+    let old = pm.pid();
+    pm.upgrade(&[]).unwrap_or_else(|e| panic!("{e}\n{}", pm.log()));
+    // The old process exits once its last connection task is done, so by then
+    // that hand-over has given up waiting (and its connection must not be lost).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while alive(old) {
+        assert!(Instant::now() < deadline, "the old process exits");
+        thread::sleep(Duration::from_millis(20));
+    }
+    // The service now reads: every client's connection reaches it, exactly once.
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < clients.len() {
+        match raw.recv() {
+            Some((portmux_wire::Message::Connection { id, .. }, Some(_fd))) => {
+                assert!(seen.insert(id), "connection {id} was delivered twice");
+                raw.send(&portmux_wire::Message::Ack { id });
+            }
+            other => panic!("after {} of {} connections: {other:?}\n{}", seen.len(), clients.len(), pm.log()),
+        }
+    }
+}
+
+#[test]
+fn a_connection_the_old_process_cannot_hand_on_is_answered_not_dropped() {
+    let mut pm = Portmux::start(&["--drain", "10s"]);
+    let port = free_port();
+    let _svc = Service::hello(&pm, &format!("http://:{port}"), "served", &[]);
+    let old = pm.pid();
+    // A slow client: accepted by the old process, its request not complete yet.
+    let mut slow = client(port);
+    slow.write_all(b"GET /late HTTP/1.1\r\n").unwrap();
+    pm.wait_for("the old process working on the slow client", |pm| pm.status().connections == 1);
+    let new = pm.upgrade(&[]).unwrap();
+    // The new process dies before the old one could give it this client.
+    rustix::process::kill_process(rustix::process::Pid::from_raw(new as i32).unwrap(), rustix::process::Signal::KILL)
+        .unwrap();
+    while alive(new) {
+        thread::sleep(Duration::from_millis(5));
+    }
+    slow.write_all(b"Host: x\r\n\r\n").unwrap();
+    let r = read_response(&mut slow).unwrap_or_else(|e| panic!("{e}\n{}", pm.log()));
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.body.contains("portmux is being replaced"), "{}", r.body);
+    assert!(pm.log().contains("cannot hand a connection to the new process"), "{}", pm.log());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while alive(old) {
+        assert!(Instant::now() < deadline, "the old process exits");
+        thread::sleep(Duration::from_millis(20));
+    }
+}

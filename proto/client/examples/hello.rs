@@ -213,7 +213,10 @@ async fn serve(stream: TcpStream, tls: Option<TlsAcceptor>, body: Bytes) {
             Ok::<_, Infallible>(Response::new(Full::new(body)))
         }
     });
-    let http = hyper::server::conn::http1::Builder::new();
+    // A client may shut down its sending side once its request is out and
+    // still wait for the answer (HTTP/1.0 style, `nc -N`): answer it.
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.half_close(true);
     let _ = match tls {
         Some(acceptor) => match acceptor.accept(stream).await {
             Ok(s) => http.serve_connection(TokioIo::new(s), service).await,
