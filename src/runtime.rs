@@ -18,8 +18,8 @@ use tokio::sync::mpsc;
 /// Why portmux could not start; each says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("{0}")]
-    IoUring(String),
+    #[error(transparent)]
+    IoUring(#[from] uring::Unavailable),
     #[error(
         "another portmux is already serving the control socket {0}; stop it first, or give this one another --control path"
     )]
@@ -40,8 +40,12 @@ pub enum StartError {
     Admin { addr: std::net::SocketAddr, source: io::Error },
     #[error("route {route}: {reason}")]
     Route { route: String, reason: String },
-    #[error("{0}")]
-    InitialRoute(String),
+    #[error("cannot create route {route}: {source}")]
+    InitialRoute {
+        route: String,
+        #[source]
+        source: crate::control::ControlError,
+    },
     #[error("the upgrade socket: {0}")]
     UpgradeSocket(#[source] io::Error),
     #[error("{0}")]
@@ -61,9 +65,9 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
 fn start(mut settings: Settings, handover: Option<OwnedFd>) -> Result<(), StartError> {
     if let Err(e) = uring::probe() {
         if let Some(fd) = handover {
-            crate::upgrade::report_failure(fd, &e);
+            crate::upgrade::report_failure(fd, &e.to_string());
         }
-        return Err(StartError::IoUring(e));
+        return Err(e.into());
     }
     match portmux_sys::raise_nofile_limit() {
         Ok((before, after)) if before != after => tracing::debug!("open-file limit raised from {before} to {after}"),
@@ -214,7 +218,7 @@ async fn run_control(
     if let Some(importer) = restoring {
         control.end_import(importer);
     }
-    control.start_routes(routes).map_err(StartError::InitialRoute)?;
+    control.start_routes(routes).map_err(|(route, source)| StartError::InitialRoute { route, source })?;
     let (upgrades, requests) = mpsc::unbounded_channel();
     control.set_upgrader(upgrades.clone());
     tokio_uring::spawn(crate::upgrade::serve_requests(control.clone(), requests));

@@ -551,11 +551,12 @@ impl Control {
         self.apply();
     }
 
-    /// Routes with backends to create at start (seamless mode).
-    pub fn start_routes(self: &Rc<Self>, routes: Vec<(RouteSpec, Resolved)>) -> Result<(), String> {
+    /// Routes with backends to create at start (seamless mode); the first
+    /// that cannot be, and why.
+    pub fn start_routes(self: &Rc<Self>, routes: Vec<(RouteSpec, Resolved)>) -> Result<(), (String, ControlError)> {
         for (spec, backends) in routes {
             let text = spec.key();
-            self.set_backends(spec, backends).map_err(|e| format!("cannot create route {text}: {e}"))?;
+            self.set_backends(spec, backends).map_err(|e| (text, e))?;
         }
         Ok(())
     }

@@ -84,36 +84,44 @@ pub async fn race<T>(fd: BorrowedFd<'_>, op: impl Future<Output = T>, stop: impl
     }
 }
 
+/// io_uring cannot be used here: why, and what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[error("io_uring is unavailable: {why}")]
+pub struct Unavailable {
+    /// The cause and the fix, in words.
+    pub why: String,
+    /// What `io_uring_setup` returned.
+    #[source]
+    pub source: io::Error,
+}
+
 /// Whether io_uring can be used here; on failure the error explains why and what to do.
-pub fn probe() -> Result<(), String> {
-    match io_uring_06::IoUring::new(4) {
-        Ok(_) => Ok(()),
-        Err(e) => {
-            let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").ok();
-            let why = match (e.raw_os_error(), disabled.as_deref().map(str::trim)) {
-                (_, Some("2")) => "the sysctl kernel.io_uring_disabled is 2 (io_uring is off for everyone); \
-                                   set it to 0, e.g. `sysctl -w kernel.io_uring_disabled=0`"
-                    .to_string(),
-                (_, Some("1")) => {
-                    "the sysctl kernel.io_uring_disabled is 1 (only members of kernel.io_uring_group may \
-                                   use it); run portmux in that group or set the sysctl to 0"
-                        .to_string()
-                }
-                (Some(libc::EPERM), _) => "io_uring_setup was denied (EPERM), usually by a seccomp profile (Docker's \
-                                           default blocks io_uring); allow io_uring_setup, io_uring_enter and \
-                                           io_uring_register in the container's seccomp profile"
-                    .to_string(),
-                (Some(libc::ENOSYS), _) => "this kernel has no io_uring (ENOSYS); portmux needs Linux 5.19 or newer \
-                                            built with CONFIG_IO_URING"
-                    .to_string(),
-                (Some(libc::ENOMEM), _) => "io_uring_setup ran out of locked memory (ENOMEM); raise RLIMIT_MEMLOCK \
-                                            (LimitMEMLOCK= in the unit)"
-                    .to_string(),
-                _ => format!("io_uring_setup failed: {e}"),
-            };
-            Err(format!("io_uring is unavailable: {why}"))
-        }
-    }
+pub fn probe() -> Result<(), Unavailable> {
+    let e = match io_uring_06::IoUring::new(4) {
+        Ok(_) => return Ok(()),
+        Err(e) => e,
+    };
+    let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").ok();
+    let why = match (e.raw_os_error(), disabled.as_deref().map(str::trim)) {
+        (_, Some("2")) => "the sysctl kernel.io_uring_disabled is 2 (io_uring is off for everyone); set it to 0, e.g. \
+                           `sysctl -w kernel.io_uring_disabled=0`"
+            .to_string(),
+        (_, Some("1")) => "the sysctl kernel.io_uring_disabled is 1 (only members of kernel.io_uring_group may use \
+                           it); run portmux in that group or set the sysctl to 0"
+            .to_string(),
+        (Some(libc::EPERM), _) => "io_uring_setup was denied (EPERM), usually by a seccomp profile (Docker's default \
+                                   blocks io_uring); allow io_uring_setup, io_uring_enter and io_uring_register in \
+                                   the container's seccomp profile"
+            .to_string(),
+        (Some(libc::ENOSYS), _) => "this kernel has no io_uring (ENOSYS); portmux needs Linux 5.19 or newer built \
+                                    with CONFIG_IO_URING"
+            .to_string(),
+        (Some(libc::ENOMEM), _) => "io_uring_setup ran out of locked memory (ENOMEM); raise RLIMIT_MEMLOCK \
+                                    (LimitMEMLOCK= in the unit)"
+            .to_string(),
+        _ => format!("io_uring_setup failed: {e}"),
+    };
+    Err(Unavailable { why, source: e })
 }
 
 #[cfg(test)]
