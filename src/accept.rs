@@ -4,7 +4,7 @@
 
 use crate::classify;
 use crate::forward;
-use crate::handoff::{Conn, ConnDesc};
+use crate::handoff::{Conn, ConnDesc, Refusal};
 use crate::ids::ListenerId;
 use crate::reply;
 use crate::route::{Listener, Route, Target};
@@ -221,6 +221,14 @@ async fn deliver(mut conn: Conn, route: &Route, shared: &Shared) {
         for session in pool.order() {
             match session.hand_over(conn, shared.settings.handoff_patience).await {
                 Ok(()) => return,
+                Err(Refusal::Unsendable(c)) => {
+                    let answer = match c.desc.meta.proto {
+                        Proto::Http => reply::Reply::too_large(),
+                        Proto::Tls => reply::Reply::tls_alert(reply::ALERT_DECODE_ERROR),
+                        Proto::Tcp => reply::Reply::Close,
+                    };
+                    return reply::send(c.fd, answer).await;
+                }
                 Err(refusal) => conn = refusal.into_conn(),
             }
         }

@@ -112,25 +112,29 @@ fn start(mut settings: Settings, handover: Option<OwnedFd>) -> Result<(), StartE
         }
         (None, None) => None,
     };
-    sockets.admin = match settings.admin {
-        Some(addr) if !upgraded => match std::net::TcpListener::bind(addr) {
-            Ok(l) => Some(l),
-            Err(source) => {
-                if let (Some(path), true) = (&settings.control, sockets.control_owned) {
-                    let _ = std::fs::remove_file(path);
-                }
-                return Err(StartError::Admin { addr, source });
-            }
-        },
-        _ => None,
-    };
     // The socket file as it is now: removed on a clean stop only if it is still
     // this one (an upgraded process or another portmux may have replaced it).
     let identity =
         settings.control.as_ref().and_then(|p| std::fs::symlink_metadata(p).ok()).map(|m| (m.dev(), m.ino()));
     let control_path = settings.control.clone();
+    let owned_at_start = sockets.control_owned;
+    // A start that fails leaves no socket file (nor its fd-store entry) behind.
+    let undo = |e: StartError| {
+        if let (true, Some(path), Some(identity)) = (owned_at_start, &control_path, identity) {
+            remove_if_ours(path, identity);
+            systemd::unstore(systemd::STORED_CONTROL_NAME);
+        }
+        e
+    };
+    sockets.admin = match settings.admin {
+        Some(addr) if !upgraded => match std::net::TcpListener::bind(addr) {
+            Ok(l) => Some(l),
+            Err(source) => return Err(undo(StartError::Admin { addr, source })),
+        },
+        _ => None,
+    };
     let begin = Begin { sockets, routes, handover, systemd };
-    let (exit, owned) = serve(settings, begin)?;
+    let (exit, owned) = serve(settings, begin).map_err(undo)?;
     // After an upgrade the socket file belongs to the new process.
     if let (Exit::Stopped, true, Some(path), Some(identity)) = (exit, owned, &control_path, identity) {
         remove_if_ours(path, identity);
@@ -155,19 +159,28 @@ fn serve(settings: Settings, begin: Begin) -> Result<(Exit, bool), StartError> {
     let control_rt = tokio_uring::Runtime::new(&uring_builder()).map_err(StartError::Runtime)?;
     let mut threads = Vec::new();
     for i in 0..workers {
-        let shared = shared.clone();
+        let worker_shared = shared.clone();
         let inbox = inboxes.remove(0);
-        let t = std::thread::Builder::new()
-            .name(format!("portmux-worker-{i}"))
-            .spawn(move || match tokio_uring::Runtime::new(&uring_builder()) {
-                Ok(rt) => rt.block_on(crate::accept::worker(shared, i, inbox)),
+        let spawned = std::thread::Builder::new().name(format!("portmux-worker-{i}")).spawn(move || {
+            match tokio_uring::Runtime::new(&uring_builder()) {
+                Ok(rt) => rt.block_on(crate::accept::worker(worker_shared, i, inbox)),
                 Err(e) => {
                     tracing::error!("worker {i}: cannot start its io_uring runtime: {e}");
-                    shared.workers_running.send_modify(|n| *n -= 1);
+                    worker_shared.workers_running.send_modify(|n| *n -= 1);
                 }
-            })
-            .map_err(StartError::Thread)?;
-        threads.push(t);
+            }
+        });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                // The workers already started stop again.
+                shared.stopping.send_replace(true);
+                for t in threads {
+                    let _ = t.join();
+                }
+                return Err(StartError::Thread(e));
+            }
+        }
     }
     let result = control_rt.block_on(async {
         let control = Control::new(shared.clone(), begin.sockets);
@@ -219,6 +232,11 @@ async fn run_control(
         control.end_import(importer);
     }
     control.start_routes(routes).map_err(|(route, source)| StartError::InitialRoute { route, source })?;
+    let upgraded = previous.is_some();
+    if let Some((channel, importer)) = previous {
+        // Serving starts only once the previous process committed.
+        crate::upgrade::serve_imported(control, channel, importer).await?;
+    }
     let (upgrades, requests) = mpsc::unbounded_channel();
     control.set_upgrader(upgrades.clone());
     tokio_uring::spawn(crate::upgrade::serve_requests(control.clone(), requests));
@@ -226,10 +244,6 @@ async fn run_control(
         tokio_uring::spawn(crate::admin::serve(control.clone(), listener));
     }
     tokio_uring::spawn(signals(control.clone(), upgrades));
-    let upgraded = previous.is_some();
-    if let Some(channel) = previous {
-        crate::upgrade::finish_import(control, channel);
-    }
     println!("{}", control.ready_line());
     let mut ready = vec!["READY=1".to_string(), "STATUS=serving".to_string()];
     if upgraded {

@@ -86,8 +86,8 @@ pub struct Control {
     /// An ack arrived (waited for while stopping).
     pub(super) acked: Notify,
     pub(super) lifecycle: watch::Sender<Lifecycle>,
-    /// Session readers running, and a wake-up when none is.
-    pub(super) readers: Cell<usize>,
+    /// Sessions whose reader runs, and a wake-up when none does.
+    pub(super) readers: RefCell<std::collections::BTreeSet<SessionId>>,
     pub(super) readers_idle: Notify,
     /// Deliveries (hand-overs from the queues) in progress.
     deliveries: Cell<usize>,
@@ -95,20 +95,22 @@ pub struct Control {
     /// After a committed upgrade: where connections and relays go.
     pub(super) handover: RefCell<Option<mpsc::UnboundedSender<Outgoing>>>,
     upgrading: Cell<bool>,
+    /// Stopping during an upgrade: it is undone first.
+    abort_upgrade: Notify,
     upgrades: RefCell<Option<mpsc::UnboundedSender<UpgradeRequest>>>,
     exit: watch::Sender<Option<Exit>>,
     started: Instant,
 }
 
-/// Counts a running session reader.
+/// Marks a session's reader as running.
 #[derive(Debug)]
-pub(super) struct ReaderGuard(Rc<Control>);
+pub(super) struct ReaderGuard(Rc<Control>, SessionId);
 
 impl Drop for ReaderGuard {
     fn drop(&mut self) {
-        let n = self.0.readers.get() - 1;
-        self.0.readers.set(n);
-        if n == 0 {
+        let mut readers = self.0.readers.borrow_mut();
+        readers.remove(&self.1);
+        if readers.is_empty() {
             self.0.readers_idle.notify_waiters();
         }
     }
@@ -132,12 +134,13 @@ impl Control {
             timer: Notify::new(),
             acked: Notify::new(),
             lifecycle: watch::Sender::new(Lifecycle::Serving),
-            readers: Cell::new(0),
+            readers: RefCell::default(),
             readers_idle: Notify::new(),
             deliveries: Cell::new(0),
             deliveries_idle: Notify::new(),
             handover: RefCell::new(None),
             upgrading: Cell::new(false),
+            abort_upgrade: Notify::new(),
             upgrades: RefCell::new(None),
             exit: watch::Sender::new(None),
             started: Instant::now(),
@@ -195,9 +198,29 @@ impl Control {
         self.upgrading.set(false);
     }
 
-    pub(super) fn reader_started(self: &Rc<Self>) -> ReaderGuard {
-        self.readers.set(self.readers.get() + 1);
-        ReaderGuard(self.clone())
+    /// Resolves when portmux, stopping, wants the upgrade in progress undone.
+    pub async fn upgrade_aborted(&self) {
+        self.abort_upgrade.notified().await;
+    }
+
+    /// Whether portmux is stopping.
+    pub fn is_stopping(&self) -> bool {
+        *self.lifecycle.borrow() == Lifecycle::Stopping || *self.exit.borrow() == Some(Exit::Stopped)
+    }
+
+    pub(super) fn reader_started(self: &Rc<Self>, session: SessionId) -> ReaderGuard {
+        self.readers.borrow_mut().insert(session);
+        ReaderGuard(self.clone(), session)
+    }
+
+    /// Starts the reader of every session that has none running.
+    pub(super) fn start_readers(self: &Rc<Self>) {
+        let sessions: Vec<Arc<Session>> = self.sessions.borrow().values().cloned().collect();
+        for session in sessions {
+            if !self.readers.borrow().contains(&session.id) {
+                tokio_uring::spawn(super::session::run(self.clone(), session));
+            }
+        }
     }
 
     /// Carries out the core's effects, then publishes and persists once.
@@ -251,7 +274,7 @@ impl Control {
                     self.answer(fd, reply);
                 }
             }
-            Effect::HandOn { desc } => self.hand_on(desc),
+            Effect::HandOn { desc, listener } => self.hand_on(desc, listener),
             Effect::Forget { conn } => drop(self.parking.take(conn)),
         }
     }
@@ -319,8 +342,10 @@ impl Control {
         };
         let conn = Conn { fd, desc };
         let Some(target) = self.sessions.borrow().get(&session).cloned() else {
-            self.parking.hold(id, conn.fd);
-            self.core.borrow_mut().undelivered(Instant::now(), id, attempt, Undelivered::Closed);
+            // The driver has no such session: to the core it is gone.
+            if self.core.borrow_mut().undelivered(Instant::now(), id, attempt, Undelivered::Dead) {
+                self.parking.hold(id, conn.fd);
+            }
             return;
         };
         self.deliveries.set(self.deliveries.get() + 1);
@@ -336,10 +361,12 @@ impl Control {
                         Refusal::Dead(_) => Undelivered::Dead,
                         Refusal::Busy(_) => Undelivered::Busy,
                         Refusal::Closed(_) => Undelivered::Closed,
+                        Refusal::Unsendable(_) => Undelivered::Unsendable,
                     };
-                    me.parking.hold(id, refusal.into_conn().fd);
-                    if !me.core.borrow_mut().undelivered(now, id, attempt, why) {
-                        drop(me.parking.take(id));
+                    // Held before the effects that follow (a watch, another
+                    // delivery, an answer) are carried out by `apply`.
+                    if me.core.borrow_mut().undelivered(now, id, attempt, why) {
+                        me.parking.hold(id, refusal.into_conn().fd);
                     }
                 }
             }
@@ -392,7 +419,7 @@ impl Control {
 
     /// Gives a connection to the process that replaced this one; if that is
     /// not possible, says so and answers it here rather than dropping it.
-    fn hand_on(&self, desc: ConnDesc) {
+    fn hand_on(&self, desc: ConnDesc, listener: std::net::SocketAddr) {
         let id = desc.id;
         let Some(fd) = self.parking.take(id) else { return };
         let out = self.handover.borrow().clone();
@@ -415,7 +442,7 @@ impl Control {
             },
         };
         tracing::debug!(conn = %id, peer = %desc.meta.peer, "handing over a connection to deliver");
-        let msg = super::handover::deliver_message(&desc, desc.meta.local);
+        let msg = super::handover::deliver_message(&desc, listener);
         if let Err(mpsc::error::SendError((_, mut fds))) = out.send((msg, vec![owned]))
             && let Some(fd) = fds.pop()
         {
@@ -587,10 +614,23 @@ impl Control {
             .and_then(|fd| fd.try_clone().ok())
             .map(|fd| tokio_uring::spawn(super::session::accept_sessions(self.clone(), fd)));
         let mut exit = self.exit.subscribe();
-        let exit = match exit.wait_for(Option::is_some).await {
+        let mut exit = match exit.wait_for(Option::is_some).await {
             Ok(e) => e.unwrap_or(Exit::Stopped),
             Err(_) => Exit::Stopped,
         };
+        if exit == Exit::Stopped && self.mode() == Mode::Frozen {
+            // Stopping in the middle of an upgrade: the new process holds
+            // copies of everything; undo the upgrade first (or let its commit
+            // finish), so that no connection ends up with two owners.
+            tracing::info!("stopping: undoing the upgrade in progress first");
+            self.abort_upgrade.notify_one();
+            let mut lifecycle = self.lifecycle.subscribe();
+            let within = self.shared.settings.upgrade_timeout + Duration::from_secs(5);
+            let _ = tokio::time::timeout(within, lifecycle.wait_for(|l| *l != Lifecycle::Frozen)).await;
+            if self.mode() == Mode::HandedOver {
+                exit = Exit::Upgraded;
+            }
+        }
         timer.abort();
         if let Some(a) = acceptor {
             a.abort();

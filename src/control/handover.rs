@@ -6,7 +6,6 @@
 use super::core::{Outcome, SessionState};
 use super::driver::{Control, Lifecycle};
 use super::error::HandoverError;
-use super::session;
 use crate::forward::backend::BackendSpec;
 use crate::forward::{Paused, Resume, relay};
 use crate::handoff::{Conn, ConnDesc, Session};
@@ -90,8 +89,9 @@ impl Control {
         if !wait_until(deadline, || shared.accepting.load(Ordering::Relaxed) == 0, &shared.accepts_over).await {
             tracing::warn!("accept loops did not stop before the upgrade's deadline");
         }
-        if !wait_until(deadline, || self.readers.get() == 0, &self.readers_idle).await {
-            tracing::warn!(readers = self.readers.get(), "session readers did not stop before the upgrade's deadline");
+        if !wait_until(deadline, || self.readers.borrow().is_empty(), &self.readers_idle).await {
+            let left = self.readers.borrow().len();
+            tracing::warn!(readers = left, "session readers did not stop before the upgrade's deadline");
         }
         let sessions: Vec<Arc<Session>> = self.sessions.borrow().values().cloned().collect();
         for s in &sessions {
@@ -201,21 +201,24 @@ impl Control {
         let mut sockets = self.sockets.borrow_mut();
         sockets.control.take();
         sockets.admin.take();
+        // The control socket's file is the new process's now.
+        sockets.control_owned = false;
         self.lifecycle.send_replace(Lifecycle::HandedOver);
     }
 
     /// The upgrade failed: everything is this process's again, as before.
     pub fn thaw(self: &Rc<Self>, frozen: Frozen) {
+        let mut orphans = Vec::new();
         for (session, conns) in frozen.unacked {
-            session.thaw(conns);
+            orphans.extend(session.thaw(conns));
         }
         self.core.borrow_mut().thaw(Instant::now());
         self.apply();
         self.shared.handing_over.send_replace(false);
         self.lifecycle.send_replace(Lifecycle::Serving);
-        let sessions: Vec<Arc<Session>> = self.sessions.borrow().values().cloned().collect();
-        for session in sessions {
-            tokio_uring::spawn(session::run(self.clone(), session));
+        self.start_readers();
+        for conn in orphans {
+            self.arrived(conn);
         }
     }
 
@@ -317,10 +320,7 @@ impl Control {
     pub fn end_import(self: &Rc<Self>, importer: Importer) {
         self.core.borrow_mut().end_import(Instant::now());
         self.apply();
-        let sessions: Vec<Arc<Session>> = self.sessions.borrow().values().cloned().collect();
-        for session in sessions {
-            tokio_uring::spawn(session::run(self.clone(), session));
-        }
+        self.start_readers();
         for conn in importer.pending {
             self.arrived(conn);
         }

@@ -155,10 +155,20 @@ async fn serve(control: Rc<Control>, fd: OwnedFd, pid: i32, uid: u32) {
 pub(super) async fn run(control: Rc<Control>, session: Arc<Session>) {
     let sid = session.id;
     let pid = session.pid;
-    let _reader = control.reader_started();
-    let Ok(afd) = reactor::register(session.shared_socket(), Interest::READABLE | Interest::WRITABLE) else {
-        control.end_session(sid);
-        return;
+    let _reader = control.reader_started(sid);
+    let afd = match reactor::register(session.shared_socket(), Interest::READABLE | Interest::WRITABLE) {
+        Ok(afd) => afd,
+        Err(e) => {
+            // Unreadable: end it as after a protocol error, without waiting for a close.
+            tracing::warn!(session = %sid, service = %session.name, "cannot watch the session's socket: {e}; ending it");
+            session.fail();
+            control.end_session(sid);
+            let n = session.abandon();
+            if n > 0 {
+                tracing::warn!(session = %sid, "dropped portmux's copies of {n} unacked connections");
+            }
+            return;
+        }
     };
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut lifecycle = control.lifecycle();

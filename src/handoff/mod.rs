@@ -52,12 +52,15 @@ pub enum Refusal {
     /// The control plane closed the session to new connections (it ended, or
     /// an upgrade is moving it): deliver it elsewhere, or through the control plane.
     Closed(Conn),
+    /// Its connection message would exceed the protocol's size limit (a huge
+    /// ALPN list, say): no session can take it; answer it. The session is fine.
+    Unsendable(Conn),
 }
 
 impl Refusal {
     pub fn into_conn(self) -> Conn {
         match self {
-            Refusal::Dead(c) | Refusal::Busy(c) | Refusal::Closed(c) => c,
+            Refusal::Dead(c) | Refusal::Busy(c) | Refusal::Closed(c) | Refusal::Unsendable(c) => c,
         }
     }
 }
@@ -152,8 +155,8 @@ impl Session {
         let bytes = match encoded {
             Ok(b) => b,
             Err(e) => {
-                tracing::error!(conn = %conn.id(), "cannot encode a connection message: {e}");
-                return Err(Refusal::Dead(conn));
+                tracing::warn!(conn = %conn.id(), peer = %conn.desc.meta.peer, "cannot describe a connection to a service: {e}");
+                return Err(Refusal::Unsendable(conn));
             }
         };
         let (id, fd) = (conn.id(), conn.fd.clone());
@@ -289,11 +292,17 @@ impl Session {
         conns
     }
 
-    /// The upgrade failed: the session is this process's again, with its unacked.
-    pub fn thaw(&self, conns: Vec<Conn>) {
+    /// The upgrade failed: the session is this process's again, with its
+    /// unacked. If it ended meanwhile (its service closed it), they come back
+    /// instead, to be routed again.
+    pub fn thaw(&self, conns: Vec<Conn>) -> Vec<Conn> {
+        if !self.is_usable() {
+            return conns;
+        }
         let mut u = self.unacked();
         u.closed = false;
         u.conns.extend(conns.into_iter().map(|c| (c.id(), (c, true))));
+        Vec::new()
     }
 
     /// Takes over a connection the previous process had sent and not seen acked.

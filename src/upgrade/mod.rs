@@ -7,14 +7,16 @@
 //! unacked and queued connections) and waits for Ready. If the new process
 //! fails or stops answering before that (every wait is bounded by
 //! `--upgrade-timeout`), the old kills it, thaws and keeps serving. After
-//! Ready, the old pauses its relays at safe points and sends them, sends what
-//! its last connections turn into, says Done, and exits.
+//! Ready, the old commits and says Commit (only then does the new process
+//! serve: until Commit the old may still thaw), pauses its relays at safe
+//! points and sends them, sends what its last connections turn into, says
+//! Done, and exits.
 
 mod channel;
 
 pub use channel::Channel;
 
-use crate::control::{Control, Exit, HandoverError, Outgoing};
+use crate::control::{Control, Exit, HandoverError, Importer, Outgoing};
 use crate::reply::{self, Reply};
 use crate::shared::{Shared, TaskGuard, ToControl};
 use crate::systemd;
@@ -71,6 +73,10 @@ pub enum UpgradeError {
     Handover(#[from] HandoverError),
     #[error("handover socket: {0}")]
     Channel(#[source] io::Error),
+    #[error("portmux is stopping; the upgrade was undone")]
+    Aborted,
+    #[error("the previous portmux did not commit the upgrade within {secs}s")]
+    NoCommit { secs: u64 },
 }
 
 /// Which process an upgrade failure is to blame on.
@@ -89,7 +95,9 @@ impl UpgradeError {
             | UpgradeError::Socket(_)
             | UpgradeError::Spawn { .. }
             | UpgradeError::Handover(_)
-            | UpgradeError::Channel(_) => Side::ThisProcess,
+            | UpgradeError::Channel(_)
+            | UpgradeError::Aborted
+            | UpgradeError::NoCommit { .. } => Side::ThisProcess,
             _ => Side::NewProcess,
         }
     }
@@ -200,6 +208,11 @@ async fn run(control: &Rc<Control>, binary: Option<PathBuf>) -> Result<u32, Upgr
         }
     }
 
+    if control.is_stopping() {
+        kill(pid);
+        return Err(UpgradeError::Aborted);
+    }
+
     // 2. Freeze and hand over the state; from here on every wait ends by the deadline.
     let within = settings.upgrade_timeout;
     let deadline = tokio::time::Instant::now() + within;
@@ -211,12 +224,19 @@ async fn run(control: &Rc<Control>, binary: Option<PathBuf>) -> Result<u32, Upgr
 
     // 3. It serves, or the upgrade is undone.
     if failure.is_none() {
-        failure = match tokio::time::timeout_at(deadline, channel.recv()).await {
-            Ok(Ok(Some((Handover::Ready, _)))) => None,
-            Ok(Ok(Some((Handover::Failed { reason }, _)))) => Some(UpgradeError::Failed(reason)),
-            Ok(Ok(None)) | Ok(Err(_)) => Some(exited(pid, status_rx).await),
-            Ok(Ok(Some((other, _)))) => Some(UpgradeError::Unexpected { pid, kind: other.kind(), expected: "Ready" }),
-            Err(_) => Some(UpgradeError::ReadyTimeout { pid, secs: within.as_secs() }),
+        let ready = tokio::select! {
+            r = tokio::time::timeout_at(deadline, channel.recv()) => Some(r),
+            () = control.upgrade_aborted() => None,
+        };
+        failure = match ready {
+            Some(Ok(Ok(Some((Handover::Ready, _))))) => None,
+            Some(Ok(Ok(Some((Handover::Failed { reason }, _))))) => Some(UpgradeError::Failed(reason)),
+            Some(Ok(Ok(None)) | Ok(Err(_))) => Some(exited(pid, status_rx).await),
+            Some(Ok(Ok(Some((other, _))))) => {
+                Some(UpgradeError::Unexpected { pid, kind: other.kind(), expected: "Ready" })
+            }
+            Some(Err(_)) => Some(UpgradeError::ReadyTimeout { pid, secs: within.as_secs() }),
+            None => Some(UpgradeError::Aborted),
         };
     }
     if let Some(reason) = failure {
@@ -228,6 +248,7 @@ async fn run(control: &Rc<Control>, binary: Option<PathBuf>) -> Result<u32, Upgr
 
     // 4. Committed: the new process serves.
     committed.set(true);
+    let _ = out.send((Handover::Commit, Vec::new()));
     control.commit(frozen, out.clone());
     systemd::notify(&[&format!("MAINPID={pid}"), "STATUS=handed over to the new process; draining"]);
     tracing::info!(pid, "the new process serves; moving relays and draining");
@@ -316,9 +337,9 @@ async fn finish(control: Rc<Control>, out: mpsc::UnboundedSender<Outgoing>, send
 }
 
 /// In the new process: tells the previous one this one started, and takes
-/// its state. On a failure the previous process is told why (it thaws and
-/// keeps serving).
-pub async fn import(control: &Rc<Control>, fd: OwnedFd) -> Result<Rc<Channel>, UpgradeError> {
+/// its state (installed, not yet served). On a failure the previous process is
+/// told why (it thaws and keeps serving).
+pub async fn import(control: &Rc<Control>, fd: OwnedFd) -> Result<(Rc<Channel>, Importer), UpgradeError> {
     let channel = Rc::new(Channel::new(fd).map_err(UpgradeError::Channel)?);
     let start = Handover::Start { version: PROTOCOL_VERSION, pid: std::process::id() };
     channel.send(&start, &[]).await.map_err(UpgradeError::Channel)?;
@@ -343,23 +364,48 @@ pub async fn import(control: &Rc<Control>, fd: OwnedFd) -> Result<Rc<Channel>, U
         let _ = channel.send(&Handover::Failed { reason: e.to_string() }, &[]).await;
         return Err(e);
     }
-    control.end_import(importer);
-    Ok(channel)
+    Ok((channel, importer))
 }
 
-/// In the new process, once serving: tells the previous process, then takes
-/// what it still hands over (late connections, paused relays) until it is done.
-pub fn finish_import(control: &Rc<Control>, channel: Rc<Channel>) {
+/// In the new process, with the state installed: says Ready and waits for
+/// the previous process to commit, then serves the state and takes what the
+/// previous process still hands over (late connections, paused relays) until
+/// it is done. A previous process that goes away after sending its state (or
+/// one of a release without Commit, which sends late messages at once) counts
+/// as committed: this process holds everything it had.
+pub async fn serve_imported(
+    control: &Rc<Control>,
+    channel: Rc<Channel>,
+    importer: Importer,
+) -> Result<(), UpgradeError> {
+    channel.send(&Handover::Ready, &[]).await.map_err(UpgradeError::Channel)?;
+    let within = control.shared().settings.upgrade_timeout * 2;
+    let first = match tokio::time::timeout(within, channel.recv()).await {
+        Ok(Ok(Some((Handover::Commit, _)))) => None,
+        Ok(Ok(Some(late))) => Some(late),
+        Ok(Ok(None)) | Ok(Err(_)) => {
+            tracing::warn!("the previous portmux went away after handing over its state; serving it");
+            None
+        }
+        Err(_) => return Err(UpgradeError::NoCommit { secs: within.as_secs() }),
+    };
+    control.end_import(importer);
     let control = control.clone();
     tokio_uring::spawn(async move {
-        if let Err(e) = channel.send(&Handover::Ready, &[]).await {
-            tracing::warn!("could not tell the previous portmux that this one is ready: {e}");
-        }
         let mut relays = 0usize;
+        let mut next = first.map(Ok);
         loop {
-            match channel.recv().await {
-                Ok(Some((Handover::Done, _))) | Ok(None) => break,
-                Ok(Some((msg, fds))) => {
+            let msg = match next.take() {
+                Some(m) => m,
+                None => match channel.recv().await {
+                    Ok(Some(m)) => Ok(m),
+                    Ok(None) => break,
+                    Err(e) => Err(e),
+                },
+            };
+            match msg {
+                Ok((Handover::Done, _)) => break,
+                Ok((msg, fds)) => {
                     let kind = msg.kind();
                     if kind == "Relay" {
                         relays += 1;
@@ -376,4 +422,5 @@ pub fn finish_import(control: &Rc<Control>, channel: Rc<Channel>) {
         }
         tracing::info!(relays, "the previous portmux handed over everything");
     });
+    Ok(())
 }

@@ -295,23 +295,30 @@ fn sigusr2_upgrades_too() {
 }
 
 /// A stand-in "new binary" (python) that says Start, as a portmux would,
-/// and then either stops answering (`stall`: it holds the handover socket and
-/// reads nothing) or closes the handover and lingers (`close`).
+/// and then either takes the whole state and stops answering (`stall`: it
+/// holds the handover socket and never says Ready; it creates `stall.frozen`
+/// once the state is in, which the old process sends only after freezing) or
+/// closes the handover and lingers (`close`).
 fn fake_new_binary(dir: &std::path::Path, mode: &str) -> std::path::PathBuf {
-    let start =
-        portmux_wire::encode(&portmux_wire::Handover::Start { version: portmux_wire::PROTOCOL_VERSION, pid: 1 })
-            .unwrap();
+    use portmux_wire::Handover;
+    let start = portmux_wire::encode(&Handover::Start { version: portmux_wire::PROTOCOL_VERSION, pid: 1 }).unwrap();
     let hex: String = start.iter().map(|b| format!("{b:02x}")).collect();
+    let state_end = portmux_wire::encode(&Handover::StateEnd { next_conn_id: 0 }).unwrap()[0];
     let script = dir.join(format!("{mode}.py"));
+    let frozen = dir.join(format!("{mode}.frozen"));
     let after = match mode {
-        "stall" => "time.sleep(120)",
-        _ => "s.close()\ntime.sleep(120)",
+        "stall" => format!(
+            "while s.recvmsg(70000, socket.CMSG_SPACE(64))[0][:1] != bytes([{state_end}]): pass\n\
+             open('{}', 'w').close()\ntime.sleep(120)",
+            frozen.display()
+        ),
+        _ => "s.close()\ntime.sleep(120)".to_string(),
     };
     std::fs::write(
         &script,
         format!(
             "#!/usr/bin/env python3\nimport os, socket, time\n\
-             s = socket.socket(fileno=int(os.environ['PORTMUX_UPGRADE_FD']))\n\
+             s = socket.socket(fileno=int(os.environ['PORTMUX_UPGRADE_FD']))\ns.setblocking(True)\n\
              s.send(bytes.fromhex('{hex}'))\n{after}\n"
         ),
     )
@@ -340,7 +347,7 @@ fn a_new_process_that_stops_answering_after_the_freeze_is_killed_and_the_old_one
         let started = Instant::now();
         let err = pm.upgrade(&["--binary", script.to_str().unwrap()]).unwrap_err();
         let took = started.elapsed();
-        assert!(err.contains(why), "{mode}: {err}");
+        assert!(err.contains(why), "{mode}: {err}\n{}", pm.log());
         assert!(took < Duration::from_secs(8), "{mode}: the upgrade gave up after {took:?}");
         assert_eq!(meanwhile.join().unwrap().as_deref(), Ok("served"), "{mode}: the client that came meanwhile");
         assert_eq!(get(port, "x", "/").unwrap().body, "served", "{mode}: the old process serves on");
@@ -436,4 +443,47 @@ fn a_connection_the_old_process_cannot_hand_on_is_answered_not_dropped() {
         assert!(Instant::now() < deadline, "the old process exits");
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[test]
+fn stopping_during_an_upgrade_undoes_it_and_answers_each_client_once() {
+    let dir = TempDir::new();
+    let mut pm = Portmux::start(&["--upgrade-timeout", "5s"]);
+    let port = free_port();
+    let spec = format!("http://:{port}");
+    Service::hello(&pm, &spec, "gone", &["--name", "away"]).kill();
+    pm.wait_reserved(&spec);
+    let mut waiting = client(port);
+    waiting.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    pm.wait_queued(&spec, 1);
+    let script = fake_new_binary(dir.path(), "stall");
+    let (control, first) = (pm.control().to_path_buf(), pm.pid());
+    let upgrade = thread::spawn(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_portmux"))
+            .args(["upgrade", "--control", control.to_str().unwrap(), "--binary", script.to_str().unwrap()])
+            .output()
+            .unwrap()
+    });
+    // The stand-in has the state (so portmux froze it): now portmux is told to stop.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dir.path().join("stall.frozen").exists() {
+        assert!(Instant::now() < deadline, "the stand-in never got the state\n{}", pm.log());
+        thread::sleep(Duration::from_millis(5));
+    }
+    let children = std::fs::read_to_string(format!("/proc/{first}/task/{first}/children")).unwrap_or_default();
+    let child: u32 = children.split_whitespace().next().and_then(|p| p.parse().ok()).expect("the stand-in runs");
+    assert_eq!(exit_text(pm.terminate(Duration::from_secs(15))), "exit code 0", "{}", pm.log());
+    assert!(!upgrade.join().unwrap().status.success(), "the upgrade did not happen");
+    // The queued client got one answer, from the process that stopped, then a clean close.
+    let r = read_response(&mut waiting).unwrap();
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.body.contains("portmux is stopping"), "{}", r.body);
+    assert_eq!(read_until_close(&mut waiting), Ok(vec![]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(child) {
+        assert!(Instant::now() < deadline, "the stand-in was stopped");
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!pm.control().exists(), "the control socket is removed: no portmux serves it");
+    assert!(pm.log().contains("undoing the upgrade in progress first"), "{}", pm.log());
 }

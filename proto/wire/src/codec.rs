@@ -152,6 +152,7 @@ mod tests {
             (Handover::Done, "0d"),
             (Handover::StateFile, "0e"),
             (Handover::PinnedListener { id: 2, addr: "127.0.0.1:80".parse().unwrap() }, "0f02007f00000150"),
+            (Handover::Commit, "10"),
         ]
     }
 

@@ -113,8 +113,9 @@ pub struct ConnMeta {
 /// on an upgrade, over a `SOCK_SEQPACKET` socketpair; fds travel with the
 /// messages that describe them. Order: new sends Start; old sends the
 /// listeners, control and admin sockets, routes, sessions, unacked and queued
-/// connections, relays, then StateEnd; new answers Ready (or Failed). Until
-/// Done, old may still send Deliver and Relay messages as its last work ends.
+/// connections, relays, then StateEnd; new answers Ready (or Failed); old
+/// says Commit, and only then does new serve. Until Done, old may still send
+/// Deliver and Relay messages as its last work ends.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum Handover {
     /// new → old: started; this is my protocol version and pid.
@@ -152,6 +153,9 @@ pub enum Handover {
     /// A public listening socket that systemd passed by socket activation (+
     /// its fd): it stays open when no route uses it.
     PinnedListener { id: u64, addr: SocketAddr },
+    /// old → new, after Ready: the upgrade is committed; serve. Until then the
+    /// new process holds the state without serving it (the old may still thaw).
+    Commit,
 }
 
 impl Handover {
@@ -173,6 +177,7 @@ impl Handover {
             Handover::Done => "Done",
             Handover::StateFile => "StateFile",
             Handover::PinnedListener { .. } => "PinnedListener",
+            Handover::Commit => "Commit",
         }
     }
 }

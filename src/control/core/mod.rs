@@ -96,8 +96,9 @@ pub enum Effect {
     Forward { conn: ConnId, meta: ConnMeta, pool: Arc<BackendPool> },
     /// Answer a connection and close it; the core forgets it.
     Answer { conn: ConnId, reply: Reply },
-    /// Give a connection to the process that replaced this one.
-    HandOn { desc: ConnDesc },
+    /// Give a connection to the process that replaced this one; `listener`
+    /// is the address of the listener it came through.
+    HandOn { desc: ConnDesc, listener: SocketAddr },
     /// Drop portmux's copy of a connection without a word (its client hung
     /// up, or the new process holds its own copy).
     Forget { conn: ConnId },
@@ -203,6 +204,9 @@ pub enum Undelivered {
     Busy,
     /// The session was closed to new connections (it ended, or it is frozen).
     Closed,
+    /// The connection cannot be described to any service (its connection
+    /// message would exceed the protocol's size limit): it is answered.
+    Unsendable,
 }
 
 /// How a waiting client hung up.
@@ -273,6 +277,9 @@ pub struct Core {
     pending: Vec<PendingOp>,
     /// Route matching per listening address, rebuilt after route changes.
     matchers: HashMap<SocketAddr, Matcher<RouteKey>>,
+    /// After a commit: the addresses of the listeners handed over, to name
+    /// them when later connections are handed on.
+    handed_over: BTreeMap<ListenerId, SocketAddr>,
     next_listener: u64,
     next_session: u64,
     next_op: u64,
@@ -295,6 +302,7 @@ impl Core {
             buffered: VecDeque::new(),
             pending: Vec::new(),
             matchers: HashMap::new(),
+            handed_over: BTreeMap::new(),
             next_listener: 0,
             next_session: 0,
             next_op: 0,
@@ -370,7 +378,10 @@ impl Core {
         let routes = self.routes.values().filter_map(|r| match &r.target {
             RouteTarget::Service(s) => {
                 let waited = s.queue.front().and_then(|id| self.conns.get(id)).map(|h| h.desc.arrived + linger);
-                [s.reserved_until, waited, s.retry_at].into_iter().flatten().min()
+                // A backoff matters only while there is something to deliver, to someone.
+                let retry =
+                    s.retry_at.filter(|_| !s.queue.is_empty() && s.delivering.is_none() && !self.live(s).is_empty());
+                [s.reserved_until, waited, retry].into_iter().flatten().min()
             }
             RouteTarget::Backends(_) => None,
         });
@@ -610,8 +621,16 @@ impl Core {
         self.settle();
     }
 
+    /// The address of the listener a connection came through, for the new process.
+    pub(super) fn handed_over_address(&self, desc: &ConnDesc) -> SocketAddr {
+        self.handed_over.get(&desc.listener).copied().unwrap_or(desc.meta.local)
+    }
+
     /// The upgrade failed: serve again, deliver what waited.
     pub fn thaw(&mut self, now: Instant) {
+        if self.mode != Mode::Frozen {
+            return;
+        }
         self.mode = Mode::Serving;
         self.table_dirty = true;
         for id in std::mem::take(&mut self.buffered) {
@@ -631,10 +650,15 @@ impl Core {
     /// stays, so that connections accepted before the freeze still find their
     /// listener and come here, to be handed on.
     pub fn commit(&mut self) {
+        if self.mode != Mode::Frozen {
+            return;
+        }
         self.mode = Mode::HandedOver;
+        self.handed_over = self.listeners.iter().map(|(id, l)| (*id, l.addr)).collect();
         for id in std::mem::take(&mut self.buffered) {
             if let Some(held) = self.conns.remove(&id) {
-                self.emit(Effect::HandOn { desc: held.desc });
+                let listener = self.handed_over_address(&held.desc);
+                self.emit(Effect::HandOn { desc: held.desc, listener });
             }
         }
         let queued: Vec<ConnId> =

@@ -14,6 +14,15 @@ use crate::route::{Matcher, RouteKey};
 use portmux_wire::{ConnMeta, Proto};
 use std::time::Instant;
 
+/// The answer to a connection whose description does not fit a control message.
+fn too_large(meta: &ConnMeta) -> Reply {
+    match meta.proto {
+        Proto::Http => Reply::too_large(),
+        Proto::Tls => Reply::tls_alert(crate::reply::ALERT_DECODE_ERROR),
+        Proto::Tcp => Reply::Close,
+    }
+}
+
 /// The answer to a connection that will not be delivered: 503 for HTTP, a clean close otherwise.
 pub(super) fn unavailable(meta: &ConnMeta, detail: &str) -> Reply {
     match meta.proto {
@@ -39,9 +48,7 @@ impl Core {
             // rejected it at once): that delivery is over.
             let key = key.clone();
             self.conns.remove(&id);
-            if let Some(RouteState { target: RouteTarget::Service(s), .. }) = self.routes.get_mut(&key) {
-                s.delivering = None;
-            }
+            self.clear_delivering(&key, id);
         }
         match self.mode {
             Mode::Serving => {}
@@ -50,7 +57,10 @@ impl Core {
                 self.buffered.push_back(id);
                 return;
             }
-            Mode::HandedOver => return self.effects.push_back(Effect::HandOn { desc }),
+            Mode::HandedOver => {
+                let listener = self.handed_over_address(&desc);
+                return self.effects.push_back(Effect::HandOn { desc, listener });
+            }
             Mode::Stopped => {
                 let reply = unavailable(&desc.meta, "portmux is stopping");
                 return self.effects.push_back(Effect::Answer { conn: id, reply });
@@ -112,16 +122,29 @@ impl Core {
         self.try_flush(now, &key);
     }
 
+    /// The route's delivery slot is free again, if `conn` held it.
+    fn clear_delivering(&mut self, key: &RouteKey, conn: ConnId) {
+        if let Some(RouteState { target: RouteTarget::Service(s), .. }) = self.routes.get_mut(key)
+            && s.delivering == Some(conn)
+        {
+            s.delivering = None;
+        }
+    }
+
     /// Delivers the head of `key`'s queue if nothing is being delivered, a
     /// live session is there, and no backoff holds it.
     pub(super) fn try_flush(&mut self, now: Instant, key: &RouteKey) {
         if self.mode != Mode::Serving {
             return;
         }
-        let Some(RouteState { target: RouteTarget::Service(s), .. }) = self.routes.get(key) else { return };
-        if s.delivering.is_some() || s.retry_at.is_some_and(|t| t > now) {
+        let Some(RouteState { target: RouteTarget::Service(s), .. }) = self.routes.get_mut(key) else { return };
+        if s.retry_at.is_some_and(|t| t <= now) {
+            s.retry_at = None; // A backoff that ended is over, whatever happens next.
+        }
+        if s.delivering.is_some() || s.retry_at.is_some() {
             return;
         }
+        let Some(RouteState { target: RouteTarget::Service(s), .. }) = self.routes.get(key) else { return };
         let Some(&front) = s.queue.front() else { return };
         let live = self.live(s);
         if live.is_empty() {
@@ -160,19 +183,15 @@ impl Core {
             && a == attempt
         {
             self.conns.remove(&conn);
-            self.delivery_over(now, &key);
-        }
-        self.settle();
-    }
-
-    fn delivery_over(&mut self, now: Instant, key: &RouteKey) {
-        if let Some(RouteState { target: RouteTarget::Service(s), .. }) = self.routes.get_mut(key) {
-            s.delivering = None;
-            if s.queue.is_empty() {
+            self.clear_delivering(&key, conn);
+            if let Some(RouteState { target: RouteTarget::Service(s), .. }) = self.routes.get(&key)
+                && s.queue.is_empty()
+            {
                 self.table_dirty = true; // Workers deliver directly again.
             }
+            self.try_flush(now, &key);
         }
-        self.try_flush(now, key);
+        self.settle();
     }
 
     /// The hand-over failed; the connection goes back to the head of its
@@ -197,24 +216,35 @@ impl Core {
             s.usable = false;
             self.table_dirty = true;
         }
-        let in_route = match self.routes.get_mut(&key) {
-            Some(RouteState { target: RouteTarget::Service(s), .. }) => {
-                s.delivering = None;
-                if why == Undelivered::Busy {
-                    s.retry_at = Some(now + BUSY_BACKOFF);
-                }
-                true
-            }
-            _ => false,
-        };
-        if self.mode == Mode::HandedOver || !in_route {
-            // The route went meanwhile (or this process handed over): route it afresh.
+        if why == Undelivered::Unsendable {
+            let reply = too_large(&held.desc.meta);
+            tracing::warn!(conn = %conn, route = %held.desc.meta.route, "a connection too large to describe to a service is answered");
+            self.conns.remove(&conn);
+            self.clear_delivering(&key, conn);
+            self.effects.push_back(Effect::Answer { conn, reply });
+            self.try_flush(now, &key);
+            self.settle();
+            return true;
+        }
+        let in_route = matches!(self.routes.get(&key), Some(RouteState { target: RouteTarget::Service(_), .. }));
+        self.clear_delivering(&key, conn);
+        if why == Undelivered::Busy
+            && let Some(RouteState { target: RouteTarget::Service(s), .. }) = self.routes.get_mut(&key)
+        {
+            s.retry_at = Some(now + BUSY_BACKOFF);
+        }
+        if matches!(self.mode, Mode::HandedOver | Mode::Stopped | Mode::Frozen) || !in_route {
+            // Handed over or stopping: handed on or answered. Frozen: it waits
+            // with what arrived since the freeze (handed on at the commit,
+            // routed again at a thaw; the export did not include it). The
+            // route went meanwhile: routed afresh.
             if let Some(held) = self.conns.remove(&conn) {
                 self.route_conn(now, held.desc);
             }
             self.settle();
             return true;
         }
+        let Some(held) = self.conns.get_mut(&conn) else { return true };
         held.place = Place::Queued(key.clone());
         if let Some(RouteState { target: RouteTarget::Service(s), .. }) = self.routes.get_mut(&key) {
             s.queue.push_front(conn);

@@ -436,7 +436,7 @@ fn a_freeze_holds_everything_until_a_thaw_or_a_commit() {
     let handed: Vec<u64> = effects
         .iter()
         .filter_map(|e| match e {
-            Effect::HandOn { desc } => Some(desc.id.0),
+            Effect::HandOn { desc, .. } => Some(desc.id.0),
             _ => None,
         })
         .collect();
@@ -451,7 +451,7 @@ fn a_freeze_holds_everything_until_a_thaw_or_a_commit() {
     assert_eq!((handed, forgotten), (vec![3], vec![1, 2]));
     assert!(!effects.iter().any(|e| matches!(e, Effect::Publish | Effect::Close { .. })), "the frozen table stays");
     c.arrived(t0, ConnDesc { id: ConnId(4), listener: ListenerId(1), ..conn_at(t0) });
-    assert!(matches!(run(&mut c, t0, &[]).as_slice(), [Effect::HandOn { desc }] if desc.id.0 == 4));
+    assert!(matches!(run(&mut c, t0, &[]).as_slice(), [Effect::HandOn { desc, .. }] if desc.id.0 == 4));
 }
 
 fn conn_at(t: Instant) -> ConnDesc {
@@ -506,4 +506,72 @@ fn an_import_reserves_routes_nobody_holds_and_keeps_pinned_listeners() {
     }
     let left: Vec<u16> = c.listeners().values().map(|l| l.addr.port()).collect();
     assert_eq!(left, [8443]);
+}
+
+#[test]
+fn a_backoff_left_with_nothing_to_deliver_sets_no_deadline() {
+    let t0 = Instant::now();
+    let mut c = core(16);
+    let a = c.open_session("pool".into(), 1, 0);
+    register(&mut c, t0, a, &["http://:8000"]).0.unwrap();
+    c.arrived(t0, conn(&c, 1, 8000, "/", t0));
+    let d = delivers(&run(&mut c, t0, &[]));
+    assert!(c.undelivered(t0, ConnId(1), d[0].2, Undelivered::Busy));
+    run(&mut c, t0, &[]);
+    assert_eq!(c.poll_timeout(), Some(t0 + BUSY_BACKOFF));
+    // The client leaves: nothing waits for the backoff any more.
+    c.hung_up(ConnId(1), HangUp::Gone);
+    run(&mut c, t0, &[]);
+    assert_eq!(c.poll_timeout(), None, "a deadline with nothing to do would wake the timer forever");
+    // And a stale backoff does not hold up the next arrival.
+    let later = t0 + BUSY_BACKOFF * 2;
+    c.arrived(later, conn(&c, 2, 8000, "/", later));
+    assert_eq!(delivers(&run(&mut c, later, &[])).iter().map(|d| d.0).collect::<Vec<_>>(), [2]);
+}
+
+#[test]
+fn deliveries_that_fail_while_frozen_or_stopping_are_handed_on_or_answered() {
+    let t0 = Instant::now();
+    let mut c = core(16);
+    let a = c.open_session("web".into(), 1, 0);
+    register(&mut c, t0, a, &["http://:8000"]).0.unwrap();
+    c.arrived(t0, conn(&c, 1, 8000, "/", t0));
+    c.arrived(t0, conn(&c, 2, 8000, "/", t0));
+    let d = delivers(&run(&mut c, t0, &[]));
+    // Frozen: the failed delivery waits with the arrivals, not in the exported queue.
+    c.freeze();
+    assert!(c.undelivered(t0, ConnId(1), d[0].2, Undelivered::Closed));
+    run(&mut c, t0, &[]);
+    assert_eq!(c.queued().iter().map(|d| d.id.0).collect::<Vec<_>>(), [2]);
+    c.commit();
+    let effects = run(&mut c, t0, &[]);
+    let handed: Vec<(u64, u16)> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::HandOn { desc, listener } => Some((desc.id.0, listener.port())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(handed, [(1, 8000)], "handed on, naming its listener");
+    // Stopping: a delivery that comes back is answered.
+    let mut c = core(16);
+    let a = c.open_session("web".into(), 1, 0);
+    register(&mut c, t0, a, &["http://:8000"]).0.unwrap();
+    c.arrived(t0, conn(&c, 1, 8000, "/", t0));
+    let d = delivers(&run(&mut c, t0, &[]));
+    c.stop();
+    assert!(run(&mut c, t0, &[]).is_empty(), "a delivery in flight is not answered twice");
+    assert!(c.undelivered(t0, ConnId(1), d[0].2, Undelivered::Dead));
+    let a = answers(&run(&mut c, t0, &[]));
+    assert_eq!((a[0].0, a[0].1), (1, Some(503)));
+    // An unsendable connection is answered and leaves the session usable.
+    let mut c = core(16);
+    let s = c.open_session("web".into(), 1, 0);
+    register(&mut c, t0, s, &["http://:8000"]).0.unwrap();
+    c.arrived(t0, conn(&c, 1, 8000, "/", t0));
+    let d = delivers(&run(&mut c, t0, &[]));
+    assert!(c.undelivered(t0, ConnId(1), d[0].2, Undelivered::Unsendable));
+    let a = answers(&run(&mut c, t0, &[]));
+    assert_eq!((a[0].0, a[0].1), (1, Some(431)));
+    assert!(c.sessions()[&s].usable);
 }
