@@ -1,5 +1,6 @@
 //! Integration tests: the real `portmux` binary with real services, real
 //! sockets and real TLS, driven the way users drive them.
+#![forbid(unsafe_code)]
 
 mod ffi;
 mod forward;
