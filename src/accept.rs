@@ -8,13 +8,15 @@ use crate::handoff::{Conn, ConnDesc, Refusal};
 use crate::ids::ListenerId;
 use crate::reply;
 use crate::route::{Listener, Route, Target};
-use crate::shared::{Shared, TaskGuard, ToControl};
+use crate::shared::{Idle, Job, Shared, TaskGuard, ToControl};
 use portmux_sys::{net, uring};
 use portmux_wire::{ConnMeta, Proto};
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, mpsc};
 
@@ -27,8 +29,9 @@ struct AcceptLoop {
 }
 
 /// One worker: follows the table's listeners until portmux stops; runs the
-/// relays handed to it (after an upgrade); pauses its relays when asked.
-pub async fn worker(shared: Arc<Shared>, index: usize, mut inbox: mpsc::UnboundedReceiver<forward::Resume>) {
+/// relays handed to it (after an upgrade) and holds the connections services
+/// gave back; pauses its relays when asked.
+pub async fn worker(shared: Arc<Shared>, index: usize, mut inbox: mpsc::UnboundedReceiver<Job>) {
     let mut version = shared.table_version.subscribe();
     let mut stopping = shared.stopping.subscribe();
     let mut handing_over = shared.handing_over.subscribe();
@@ -67,8 +70,13 @@ pub async fn worker(shared: Arc<Shared>, index: usize, mut inbox: mpsc::Unbounde
                 let guard = TaskGuard::new(&shared);
                 let shared = shared.clone();
                 tokio_uring::spawn(async move {
-                    if let Some(paused) = forward::resume(job, &shared.settings).await {
-                        let _ = shared.to_control.send(ToControl::Relay(paused));
+                    match job {
+                        Job::Resume(job) => {
+                            if let Some(paused) = forward::resume(job, &shared.settings).await {
+                                let _ = shared.to_control.send(ToControl::Relay(paused));
+                            }
+                        }
+                        Job::Idle(idle) => Box::pin(hold(idle, &shared)).await,
                     }
                     drop(guard);
                 });
@@ -79,7 +87,7 @@ pub async fn worker(shared: Arc<Shared>, index: usize, mut inbox: mpsc::Unbounde
         l.stop.notify_one();
         let _ = l.done.await;
     }
-    if shared.in_flight.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+    if shared.in_flight.load(Ordering::Relaxed) > 0 {
         let _ = tokio::time::timeout(STOP_GRACE, shared.idle.notified()).await;
     }
     tracing::debug!(worker = index, "worker stopped");
@@ -93,12 +101,12 @@ async fn accept_loop(listener: Arc<Listener>, shared: Arc<Shared>, stop: Rc<Noti
     struct Running(Arc<Shared>);
     impl Drop for Running {
         fn drop(&mut self) {
-            if self.0.accepting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) == 1 {
+            if self.0.accepting.fetch_sub(1, Ordering::Relaxed) == 1 {
                 self.0.accepts_over.notify_waiters();
             }
         }
     }
-    shared.accepting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    shared.accepting.fetch_add(1, Ordering::Relaxed);
     let _running = Running(shared.clone());
     let fd = listener.fd.as_fd();
     let mut last_warning: Option<Instant> = None;
@@ -148,9 +156,6 @@ async fn accept_loop(listener: Arc<Listener>, shared: Arc<Shared>, stop: Rc<Noti
 /// A new connection: peek (unless its port has only a raw TCP route), decide,
 /// then deliver it or answer it.
 async fn serve(fd: OwnedFd, listener: ListenerId, shared: &Shared) {
-    let Some(mut port) = shared.table.load().port(listener).cloned() else {
-        return; // The listener was just closed.
-    };
     let Ok((mut peer, mut local)) = net::tcp_addrs(fd.as_fd()) else {
         return; // Gone already.
     };
@@ -167,6 +172,88 @@ async fn serve(fd: OwnedFd, listener: ListenerId, shared: &Shared) {
             }
         }
     }
+    route(fd, listener, peer, local, arrived, false, shared).await;
+}
+
+/// How a given-back connection's wait for its next request ended.
+enum Woken {
+    /// Bytes arrived: route them.
+    Request,
+    /// The client closed, or the keep-alive timeout passed: close.
+    Done,
+    /// An upgrade committed: the wait goes on in the new process.
+    Moving,
+}
+
+/// Holds a connection a service gave back until its next request arrives (at
+/// most `--keepalive-timeout` after it was given back), then routes that
+/// request like a new connection's. After an upgrade's commit the wait moves
+/// to the new process.
+async fn hold(idle: Idle, shared: &Shared) {
+    shared.idle_held.fetch_add(1, Ordering::Relaxed);
+    let woken = wait_for_request(&idle, shared).await;
+    shared.idle_held.fetch_sub(1, Ordering::Relaxed);
+    match woken {
+        Woken::Request => {
+            let Idle { fd, listener, peer, local, .. } = idle;
+            route(fd, listener, peer, local, Instant::now(), true, shared).await;
+        }
+        Woken::Done => reply::send(idle.fd, reply::Reply::Close).await,
+        Woken::Moving => {
+            let _ = shared.to_control.send(ToControl::Idle(idle));
+        }
+    }
+}
+
+async fn wait_for_request(idle: &Idle, shared: &Shared) -> Woken {
+    let deadline = tokio::time::Instant::from_std(idle.since + shared.settings.keepalive_timeout);
+    let mut pause = shared.pause_relays.subscribe();
+    let mut stopping = shared.stopping.subscribe();
+    let sock = idle.fd.as_fd();
+    loop {
+        let mut moving = false;
+        let give_up = async {
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => {}
+                _ = stopping.wait_for(|s| *s) => {}
+                _ = pause.wait_for(|p| *p) => moving = true,
+            }
+        };
+        let mask = (libc::POLLIN | libc::POLLRDHUP) as u32;
+        match uring::race(sock, uring::poll(sock, mask), give_up).await {
+            uring::Raced::Done(Ok(_)) => {
+                // Readable: a request, or the client's FIN (nothing to read).
+                let mut one = [0u8; 1];
+                return match net::peek(sock, &mut one) {
+                    Ok(n) if n > 0 => Woken::Request,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    _ => Woken::Done,
+                };
+            }
+            uring::Raced::Done(Err(e)) if e.raw_os_error() == Some(libc::ECANCELED) => {}
+            uring::Raced::Done(Err(_)) => return Woken::Done,
+            uring::Raced::Stopped(_) if moving => return Woken::Moving,
+            uring::Raced::Stopped(_) => return Woken::Done,
+        }
+    }
+}
+
+/// Peeks at a connection (unless its port has only a raw TCP route), decides,
+/// then delivers it or answers it. A connection given back (`returned`) that
+/// cannot be routed is closed, not answered: its client retries elsewhere.
+async fn route(
+    fd: OwnedFd,
+    listener: ListenerId,
+    peer: SocketAddr,
+    local: SocketAddr,
+    arrived: Instant,
+    returned: bool,
+    shared: &Shared,
+) {
+    let Some(mut port) = shared.table.load().port(listener).cloned() else {
+        return; // The listener was just closed.
+    };
+    let deadline = tokio::time::Instant::from_std(arrived + shared.settings.peek_timeout);
     let mut meta = ConnMeta {
         route: String::new(),
         proto: Proto::Tcp,
@@ -188,7 +275,8 @@ async fn serve(fd: OwnedFd, listener: ListenerId, shared: &Shared) {
         match port.decide(peek.outcome, &mut meta) {
             Ok(route) => route,
             Err(answer) => {
-                tracing::debug!(%peer, port = local.port(), ?answer, "not delivered");
+                tracing::debug!(%peer, port = local.port(), ?answer, returned, "not delivered");
+                let answer = if returned { reply::Reply::Close } else { answer };
                 Box::pin(reply::send(fd, answer)).await;
                 return;
             }
@@ -208,7 +296,7 @@ async fn serve(fd: OwnedFd, listener: ListenerId, shared: &Shared) {
         }
         return;
     }
-    let desc = ConnDesc { id: shared.conn_id(), listener, meta, arrived, rejected_by: None };
+    let desc = ConnDesc { id: shared.conn_id(), listener, meta, arrived, rejected_by: None, returned };
     // Boxed, like every phase that ends before a relay does: a task's state is
     // as large as its largest phase, for as long as the task lives.
     Box::pin(deliver(Conn { fd: Arc::new(fd), desc }, &route, shared)).await;

@@ -26,6 +26,9 @@ pub struct Settings {
     pub linger: Duration,
     /// Absolute deadline for a new connection's first bytes to identify it.
     pub peek_timeout: Duration,
+    /// How long a connection a service gave back (between requests) is held
+    /// waiting for its next request.
+    pub keepalive_timeout: Duration,
     /// Most bytes looked at to identify a connection.
     pub peek_max: usize,
     /// Most connections queued per route while its service is away.
@@ -68,6 +71,7 @@ impl Settings {
             bind: IpAddr::from([0u16; 8]),
             linger: Duration::from_secs(30),
             peek_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(60),
             peek_max: 16 * 1024,
             park_limit: 1024,
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),

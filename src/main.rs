@@ -126,6 +126,10 @@ struct RunArgs {
     /// Most bytes looked at to identify a connection
     #[arg(long, value_name = "BYTES", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u32).range(512..=1 << 20))]
     peek_max: u32,
+    /// How long a keep-alive connection a restarting service gave back is held waiting for its
+    /// next request (then it is closed, as an idle keep-alive connection is)
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    keepalive_timeout: Duration,
     /// Most connections queued per route while its service is away
     #[arg(long, value_name = "N", default_value_t = 1024)]
     park_limit: usize,
@@ -220,6 +224,7 @@ fn run(args: RunArgs) -> Result<(), String> {
     s.linger = args.linger;
     s.peek_timeout = args.peek_timeout;
     s.peek_max = args.peek_max as usize;
+    s.keepalive_timeout = args.keepalive_timeout;
     s.park_limit = args.park_limit;
     portmux::runtime::run(s).map_err(|e| e.to_string())
 }

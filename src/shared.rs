@@ -39,12 +39,37 @@ pub struct Shared {
     /// connection accepted at that moment is counted in flight, not lost.
     pub accepting: AtomicUsize,
     pub accepts_over: Notify,
-    /// Work for the workers (relays resumed after an upgrade), round robin.
-    pub inboxes: Vec<mpsc::UnboundedSender<Resume>>,
+    /// Work for the workers (relays resumed after an upgrade, connections
+    /// given back), round robin.
+    pub inboxes: Vec<mpsc::UnboundedSender<Job>>,
     pub next_inbox: AtomicUsize,
     /// Workers still running.
     pub workers_running: watch::Sender<usize>,
     pub next_conn_id: AtomicU64,
+    /// Given-back connections waiting for their next request.
+    pub idle_held: AtomicUsize,
+}
+
+/// Work a worker is given.
+#[derive(Debug)]
+pub enum Job {
+    /// Relay on (after an upgrade).
+    Resume(Resume),
+    /// Hold a connection a service gave back until its next request.
+    Idle(Idle),
+}
+
+/// A connection between requests, given back by a service: held until its
+/// next request (at most `--keepalive-timeout` after `since`).
+#[derive(Debug)]
+pub struct Idle {
+    pub fd: std::os::fd::OwnedFd,
+    pub listener: crate::ids::ListenerId,
+    /// The addresses the next instance is told (those portmux first saw:
+    /// behind a load balancer, the PROXY header's).
+    pub peer: std::net::SocketAddr,
+    pub local: std::net::SocketAddr,
+    pub since: std::time::Instant,
 }
 
 /// What reaches the control plane from the workers.
@@ -54,6 +79,8 @@ pub enum ToControl {
     Conn(Conn),
     /// A relay paused for an upgrade, to hand to the new process.
     Relay(Paused),
+    /// A given-back connection, still idle, to hand to the new process.
+    Idle(Idle),
     /// Answered once everything sent before it was handled (the channel is FIFO).
     Marker(tokio::sync::oneshot::Sender<()>),
 }
@@ -64,7 +91,7 @@ impl Shared {
     pub fn new(
         settings: Settings,
         workers: usize,
-    ) -> (Arc<Shared>, mpsc::UnboundedReceiver<ToControl>, Vec<mpsc::UnboundedReceiver<Resume>>) {
+    ) -> (Arc<Shared>, mpsc::UnboundedReceiver<ToControl>, Vec<mpsc::UnboundedReceiver<Job>>) {
         let (to_control, intake) = mpsc::unbounded_channel();
         let (inboxes, receivers): (Vec<_>, Vec<_>) = (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
         let shared = Arc::new(Shared {
@@ -83,12 +110,13 @@ impl Shared {
             next_inbox: AtomicUsize::new(0),
             workers_running: watch::Sender::new(workers),
             next_conn_id: AtomicU64::new(1),
+            idle_held: AtomicUsize::new(0),
         });
         (shared, intake, receivers)
     }
 
-    /// Hands a resumed relay to the next worker.
-    pub fn to_worker(&self, job: Resume) {
+    /// Hands work to the next worker.
+    pub fn to_worker(&self, job: Job) {
         if self.inboxes.is_empty() {
             return;
         }

@@ -223,6 +223,12 @@ pub enum SessionError {
     HelloAgain,
     #[error("{0} is a message portmux sends, not one it accepts")]
     NotAccepted(&'static str),
+    #[error("GiveBack must carry exactly one fd (the connection), not {0}")]
+    GiveBackFds(usize),
+    #[error("this session does not hold route {route}; give back only connections of your own routes")]
+    NotYourRoute { route: String },
+    #[error("the fd given back is not a client connection of this route: {reason}")]
+    NotAClient { reason: String },
 }
 
 #[cfg(test)]

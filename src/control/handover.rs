@@ -11,6 +11,7 @@ use crate::forward::{Paused, Resume, relay};
 use crate::handoff::{Conn, ConnDesc, Session};
 use crate::ids::{ConnId, ListenerId, SessionId};
 use crate::route::Listener;
+use crate::shared::{Idle, Job};
 use portmux_wire::{Handover, RouteSpec};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -281,7 +282,14 @@ impl Control {
             }
             Handover::Unacked { session, id, listener, meta } => {
                 let listener = self.core.borrow().listener_for(listener).unwrap_or_default();
-                let desc = ConnDesc { id: ConnId(id), listener, meta, arrived: Instant::now(), rejected_by: None };
+                let desc = ConnDesc {
+                    id: ConnId(id),
+                    listener,
+                    meta,
+                    arrived: Instant::now(),
+                    rejected_by: None,
+                    returned: false,
+                };
                 let conn = Conn { fd: Arc::new(fd()?), desc };
                 tracing::debug!(conn = id, peer = %conn.desc.meta.peer, session, "adopted an unacked connection");
                 match importer.sessions.get(&SessionId(session)) {
@@ -312,7 +320,10 @@ impl Control {
     ) -> Conn {
         let arrived = Instant::now().checked_sub(Duration::from_millis(waited_ms)).unwrap_or_else(Instant::now);
         let listener = self.core.borrow().listener_for(listener).unwrap_or_default();
-        Conn { fd: Arc::new(fd), desc: ConnDesc { id: ConnId(id), listener, meta, arrived, rejected_by: None } }
+        Conn {
+            fd: Arc::new(fd),
+            desc: ConnDesc { id: ConnId(id), listener, meta, arrived, rejected_by: None, returned: false },
+        }
     }
 
     /// The previous process's state is all in: publish, read the sessions,
@@ -348,7 +359,20 @@ impl Control {
                 let closed = relay::Closed { client: client_closed, backend: backend_closed };
                 let paused = Paused { client, backend: server, meta, backend_name: backend, closed };
                 let pool = self.pool_of(&route);
-                self.shared.to_worker(Resume { paused, pool });
+                self.shared.to_worker(Job::Resume(Resume { paused, pool }));
+                true
+            }
+            Handover::Idle { listener, peer, local, idle_ms } => {
+                let Some(fd) = fds.pop() else {
+                    tracing::warn!(client = %peer, "the previous portmux sent an idle connection without its fd");
+                    return true;
+                };
+                let Some(listener) = self.core.borrow().listener_for(listener) else {
+                    tracing::warn!(client = %peer, %listener, "an idle connection for a listener this process lacks is closed");
+                    return true;
+                };
+                let since = Instant::now().checked_sub(Duration::from_millis(idle_ms)).unwrap_or_else(Instant::now);
+                self.shared.to_worker(Job::Idle(Idle { fd, listener, peer, local, since }));
                 true
             }
             _ => false,

@@ -75,9 +75,25 @@ enum RecvError {
     Protocol(SessionError),
 }
 
-/// Receives one message; `Ok(None)` at end-of-file.
+/// Receives one message; `Ok(None)` at end-of-file. Only GiveBack carries an
+/// fd (its connection); a message with fds is refused unless it is that.
 async fn recv<T: AsRawFd + AsFd>(afd: &AsyncFd<T>, buf: &mut [u8]) -> Result<Option<Message>, RecvError> {
-    let dg = match afd.async_io(Interest::READABLE, |s| scm::recv_with_fds(s, buf, scm::Wait::DontWait)).await {
+    Ok(recv_with_fd(afd, buf).await?.map(|(msg, _)| msg))
+}
+
+/// Receives one message and the fd a GiveBack carries.
+async fn recv_with_fd<T: AsRawFd + AsFd>(
+    afd: &AsyncFd<T>,
+    buf: &mut [u8],
+) -> Result<Option<(Message, Option<OwnedFd>)>, RecvError> {
+    let mut read = |s: &T| match scm::recv_with_fds(s, buf, scm::Wait::DontWait) {
+        // The service closed with messages of ours unread: the kernel reports
+        // that once, before the messages it had sent (its last give-backs, its
+        // Bye), which are still there to read; the end-of-file follows them.
+        Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => scm::recv_with_fds(s, buf, scm::Wait::DontWait),
+        other => other,
+    };
+    let mut dg = match afd.async_io(Interest::READABLE, |s| read(s)).await {
         Ok(d) => d,
         Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => return Ok(None),
         Err(e) => {
@@ -85,18 +101,23 @@ async fn recv<T: AsRawFd + AsFd>(afd: &AsyncFd<T>, buf: &mut [u8]) -> Result<Opt
             return Err(RecvError::Io);
         }
     };
-    if !dg.fds.is_empty() || dg.fds_truncated {
-        return Err(RecvError::Protocol(SessionError::FdsSent));
-    }
     if dg.truncated {
         return Err(RecvError::Protocol(SessionError::Oversized { len: dg.len, max: MAX_MESSAGE }));
     }
-    if dg.len == 0 {
+    if dg.is_eof() {
         return Ok(None);
     }
-    portmux_wire::decode(&buf[..dg.len])
-        .map(Some)
-        .map_err(|e| RecvError::Protocol(SessionError::Malformed(e.to_string())))
+    let msg: Message = portmux_wire::decode(&buf[..dg.len])
+        .map_err(|e| RecvError::Protocol(SessionError::Malformed(e.to_string())))?;
+    match msg {
+        Message::GiveBack { .. } if dg.fds.len() == 1 && !dg.fds_truncated => {
+            let fd = dg.fds.pop();
+            Ok(Some((msg, fd)))
+        }
+        Message::GiveBack { .. } => Err(RecvError::Protocol(SessionError::GiveBackFds(dg.fds.len()))),
+        _ if !dg.fds.is_empty() || dg.fds_truncated => Err(RecvError::Protocol(SessionError::FdsSent)),
+        _ => Ok(Some((msg, None))),
+    }
 }
 
 /// Sends one message, waiting while the socket is full, for at most SEND_TIMEOUT.
@@ -177,12 +198,18 @@ pub(super) async fn run(control: Rc<Control>, session: Arc<Session>) {
             biased;
             // Stopping, readers go on: the services' last acks still come.
             _ = lifecycle.wait_for(|l| *l == Lifecycle::Frozen) => break End::Frozen,
-            r = recv(&afd, &mut buf) => r,
+            r = recv_with_fd(&afd, &mut buf) => r,
         };
         match next {
             Ok(None) | Err(RecvError::Io) => break End::Closed,
             Err(RecvError::Protocol(reason)) => break End::Error(reason),
-            Ok(Some(msg)) => match msg {
+            Ok(Some((Message::GiveBack { route, peer, local }, Some(fd)))) => {
+                let holds = control.routes_of(sid);
+                if let Err(reason) = control.given_back(sid, &holds, &route, (peer, local), fd) {
+                    break End::Error(reason);
+                }
+            }
+            Ok(Some((msg, _))) => match msg {
                 Message::Register { routes } => {
                     let reply = match control.register(sid, &routes) {
                         Ok(bound) => {
@@ -235,10 +262,12 @@ pub(super) async fn run(control: Rc<Control>, session: Arc<Session>) {
     if let End::Bye = end {
         tracing::info!(session = %sid, service = %session.name, "service said bye");
     }
-    // No new connections for this session from here on.
+    // No new connections for this session from here on; what it gives back
+    // until it closes (after its Bye) is still taken, for the routes it held.
+    let held = control.routes_of(sid);
     session.fail();
     control.end_session(sid);
-    if !matches!(end, End::Closed) && !wait_for_close(&afd, &session, &mut buf).await {
+    if !matches!(end, End::Closed) && !wait_for_close(&control, &afd, &session, &held, &mut buf).await {
         let n = session.abandon();
         tracing::warn!(
             session = %sid,
@@ -265,15 +294,26 @@ fn send_error(session: &Session, reason: &str) -> std::io::Result<()> {
     scm::send_datagram(session.as_fd(), &bytes, scm::Wait::DontWait)
 }
 
-/// After portmux ended the session: take the service's remaining acks until it
-/// closes its end. False if it did not within CLOSE_TIMEOUT.
-async fn wait_for_close(afd: &AsyncFd<Arc<OwnedFd>>, session: &Session, buf: &mut [u8]) -> bool {
+/// After portmux ended the session: take the service's remaining acks and
+/// give-backs until it closes its end. False if it did not within CLOSE_TIMEOUT.
+async fn wait_for_close(
+    control: &Rc<Control>,
+    afd: &AsyncFd<Arc<OwnedFd>>,
+    session: &Session,
+    held: &[crate::route::RouteKey],
+    buf: &mut [u8],
+) -> bool {
     let until_closed = async {
         loop {
-            match recv(afd, buf).await {
+            match recv_with_fd(afd, buf).await {
                 Ok(None) | Err(RecvError::Io) => return,
-                Ok(Some(Message::Ack { id })) => {
+                Ok(Some((Message::Ack { id }, _))) => {
                     session.ack(ConnId(id));
+                }
+                Ok(Some((Message::GiveBack { route, peer, local }, Some(fd)))) => {
+                    if let Err(e) = control.given_back(session.id, held, &route, (peer, local), fd) {
+                        tracing::warn!(session = %session.id, "a connection given back after the session's end was refused: {e}");
+                    }
                 }
                 _ => {}
             }

@@ -91,6 +91,9 @@ pub struct StatusView {
     /// Connections this process is working on: being peeked at, relayed, answered.
     #[serde(default)]
     pub connections: usize,
+    /// Of those, connections services gave back, waiting for their next request.
+    #[serde(default)]
+    pub idle: usize,
 }
 
 /// The view of the route at `key`.
@@ -147,7 +150,7 @@ pub fn routes(core: &Core, sessions: &BTreeMap<SessionId, Arc<Session>>, now: In
 }
 
 /// The whole process.
-pub fn status(core: &Core, control: Option<String>, uptime_s: u64, connections: usize) -> StatusView {
+pub fn status(core: &Core, control: Option<String>, uptime_s: u64, connections: usize, idle: usize) -> StatusView {
     let state = match core.mode() {
         Mode::Serving => "serving",
         Mode::Frozen => "upgrading",
@@ -183,5 +186,6 @@ pub fn status(core: &Core, control: Option<String>, uptime_s: u64, connections: 
         routes: core.routes().len(),
         queued,
         connections,
+        idle,
     }
 }

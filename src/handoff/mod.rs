@@ -23,6 +23,9 @@ pub struct ConnDesc {
     pub arrived: Instant,
     /// The session that rejected it last, and when; the next delivery avoids it.
     pub rejected_by: Option<(SessionId, Instant)>,
+    /// A service gave it back between requests: if it cannot be routed, it is
+    /// closed (its client retries on a new connection) rather than answered.
+    pub returned: bool,
 }
 
 /// A client connection on its way to a service.

@@ -125,6 +125,14 @@ mod tests {
             (Message::Error { reason: "bad".into() }, "0903626164"),
             (Message::Upgrade { binary: Some("/x".into()) }, "0a01022f78"),
             (Message::Upgraded { pid: 300 }, "0bfb2c01"),
+            (
+                Message::GiveBack {
+                    route: "http://:80".into(),
+                    peer: "127.0.0.1:5000".parse().unwrap(),
+                    local: "127.0.0.1:80".parse().unwrap(),
+                },
+                "0c0a687474703a2f2f3a3830007f000001fb8813007f00000150",
+            ),
         ]
     }
 
@@ -153,6 +161,15 @@ mod tests {
             (Handover::StateFile, "0e"),
             (Handover::PinnedListener { id: 2, addr: "127.0.0.1:80".parse().unwrap() }, "0f02007f00000150"),
             (Handover::Commit, "10"),
+            (
+                Handover::Idle {
+                    listener: "127.0.0.1:80".parse().unwrap(),
+                    peer: "127.0.0.1:5000".parse().unwrap(),
+                    local: "127.0.0.1:80".parse().unwrap(),
+                    idle_ms: 3,
+                },
+                "11007f00000150007f000001fb8813007f0000015003",
+            ),
         ]
     }
 

@@ -45,6 +45,15 @@ pub enum Message {
     Upgrade { binary: Option<String> },
     /// portmux → `portmux upgrade`: the new process (`pid`) is serving.
     Upgraded { pid: u32 },
+    /// Service → portmux, with the connection's fd: a connection of `route`
+    /// (as its `ConnMeta::route` named it) that sits between requests: nothing
+    /// was read beyond its last request, so its next one, if any, is unread in
+    /// the socket. portmux holds it until that request arrives and routes it
+    /// like a new connection's (to the next instance, after a restart). `peer`
+    /// and `local` are the addresses portmux gave (they matter behind a load
+    /// balancer, with `--accept-proxy`). Only plain HTTP and raw TCP
+    /// connections can move; a TLS session's state stays with its service.
+    GiveBack { route: String, peer: SocketAddr, local: SocketAddr },
 }
 
 impl Message {
@@ -63,6 +72,7 @@ impl Message {
             Message::Error { .. } => "Error",
             Message::Upgrade { .. } => "Upgrade",
             Message::Upgraded { .. } => "Upgraded",
+            Message::GiveBack { .. } => "GiveBack",
         }
     }
 }
@@ -156,6 +166,9 @@ pub enum Handover {
     /// old → new, after Ready: the upgrade is committed; serve. Until then the
     /// new process holds the state without serving it (the old may still thaw).
     Commit,
+    /// A connection a service gave back, waiting for its next request (+ its
+    /// fd), idle for `idle_ms` already; `peer` and `local` as it was given back.
+    Idle { listener: SocketAddr, peer: SocketAddr, local: SocketAddr, idle_ms: u64 },
 }
 
 impl Handover {
@@ -178,6 +191,7 @@ impl Handover {
             Handover::StateFile => "StateFile",
             Handover::PinnedListener { .. } => "PinnedListener",
             Handover::Commit => "Commit",
+            Handover::Idle { .. } => "Idle",
         }
     }
 }

@@ -440,6 +440,11 @@ impl Core {
         exact.or_else(wildcard).map(|(id, _)| *id)
     }
 
+    /// The address of listener `id` (also after a commit handed it over).
+    pub fn listener_address(&self, id: ListenerId) -> Option<SocketAddr> {
+        self.listeners.get(&id).map(|l| l.addr).or_else(|| self.handed_over.get(&id).copied())
+    }
+
     /// The listener serving `addr`, if one is open (or being opened).
     fn listener_at(&self, addr: SocketAddr) -> Option<ListenerId> {
         self.listeners.iter().find(|(_, l)| l.addr == addr).map(|(id, _)| *id)

@@ -75,7 +75,9 @@ impl Core {
         }
         let matcher = &self.matchers[&addr];
         let Some(key) = matcher.lookup(&desc.meta).cloned() else {
-            let reply = matcher.no_route(&desc.meta, addr.port());
+            // A connection a service gave back is closed instead: its client
+            // retries on a new connection, which gets the answer.
+            let reply = if desc.returned { Reply::Close } else { matcher.no_route(&desc.meta, addr.port()) };
             return self.effects.push_back(Effect::Answer { conn: id, reply });
         };
         let limit = self.config.park_limit;
@@ -106,7 +108,7 @@ impl Core {
                 }
                 None => {
                     tracing::warn!(route = %shown, service = %s.service, limit, "queue full; refusing a connection (raise --park-limit)");
-                    let reply = unavailable(&desc.meta, &detail);
+                    let reply = if desc.returned { Reply::Close } else { unavailable(&desc.meta, &detail) };
                     return self.effects.push_back(Effect::Answer { conn: id, reply });
                 }
             }

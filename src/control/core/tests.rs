@@ -67,7 +67,14 @@ fn meta(proto: Proto, host: Option<&str>, path: Option<&str>) -> ConnMeta {
 
 fn conn(c: &Core, id: u64, port: u16, path: &str, arrived: Instant) -> ConnDesc {
     let listener = c.listener_for(SocketAddr::from(([127, 0, 0, 1], port))).expect("a listener on that port");
-    ConnDesc { id: ConnId(id), listener, meta: meta(Proto::Http, Some("x"), Some(path)), arrived, rejected_by: None }
+    ConnDesc {
+        id: ConnId(id),
+        listener,
+        meta: meta(Proto::Http, Some("x"), Some(path)),
+        arrived,
+        rejected_by: None,
+        returned: false,
+    }
 }
 
 fn delivers(effects: &[Effect]) -> Vec<(u64, SessionId, u64)> {
@@ -461,6 +468,7 @@ fn conn_at(t: Instant) -> ConnDesc {
         meta: meta(Proto::Tcp, None, None),
         arrived: t,
         rejected_by: None,
+        returned: false,
     }
 }
 
