@@ -267,9 +267,9 @@ fn a_service_out_of_file_descriptors_gives_its_connections_to_the_pool() {
     let port = free_port();
     let spec = format!("http://:{port}");
     let _roomy = Service::hello(&pm, &spec, "roomy", &["--name", "pool"]);
-    // hello needs about ten fds of its own; with a limit of 13 it holds a few connections.
+    // hello needs about twelve fds of its own; with a limit of 15 it holds a few connections.
     let mut cmd = Command::new("sh");
-    cmd.arg("-c").arg(format!("ulimit -n 13 && exec {} '{spec}' tight --name pool", example("hello").display()));
+    cmd.arg("-c").arg(format!("ulimit -n 15 && exec {} '{spec}' tight --name pool", example("hello").display()));
     let tight = Service::spawn(cmd, pm.control(), "registered").unwrap();
     let mut held = Vec::new();
     let mut bodies = std::collections::HashMap::<String, usize>::new();
@@ -320,7 +320,7 @@ fn an_event_loop_on_the_poll_fd_accepts_and_reconnects_after_portmux_restarts() 
     let fd = listener.poll_fd().unwrap();
     assert!(listener.try_accept().unwrap().is_none(), "nothing waits yet, and try_accept does not block");
     // One event loop iteration: wait for the fd, then take what there is.
-    let next = || -> Option<(std::net::TcpStream, portmux_client::ConnInfo)> {
+    let next = || -> Option<(portmux_client::Stream, portmux_client::ConnInfo)> {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             let mut fds = [PollFd::new(&fd, PollFlags::IN)];
@@ -334,7 +334,7 @@ fn an_event_loop_on_the_poll_fd_accepts_and_reconnects_after_portmux_restarts() 
         }
         None
     };
-    let answer = |(mut s, info): (std::net::TcpStream, portmux_client::ConnInfo)| {
+    let answer = |(mut s, info): (portmux_client::Stream, portmux_client::ConnInfo)| {
         let body = info.meta.path.unwrap_or_default();
         write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
     };

@@ -7,6 +7,11 @@
 //! same server as a plain backend, or as the "direct" baseline of a benchmark.
 //! `--size BYTES` repeats BODY to that many bytes (large responses).
 //!
+//! SIGTERM or SIGINT shut it down gracefully: portmux sends it nothing new
+//! (the next instance, or another of the same name, gets it), requests in
+//! progress finish, and every keep-alive connection goes back to portmux
+//! between requests, for the next instance: clients never notice a restart.
+//!
 //! ```text
 //! hello SPEC BODY [--name NAME] [--control PATH] [--tls-cert PEM --tls-key PEM] [--size BYTES]
 //! hello --listen ADDR BODY [--tls-cert PEM --tls-key PEM] [--size BYTES]
@@ -22,7 +27,6 @@ use std::convert::Infallible;
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
-use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 const USAGE: &str = "usage: hello SPEC BODY [--name NAME] [--control PATH] [--tls-cert PEM --tls-key PEM] \
@@ -145,6 +149,7 @@ async fn main() -> ExitCode {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _info)) => {
+                    let _ = stream.set_nodelay(true);
                     tokio::spawn(serve(stream, tls.clone(), body.clone()));
                 }
                 Err(e) => {
@@ -155,6 +160,13 @@ async fn main() -> ExitCode {
             _ = tokio::signal::ctrl_c() => break,
             Some(_) = async { match term.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => break,
         }
+    }
+    // Requests in progress finish; keep-alive connections go back to portmux
+    // between requests.
+    match listener.shutdown(std::time::Duration::from_secs(10)).await {
+        Ok(0) => println!("hello: stopped"),
+        Ok(n) => println!("hello: stopped with {n} connections still open"),
+        Err(e) => eprintln!("hello: shutdown: {e}"),
     }
     ExitCode::SUCCESS
 }
@@ -188,6 +200,7 @@ async fn listen_directly(addr: &str, tls: Option<TlsAcceptor>, body: Bytes) -> E
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
                 tokio::spawn(serve(stream, tls.clone(), body.clone()));
             }
             Err(e) => {
@@ -198,8 +211,10 @@ async fn listen_directly(addr: &str, tls: Option<TlsAcceptor>, body: Bytes) -> E
     }
 }
 
-async fn serve(stream: TcpStream, tls: Option<TlsAcceptor>, body: Bytes) {
-    let _ = stream.set_nodelay(true);
+async fn serve<S>(stream: S, tls: Option<TlsAcceptor>, body: Bytes)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = service_fn(move |req: Request<Incoming>| {
         let body = body.clone();
         async move {

@@ -20,9 +20,13 @@
 //! async [`tokio::Listener`]; with feature `axum`, `axum::serve(listener, router)` works.
 #![forbid(unsafe_code)]
 
+mod handle;
 mod proto;
+mod stream;
 #[cfg(feature = "tokio")]
 pub mod tokio;
+
+pub use stream::Stream;
 
 pub use portmux_wire::{Bound, ConnMeta, Proto};
 
@@ -41,6 +45,8 @@ pub const SERVICE_ENV: &str = "PORTMUX_SERVICE";
 
 /// How long the opening handshake may take before portmux counts as unresponsive.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// After Bye, how long to wait for portmux to end the session.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// What portmux knows about a handed-over connection: its id, and the
 /// [`ConnMeta`] that came with it (route, protocol, peer and local address,
@@ -219,8 +225,9 @@ fn executable_name() -> String {
 #[derive(Debug)]
 pub struct Listener {
     cfg: Config,
-    /// The current session socket (replaced on reconnect); used for sending.
-    sock: Mutex<Arc<OwnedFd>>,
+    /// The current session socket (replaced on reconnect), shared with the
+    /// connections handed out (they give themselves back on it).
+    handle: Arc<handle::Handle>,
     bound: Mutex<Vec<Bound>>,
     /// Serialises receivers.
     receiving: Mutex<Receiving>,
@@ -230,7 +237,7 @@ pub struct Listener {
 
 #[derive(Debug)]
 struct Receiving {
-    backlog: VecDeque<(TcpStream, ConnInfo)>,
+    backlog: VecDeque<(Stream, ConnInfo)>,
     buf: Vec<u8>,
     /// Set while the session is gone and `try_accept` reconnects step by step.
     lost: Option<Backoff>,
@@ -312,11 +319,13 @@ impl Listener {
     fn open(cfg: Config) -> Result<Listener, Error> {
         let mut buf = vec![0u8; portmux_wire::MAX_MESSAGE];
         let opened = handshake(&cfg, &mut buf)?;
+        let handle = handle::Handle::new(Arc::new(opened.sock))?;
+        let early = opened.early.into_iter().map(|(s, info)| track(&handle, s, info)).collect();
         Ok(Listener {
             cfg,
-            sock: Mutex::new(Arc::new(opened.sock)),
+            handle,
             bound: Mutex::new(opened.bound),
-            receiving: Mutex::new(Receiving { backlog: opened.early.into(), buf, lost: None }),
+            receiving: Mutex::new(Receiving { backlog: early, buf, lost: None }),
             poller: OnceLock::new(),
         })
     }
@@ -336,15 +345,19 @@ impl Listener {
         &self.cfg.name
     }
 
-    fn current(&self) -> Arc<OwnedFd> {
-        lock(&self.sock).clone()
+    fn current(&self) -> io::Result<Arc<OwnedFd>> {
+        self.handle.socket().ok_or_else(shut_down)
     }
 
     /// Waits for the next connection. The stream is in blocking mode and its
-    /// first bytes (those portmux looked at) are still unread.
-    pub fn accept(&self) -> io::Result<(TcpStream, ConnInfo)> {
+    /// first bytes (those portmux looked at) are still unread. Once a graceful
+    /// [`Listener::shutdown`] began, it fails with [`ShuttingDown`].
+    pub fn accept(&self) -> io::Result<(Stream, ConnInfo)> {
         let mut rx = lock(&self.receiving);
         loop {
+            if self.handle.is_closing() {
+                return Err(shut_down());
+            }
             if let Some(next) = rx.backlog.pop_front() {
                 return Ok(next);
             }
@@ -352,8 +365,31 @@ impl Listener {
                 self.reconnect(&mut rx, lost.since)?;
                 continue;
             }
-            if let Some(next) = self.receive_one(&mut rx, Wait::Block)? {
-                return Ok(next);
+            // Wait for a message or for a shutdown, then take the message.
+            if !self.wait_for_message()? {
+                continue;
+            }
+            match self.receive_one(&mut rx, Wait::DontWait) {
+                Ok(Some(next)) => return Ok(next),
+                Ok(None) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Waits until the session socket is readable (`true`) or a shutdown began.
+    fn wait_for_message(&self) -> io::Result<bool> {
+        use rustix::event::{PollFd, PollFlags, poll};
+        let sock = self.current()?;
+        loop {
+            let wake = self.handle.wake_fd();
+            let mut fds = [PollFd::new(&*sock, PollFlags::IN), PollFd::new(&wake, PollFlags::IN)];
+            match poll(&mut fds, None) {
+                Ok(_) if !fds[1].revents().is_empty() => return Ok(false),
+                Ok(_) => return Ok(true),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -364,8 +400,11 @@ impl Listener {
     /// (restarting), each call makes one reconnection attempt and the poll fd
     /// wakes the loop for the next. Receivers take turns: while another thread
     /// is inside a blocking [`Listener::accept`], this call waits for it.
-    pub fn try_accept(&self) -> io::Result<Option<(TcpStream, ConnInfo)>> {
+    pub fn try_accept(&self) -> io::Result<Option<(Stream, ConnInfo)>> {
         let mut rx = lock(&self.receiving);
+        if self.handle.is_closing() {
+            return Err(shut_down());
+        }
         let poller = self.poller.get();
         if let Some(p) = poller {
             p.clear(); // This call does what the timer woke the loop for.
@@ -420,7 +459,7 @@ impl Listener {
         if self.poller.get().is_none() {
             let p = Poller::new()?;
             if rx.lost.is_none() {
-                p.watch(&self.current())?;
+                p.watch(&*self.current()?)?;
             }
             if rx.lost.is_some() || !rx.backlog.is_empty() {
                 p.wake_after(Some(Duration::from_nanos(1)));
@@ -433,8 +472,8 @@ impl Listener {
 
     /// Receives one message; `Ok(None)` when it was not a connection (the
     /// session may have ended: then `rx.lost` is set).
-    fn receive_one(&self, rx: &mut Receiving, wait: Wait) -> io::Result<Option<(TcpStream, ConnInfo)>> {
-        let sock = self.current();
+    fn receive_one(&self, rx: &mut Receiving, wait: Wait) -> io::Result<Option<(Stream, ConnInfo)>> {
+        let sock = self.current()?;
         let incoming = match proto::receive(&*sock, &mut rx.buf, wait) {
             Ok(i) => i,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(None),
@@ -447,7 +486,7 @@ impl Listener {
                 // connection is ours all the same.
                 let _ = proto::send(&*sock, &proto::ack(id), Wait::Block);
                 stream.set_nonblocking(false)?;
-                Ok(Some((stream, info)))
+                Ok(Some(track(&self.handle, stream, info)))
             }
             Incoming::Lost(id, reason) => {
                 let _ = proto::send(&*sock, &proto::reject(id, &reason), Wait::Block);
@@ -469,9 +508,9 @@ impl Listener {
         if let Some(p) = self.poller.get() {
             p.watch(&opened.sock)?;
         }
-        *lock(&self.sock) = Arc::new(opened.sock);
+        self.handle.set_socket(Arc::new(opened.sock));
         *lock(&self.bound) = opened.bound;
-        rx.backlog.extend(opened.early);
+        rx.backlog.extend(opened.early.into_iter().map(|(s, info)| track(&self.handle, s, info)));
         rx.lost = None;
         Ok(())
     }
@@ -495,16 +534,135 @@ impl Listener {
     /// Asks portmux to send no new connections to this instance (before a
     /// graceful shutdown); others with the same name, or a successor, get them.
     pub fn drain(&self) -> io::Result<()> {
-        let bytes = portmux_wire::encode(&portmux_wire::Message::Drain).map_err(io::Error::other)?;
-        proto::send(&*self.current(), &bytes, Wait::Block)
+        self.handle.send(&portmux_wire::Message::Drain, None)
     }
+
+    /// Gives a connection back to portmux instead of closing it: it must sit
+    /// between requests (nothing read beyond its last request). portmux holds
+    /// it until its next request and routes that like a new connection's, to
+    /// whichever instance then serves the route. Once used, only HTTP/1
+    /// connections in the clear can move (not TLS, not raw TCP); an untouched
+    /// one of any kind can.
+    pub fn give_back(&self, stream: Stream) -> io::Result<()> {
+        let t = stream.tracked();
+        if !t.can_go_back() {
+            let why = if t.movable {
+                "this connection is in the middle of a request (bytes were read since the last answer)"
+            } else {
+                "only plain HTTP/1 connections can be given back once used (a TLS session is the service's)"
+            };
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
+        }
+        if t.give_back(stream.as_fd()) {
+            Ok(())
+        } else {
+            Err(io::Error::new(io::ErrorKind::NotConnected, "the connection could not go back to portmux"))
+        }
+    }
+
+    /// Gives back a connection the caller took out of its [`Stream`] (a raw
+    /// fd, as libportmux hands out), with the info it came with.
+    /// The caller answers for it sitting between requests (or being untouched).
+    pub fn give_back_fd(&self, fd: OwnedFd, info: &ConnInfo) -> io::Result<()> {
+        self.handle.give_back(fd.as_fd(), &info.meta)
+    }
+
+    /// Connections handed out by this listener and not yet closed or given back.
+    pub fn open_connections(&self) -> usize {
+        self.handle.open()
+    }
+
+    /// Shuts down gracefully: portmux sends no more connections here (Drain;
+    /// it queues them for the next instance, or gives them to other instances
+    /// of the service), accepting stops ([`Listener::accept`] fails with
+    /// [`ShuttingDown`]), connections that arrived meanwhile go back to portmux
+    /// unread, and connections handed out end between requests: a read
+    /// waiting for a next request returns end-of-file, and the [`Stream`],
+    /// dropped, goes back to portmux for the next instance. Requests in
+    /// progress finish. Returns once every connection handed out is closed or
+    /// given back, or at `grace`, with how many were still open; then says Bye
+    /// and closes the session.
+    pub fn shutdown(&self, grace: Duration) -> io::Result<usize> {
+        let deadline = Instant::now() + grace;
+        self.begin_shutdown()?;
+        let open = self.handle.wait_all_closed(deadline);
+        self.close();
+        Ok(open)
+    }
+
+    /// The first half of [`Listener::shutdown`], for callers that track their
+    /// connections themselves (libportmux): Drain, no more accepts,
+    /// connections that arrived meanwhile back to portmux unread, handed-out
+    /// [`Stream`]s end between requests. Give-backs keep working until
+    /// [`Listener::close`].
+    pub fn begin_shutdown(&self) -> io::Result<()> {
+        self.handle.send(&portmux_wire::Message::Drain, None)?;
+        self.handle.begin_closing();
+        // Acceptors wake (the shutdown is readable to them) and let go.
+        let mut rx = lock(&self.receiving);
+        rx.backlog.clear(); // Dropped, these untouched streams go back.
+        self.reject_pending(&mut rx);
+        Ok(())
+    }
+
+    /// Ends the session for good (Bye): nothing more is accepted or given
+    /// back. Connections still held stay the caller's. Connections portmux
+    /// sent meanwhile are left to it (it routes them again): the session is
+    /// read to its end, so that everything this side sent is read too.
+    pub fn close(&self) {
+        let Some(sock) = self.handle.socket() else { return };
+        let _ = self.handle.send(&portmux_wire::Message::Bye, None);
+        let mut rx = lock(&self.receiving);
+        proto::read_to_end(&sock, &mut rx.buf, CLOSE_WAIT);
+        if let Some(p) = self.poller.get() {
+            p.forget(&sock);
+        }
+        self.handle.clear_socket();
+    }
+
+    /// Gives every connection still in the session socket back unread (Reject).
+    fn reject_pending(&self, rx: &mut Receiving) {
+        let Some(sock) = self.handle.socket() else { return };
+        loop {
+            match proto::receive(&*sock, &mut rx.buf, Wait::DontWait) {
+                Ok(Incoming::Conn(id, _, _)) | Ok(Incoming::Lost(id, _)) => {
+                    let _ = proto::send(&*sock, &proto::reject(id, "the service is shutting down"), Wait::Block);
+                }
+                Ok(Incoming::Closed | Incoming::Ended(_)) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+/// The error of a listener that was shut down.
+fn shut_down() -> io::Error {
+    io::Error::other(ShuttingDown)
+}
+
+/// The listener is shutting down (or was shut down) gracefully: it accepts no
+/// more connections. Returned inside an [`io::Error`].
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the listener is shutting down; it accepts no more connections")]
+pub struct ShuttingDown;
+
+/// A received connection, counted by the listener's handle.
+fn track(handle: &Arc<handle::Handle>, stream: TcpStream, info: ConnInfo) -> (Stream, ConnInfo) {
+    let tracked = handle::Tracked::new(handle.clone(), info.meta.clone());
+    (Stream::new(stream, tracked), info)
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Ok(bytes) = portmux_wire::encode(&portmux_wire::Message::Bye) {
-            let _ = proto::send(&*self.current(), &bytes, Wait::DontWait);
+        if let Some(sock) = self.handle.socket() {
+            let mut rx = lock(&self.receiving);
+            self.reject_pending(&mut rx);
+            if let Ok(bytes) = portmux_wire::encode(&portmux_wire::Message::Bye) {
+                let _ = proto::send(&*sock, &bytes, Wait::DontWait);
+            }
+            proto::read_to_end(&*sock, &mut rx.buf, CLOSE_WAIT);
         }
+        self.handle.clear_socket();
     }
 }
 

@@ -88,6 +88,30 @@ pub(crate) fn receive(sock: impl AsFd, buf: &mut [u8], wait: Wait) -> io::Result
     })
 }
 
+/// After Bye: reads (and drops: portmux still holds them and routes them
+/// again) whatever portmux sent, until it ends the session or `within`
+/// passes. Closing with messages unread would make portmux see a reset
+/// before the messages this side sent last.
+pub(crate) fn read_to_end(sock: impl AsFd, buf: &mut [u8], within: Duration) {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match scm::recv_with_fds(sock.as_fd(), buf, Wait::DontWait) {
+            Ok(dg) if dg.is_eof() => return,
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        let mut fds = [PollFd::new(&sock, PollFlags::IN)];
+        let _ = poll(&mut fds, Some(&Timespec { tv_sec: left.as_secs() as _, tv_nsec: left.subsec_nanos() as _ }));
+    }
+}
+
 /// Encodes an Ack.
 pub(crate) fn ack(id: u64) -> Vec<u8> {
     portmux_wire::encode(&Message::Ack { id }).unwrap_or_default()

@@ -1,16 +1,22 @@
 //! The async flavour: the same listener on tokio, and (feature `axum`) axum's
-//! `serve::Listener`, so `axum::serve(listener, router)` works.
+//! `serve::Listener`, so `axum::serve(listener, router)` works, graceful
+//! shutdown included.
 
+use crate::handle::{Handle, Tracked};
 use crate::proto::{self, Config, Incoming};
-use crate::{ConnInfo, Error, Opened};
+use crate::{ConnInfo, Error, Opened, ShuttingDown};
 use portmux_sys::scm::Wait;
 use portmux_wire::{Bound, Message};
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::Interest;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpStream, UnixDatagram};
 
 /// An async listener for handed-over connections, like `tokio::net::TcpListener`.
@@ -21,6 +27,9 @@ pub struct Listener {
     /// watches its readiness; every read and write here is our own
     /// `recvmsg`/`send`, so the datagram type is never used for I/O.
     sock: UnixDatagram,
+    /// Shared with the connections handed out: a copy of the session socket
+    /// to give them back on, their count, the shutdown switch.
+    handle: Arc<Handle>,
     bound: Vec<Bound>,
     backlog: VecDeque<(std::net::TcpStream, ConnInfo)>,
     buf: Vec<u8>,
@@ -35,7 +44,8 @@ impl Listener {
     pub(crate) async fn open(cfg: Config) -> Result<Listener, Error> {
         let mut buf = vec![0u8; portmux_wire::MAX_MESSAGE];
         let opened = handshake(&cfg, &mut buf).await?;
-        Ok(Listener { cfg, sock: opened.sock, bound: opened.bound, backlog: opened.early.into(), buf })
+        let handle = Handle::new(Arc::new(opened.sock.as_fd().try_clone_to_owned()?))?;
+        Ok(Listener { cfg, sock: opened.sock, handle, bound: opened.bound, backlog: opened.early.into(), buf })
     }
 
     /// The routes as portmux serves them, with their listening addresses.
@@ -53,17 +63,29 @@ impl Listener {
         self.bound.first().map(|b| b.listen).ok_or_else(|| io::ErrorKind::NotConnected.into())
     }
 
-    /// Waits for the next connection; reconnects by itself if portmux restarts.
-    pub async fn accept(&mut self) -> io::Result<(TcpStream, ConnInfo)> {
+    /// Waits for the next connection; reconnects by itself if portmux
+    /// restarts. Once a graceful shutdown began, fails with [`ShuttingDown`].
+    pub async fn accept(&mut self) -> io::Result<(Stream, ConnInfo)> {
         loop {
+            if self.handle.is_closing() {
+                return Err(io::Error::other(ShuttingDown));
+            }
             if let Some((stream, info)) = self.backlog.pop_front() {
                 stream.set_nonblocking(true)?;
-                return Ok((TcpStream::from_std(stream)?, info));
+                return Ok(self.track(TcpStream::from_std(stream)?, info));
             }
             let buf = &mut self.buf;
             let sock = &self.sock;
-            let incoming =
-                sock.async_io(Interest::READABLE, || proto::receive(sock.as_fd(), buf, Wait::DontWait)).await;
+            let woken = self.handle.wake_async.clone().notified_owned();
+            let mut woken = std::pin::pin!(woken);
+            woken.as_mut().enable();
+            if self.handle.is_closing() {
+                continue;
+            }
+            let incoming = tokio::select! {
+                r = sock.async_io(Interest::READABLE, || proto::receive(sock.as_fd(), buf, Wait::DontWait)) => r,
+                () = woken => continue,
+            };
             let incoming = match incoming {
                 Ok(i) => i,
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Incoming::Closed,
@@ -73,7 +95,7 @@ impl Listener {
                 Incoming::Conn(id, stream, info) => {
                     let _ = send(&self.sock, &proto::ack(id)).await;
                     stream.set_nonblocking(true)?;
-                    return Ok((TcpStream::from_std(stream)?, info));
+                    return Ok(self.track(TcpStream::from_std(stream)?, info));
                 }
                 Incoming::Lost(id, why) => {
                     let _ = send(&self.sock, &proto::reject(id, &why)).await;
@@ -91,6 +113,7 @@ impl Listener {
         loop {
             match handshake(&self.cfg, &mut self.buf).await {
                 Ok(opened) => {
+                    self.handle.set_socket(Arc::new(opened.sock.as_fd().try_clone_to_owned()?));
                     self.sock = opened.sock;
                     self.bound = opened.bound;
                     self.backlog.extend(opened.early);
@@ -109,13 +132,231 @@ impl Listener {
     pub async fn drain(&self) -> io::Result<()> {
         send(&self.sock, &portmux_wire::encode(&Message::Drain).map_err(io::Error::other)?).await
     }
+
+    fn track(&self, stream: TcpStream, info: ConnInfo) -> (Stream, ConnInfo) {
+        let tracked = Tracked::new(self.handle.clone(), info.meta.clone());
+        (Stream { inner: stream, tracked, woken: None }, info)
+    }
+
+    /// A handle to begin this listener's graceful shutdown from elsewhere,
+    /// for frameworks that own the listener: `axum::serve(listener,
+    /// app).with_graceful_shutdown(listener.graceful().after(signal))`.
+    pub fn graceful(&self) -> Graceful {
+        Graceful { handle: self.handle.clone() }
+    }
+
+    /// Gives a connection back to portmux instead of closing it (see
+    /// [`crate::Listener::give_back`]).
+    pub fn give_back(&self, stream: Stream) -> io::Result<()> {
+        if !stream.tracked.can_go_back() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "only an untouched connection, or a plain HTTP/1 one between requests, can go back",
+            ));
+        }
+        if stream.tracked.give_back(stream.inner.as_fd()) {
+            Ok(())
+        } else {
+            Err(io::Error::new(io::ErrorKind::NotConnected, "the connection could not go back to portmux"))
+        }
+    }
+
+    /// Connections handed out by this listener and not yet closed or given back.
+    pub fn open_connections(&self) -> usize {
+        self.handle.open()
+    }
+
+    /// Shuts down gracefully (as [`crate::Listener::shutdown`] does): Drain,
+    /// no more accepts, connections that arrived meanwhile back to portmux
+    /// unread, handed-out connections end between requests and go back; waits
+    /// until they are all closed or given back, or `grace`, and returns how
+    /// many were still open; then says Bye.
+    pub async fn shutdown(mut self, grace: Duration) -> io::Result<usize> {
+        let deadline = Instant::now() + grace;
+        self.drain().await?;
+        self.handle.begin_closing();
+        self.backlog.clear();
+        self.reject_pending();
+        let open = self.handle.wait_all_closed_async(deadline).await;
+        drop(self); // Bye
+        Ok(open)
+    }
+
+    /// Gives every connection still in the session socket back unread (Reject).
+    fn reject_pending(&mut self) {
+        loop {
+            match proto::receive(self.sock.as_fd(), &mut self.buf, Wait::DontWait) {
+                Ok(Incoming::Conn(id, _, _)) | Ok(Incoming::Lost(id, _)) => {
+                    let _ =
+                        proto::send(self.sock.as_fd(), &proto::reject(id, "the service is shutting down"), Wait::Block);
+                }
+                Ok(Incoming::Closed | Incoming::Ended(_)) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
+        self.reject_pending();
         if let Ok(bytes) = portmux_wire::encode(&Message::Bye) {
             let _ = proto::send(self.sock.as_fd(), &bytes, Wait::DontWait);
         }
+        // Read to the end, so that portmux reads everything this side sent.
+        proto::read_to_end(self.sock.as_fd(), &mut self.buf, crate::CLOSE_WAIT);
+        self.handle.clear_socket();
+    }
+}
+
+/// Begins a listener's graceful shutdown from elsewhere (see
+/// [`Listener::graceful`]): Drain, and every connection handed out ends
+/// between requests, going back to portmux for the next instance. Whoever owns
+/// the listener stops accepting; dropping it says Bye.
+#[derive(Debug, Clone)]
+pub struct Graceful {
+    handle: Arc<Handle>,
+}
+
+impl Graceful {
+    /// Begins the shutdown now.
+    pub fn begin(&self) {
+        let _ = self.handle.send(&Message::Drain, None);
+        self.handle.begin_closing();
+    }
+
+    /// A future that waits for `signal`, then begins the shutdown: what
+    /// axum's `with_graceful_shutdown` takes.
+    pub async fn after(self, signal: impl Future<Output = ()> + Send + 'static) {
+        signal.await;
+        self.begin();
+    }
+}
+
+/// A handed-over connection on tokio: an `AsyncRead + AsyncWrite` over the
+/// `TcpStream` (reachable with [`Stream::get_ref`]), counted by its listener
+/// until dropped. During a graceful shutdown, a read that would wait for a
+/// next request returns end-of-file (HTTP servers then close the connection
+/// as if the client had gone), and closing or dropping the stream gives it
+/// back to portmux, unread, for the next instance: the client never notices.
+#[derive(Debug)]
+pub struct Stream {
+    inner: TcpStream,
+    tracked: Tracked,
+    /// Wakes a read waiting for a next request when a shutdown begins.
+    woken: Option<Pin<Box<tokio::sync::futures::OwnedNotified>>>,
+}
+
+impl Stream {
+    pub fn get_ref(&self) -> &TcpStream {
+        &self.inner
+    }
+
+    /// Whether nothing was read since the last write (see [`crate::Stream::between_requests`]).
+    pub fn between_requests(&self) -> bool {
+        self.tracked.between_requests()
+    }
+
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.peer_addr()
+    }
+
+    pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
+        self.inner.set_nodelay(on)
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.tracked.ends_here() {
+            return Poll::Ready(Ok(())); // End-of-file: the connection goes back.
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                this.tracked.read(&buf.filled()[before..]);
+                this.woken = None;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending if this.tracked.can_go_back() && !this.tracked.handle.is_closing() => {
+                // Waiting for a next request: a shutdown must wake this read.
+                let woken = this.woken.get_or_insert_with(|| {
+                    let mut n = Box::pin(this.tracked.handle.wake_async.clone().notified_owned());
+                    n.as_mut().enable();
+                    n
+                });
+                if woken.as_mut().poll(cx).is_ready() || this.tracked.handle.is_closing() {
+                    this.woken = None;
+                    if this.tracked.ends_here() {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Poll::Pending
+            }
+            other => other,
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            this.tracked.wrote(&buf[..n]);
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        // Going back: no FIN, the socket is portmux's (and the next instance's).
+        if this.tracked.is_given_back() || (this.tracked.ends_here() && this.tracked.give_back(this.inner.as_fd())) {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled {
+            // The head is at the start of the first buffer.
+            let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &b[..b.len().min(n)]);
+            this.tracked.wrote(if n == 0 { &[] } else { first });
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.inner.as_fd()
+    }
+}
+
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> RawFd {
+        self.inner.as_raw_fd()
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.tracked.finish(self.inner.as_fd());
     }
 }
 
@@ -164,13 +405,15 @@ async fn handshake(cfg: &Config, buf: &mut [u8]) -> Result<Opened<UnixDatagram>,
 /// with `into_make_service_with_connect_info::<ConnInfo>()`.
 #[cfg(feature = "axum")]
 impl axum::serve::Listener for Listener {
-    type Io = TcpStream;
+    type Io = Stream;
     type Addr = ConnInfo;
 
-    async fn accept(&mut self) -> (TcpStream, ConnInfo) {
+    async fn accept(&mut self) -> (Stream, ConnInfo) {
         loop {
             match Listener::accept(self).await {
                 Ok(accepted) => return accepted,
+                // Shutting down: whoever owns the listener stops calling accept.
+                Err(e) if e.get_ref().is_some_and(|i| i.is::<ShuttingDown>()) => std::future::pending().await,
                 Err(e) => {
                     // axum's contract: log and retry; a pause keeps a persistent
                     // error (portmux refusing the route) from spinning.

@@ -4,8 +4,11 @@
  *
  * Claims SPEC, then answers every HTTP/1.1 request on every connection portmux
  * hands over with BODY (keep-alive honoured), one thread per connection. The
- * main thread is an event loop over portmux_listener_fd() and a signalfd, so
- * SIGTERM/SIGINT end it cleanly: the listener is freed and the process exits.
+ * main thread is an event loop over portmux_listener_fd() and a signalfd.
+ * SIGTERM/SIGINT shut it down gracefully: portmux sends nothing new, requests
+ * in progress finish, and each connection goes back to portmux as soon as it
+ * sits between requests (portmux_give_back), for the next instance; then the
+ * listener is freed and the process exits.
  * Build: cc -o hello hello.c $(pkg-config --cflags --libs portmux) -lpthread
  */
 #define _GNU_SOURCE
@@ -17,6 +20,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <stdint.h>
+#include <sys/eventfd.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -24,6 +29,21 @@
 #include "portmux.h"
 
 static const char *body;
+static portmux_listener *l;
+static int stop_fd; /* readable once shutting down */
+
+/* Waits for the next request on `fd`: 1 when bytes are there, 0 when the
+ * service shuts down first (the connection then sits between requests). */
+static int next_request(int fd) {
+    struct pollfd p[2] = {{.fd = fd, .events = POLLIN}, {.fd = stop_fd, .events = POLLIN}};
+    for (;;) {
+        if (poll(p, 2, -1) < 0) {
+            if (errno == EINTR) continue;
+            return 1;
+        }
+        return p[1].revents ? 0 : 1;
+    }
+}
 
 static int write_all(int fd, const char *p, size_t n) {
     while (n > 0) {
@@ -65,6 +85,12 @@ static void *serve(void *arg) {
         char *end = strstr(buf, "\r\n\r\n");
         if (!end) {
             if (have == sizeof buf - 1) break; /* head too large: give up on this client */
+            if (have == 0 && !next_request(fd)) {
+                /* Between requests while shutting down: back to portmux, for the next instance. */
+                if (portmux_give_back(l, fd) != PORTMUX_OK)
+                    fprintf(stderr, "hello.c: give back: %s\n", portmux_last_error());
+                return NULL;
+            }
             ssize_t r = recv(fd, buf + have, sizeof buf - 1 - have, 0);
             if (r < 0 && errno == EINTR) continue;
             if (r <= 0) break;
@@ -97,7 +123,7 @@ static void *serve(void *arg) {
         }
     }
 done:
-    close(fd);
+    portmux_close(l, fd);
     return NULL;
 }
 
@@ -107,7 +133,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     body = argv[2];
-    portmux_listener *l;
+    stop_fd = eventfd(0, EFD_CLOEXEC);
     int rc = portmux_listen(argv[1], &l);
     if (rc != PORTMUX_OK) {
         fprintf(stderr, "hello.c: cannot claim %s: %s\n", argv[1], portmux_last_error());
@@ -123,7 +149,7 @@ int main(int argc, char **argv) {
     pthread_sigmask(SIG_BLOCK, &stop, NULL); /* inherited by the connection threads */
     int sfd = signalfd(-1, &stop, SFD_CLOEXEC);
     int lfd = portmux_listener_fd(l);
-    if (sfd < 0 || lfd < 0) {
+    if (sfd < 0 || lfd < 0 || stop_fd < 0) {
         fprintf(stderr, "hello.c: cannot set up the event loop: %s\n", lfd < 0 ? portmux_last_error() : strerror(errno));
         portmux_listener_free(l);
         return 1;
@@ -150,12 +176,19 @@ int main(int argc, char **argv) {
             pthread_attr_t attr;
             pthread_attr_init(&attr);
             pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-            if (pthread_create(&t, &attr, serve, (void *)(intptr_t)fd) != 0) close(fd);
+            if (pthread_create(&t, &attr, serve, (void *)(intptr_t)fd) != 0) portmux_close(l, fd);
             pthread_attr_destroy(&attr);
         }
     }
+    /* Wake the connection threads waiting between requests, then wait (10 s
+     * at most) for every connection to be given back or closed. */
+    uint64_t one = 1;
+    if (write(stop_fd, &one, sizeof one) < 0) perror("hello.c: wake");
+    rc = portmux_shutdown(l, 10000);
+    if (rc != PORTMUX_OK) fprintf(stderr, "hello.c: shutdown: %s\n", portmux_last_error());
     portmux_listener_free(l);
     close(sfd);
+    close(stop_fd);
     printf("hello.c: stopped\n");
     return 0;
 }

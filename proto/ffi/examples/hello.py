@@ -6,12 +6,16 @@
 Claims SPEC, then answers every HTTP/1.1 request on every connection portmux
 hands over with BODY (keep-alive honoured), one thread per connection. The
 accept side is an event loop (selectors) on portmux_listener_fd(), as asyncio
-or any other loop would use it. SIGTERM/SIGINT free the listener and exit.
+or any other loop would use it. SIGTERM/SIGINT shut it down gracefully:
+requests in progress finish, and each connection goes back to portmux
+(portmux_give_back) as soon as it sits between requests, for the next
+instance; then the listener is freed and the process exits.
 libportmux.so is found through $PORTMUX_LIB, else the system's library path.
 """
 
 import ctypes
 import os
+import select
 import selectors
 import signal
 import socket
@@ -54,37 +58,58 @@ def load():
     lib.portmux_strerror.restype = ctypes.c_char_p
     lib.portmux_last_error.argtypes = []
     lib.portmux_last_error.restype = ctypes.c_char_p
+    for name in ("portmux_give_back", "portmux_close"):
+        getattr(lib, name).argtypes = [listener_p, ctypes.c_int]
+        getattr(lib, name).restype = ctypes.c_int
+    lib.portmux_shutdown.argtypes = [listener_p, ctypes.c_uint]
+    lib.portmux_shutdown.restype = ctypes.c_int
     return lib
 
 
-def serve(sock, body):
-    """Answers requests on one connection until the client is done."""
+def serve(lib, listener, sock, body, stopping):
+    """Answers requests on one connection until the client is done; when the
+    service shuts down, gives the connection back between requests."""
+    try:
+        if answer_requests(sock, body, stopping):
+            if lib.portmux_give_back(listener, sock.detach()) != PORTMUX_OK:
+                print(f"hello.py: give back: {lib.portmux_last_error().decode()}", file=sys.stderr, flush=True)
+            return
+    except OSError:
+        pass
+    lib.portmux_close(listener, sock.detach())
+
+
+def answer_requests(sock, body, stopping):
+    """True when the service shuts down while the connection sits between requests."""
     answer = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n" % len(body)
     buf = b""
-    with sock:
-        while True:
-            while b"\r\n\r\n" not in buf:
-                data = sock.recv(16384)
-                if not data or len(buf) > 65536:
-                    return
-                buf += data
-            head, buf = buf.split(b"\r\n\r\n", 1)
-            lines = head.split(b"\r\n")
-            headers = {k.strip().lower(): v.strip() for k, _, v in (l.partition(b":") for l in lines[1:])}
-            skip = int(headers.get(b"content-length", b"0") or 0)
-            close = lines[0].endswith(b"HTTP/1.0")
-            if b"connection" in headers:
-                close = headers[b"connection"].lower() == b"close"
-            sock.sendall(answer + (b"connection: close\r\n\r\n" if close else b"\r\n") + body)
-            if close:
-                return
-            while skip > 0:  # a request body, so keep-alive stays in step
+    while True:
+        while b"\r\n\r\n" not in buf:
+            # Between requests, shutting down wins: the next request, if it is
+            # already there, stays unread and goes back with the connection.
+            if not buf and stopping in select.select([sock, stopping], [], [])[0]:
+                return True
+            data = sock.recv(16384)
+            if not data or len(buf) > 65536:
+                return False
+            buf += data
+        head, buf = buf.split(b"\r\n\r\n", 1)
+        lines = head.split(b"\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (l.partition(b":") for l in lines[1:])}
+        skip = int(headers.get(b"content-length", b"0") or 0)
+        close = lines[0].endswith(b"HTTP/1.0")
+        if b"connection" in headers:
+            close = headers[b"connection"].lower() == b"close"
+        sock.sendall(answer + (b"connection: close\r\n\r\n" if close else b"\r\n") + body)
+        if close:
+            return False
+        while skip > 0:  # a request body, so keep-alive stays in step
+            if not buf:
+                buf = sock.recv(min(skip, 16384))
                 if not buf:
-                    buf = sock.recv(min(skip, 16384))
-                    if not buf:
-                        return
-                used = min(skip, len(buf))
-                buf, skip = buf[used:], skip - used
+                    return False
+            used = min(skip, len(buf))
+            buf, skip = buf[used:], skip - used
 
 
 def main():
@@ -100,6 +125,8 @@ def main():
 
     # Signals wake the loop through a pipe (set_wakeup_fd), so it stops cleanly.
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    # Readable once shutting down: wakes the connections waiting between requests.
+    stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
@@ -122,8 +149,11 @@ def main():
                           f"({lib.portmux_last_error().decode()})", file=sys.stderr, flush=True)
                     break
                 conn = socket.socket(fileno=fd)
-                threading.Thread(target=serve, args=(conn, body), daemon=True).start()
+                threading.Thread(target=serve, args=(lib, listener, conn, body, stop_r), daemon=True).start()
     sel.close()
+    os.write(stop_w, b"x")
+    if lib.portmux_shutdown(listener, 10000) != PORTMUX_OK:
+        print(f"hello.py: shutdown: {lib.portmux_last_error().decode()}", file=sys.stderr, flush=True)
     lib.portmux_listener_free(listener)
     print("hello.py: stopped", flush=True)
 

@@ -64,6 +64,17 @@
 // portmux_last_error() has the detail. Please report it.
 #define PORTMUX_ERR_INTERNAL -9
 
+// The listener is shutting down (portmux_shutdown): it accepts no more connections.
+#define PORTMUX_ERR_SHUTDOWN -10
+
+// The fd is not a connection this listener handed out (or it was already
+// given back or closed through it); it was left untouched.
+#define PORTMUX_ERR_UNKNOWN_FD -11
+
+// portmux_shutdown's grace period ended with connections still open;
+// portmux_last_error() says how many. The session was ended anyway.
+#define PORTMUX_ERR_TIMEOUT -12
+
 // Raw TCP: not inspected (a `tcp://` route), or not recognised.
 #define PORTMUX_PROTO_TCP 0
 
@@ -181,6 +192,53 @@ int portmux_listener_fd(const struct portmux_listener *listener);
 // `listener` is NULL or a listener from portmux_listen not yet freed, with no
 // other call on it in progress or to come.
 void portmux_listener_free(struct portmux_listener *listener);
+
+// Asks portmux to send no new connections to this listener (the route's
+// other instances, or its next one, get them). Returns PORTMUX_OK,
+// PORTMUX_ERR_NULL or PORTMUX_ERR_IO.
+//
+// # Safety
+// `listener` is NULL or a live listener from portmux_listen.
+int portmux_drain(struct portmux_listener *listener);
+
+// Gives connection `fd` back to portmux instead of closing it: portmux holds
+// it until its next request and routes that like a new connection's, to the
+// instance that then serves the route (the client never notices a restart).
+// `fd` must be a connection this listener handed out that sits between
+// requests: nothing read beyond its last request (or nothing read at all).
+// Only plain HTTP/1 connections can go back once used; an untouched one of
+// any kind can. Ownership of `fd` passes to the library, which closes it (on
+// failure too, except PORTMUX_ERR_UNKNOWN_FD: then `fd` is untouched).
+// Returns PORTMUX_OK, PORTMUX_ERR_NULL, PORTMUX_ERR_UNKNOWN_FD or PORTMUX_ERR_IO.
+//
+// # Safety
+// `listener` is NULL or a live listener from portmux_listen; `fd` is not used
+// by the caller after this call (unless it returned PORTMUX_ERR_UNKNOWN_FD).
+int portmux_give_back(struct portmux_listener *listener, int fd);
+
+// Closes connection `fd`, which this listener handed out, and forgets it
+// (portmux_shutdown no longer waits for it). Plain close(2) works too, but
+// then portmux_shutdown waits out its grace period. Returns PORTMUX_OK,
+// PORTMUX_ERR_NULL or PORTMUX_ERR_UNKNOWN_FD (then `fd` is untouched).
+//
+// # Safety
+// `listener` is NULL or a live listener from portmux_listen; `fd` is not used
+// by the caller after this call (unless it returned PORTMUX_ERR_UNKNOWN_FD).
+int portmux_close(struct portmux_listener *listener, int fd);
+
+// Shuts down gracefully: portmux sends no new connections here (they wait
+// for the next instance, or go to the route's other instances); accepts stop
+// (blocked ones return PORTMUX_ERR_SHUTDOWN); connections that arrived
+// meanwhile go back to portmux unread. Then it waits, at most `grace_ms`,
+// until every connection handed out was given back (portmux_give_back: do
+// it for each connection as soon as it sits between requests) or closed
+// (portmux_close), and ends the session. Returns PORTMUX_OK, or
+// PORTMUX_ERR_TIMEOUT if some were still open (they stay the caller's),
+// PORTMUX_ERR_NULL or PORTMUX_ERR_IO. Free the listener afterwards.
+//
+// # Safety
+// `listener` is NULL or a live listener from portmux_listen.
+int portmux_shutdown(struct portmux_listener *listener, unsigned int grace_ms);
 
 // The fixed English text of a result code ("unknown portmux result code" for
 // a number that is none). The string is static: do not free it.

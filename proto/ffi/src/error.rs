@@ -32,6 +32,14 @@ pub const PORTMUX_ERR_IO: c_int = -8;
 /// A bug inside libportmux (it was caught, nothing crossed into the caller);
 /// portmux_last_error() has the detail. Please report it.
 pub const PORTMUX_ERR_INTERNAL: c_int = -9;
+/// The listener is shutting down (portmux_shutdown): it accepts no more connections.
+pub const PORTMUX_ERR_SHUTDOWN: c_int = -10;
+/// The fd is not a connection this listener handed out (or it was already
+/// given back or closed through it); it was left untouched.
+pub const PORTMUX_ERR_UNKNOWN_FD: c_int = -11;
+/// portmux_shutdown's grace period ended with connections still open;
+/// portmux_last_error() says how many. The session was ended anyway.
+pub const PORTMUX_ERR_TIMEOUT: c_int = -12;
 
 /// The fixed text of a result code.
 pub(crate) fn describe(code: c_int) -> &'static CStr {
@@ -50,6 +58,13 @@ pub(crate) fn describe(code: c_int) -> &'static CStr {
         PORTMUX_ERR_PROTOCOL => c"portmux ended the session or sent a message this library cannot read (update libportmux)",
         PORTMUX_ERR_IO => c"a system call failed (see portmux_last_error())",
         PORTMUX_ERR_INTERNAL => c"internal error in libportmux (a bug; please report it with portmux_last_error())",
+        PORTMUX_ERR_SHUTDOWN => c"the listener is shutting down and accepts no more connections",
+        PORTMUX_ERR_UNKNOWN_FD => {
+            c"the fd is not a connection this listener handed out (or it was already given back or closed); it is untouched"
+        }
+        PORTMUX_ERR_TIMEOUT => {
+            c"the grace period ended with connections still open (portmux_last_error() says how many); the session ended anyway"
+        }
         _ => c"unknown portmux result code",
     }
 }
@@ -91,6 +106,8 @@ impl From<io::Error> for Failure {
     fn from(e: io::Error) -> Failure {
         let code = if e.get_ref().is_some_and(|inner| inner.is::<portmux_client::FdNotReceived>()) {
             PORTMUX_ERR_FD_LIMIT
+        } else if e.get_ref().is_some_and(|inner| inner.is::<portmux_client::ShuttingDown>()) {
+            PORTMUX_ERR_SHUTDOWN
         } else {
             match e.kind() {
                 io::ErrorKind::WouldBlock => PORTMUX_ERR_WOULD_BLOCK,
@@ -138,6 +155,9 @@ mod tests {
             PORTMUX_ERR_PROTOCOL,
             PORTMUX_ERR_IO,
             PORTMUX_ERR_INTERNAL,
+            PORTMUX_ERR_SHUTDOWN,
+            PORTMUX_ERR_UNKNOWN_FD,
+            PORTMUX_ERR_TIMEOUT,
         ];
         let texts: std::collections::HashSet<_> = codes.iter().map(|&c| describe(c)).collect();
         assert_eq!(texts.len(), codes.len());
@@ -150,6 +170,7 @@ mod tests {
         assert_eq!(Failure::from(lost).code, PORTMUX_ERR_FD_LIMIT);
         assert_eq!(Failure::from(io::Error::from(io::ErrorKind::WouldBlock)).code, PORTMUX_ERR_WOULD_BLOCK);
         assert_eq!(Failure::from(io::Error::other("x")).code, PORTMUX_ERR_IO);
+        assert_eq!(Failure::from(io::Error::other(portmux_client::ShuttingDown)).code, PORTMUX_ERR_SHUTDOWN);
         let refused = portmux_client::Error::Refused { route: "tcp://:1".into(), reason: "held by 'a'".into() };
         let f = Failure::from(refused);
         assert_eq!(f.code, PORTMUX_ERR_REFUSED);

@@ -6,13 +6,18 @@
 //! exactly one caller); `portmux_listener_free` must not overlap any other call
 //! on the same listener. Error details are per thread.
 
-use crate::error::{self, Failure, PORTMUX_ERR_INTERNAL, PORTMUX_ERR_SPEC, PORTMUX_ERR_WOULD_BLOCK, PORTMUX_OK};
+use crate::error::{
+    self, Failure, PORTMUX_ERR_INTERNAL, PORTMUX_ERR_SPEC, PORTMUX_ERR_TIMEOUT, PORTMUX_ERR_UNKNOWN_FD,
+    PORTMUX_ERR_WOULD_BLOCK, PORTMUX_OK,
+};
 use crate::info::portmux_conn_info;
-use portmux_client::ConnInfo;
-use std::ffi::{CStr, c_char, c_int};
-use std::net::TcpStream;
-use std::os::fd::{AsRawFd, IntoRawFd};
+use portmux_client::{ConnInfo, Stream};
+use std::collections::HashMap;
+use std::ffi::{CStr, c_char, c_int, c_uint};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// A claimed route: a session with portmux that receives the connections
 /// portmux hands over, and re-registers by itself after portmux restarts.
@@ -20,6 +25,31 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 #[derive(Debug)]
 pub struct portmux_listener {
     inner: portmux_client::Listener,
+    /// The connections handed out and not yet given back or closed through
+    /// the listener (portmux_shutdown waits for them), with their info.
+    handed: Mutex<HashMap<c_int, ConnInfo>>,
+    returned: Condvar,
+}
+
+impl portmux_listener {
+    fn handed(&self) -> MutexGuard<'_, HashMap<c_int, ConnInfo>> {
+        self.handed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The info of `fd`, a connection this listener handed out.
+    fn info(&self, fd: c_int) -> Result<ConnInfo, Failure> {
+        self.handed().get(&fd).cloned().ok_or_else(|| {
+            Failure::new(PORTMUX_ERR_UNKNOWN_FD, format!("fd {fd} is not a connection this listener handed out"))
+        })
+    }
+
+    /// `fd` is done (given back, or closed): portmux_shutdown stops waiting
+    /// for it. Only after the give-back was sent, so that the session's Bye
+    /// cannot overtake it.
+    fn done(&self, fd: c_int) {
+        self.handed().remove(&fd);
+        self.returned.notify_all();
+    }
 }
 
 /// Runs `f`, turning a failure into its code (with its detail kept for
@@ -41,14 +71,17 @@ fn fenced(f: impl FnOnce() -> Result<c_int, Failure>) -> c_int {
 }
 
 /// Gives the caller the connection: fills `info` when it is not NULL and
-/// returns the fd, whose ownership passes to the caller.
-fn deliver(stream: TcpStream, conn: &ConnInfo, info: *mut portmux_conn_info) -> c_int {
+/// returns the fd, whose ownership passes to the caller (the listener
+/// remembers it for portmux_give_back, portmux_close and portmux_shutdown).
+fn deliver(l: &portmux_listener, stream: Stream, conn: ConnInfo, info: *mut portmux_conn_info) -> c_int {
     if !info.is_null() {
         // SAFETY: `info` is non-null and, per the callers' contracts, valid for
         // writing one portmux_conn_info; `write` does not read the old contents.
-        unsafe { info.write(portmux_conn_info::from_info(conn)) };
+        unsafe { info.write(portmux_conn_info::from_info(&conn)) };
     }
-    stream.into_raw_fd()
+    let fd = stream.into_inner().into_raw_fd();
+    l.handed().insert(fd, conn);
+    fd
 }
 
 /// Connects to portmux's control socket ($PORTMUX_CONTROL, else portmux's
@@ -84,7 +117,8 @@ pub unsafe extern "C" fn portmux_listen(route_spec: *const c_char, out: *mut *mu
         let spec = unsafe { CStr::from_ptr(route_spec) };
         let spec = spec.to_str().map_err(|_| Failure::new(PORTMUX_ERR_SPEC, "the route spec is not valid UTF-8"))?;
         let inner = portmux_client::Listener::bind(spec)?;
-        let listener = Box::into_raw(Box::new(portmux_listener { inner }));
+        let handed = Mutex::new(HashMap::new());
+        let listener = Box::into_raw(Box::new(portmux_listener { inner, handed, returned: Condvar::new() }));
         // SAFETY: as above.
         unsafe { out.write(listener) };
         Ok(PORTMUX_OK)
@@ -115,7 +149,7 @@ pub unsafe extern "C" fn portmux_accept(listener: *mut portmux_listener, info: *
         // and the client's Listener is Sync.
         let l = unsafe { listener.as_ref() }.ok_or_else(|| Failure::null("listener"))?;
         let (stream, conn) = l.inner.accept()?;
-        Ok(deliver(stream, &conn, info))
+        Ok(deliver(l, stream, conn, info))
     })
 }
 
@@ -139,7 +173,7 @@ pub unsafe extern "C" fn portmux_accept_nonblocking(
         // SAFETY: as in portmux_accept.
         let l = unsafe { listener.as_ref() }.ok_or_else(|| Failure::null("listener"))?;
         match l.inner.try_accept()? {
-            Some((stream, conn)) => Ok(deliver(stream, &conn, info)),
+            Some((stream, conn)) => Ok(deliver(l, stream, conn, info)),
             None => Err(Failure::new(PORTMUX_ERR_WOULD_BLOCK, "")),
         }
     })
@@ -180,6 +214,110 @@ pub unsafe extern "C" fn portmux_listener_free(listener: *mut portmux_listener) 
         drop(unsafe { Box::from_raw(listener) });
         Ok(PORTMUX_OK)
     });
+}
+
+/// Asks portmux to send no new connections to this listener (the route's
+/// other instances, or its next one, get them). Returns PORTMUX_OK,
+/// PORTMUX_ERR_NULL or PORTMUX_ERR_IO.
+///
+/// # Safety
+/// `listener` is NULL or a live listener from portmux_listen.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn portmux_drain(listener: *mut portmux_listener) -> c_int {
+    fenced(|| {
+        // SAFETY: NULL or a live listener (contract); shared access only.
+        let l = unsafe { listener.as_ref() }.ok_or_else(|| Failure::null("listener"))?;
+        l.inner.drain()?;
+        Ok(PORTMUX_OK)
+    })
+}
+
+/// Gives connection `fd` back to portmux instead of closing it: portmux holds
+/// it until its next request and routes that like a new connection's, to the
+/// instance that then serves the route (the client never notices a restart).
+/// `fd` must be a connection this listener handed out that sits between
+/// requests: nothing read beyond its last request (or nothing read at all).
+/// Only plain HTTP/1 connections can go back once used; an untouched one of
+/// any kind can. Ownership of `fd` passes to the library, which closes it (on
+/// failure too, except PORTMUX_ERR_UNKNOWN_FD: then `fd` is untouched).
+/// Returns PORTMUX_OK, PORTMUX_ERR_NULL, PORTMUX_ERR_UNKNOWN_FD or PORTMUX_ERR_IO.
+///
+/// # Safety
+/// `listener` is NULL or a live listener from portmux_listen; `fd` is not used
+/// by the caller after this call (unless it returned PORTMUX_ERR_UNKNOWN_FD).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn portmux_give_back(listener: *mut portmux_listener, fd: c_int) -> c_int {
+    fenced(|| {
+        // SAFETY: NULL or a live listener (contract); shared access only.
+        let l = unsafe { listener.as_ref() }.ok_or_else(|| Failure::null("listener"))?;
+        let info = l.info(fd)?;
+        // SAFETY: this listener handed `fd` out and the caller gives its
+        // ownership back (contract); it is in the handed-out set, so it is open.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let sent = l.inner.give_back_fd(owned, &info);
+        l.done(fd);
+        sent?;
+        Ok(PORTMUX_OK)
+    })
+}
+
+/// Closes connection `fd`, which this listener handed out, and forgets it
+/// (portmux_shutdown no longer waits for it). Plain close(2) works too, but
+/// then portmux_shutdown waits out its grace period. Returns PORTMUX_OK,
+/// PORTMUX_ERR_NULL or PORTMUX_ERR_UNKNOWN_FD (then `fd` is untouched).
+///
+/// # Safety
+/// `listener` is NULL or a live listener from portmux_listen; `fd` is not used
+/// by the caller after this call (unless it returned PORTMUX_ERR_UNKNOWN_FD).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn portmux_close(listener: *mut portmux_listener, fd: c_int) -> c_int {
+    fenced(|| {
+        // SAFETY: NULL or a live listener (contract); shared access only.
+        let l = unsafe { listener.as_ref() }.ok_or_else(|| Failure::null("listener"))?;
+        l.info(fd)?;
+        // SAFETY: as in portmux_give_back: handed out by this listener, owned
+        // by the caller until now, open.
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        l.done(fd);
+        Ok(PORTMUX_OK)
+    })
+}
+
+/// Shuts down gracefully: portmux sends no new connections here (they wait
+/// for the next instance, or go to the route's other instances); accepts stop
+/// (blocked ones return PORTMUX_ERR_SHUTDOWN); connections that arrived
+/// meanwhile go back to portmux unread. Then it waits, at most `grace_ms`,
+/// until every connection handed out was given back (portmux_give_back: do
+/// it for each connection as soon as it sits between requests) or closed
+/// (portmux_close), and ends the session. Returns PORTMUX_OK, or
+/// PORTMUX_ERR_TIMEOUT if some were still open (they stay the caller's),
+/// PORTMUX_ERR_NULL or PORTMUX_ERR_IO. Free the listener afterwards.
+///
+/// # Safety
+/// `listener` is NULL or a live listener from portmux_listen.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn portmux_shutdown(listener: *mut portmux_listener, grace_ms: c_uint) -> c_int {
+    fenced(|| {
+        // SAFETY: NULL or a live listener (contract); shared access only.
+        let l = unsafe { listener.as_ref() }.ok_or_else(|| Failure::null("listener"))?;
+        let deadline = Instant::now() + Duration::from_millis(grace_ms.into());
+        l.inner.begin_shutdown()?;
+        let mut handed = l.handed();
+        while !handed.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            handed = l.returned.wait_timeout(handed, left).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+        }
+        let open = handed.len();
+        drop(handed);
+        l.inner.close();
+        if open > 0 {
+            return Err(Failure::new(PORTMUX_ERR_TIMEOUT, format!("{open} connections were still open")));
+        }
+        Ok(PORTMUX_OK)
+    })
 }
 
 /// The fixed English text of a result code ("unknown portmux result code" for

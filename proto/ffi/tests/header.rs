@@ -31,6 +31,10 @@ fn committed_header_matches_the_exports() {
         "portmux_accept_nonblocking",
         "portmux_listener_fd",
         "portmux_listener_free",
+        "portmux_drain",
+        "portmux_give_back",
+        "portmux_close",
+        "portmux_shutdown",
         "portmux_strerror",
         "portmux_last_error",
     ] {
