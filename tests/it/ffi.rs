@@ -296,3 +296,30 @@ fn the_python_example_serves_through_ctypes_and_survives_a_portmux_restart() {
     let status = svc.terminate();
     assert!(status.is_some_and(|s| s.success()), "{}: {}", exit_text(status), svc.stderr());
 }
+
+#[test]
+fn the_c_example_restarted_under_load_loses_no_request() {
+    let hello = c_hello();
+    let pm = Portmux::start(&[]);
+    let port = free_port();
+    let spec = format!("http://:{port}?name=c-web");
+    let start = || start_c(&hello, &pm, &spec, "From C", false);
+    crate::graceful::restarts_under_load(&start, port, 5);
+}
+
+#[test]
+fn the_python_example_restarted_under_load_loses_no_request() {
+    prefix();
+    let pm = Portmux::start(&[]);
+    let port = free_port();
+    let spec = format!("http://:{port}?name=py-web");
+    let start = || {
+        let mut cmd = Command::new("python3");
+        cmd.arg(ffi_dir().join("examples/hello.py"))
+            .arg(&spec)
+            .arg("From Python")
+            .env("PORTMUX_LIB", prefix().join("lib/libportmux.so.0"));
+        Service::spawn(cmd, pm.control(), "registered").unwrap_or_else(|e| panic!("hello.py: {e}"))
+    };
+    crate::graceful::restarts_under_load(&start, port, 5);
+}

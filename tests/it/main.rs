@@ -4,6 +4,7 @@
 
 mod ffi;
 mod forward;
+mod graceful;
 mod peek;
 mod protocol;
 mod restart;

@@ -1,0 +1,278 @@
+//! Services restart without dropping a connection: under wrk load (a new
+//! connection per request, and keep-alive) a service restarted with SIGTERM
+//! five times loses no request; a keep-alive client keeps its one connection
+//! across restarts; a blue/green swap under load has no error; connections
+//! given back for a route that left, or by a session that does not hold the
+//! route, are closed or refused.
+
+use crate::util::*;
+use portmux_wire::Message;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// wrk against `port` for `secs` seconds with `connections` connections, each
+/// request on a new connection when `close`.
+pub fn wrk(port: u16, secs: u64, connections: u32, close: bool) -> Child {
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{secs}s"), "--timeout", "10s"]);
+    if close {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    cmd.arg(format!("http://127.0.0.1:{port}/")).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.spawn().expect("wrk is installed (scripts/test installs it)")
+}
+
+/// wrk's report: the number of requests, or what went wrong (socket errors,
+/// non-2xx answers), with the whole report.
+pub fn wrk_result(child: Child) -> Result<u64, String> {
+    let out = child.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() || report.contains("Socket errors") || report.contains("Non-2xx") {
+        return Err(report);
+    }
+    report
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in ").and_then(|(n, _)| n.trim().parse().ok()))
+        .ok_or(report)
+}
+
+/// Restarts a service `restarts` times (SIGTERM, the instance ends by
+/// itself, 300 ms without any, the next instance) while two wrk runs load its
+/// route, one with a new connection per request and one keep-alive; neither
+/// may see a socket error or an answer other than 2xx.
+pub fn restarts_under_load(start: &dyn Fn() -> Service, port: u16, restarts: usize) {
+    let mut svc = start();
+    assert_eq!(get(port, "x", "/").unwrap().status, 200);
+    let secs = 3 + restarts as u64 * 2;
+    let loads = [wrk(port, secs, 4, true), wrk(port, secs, 4, false)];
+    thread::sleep(Duration::from_millis(500)); // the load runs
+    let started = Instant::now();
+    for i in 0..restarts {
+        let status = svc.terminate();
+        assert!(status.is_some_and(|s| s.success()), "restart {i}: the service stops by itself: {}", exit_text(status));
+        thread::sleep(Duration::from_millis(300)); // nobody serves the route now
+        svc = start();
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert!(started.elapsed() < Duration::from_secs(secs - 1), "the restarts took longer than the load ran");
+    for (load, what) in loads.into_iter().zip(["a new connection per request", "keep-alive"]) {
+        let requests = wrk_result(load).unwrap_or_else(|report| panic!("{what}: requests failed:\n{report}"));
+        assert!(requests > 100, "{what}: the load ran ({requests} requests)");
+    }
+}
+
+#[test]
+fn a_service_restarted_under_load_loses_no_request() {
+    let pm = Portmux::start(&[]);
+    let port = free_port();
+    let spec = format!("http://:{port}");
+    let start = || Service::hello(&pm, &spec, "up", &["--name", "web"]);
+    restarts_under_load(&start, port, 5);
+}
+
+#[test]
+fn a_keep_alive_client_keeps_its_one_connection_across_restarts() {
+    let pm = Portmux::start(&[]);
+    let port = free_port();
+    let spec = format!("http://:{port}");
+    let mut svc = Service::hello(&pm, &spec, "v0", &["--name", "web"]);
+    let client = thread::spawn(move || {
+        let (mut connects, mut bodies) = (1, Vec::new());
+        let mut http = Http::connect(port);
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(4) {
+            match http.get("x", "/") {
+                Ok(r) => {
+                    assert_eq!(r.status, 200, "{r:?}");
+                    if bodies.last() != Some(&r.body) {
+                        bodies.push(r.body);
+                    }
+                }
+                Err(_) => {
+                    connects += 1;
+                    http = Http::connect(port);
+                }
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        (connects, bodies)
+    });
+    for version in 1..=3 {
+        thread::sleep(Duration::from_millis(700));
+        assert!(svc.terminate().is_some_and(|s| s.success()));
+        svc = Service::hello(&pm, &spec, &format!("v{version}"), &["--name", "web"]);
+    }
+    let (connects, bodies) = client.join().unwrap();
+    assert_eq!(connects, 1, "one TCP connection throughout ({bodies:?})");
+    assert_eq!(bodies, ["v0", "v1", "v2", "v3"], "each instance answered it in turn");
+}
+
+#[test]
+fn a_blue_green_swap_under_load_has_no_error() {
+    let pm = Portmux::start(&[]);
+    let port = free_port();
+    let spec = format!("http://:{port}");
+    let mut blue = Service::hello(&pm, &spec, "blue", &["--name", "web"]);
+    let loads = [wrk(port, 5, 4, true), wrk(port, 5, 4, false)];
+    thread::sleep(Duration::from_millis(1000));
+    // The new instance registers under the same name; the old one shuts down gracefully.
+    let _green = Service::hello(&pm, &spec, "green", &["--name", "web"]);
+    pm.wait_instances(&spec, 2);
+    thread::sleep(Duration::from_millis(500));
+    assert!(blue.terminate().is_some_and(|s| s.success()));
+    pm.wait_instances(&spec, 1);
+    for (load, what) in loads.into_iter().zip(["a new connection per request", "keep-alive"]) {
+        wrk_result(load).unwrap_or_else(|report| panic!("{what}: requests failed during the swap:\n{report}"));
+    }
+    for _ in 0..5 {
+        assert_eq!(get(port, "x", "/").unwrap().body, "green");
+    }
+}
+
+/// Registers `service` on `routes`, takes one connection for the first route
+/// (its client's first request read and answered), and returns it.
+fn answered(pm: &Portmux, port: u16, service: &str, routes: &[&str]) -> (RawSession, std::os::fd::OwnedFd, Http) {
+    let raw = RawSession::register(pm.control(), service, routes);
+    let mut client = Http::connect(port);
+    write!(client.stream, "GET /first HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let Some((Message::Connection { id, .. }, Some(fd))) = raw.recv() else { panic!("no connection") };
+    raw.send(&Message::Ack { id });
+    let mut conn = std::net::TcpStream::from(fd.try_clone().unwrap());
+    let mut head = [0u8; 31];
+    conn.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"GET /first HTTP/1.1\r\nHost: x\r\n\r");
+    let mut last = [0u8; 1];
+    conn.read_exact(&mut last).unwrap();
+    conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst").unwrap();
+    assert_eq!(read_response(&mut client.stream).unwrap().body, "first");
+    (raw, fd, client)
+}
+
+#[test]
+fn a_given_back_connection_whose_route_left_is_closed_cleanly() {
+    let pm = Portmux::start(&["--linger", "1s"]);
+    let port = free_port();
+    let spec = format!("http://:{port}");
+    let (raw, fd, mut client) = answered(&pm, port, "leaving", &[&spec]);
+    let local: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let peer = client.stream.local_addr().unwrap();
+    let msg = portmux_wire::encode(&Message::GiveBack { route: spec.clone(), peer, local }).unwrap();
+    raw.send_with_fd(&msg, fd.as_fd()).unwrap();
+    drop(fd);
+    pm.wait_for("the connection held", |pm| pm.status().idle == 1);
+    drop(raw);
+    pm.wait_gone(&spec);
+    // The route left while the connection was held: its next request gets a
+    // clean close (the client retries on a new connection), not an answer.
+    write!(client.stream, "GET /second HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert_eq!(read_until_close(&mut client.stream), Ok(vec![]));
+    assert_eq!(get(port, "x", "/").unwrap().status, 404, "a new connection gets the answer");
+}
+
+#[test]
+fn a_connection_given_back_for_a_route_the_session_does_not_hold_is_refused() {
+    let pm = Portmux::start(&[]);
+    let (port, other) = (free_port(), free_port());
+    let spec = format!("http://:{port}");
+    let theirs = format!("http://:{other}");
+    let _holder = RawSession::register(pm.control(), "holder", &[&theirs]);
+    let (raw, fd, client) = answered(&pm, port, "mine", &[&spec]);
+    let local: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let peer = client.stream.local_addr().unwrap();
+    let msg = portmux_wire::encode(&Message::GiveBack { route: theirs.clone(), peer, local }).unwrap();
+    raw.send_with_fd(&msg, fd.as_fd()).unwrap();
+    match raw.recv() {
+        Some((Message::Error { reason }, _)) => {
+            assert!(reason.contains(&format!("does not hold route {theirs}")), "{reason}");
+        }
+        other => panic!("expected an Error, got {other:?}"),
+    }
+    assert!(raw.recv().is_none(), "the session ended");
+    // Nor may a session give back a socket that is not a client of its route.
+    let (raw, _fd, client) = answered(&pm, port, "mine", &[&spec]);
+    let stranger = std::net::TcpStream::connect(("127.0.0.1", other)).unwrap();
+    let peer = client.stream.local_addr().unwrap();
+    let msg = portmux_wire::encode(&Message::GiveBack { route: spec.clone(), peer, local }).unwrap();
+    raw.send_with_fd(&msg, stranger.as_fd()).unwrap();
+    match raw.recv() {
+        Some((Message::Error { reason }, _)) => {
+            assert!(reason.contains("not a client connection of this route"), "{reason}")
+        }
+        other => panic!("expected an Error, got {other:?}"),
+    }
+}
+
+/// Sends a request on `http` and returns the answer's body.
+fn body_of(http: &mut Http, path: &str) -> String {
+    let r = http.get("x", path).unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    r.body
+}
+
+#[test]
+fn axum_shuts_down_gracefully_and_its_keep_alive_connections_move_on() {
+    let pm = Portmux::start(&[]);
+    let port = free_port();
+    let spec = format!("http://:{port}");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let listener = rt
+        .block_on(portmux_client::Builder::new().route(&spec).name("web").control(pm.control()).bind_async())
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = rt.spawn(async move {
+        let app = axum::Router::new().fallback(|| async { "axum" });
+        let graceful = listener.graceful().after(async {
+            let _ = stopped.await;
+        });
+        axum::serve(listener, app).with_graceful_shutdown(graceful).await
+    });
+    let mut http = Http::connect(port);
+    assert_eq!(body_of(&mut http, "/1"), "axum");
+    stop.send(()).unwrap();
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), served).await })
+        .expect("axum returns once its connections are gone")
+        .unwrap()
+        .unwrap();
+    let _next = Service::hello(&pm, &spec, "next", &["--name", "web"]);
+    assert_eq!(body_of(&mut http, "/2"), "next", "the same connection, served by the next instance");
+}
+
+#[test]
+fn the_blocking_listener_shuts_down_gracefully_and_gives_its_connections_back() {
+    let pm = Portmux::start(&[]);
+    let port = free_port();
+    let spec = format!("http://:{port}");
+    let listener = std::sync::Arc::new(
+        portmux_client::Builder::new().route(&spec).name("web").control(pm.control()).bind().unwrap(),
+    );
+    // One thread per connection: read a request, answer, repeat until end-of-file.
+    let acceptor = listener.clone();
+    thread::spawn(move || {
+        while let Ok((stream, _)) = acceptor.accept() {
+            thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(&stream);
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    match std::io::BufRead::read_line(&mut reader, &mut line) {
+                        Ok(0) | Err(_) => return, // end-of-file: dropped, the stream goes back
+                        Ok(_) if line == "\r\n" => {
+                            (&stream).write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nblocking").unwrap();
+                        }
+                        Ok(_) => {}
+                    }
+                }
+            });
+        }
+    });
+    let mut http = Http::connect(port);
+    assert_eq!(body_of(&mut http, "/1"), "blocking");
+    let open = listener.shutdown(Duration::from_secs(10)).unwrap();
+    assert_eq!(open, 0, "every connection was given back");
+    assert!(listener.accept().is_err(), "a shut down listener accepts nothing");
+    let _next = Service::hello(&pm, &spec, "next", &["--name", "web"]);
+    assert_eq!(body_of(&mut http, "/2"), "next", "the same connection, served by the next instance");
+}
