@@ -561,10 +561,11 @@ impl Listener {
     }
 
     /// Gives back a connection the caller took out of its [`Stream`] (a raw
-    /// fd, as libportmux hands out), with the info it came with.
-    /// The caller answers for it sitting between requests (or being untouched).
-    pub fn give_back_fd(&self, fd: OwnedFd, info: &ConnInfo) -> io::Result<()> {
-        self.handle.give_back(fd.as_fd(), &info.meta)
+    /// fd, as libportmux hands out), with the info it came with. The caller
+    /// answers for it sitting between requests (or being untouched), and
+    /// closes its copy afterwards, whether or not this succeeded.
+    pub fn give_back_fd(&self, fd: BorrowedFd<'_>, info: &ConnInfo) -> io::Result<()> {
+        self.handle.give_back(fd, &info.meta)
     }
 
     /// Connections handed out by this listener and not yet closed or given back.

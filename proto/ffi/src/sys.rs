@@ -14,7 +14,7 @@ use crate::info::portmux_conn_info;
 use portmux_client::{ConnInfo, Stream};
 use std::collections::HashMap;
 use std::ffi::{CStr, c_char, c_int, c_uint};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -43,11 +43,17 @@ impl portmux_listener {
         })
     }
 
-    /// `fd` is done (given back, or closed): portmux_shutdown stops waiting
-    /// for it. Only after the give-back was sent, so that the session's Bye
-    /// cannot overtake it.
-    fn done(&self, fd: c_int) {
-        self.handed().remove(&fd);
+    /// `fd` is done (given back, or to be closed): closes it and forgets it,
+    /// so that portmux_shutdown stops waiting for it. Called only after a
+    /// give-back was sent, so that the session's Bye cannot overtake it. The
+    /// close happens under the lock: another thread's accept may reuse the
+    /// number as soon as it is closed, and its entry must not be the one
+    /// removed here.
+    fn done(&self, fd: OwnedFd) {
+        let mut handed = self.handed();
+        handed.remove(&fd.as_raw_fd());
+        drop(fd);
+        drop(handed);
         self.returned.notify_all();
     }
 }
@@ -254,8 +260,8 @@ pub unsafe extern "C" fn portmux_give_back(listener: *mut portmux_listener, fd: 
         // SAFETY: this listener handed `fd` out and the caller gives its
         // ownership back (contract); it is in the handed-out set, so it is open.
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        let sent = l.inner.give_back_fd(owned, &info);
-        l.done(fd);
+        let sent = l.inner.give_back_fd(owned.as_fd(), &info);
+        l.done(owned);
         sent?;
         Ok(PORTMUX_OK)
     })
@@ -277,8 +283,7 @@ pub unsafe extern "C" fn portmux_close(listener: *mut portmux_listener, fd: c_in
         l.info(fd)?;
         // SAFETY: as in portmux_give_back: handed out by this listener, owned
         // by the caller until now, open.
-        drop(unsafe { OwnedFd::from_raw_fd(fd) });
-        l.done(fd);
+        l.done(unsafe { OwnedFd::from_raw_fd(fd) });
         Ok(PORTMUX_OK)
     })
 }
