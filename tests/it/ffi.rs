@@ -304,7 +304,7 @@ fn the_c_example_restarted_under_load_loses_no_request() {
     let port = free_port();
     let spec = format!("http://:{port}?name=c-web");
     let start = || start_c(&hello, &pm, &spec, "From C", false);
-    crate::graceful::restarts_under_load(&start, port, 5);
+    crate::graceful::restarts_under_load(&pm, &start, port, 5);
 }
 
 #[test]
@@ -321,5 +321,5 @@ fn the_python_example_restarted_under_load_loses_no_request() {
             .env("PORTMUX_LIB", prefix().join("lib/libportmux.so.0"));
         Service::spawn(cmd, pm.control(), "registered").unwrap_or_else(|e| panic!("hello.py: {e}"))
     };
-    crate::graceful::restarts_under_load(&start, port, 5);
+    crate::graceful::restarts_under_load(&pm, &start, port, 5);
 }
