@@ -289,3 +289,94 @@ fn the_blocking_listener_shuts_down_gracefully_and_gives_its_connections_back() 
     let _next = Service::hello(&pm, &spec, "next", &["--name", "web"]);
     assert_eq!(body_of(&mut http, "/2"), "next", "the same connection, served by the next instance");
 }
+
+/// Reads one request head from `stream` and answers it with `body`.
+fn answer_one(stream: &mut (impl Read + Write), body: &str) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+}
+
+#[test]
+fn a_listener_dropped_mid_shutdown_keeps_the_session_until_its_connections_went_back() {
+    // axum's order: the shutdown begins, the listener is dropped, and only
+    // then do the connections end. Their give-backs still need the session.
+    let pm = Portmux::start(&[]);
+    let (port, other) = (free_port(), free_port());
+    let spec = format!("http://:{port}");
+    let listener = portmux_client::Builder::new().route(&spec).name("web").control(pm.control()).bind().unwrap();
+    let mut http = Http::connect(port);
+    write!(http.stream, "GET /1 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let (mut stream, _) = listener.accept().unwrap();
+    answer_one(&mut stream, "blocking");
+    assert_eq!(read_response(&mut http.stream).unwrap().body, "blocking");
+    listener.begin_shutdown().unwrap();
+    drop(listener);
+    let mut buf = [0u8; 16];
+    assert_eq!(stream.read(&mut buf).unwrap(), 0, "between requests, a read ends during the shutdown");
+    drop(stream);
+
+    // The same with the tokio listener, on a second route.
+    let spec2 = format!("http://:{other}");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut listener = rt
+        .block_on(portmux_client::Builder::new().route(&spec2).name("web2").control(pm.control()).bind_async())
+        .unwrap();
+    let mut http2 = Http::connect(other);
+    write!(http2.stream, "GET /1 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let (mut stream, _) = rt.block_on(listener.accept()).unwrap();
+    rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(stream.read_u8().await.unwrap());
+        }
+        stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\ntokio").await.unwrap();
+    });
+    assert_eq!(read_response(&mut http2.stream).unwrap().body, "tokio");
+    listener.graceful().begin();
+    drop(listener);
+    drop(stream);
+
+    let _next = Service::hello(&pm, &spec, "next", &["--name", "web"]);
+    let _next2 = Service::hello(&pm, &spec2, "next2", &["--name", "web2"]);
+    assert_eq!(body_of(&mut http, "/2"), "next", "the same connection, served by the next instance");
+    assert_eq!(body_of(&mut http2, "/2"), "next2", "the same connection, served by the next instance");
+}
+
+#[test]
+fn connections_a_listener_never_accepted_go_back_when_it_goes() {
+    let pm = Portmux::start(&[]);
+    let port = free_port();
+    let spec = format!("http://:{port}");
+    let mut first = Service::hello(&pm, &spec, "first", &["--name", "web"]);
+    assert!(first.terminate().is_some_and(|s| s.success()));
+    // Clients queue for the next instance; it arrives (the queue reaches it
+    // at once) and goes away without accepting any, the blocking listener
+    // once and the tokio one once.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut clients = Vec::new();
+    for round in 0..2 {
+        for _ in 0..3 {
+            let mut http = Http::connect(port);
+            write!(http.stream, "GET /q HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            clients.push(http);
+        }
+        pm.wait_queued(&spec, clients.len());
+        let builder = portmux_client::Builder::new().route(&spec).name("web").control(pm.control());
+        if round == 0 {
+            drop(builder.bind().unwrap());
+        } else {
+            drop(rt.block_on(builder.bind_async()).unwrap());
+        }
+    }
+    let _next = Service::hello(&pm, &spec, "next", &["--name", "web"]);
+    for mut client in clients {
+        let r = read_response(&mut client.stream).unwrap_or_else(|e| panic!("{e}\n{}", pm.log()));
+        assert_eq!(r.body, "next", "served by the instance that accepted it");
+    }
+}

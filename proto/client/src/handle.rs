@@ -26,6 +26,9 @@ pub(crate) struct Handle {
     open: Mutex<usize>,
     changed: Condvar,
     closing: AtomicBool,
+    /// The listener went away during a graceful shutdown while connections
+    /// were still open: the last of them to close says Bye.
+    bye_later: AtomicBool,
     /// Readable once a graceful shutdown began: blocking readers poll it
     /// beside their socket (an eventfd).
     wake: OwnedFd,
@@ -44,6 +47,7 @@ impl Handle {
             open: Mutex::new(0),
             changed: Condvar::new(),
             closing: AtomicBool::new(false),
+            bye_later: AtomicBool::new(false),
             wake,
             #[cfg(feature = "tokio")]
             wake_async: Arc::new(tokio::sync::Notify::new()),
@@ -92,11 +96,40 @@ impl Handle {
     pub(crate) fn closed(&self) {
         let mut open = lock(&self.open);
         *open = open.saturating_sub(1);
-        if *open == 0 {
-            self.changed.notify_all();
-            #[cfg(feature = "tokio")]
-            self.changed_async.notify_waiters();
+        if *open > 0 {
+            return;
         }
+        self.changed.notify_all();
+        #[cfg(feature = "tokio")]
+        self.changed_async.notify_waiters();
+        let bye = self.bye_later.swap(false, Ordering::AcqRel);
+        drop(open);
+        if bye {
+            self.say_bye();
+        }
+    }
+
+    /// The listener is going away. During a graceful shutdown with
+    /// connections still open, Bye waits for the last of them, since their
+    /// give-backs need the session (frameworks such as axum drop the listener
+    /// first and wait for the connections afterwards): then true, and the
+    /// session stays open until then. Otherwise false: the caller says Bye.
+    pub(crate) fn bye_when_all_closed(&self) -> bool {
+        let open = lock(&self.open);
+        let later = *open > 0 && self.is_closing();
+        self.bye_later.store(later, Ordering::Release);
+        later
+    }
+
+    /// Says Bye on the session, reads it to its end (so that portmux reads
+    /// everything this side sent; connections it sent meanwhile are left to
+    /// it) and forgets it.
+    pub(crate) fn say_bye(&self) {
+        let Some(sock) = self.socket() else { return };
+        let _ = self.send(&Message::Bye, None);
+        let mut buf = vec![0u8; portmux_wire::MAX_MESSAGE];
+        crate::proto::read_to_end(&*sock, &mut buf, crate::CLOSE_WAIT);
+        self.clear_socket();
     }
 
     pub(crate) fn open(&self) -> usize {

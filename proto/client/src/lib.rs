@@ -600,25 +600,32 @@ impl Listener {
         self.handle.send(&portmux_wire::Message::Drain, None)?;
         self.handle.begin_closing();
         // Acceptors wake (the shutdown is readable to them) and let go.
-        let mut rx = lock(&self.receiving);
-        rx.backlog.clear(); // Dropped, these untouched streams go back.
-        self.reject_pending(&mut rx);
+        self.let_go(&mut lock(&self.receiving));
         Ok(())
     }
 
     /// Ends the session for good (Bye): nothing more is accepted or given
-    /// back. Connections still held stay the caller's. Connections portmux
-    /// sent meanwhile are left to it (it routes them again): the session is
-    /// read to its end, so that everything this side sent is read too.
+    /// back. Connections still held stay the caller's; those not yet accepted
+    /// go back to portmux, which routes them again. The session is read to
+    /// its end, so that everything this side sent is read too.
     pub fn close(&self) {
         let Some(sock) = self.handle.socket() else { return };
-        let _ = self.handle.send(&portmux_wire::Message::Bye, None);
-        let mut rx = lock(&self.receiving);
-        proto::read_to_end(&sock, &mut rx.buf, CLOSE_WAIT);
         if let Some(p) = self.poller.get() {
             p.forget(&sock);
         }
-        self.handle.clear_socket();
+        let mut rx = lock(&self.receiving); // No receive runs meanwhile.
+        self.let_go(&mut rx);
+        self.handle.say_bye();
+    }
+
+    /// Lets go of the connections not accepted: those already taken from the
+    /// session go back untouched (GiveBack), those still in it are refused
+    /// unread (Reject); portmux routes both again.
+    fn let_go(&self, rx: &mut Receiving) {
+        for (stream, _) in rx.backlog.drain(..) {
+            stream.tracked().give_back(stream.as_fd());
+        }
+        self.reject_pending(rx);
     }
 
     /// Gives every connection still in the session socket back unread (Reject).
@@ -654,16 +661,16 @@ fn track(handle: &Arc<handle::Handle>, stream: TcpStream, info: ConnInfo) -> (St
 }
 
 impl Drop for Listener {
+    /// Gives back what was not accepted and says Bye; during a graceful
+    /// shutdown with connections still open, the last of them says it.
     fn drop(&mut self) {
-        if let Some(sock) = self.handle.socket() {
-            let mut rx = lock(&self.receiving);
-            self.reject_pending(&mut rx);
-            if let Ok(bytes) = portmux_wire::encode(&portmux_wire::Message::Bye) {
-                let _ = proto::send(&*sock, &bytes, Wait::DontWait);
-            }
-            proto::read_to_end(&*sock, &mut rx.buf, CLOSE_WAIT);
+        if self.handle.socket().is_none() {
+            return;
         }
-        self.handle.clear_socket();
+        self.let_go(&mut lock(&self.receiving));
+        if !self.handle.bye_when_all_closed() {
+            self.handle.say_bye();
+        }
     }
 }
 

@@ -175,11 +175,20 @@ impl Listener {
         let deadline = Instant::now() + grace;
         self.drain().await?;
         self.handle.begin_closing();
-        self.backlog.clear();
-        self.reject_pending();
+        self.let_go();
         let open = self.handle.wait_all_closed_async(deadline).await;
-        drop(self); // Bye
+        self.handle.say_bye();
         Ok(open)
+    }
+
+    /// Lets go of the connections not accepted: those already taken from
+    /// the session go back untouched (GiveBack), those still in it are
+    /// refused unread (Reject); portmux routes both again.
+    fn let_go(&mut self) {
+        for (stream, info) in self.backlog.drain(..) {
+            let _ = self.handle.give_back(stream.as_fd(), &info.meta);
+        }
+        self.reject_pending();
     }
 
     /// Gives every connection still in the session socket back unread (Reject).
@@ -198,14 +207,17 @@ impl Listener {
 }
 
 impl Drop for Listener {
+    /// Gives back what was not accepted and says Bye; during a graceful
+    /// shutdown with connections still open (axum drops the listener, then
+    /// waits for them), the last of them says it.
     fn drop(&mut self) {
-        self.reject_pending();
-        if let Ok(bytes) = portmux_wire::encode(&Message::Bye) {
-            let _ = proto::send(self.sock.as_fd(), &bytes, Wait::DontWait);
+        if self.handle.socket().is_none() {
+            return;
         }
-        // Read to the end, so that portmux reads everything this side sent.
-        proto::read_to_end(self.sock.as_fd(), &mut self.buf, crate::CLOSE_WAIT);
-        self.handle.clear_socket();
+        self.let_go();
+        if !self.handle.bye_when_all_closed() {
+            self.handle.say_bye();
+        }
     }
 }
 
