@@ -380,3 +380,54 @@ fn connections_a_listener_never_accepted_go_back_when_it_goes() {
         assert_eq!(r.body, "next", "served by the instance that accepted it");
     }
 }
+
+#[test]
+fn axum_finishes_a_response_in_progress_and_then_its_connection_moves_on() {
+    let pm = Portmux::start(&[]);
+    let port = free_port();
+    let spec = format!("http://:{port}");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let listener = rt
+        .block_on(portmux_client::Builder::new().route(&spec).name("web").control(pm.control()).bind_async())
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = rt.spawn(async move {
+        // A response streamed in five chunks, 100 ms apart.
+        let stream = || async {
+            let parts = futures_util::stream::unfold(0, |i| async move {
+                if i > 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                (i < 5).then(|| (Ok::<_, std::io::Error>(format!("part{i};")), i + 1))
+            });
+            axum::body::Body::from_stream(parts)
+        };
+        let app = axum::Router::new().route("/stream", axum::routing::get(stream));
+        let graceful = listener.graceful().after(async {
+            let _ = stopped.await;
+        });
+        axum::serve(listener, app).with_graceful_shutdown(graceful).await
+    });
+    let mut http = Http::connect(port);
+    write!(http.stream, "GET /stream HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut stopping = Some(stop);
+    while !got.ends_with(b"0\r\n\r\n") {
+        let n = http.stream.read(&mut buf).unwrap();
+        assert!(n > 0, "the response was cut: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+        if let Some(stop) = stopping.take_if(|_| got.windows(6).any(|w| w == b"part0;")) {
+            stop.send(()).unwrap(); // The shutdown begins mid-response.
+        }
+    }
+    let got = String::from_utf8_lossy(&got).to_lowercase();
+    assert!(stopping.is_none() && got.contains("part4;"), "the whole response arrived: {got}");
+    assert!(!got.contains("connection: close"), "the connection is kept: {got}");
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), served).await })
+        .expect("axum returns once its connections are gone")
+        .unwrap()
+        .unwrap();
+    let _next = Service::hello(&pm, &spec, "next", &["--name", "web"]);
+    assert_eq!(body_of(&mut http, "/2"), "next", "the same connection, served by the next instance");
+}

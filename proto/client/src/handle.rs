@@ -3,11 +3,12 @@
 //! for it), and the switch that makes them end between requests once a
 //! graceful shutdown began.
 
+use crate::exchange::Exchange;
 use portmux_sys::scm::{self, Wait};
 use portmux_wire::{ConnMeta, Message, Proto};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,7 @@ pub(crate) struct Handle {
     /// The current session socket (replaced on reconnect; `None` once shut down).
     sock: Mutex<Option<Arc<OwnedFd>>>,
     /// Connections handed out and still open here.
-    open: Mutex<usize>,
+    open: Mutex<Open>,
     changed: Condvar,
     closing: AtomicBool,
     /// The listener went away during a graceful shutdown while connections
@@ -38,13 +39,21 @@ pub(crate) struct Handle {
     changed_async: tokio::sync::Notify,
 }
 
+/// Connections handed out and still open: all of them, and those that can
+/// go back between requests (plain HTTP/1).
+#[derive(Debug, Default)]
+struct Open {
+    all: usize,
+    movable: usize,
+}
+
 impl Handle {
     pub(crate) fn new(sock: Arc<OwnedFd>) -> io::Result<Arc<Handle>> {
         use rustix::event::{EventfdFlags, eventfd};
         let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
         Ok(Arc::new(Handle {
             sock: Mutex::new(Some(sock)),
-            open: Mutex::new(0),
+            open: Mutex::new(Open::default()),
             changed: Condvar::new(),
             closing: AtomicBool::new(false),
             bye_later: AtomicBool::new(false),
@@ -89,14 +98,23 @@ impl Handle {
         }
     }
 
-    pub(crate) fn opened(&self) {
-        *lock(&self.open) += 1;
+    pub(crate) fn opened(&self, movable: bool) {
+        let mut open = lock(&self.open);
+        open.all += 1;
+        open.movable += usize::from(movable);
     }
 
-    pub(crate) fn closed(&self) {
+    pub(crate) fn closed(&self, movable: bool) {
         let mut open = lock(&self.open);
-        *open = open.saturating_sub(1);
-        if *open > 0 {
+        open.all = open.all.saturating_sub(1);
+        if movable {
+            open.movable = open.movable.saturating_sub(1);
+            if open.movable == 0 {
+                #[cfg(feature = "tokio")]
+                self.changed_async.notify_waiters();
+            }
+        }
+        if open.all > 0 {
             return;
         }
         self.changed.notify_all();
@@ -116,7 +134,7 @@ impl Handle {
     /// session stays open until then. Otherwise false: the caller says Bye.
     pub(crate) fn bye_when_all_closed(&self) -> bool {
         let open = lock(&self.open);
-        let later = *open > 0 && self.is_closing();
+        let later = open.all > 0 && self.is_closing();
         self.bye_later.store(later, Ordering::Release);
         later
     }
@@ -133,35 +151,41 @@ impl Handle {
     }
 
     pub(crate) fn open(&self) -> usize {
-        *lock(&self.open)
+        lock(&self.open).all
     }
 
     /// Waits until every connection handed out is closed or given back, at
     /// most until `deadline`. Returns how many are still open.
     pub(crate) fn wait_all_closed(&self, deadline: Instant) -> usize {
         let mut open = lock(&self.open);
-        while *open > 0 {
+        while open.all > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
             }
             open = self.changed.wait_timeout(open, left).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
         }
-        *open
+        open.all
     }
 
+    /// Waits until every connection handed out (`all`), or every one that
+    /// could go back between requests (plain HTTP/1), is closed or given back,
+    /// at most until `deadline`. Returns how many of them are still open.
     #[cfg(feature = "tokio")]
-    pub(crate) async fn wait_all_closed_async(&self, deadline: Instant) -> usize {
+    pub(crate) async fn wait_closed_async(&self, deadline: Instant, all: bool) -> usize {
+        let count = |h: &Handle| {
+            let open = lock(&h.open);
+            if all { open.all } else { open.movable }
+        };
         loop {
             let changed = self.changed_async.notified();
             let mut changed = std::pin::pin!(changed);
             changed.as_mut().enable();
-            let open = self.open();
-            if open == 0 {
+            if count(self) == 0 {
                 return 0;
             }
             if tokio::time::timeout_at(deadline.into(), changed).await.is_err() {
-                return self.open();
+                return count(self);
             }
         }
     }
@@ -192,35 +216,6 @@ impl Handle {
     }
 }
 
-/// Whether the start of an HTTP/1 head says the connection ends after this
-/// exchange: `Connection: close`, or (a request) HTTP/1.0 without keep-alive.
-/// Only the first 4 KiB are looked at; a head cut there errs on closing.
-fn asks_to_close(head: &[u8], request: bool) -> bool {
-    let head = &head[..head.len().min(4096)];
-    let mut lines = head.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
-    let first = lines.next().unwrap_or_default();
-    let mut close = request && first.ends_with(b"HTTP/1.0");
-    for line in lines {
-        if line.is_empty() {
-            return close;
-        }
-        let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
-        if !line[..colon].trim_ascii().eq_ignore_ascii_case(b"connection") {
-            continue;
-        }
-        for token in line[colon + 1..].split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-            if token.eq_ignore_ascii_case(b"close") {
-                return true;
-            }
-            if token.eq_ignore_ascii_case(b"keep-alive") {
-                close = false;
-            }
-        }
-    }
-    // The head goes on past what was seen: whatever it says later is unknown.
-    close || head.len() == 4096
-}
-
 /// Whether a connection can go back to portmux between requests: HTTP/1 in
 /// the clear (a TLS session's state is the service's, and other protocols
 /// have no "between requests" portmux could know).
@@ -235,65 +230,70 @@ pub(crate) struct Tracked {
     pub(crate) handle: Arc<Handle>,
     pub(crate) meta: ConnMeta,
     pub(crate) movable: bool,
-    /// Bytes read since the last write: 0 means "between requests" (nothing
-    /// of a next request consumed).
-    read_since_write: AtomicU64,
+    /// Where its requests and responses stand (followed only when movable).
+    exchange: Mutex<Exchange>,
     /// Nothing was read or written yet: any connection can go back as it came.
     fresh: AtomicBool,
-    /// The last request or answer said the connection ends after it
-    /// (`Connection: close`, HTTP/1.0): it closes normally, it never goes back.
-    ends_after: AtomicBool,
     given_back: AtomicBool,
 }
 
 impl Tracked {
     pub(crate) fn new(handle: Arc<Handle>, meta: ConnMeta) -> Tracked {
-        handle.opened();
+        let movable = movable(&meta);
+        handle.opened(movable);
         Tracked {
-            movable: movable(&meta),
+            movable,
             handle,
             meta,
-            read_since_write: AtomicU64::new(0),
+            exchange: Mutex::new(Exchange::default()),
             fresh: AtomicBool::new(true),
-            ends_after: AtomicBool::new(false),
             given_back: AtomicBool::new(false),
         }
     }
 
-    /// `bytes` were read. The first read of a request starts its head: it says
-    /// whether the client wants the connection closed after the answer.
+    /// The service read `bytes` (requests).
     pub(crate) fn read(&self, bytes: &[u8]) {
         if bytes.is_empty() {
             return;
         }
         self.fresh.store(false, Ordering::Relaxed);
-        if self.read_since_write.fetch_add(bytes.len() as u64, Ordering::Relaxed) == 0 && self.movable {
-            self.ends_after.store(asks_to_close(bytes, true), Ordering::Relaxed);
+        if self.movable {
+            lock(&self.exchange).read(bytes);
         }
     }
 
-    /// `bytes` were written. The first write of an answer starts its head:
-    /// an answer may also say the connection ends after it.
+    /// The service wrote `bytes` (responses).
     pub(crate) fn wrote(&self, bytes: &[u8]) {
         if bytes.is_empty() {
             return;
         }
         self.fresh.store(false, Ordering::Relaxed);
-        if self.read_since_write.swap(0, Ordering::Relaxed) > 0 && self.movable && asks_to_close(bytes, false) {
-            self.ends_after.store(true, Ordering::Relaxed);
+        if self.movable {
+            lock(&self.exchange).wrote(bytes);
         }
     }
 
     /// Whether it can go back to portmux now: untouched, or (HTTP/1 in the
     /// clear) between requests.
     pub(crate) fn can_go_back(&self) -> bool {
-        self.fresh.load(Ordering::Relaxed)
-            || (self.movable && self.between_requests() && !self.ends_after.load(Ordering::Relaxed))
+        self.fresh.load(Ordering::Relaxed) || self.between_requests()
     }
 
-    /// Nothing read since the last answer: the next request, if any, is unread.
+    /// HTTP/1 in the clear, at rest: every request read has its final
+    /// response written in full, nothing of a next one was read, and neither
+    /// side asked to close. The next request, if any, is unread.
     pub(crate) fn between_requests(&self) -> bool {
-        self.read_since_write.load(Ordering::Relaxed) == 0
+        self.movable && lock(&self.exchange).at_rest()
+    }
+
+    /// Why it cannot go back now (when [`Tracked::can_go_back`] is false).
+    pub(crate) fn why_not(&self) -> &'static str {
+        if self.movable {
+            "this connection is not between requests: a request is not answered in full yet, part of a next one \
+             was read, or a side asked to close or switched protocols"
+        } else {
+            "only plain HTTP/1 connections can be given back once used (a TLS session is the service's)"
+        }
     }
 
     /// A graceful shutdown is under way and this connection can move: reads
@@ -330,28 +330,6 @@ impl Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        self.handle.closed();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::asks_to_close;
-
-    #[test]
-    fn heads_that_end_the_connection_are_recognised() {
-        assert!(!asks_to_close(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", true));
-        assert!(asks_to_close(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", true));
-        assert!(asks_to_close(b"GET / HTTP/1.1\r\nconnection:Keep-Alive, CLOSE\r\n\r\n", true));
-        assert!(asks_to_close(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n", true));
-        assert!(!asks_to_close(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", true));
-        assert!(
-            !asks_to_close(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok", false),
-            "an answer's version says nothing"
-        );
-        assert!(asks_to_close(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n", false));
-        assert!(!asks_to_close(b"GET /connection:close HTTP/1.1\r\nHost: x\r\n\r\n", true), "only headers count");
-        let long = [b"GET / HTTP/1.1\r\nX: ".as_slice(), &[b'a'; 5000]].concat();
-        assert!(asks_to_close(&long, true), "a head longer than looked at errs on closing");
+        self.handle.closed(self.movable);
     }
 }

@@ -20,6 +20,7 @@
 //! async [`tokio::Listener`]; with feature `axum`, `axum::serve(listener, router)` works.
 #![forbid(unsafe_code)]
 
+mod exchange;
 mod handle;
 mod proto;
 mod stream;
@@ -538,7 +539,7 @@ impl Listener {
     }
 
     /// Gives a connection back to portmux instead of closing it: it must sit
-    /// between requests (nothing read beyond its last request). portmux holds
+    /// between requests ([`Stream::between_requests`]). portmux holds
     /// it until its next request and routes that like a new connection's, to
     /// whichever instance then serves the route. Once used, only HTTP/1
     /// connections in the clear can move (not TLS, not raw TCP); an untouched
@@ -546,12 +547,7 @@ impl Listener {
     pub fn give_back(&self, stream: Stream) -> io::Result<()> {
         let t = stream.tracked();
         if !t.can_go_back() {
-            let why = if t.movable {
-                "this connection is in the middle of a request (bytes were read since the last answer)"
-            } else {
-                "only plain HTTP/1 connections can be given back once used (a TLS session is the service's)"
-            };
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, t.why_not()));
         }
         if t.give_back(stream.as_fd()) {
             Ok(())

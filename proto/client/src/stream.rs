@@ -30,9 +30,10 @@ impl Stream {
         self.inner.as_ref().expect("present until into_inner")
     }
 
-    /// Whether nothing was read since the last write: the connection sits
-    /// between requests (its next request, if any, is unread), so it could go
-    /// back to portmux.
+    /// Whether the connection sits between requests, so it could go back to
+    /// portmux: plain HTTP/1 whose every request read had its final response
+    /// written in full (the library follows their framing), nothing of a
+    /// next request read, and no side asked to close or switched protocols.
     pub fn between_requests(&self) -> bool {
         self.tracked.between_requests()
     }

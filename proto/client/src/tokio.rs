@@ -68,6 +68,7 @@ impl Listener {
     pub async fn accept(&mut self) -> io::Result<(Stream, ConnInfo)> {
         loop {
             if self.handle.is_closing() {
+                self.let_go();
                 return Err(io::Error::other(ShuttingDown));
             }
             if let Some((stream, info)) = self.backlog.pop_front() {
@@ -135,24 +136,21 @@ impl Listener {
 
     fn track(&self, stream: TcpStream, info: ConnInfo) -> (Stream, ConnInfo) {
         let tracked = Tracked::new(self.handle.clone(), info.meta.clone());
-        (Stream { inner: stream, tracked, woken: None }, info)
+        (Stream { inner: stream, tracked, woken: None, reader: None }, info)
     }
 
     /// A handle to begin this listener's graceful shutdown from elsewhere,
     /// for frameworks that own the listener: `axum::serve(listener,
     /// app).with_graceful_shutdown(listener.graceful().after(signal))`.
     pub fn graceful(&self) -> Graceful {
-        Graceful { handle: self.handle.clone() }
+        Graceful { handle: self.handle.clone(), grace: Graceful::GRACE }
     }
 
     /// Gives a connection back to portmux instead of closing it (see
     /// [`crate::Listener::give_back`]).
     pub fn give_back(&self, stream: Stream) -> io::Result<()> {
         if !stream.tracked.can_go_back() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "only an untouched connection, or a plain HTTP/1 one between requests, can go back",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, stream.tracked.why_not()));
         }
         if stream.tracked.give_back(stream.inner.as_fd()) {
             Ok(())
@@ -176,7 +174,7 @@ impl Listener {
         self.drain().await?;
         self.handle.begin_closing();
         self.let_go();
-        let open = self.handle.wait_all_closed_async(deadline).await;
+        let open = self.handle.wait_closed_async(deadline, true).await;
         self.handle.say_bye();
         Ok(open)
     }
@@ -228,20 +226,36 @@ impl Drop for Listener {
 #[derive(Debug, Clone)]
 pub struct Graceful {
     handle: Arc<Handle>,
+    grace: Duration,
 }
 
 impl Graceful {
+    /// How long [`Graceful::after`] waits for connections by default.
+    pub const GRACE: Duration = Duration::from_secs(30);
+
+    /// Sets how long [`Graceful::after`] waits for the connections that can
+    /// go back (default [`Graceful::GRACE`]).
+    pub fn within(self, grace: Duration) -> Graceful {
+        Graceful { grace, ..self }
+    }
+
     /// Begins the shutdown now.
     pub fn begin(&self) {
         let _ = self.handle.send(&Message::Drain, None);
         self.handle.begin_closing();
     }
 
-    /// A future that waits for `signal`, then begins the shutdown: what
-    /// axum's `with_graceful_shutdown` takes.
+    /// A future that waits for `signal`, begins the shutdown, and resolves
+    /// once every plain HTTP/1 connection went back to portmux or closed (at
+    /// most the grace period): what axum's `with_graceful_shutdown` takes.
+    /// Requests in progress finish as usual and their connections then go
+    /// back; axum's own graceful shutdown, which starts when this resolves,
+    /// handles what is left (TLS, HTTP/2: it answers with `Connection: close`
+    /// or GOAWAY, and waits for them).
     pub async fn after(self, signal: impl Future<Output = ()> + Send + 'static) {
         signal.await;
         self.begin();
+        self.handle.wait_closed_async(Instant::now() + self.grace, false).await;
     }
 }
 
@@ -257,6 +271,10 @@ pub struct Stream {
     tracked: Tracked,
     /// Wakes a read waiting for a next request when a shutdown begins.
     woken: Option<Pin<Box<tokio::sync::futures::OwnedNotified>>>,
+    /// The last read that waited: a write that completes the exchange during
+    /// a shutdown wakes it, so that it can end there (hyper, having read a
+    /// request, waits on its read while it writes the response).
+    reader: Option<std::task::Waker>,
 }
 
 impl Stream {
@@ -264,7 +282,7 @@ impl Stream {
         &self.inner
     }
 
-    /// Whether nothing was read since the last write (see [`crate::Stream::between_requests`]).
+    /// Whether the connection sits between requests (see [`crate::Stream::between_requests`]).
     pub fn between_requests(&self) -> bool {
         self.tracked.between_requests()
     }
@@ -275,6 +293,16 @@ impl Stream {
 
     pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
         self.inner.set_nodelay(on)
+    }
+}
+
+impl Stream {
+    /// During a shutdown, a write that brought the exchange to rest wakes
+    /// the read waiting meanwhile: it ends there, and the connection goes back.
+    fn wake_reader_at_rest(&mut self) {
+        if self.reader.is_some() && self.tracked.ends_here() {
+            self.reader.take().expect("checked").wake();
+        }
     }
 }
 
@@ -289,10 +317,16 @@ impl AsyncRead for Stream {
             Poll::Ready(Ok(())) => {
                 this.tracked.read(&buf.filled()[before..]);
                 this.woken = None;
+                this.reader = None;
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending if this.tracked.can_go_back() && !this.tracked.handle.is_closing() => {
-                // Waiting for a next request: a shutdown must wake this read.
+            Poll::Pending => {
+                this.reader = Some(cx.waker().clone());
+                if this.tracked.handle.is_closing() {
+                    return Poll::Pending; // A write that completes the exchange wakes it.
+                }
+                // A shutdown must wake this read: it may end here, or once
+                // the exchange under way is complete.
                 let woken = this.woken.get_or_insert_with(|| {
                     let mut n = Box::pin(this.tracked.handle.wake_async.clone().notified_owned());
                     n.as_mut().enable();
@@ -317,6 +351,7 @@ impl AsyncWrite for Stream {
         let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = polled {
             this.tracked.wrote(&buf[..n]);
+            this.wake_reader_at_rest();
         }
         polled
     }
@@ -342,9 +377,16 @@ impl AsyncWrite for Stream {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = polled {
-            // The head is at the start of the first buffer.
-            let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &b[..b.len().min(n)]);
-            this.tracked.wrote(if n == 0 { &[] } else { first });
+            let mut left = n;
+            for b in bufs {
+                let used = b.len().min(left);
+                this.tracked.wrote(&b[..used]);
+                left -= used;
+                if left == 0 {
+                    break;
+                }
+            }
+            this.wake_reader_at_rest();
         }
         polled
     }
