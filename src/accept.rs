@@ -8,7 +8,7 @@ use crate::handoff::{Conn, ConnDesc, Refusal};
 use crate::ids::ListenerId;
 use crate::reply;
 use crate::route::{Listener, Route, Target};
-use crate::shared::{Idle, Job, Shared, TaskGuard, ToControl};
+use crate::shared::{Idle, Job, Queued, Shared, TaskGuard, ToControl};
 use portmux_sys::{net, uring};
 use portmux_wire::{ConnMeta, Proto};
 use std::collections::HashMap;
@@ -31,7 +31,7 @@ struct AcceptLoop {
 /// One worker: follows the table's listeners until portmux stops; runs the
 /// relays handed to it (after an upgrade) and holds the connections services
 /// gave back; pauses its relays when asked.
-pub async fn worker(shared: Arc<Shared>, index: usize, mut inbox: mpsc::UnboundedReceiver<Job>) {
+pub async fn worker(shared: Arc<Shared>, index: usize, mut inbox: mpsc::UnboundedReceiver<Queued>) {
     let mut version = shared.table_version.subscribe();
     let mut stopping = shared.stopping.subscribe();
     let mut handing_over = shared.handing_over.subscribe();
@@ -66,8 +66,7 @@ pub async fn worker(shared: Arc<Shared>, index: usize, mut inbox: mpsc::Unbounde
             _ = stopping.changed() => {}
             _ = handing_over.changed() => {}
             _ = pause.changed() => {}
-            Some(job) = inbox.recv() => {
-                let guard = TaskGuard::new(&shared);
+            Some(Queued { job, guard }) = inbox.recv() => {
                 let shared = shared.clone();
                 tokio_uring::spawn(async move {
                     match job {
@@ -190,8 +189,11 @@ enum Woken {
 /// request like a new connection's. After an upgrade's commit the wait moves
 /// to the new process.
 async fn hold(idle: Idle, shared: &Shared) {
+    // A port with only raw TCP routes needs no bytes to route (and the
+    // server may be the one to speak first): routed at once.
+    let raw = shared.table.load().port(idle.listener).is_some_and(|p| !p.routes.needs_peek());
     shared.idle_held.fetch_add(1, Ordering::Relaxed);
-    let woken = wait_for_request(&idle, shared).await;
+    let woken = if raw { Woken::Request } else { wait_for_request(&idle, shared).await };
     shared.idle_held.fetch_sub(1, Ordering::Relaxed);
     match woken {
         Woken::Request => {
@@ -251,7 +253,9 @@ async fn route(
     shared: &Shared,
 ) {
     let Some(mut port) = shared.table.load().port(listener).cloned() else {
-        return; // The listener was just closed.
+        // The listener was just closed: a clean end, the client retries.
+        reply::send(fd, reply::Reply::Close).await;
+        return;
     };
     let deadline = tokio::time::Instant::from_std(arrived + shared.settings.peek_timeout);
     let mut meta = ConnMeta {

@@ -41,7 +41,7 @@ pub struct Shared {
     pub accepts_over: Notify,
     /// Work for the workers (relays resumed after an upgrade, connections
     /// given back), round robin.
-    pub inboxes: Vec<mpsc::UnboundedSender<Job>>,
+    pub inboxes: Vec<mpsc::UnboundedSender<Queued>>,
     pub next_inbox: AtomicUsize,
     /// Workers still running.
     pub workers_running: watch::Sender<usize>,
@@ -91,7 +91,7 @@ impl Shared {
     pub fn new(
         settings: Settings,
         workers: usize,
-    ) -> (Arc<Shared>, mpsc::UnboundedReceiver<ToControl>, Vec<mpsc::UnboundedReceiver<Job>>) {
+    ) -> (Arc<Shared>, mpsc::UnboundedReceiver<ToControl>, Vec<mpsc::UnboundedReceiver<Queued>>) {
         let (to_control, intake) = mpsc::unbounded_channel();
         let (inboxes, receivers): (Vec<_>, Vec<_>) = (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
         let shared = Arc::new(Shared {
@@ -115,13 +115,14 @@ impl Shared {
         (shared, intake, receivers)
     }
 
-    /// Hands work to the next worker.
-    pub fn to_worker(&self, job: Job) {
+    /// Hands work to the next worker. It counts as in flight from here, so
+    /// that an upgrade's last wait for tasks cannot miss a job still queued.
+    pub fn to_worker(self: &Arc<Self>, job: Job) {
         if self.inboxes.is_empty() {
             return;
         }
         let i = self.next_inbox.fetch_add(1, Ordering::Relaxed) % self.inboxes.len();
-        let _ = self.inboxes[i].send(job);
+        let _ = self.inboxes[i].send(Queued { job, guard: TaskGuard::new(self) });
     }
 
     /// A new connection id, unique for the life of the process (and across upgrades).
@@ -148,6 +149,13 @@ impl Shared {
             }
         }
     }
+}
+
+/// A job on its way to a worker, counted in flight until its task ends.
+#[derive(Debug)]
+pub struct Queued {
+    pub job: Job,
+    pub guard: TaskGuard,
 }
 
 /// Counts a connection task in the process-wide in-flight count while it runs.

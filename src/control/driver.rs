@@ -15,7 +15,7 @@ use crate::handoff::{Conn, ConnDesc, Refusal, Session};
 use crate::ids::{ConnId, ListenerId, SessionId};
 use crate::reply::{self, Reply};
 use crate::route::{Listener, Pool, PortRoutes, Route, Table, Target};
-use crate::shared::{Idle, Job, Shared, TaskGuard, ToControl};
+use crate::shared::{Job, Shared, TaskGuard, ToControl};
 use crate::systemd;
 use portmux_sys::net;
 use portmux_wire::spec::RouteSpec;
@@ -466,62 +466,6 @@ impl Control {
                 self.shared.to_worker(Job::Resume(Resume { paused, pool }));
             }
         }
-    }
-
-    /// A given-back connection still waiting for its request, when an upgrade
-    /// committed: the new process holds it from here.
-    pub(super) fn idle_moving(&self, idle: Idle) {
-        let out = self.handover.borrow().clone();
-        match out {
-            Some(out) => {
-                let listener = self.core.borrow().listener_address(idle.listener).unwrap_or(idle.local);
-                let idle_ms = idle.since.elapsed().as_millis() as u64;
-                let msg = portmux_wire::Handover::Idle { listener, peer: idle.peer, local: idle.local, idle_ms };
-                if out.send((msg, vec![idle.fd])).is_err() {
-                    tracing::warn!(client = %idle.peer, "cannot hand an idle connection to the new process: the handover channel is closed; it is closed");
-                }
-            }
-            // Not upgrading (a pause nobody asked for): hold it on here.
-            None => self.shared.to_worker(Job::Idle(idle)),
-        }
-    }
-
-    /// The routes session `session` holds now.
-    pub(super) fn routes_of(&self, session: SessionId) -> Vec<crate::route::RouteKey> {
-        self.core.borrow().sessions().get(&session).map(|s| s.routes.clone()).unwrap_or_default()
-    }
-
-    /// A service gives back a connection between requests: if it is one of
-    /// `holds` (the session's routes; after its Bye, those it held at its
-    /// end), a worker holds it until its next request.
-    pub(super) fn given_back(
-        &self,
-        session: SessionId,
-        holds: &[crate::route::RouteKey],
-        route: &str,
-        claimed: (std::net::SocketAddr, std::net::SocketAddr),
-        fd: OwnedFd,
-    ) -> Result<(), super::error::SessionError> {
-        use super::error::SessionError;
-        let core = self.core.borrow();
-        let not_ours = || SessionError::NotYourRoute { route: route.to_string() };
-        let spec = RouteSpec::parse(route).map_err(|_| not_ours())?;
-        let key = crate::route::route_key(&spec, core.config().default_bind);
-        if !holds.contains(&key) {
-            return Err(not_ours());
-        }
-        let (peer, local) =
-            net::tcp_addrs(fd.as_fd()).map_err(|e| SessionError::NotAClient { reason: e.to_string() })?;
-        let on_route = local.port() == key.0.port() && (key.0.ip().is_unspecified() || key.0.ip() == local.ip());
-        let listener = core.listener_for(local).filter(|_| on_route).ok_or_else(|| SessionError::NotAClient {
-            reason: format!("its local address {local} is not route {route}'s listening address {}", key.0),
-        })?;
-        // Behind a load balancer the socket's addresses are the balancer's;
-        // the service gives back the ones portmux told it.
-        let (peer, local) = if self.shared.settings.accept_proxy { claimed } else { (peer, local) };
-        tracing::debug!(session = %session, %route, client = %peer, "a connection was given back; held until its next request");
-        self.shared.to_worker(Job::Idle(Idle { fd, listener, peer, local, since: Instant::now() }));
-        Ok(())
     }
 
     /// The backend pool of a forwarding route (named by its text), or an empty one.

@@ -5,6 +5,7 @@
 //! - [`driver`]: owns the core and the sockets it names, carries out its effects;
 //! - `session`: one service's control session (the protocol);
 //! - `parking`: the sockets of connections the core holds, and hang-up watches;
+//! - `idle`: connections services give back between requests;
 //! - [`views`]: what the admin API shows;
 //! - [`handover`]: the state's way to a new process (upgrades) and back from
 //!   the fd store (crashes);
@@ -14,6 +15,7 @@ pub mod core;
 pub mod driver;
 pub mod error;
 pub mod handover;
+mod idle;
 mod parking;
 mod session;
 pub mod views;

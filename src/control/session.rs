@@ -114,6 +114,9 @@ async fn recv_with_fd<T: AsRawFd + AsFd>(
             let fd = dg.fds.pop();
             Ok(Some((msg, fd)))
         }
+        // The kernel dropped the fd: portmux is out of file descriptors. That
+        // connection is lost, the session is fine.
+        Message::GiveBack { .. } if dg.fds.is_empty() && dg.fds_truncated => Ok(Some((msg, None))),
         Message::GiveBack { .. } => Err(RecvError::Protocol(SessionError::GiveBackFds(dg.fds.len()))),
         _ if !dg.fds.is_empty() || dg.fds_truncated => Err(RecvError::Protocol(SessionError::FdsSent)),
         _ => Ok(Some((msg, None))),
@@ -208,6 +211,9 @@ pub(super) async fn run(control: Rc<Control>, session: Arc<Session>) {
                 if let Err(reason) = control.given_back(sid, &holds, &route, (peer, local), fd) {
                     break End::Error(reason);
                 }
+            }
+            Ok(Some((Message::GiveBack { peer, .. }, None))) => {
+                tracing::warn!(session = %sid, client = %peer, "a connection given back was lost: portmux has no file descriptor left for it (raise its open-file limit, LimitNOFILE=)");
             }
             Ok(Some((msg, _))) => match msg {
                 Message::Register { routes } => {

@@ -306,6 +306,15 @@ fn undeliverable(shared: &Arc<Shared>, msg: Handover, fds: Vec<OwnedFd>, why: &s
         Handover::Relay { meta, .. } => {
             tracing::warn!(client = %meta.peer, "cannot hand a relay to the new process ({why}); it is closed");
         }
+        Handover::Idle { peer, .. } => {
+            let Some(fd) = fds.into_iter().next() else { return };
+            tracing::warn!(client = %peer, "cannot hand an idle connection to the new process ({why}); it is closed");
+            let guard = TaskGuard::new(shared);
+            tokio_uring::spawn(async move {
+                reply::send(fd, Reply::Close).await;
+                drop(guard);
+            });
+        }
         _ => {}
     }
 }

@@ -91,11 +91,16 @@ fn a_keep_alive_client_keeps_its_one_connection_across_restarts() {
     let port = free_port();
     let spec = format!("http://:{port}");
     let mut svc = Service::hello(&pm, &spec, "v0", &["--name", "web"]);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let finished = done.clone();
     let client = thread::spawn(move || {
         let (mut connects, mut bodies) = (1, Vec::new());
         let mut http = Http::connect(port);
         let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(4) {
+        // Until the last instance answered, or 30 s (bounded either way).
+        while !(finished.load(std::sync::atomic::Ordering::Relaxed) && bodies.last().is_some_and(|b| b == "v3"))
+            && started.elapsed() < Duration::from_secs(30)
+        {
             match http.get("x", "/") {
                 Ok(r) => {
                     assert_eq!(r.status, 200, "{r:?}");
@@ -117,6 +122,7 @@ fn a_keep_alive_client_keeps_its_one_connection_across_restarts() {
         assert!(svc.terminate().is_some_and(|s| s.success()));
         svc = Service::hello(&pm, &spec, &format!("v{version}"), &["--name", "web"]);
     }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
     let (connects, bodies) = client.join().unwrap();
     assert_eq!(connects, 1, "one TCP connection throughout ({bodies:?})");
     assert_eq!(bodies, ["v0", "v1", "v2", "v3"], "each instance answered it in turn");
@@ -430,4 +436,65 @@ fn axum_finishes_a_response_in_progress_and_then_its_connection_moves_on() {
         .unwrap();
     let _next = Service::hello(&pm, &spec, "next", &["--name", "web"]);
     assert_eq!(body_of(&mut http, "/2"), "next", "the same connection, served by the next instance");
+}
+
+#[test]
+fn a_held_connection_moves_to_the_new_process_in_an_upgrade() {
+    let mut pm = Portmux::start(&[]);
+    let port = free_port();
+    let spec = format!("http://:{port}");
+    let mut old = Service::hello(&pm, &spec, "old", &["--name", "web"]);
+    let mut http = Http::connect(port);
+    assert_eq!(body_of(&mut http, "/1"), "old");
+    assert!(old.terminate().is_some_and(|s| s.success()));
+    pm.wait_for("the connection held", |pm| pm.status().idle == 1);
+    let before = pm.pid();
+    let after = pm.upgrade(&[]).unwrap_or_else(|e| panic!("upgrade: {e}\n{}", pm.log()));
+    assert_ne!(before, after);
+    pm.wait_for("the new process holds the connection", |pm| pm.status().idle == 1);
+    let _new = Service::hello(&pm, &spec, "new", &["--name", "web"]);
+    assert_eq!(body_of(&mut http, "/2"), "new", "the same connection, through the new portmux");
+}
+
+#[test]
+fn a_held_connection_is_closed_after_the_keepalive_timeout() {
+    let pm = Portmux::start(&["--keepalive-timeout", "1s"]);
+    let port = free_port();
+    let spec = format!("http://:{port}");
+    let mut svc = Service::hello(&pm, &spec, "up", &["--name", "web"]);
+    let mut http = Http::connect(port);
+    assert_eq!(body_of(&mut http, "/1"), "up");
+    assert!(svc.terminate().is_some_and(|s| s.success()));
+    pm.wait_for("the connection held", |pm| pm.status().idle == 1);
+    // No next request: portmux closes it cleanly at the timeout.
+    assert_eq!(read_until_close(&mut http.stream), Ok(vec![]));
+    assert_eq!(pm.status().idle, 0);
+}
+
+#[test]
+fn an_untouched_raw_tcp_connection_given_back_is_routed_at_once() {
+    // A protocol where the server speaks first: the client sends nothing, so
+    // portmux must not wait for its bytes before routing it again.
+    let pm = Portmux::start(&["--keepalive-timeout", "60s"]);
+    let port = free_port();
+    let spec = format!("tcp://:{port}");
+    let first = RawSession::register(pm.control(), "db", &[&spec]);
+    let mut silent = client(port);
+    let Some((Message::Connection { id, .. }, Some(fd))) = first.recv() else { panic!("no connection") };
+    first.send(&Message::Ack { id });
+    first.send(&Message::Drain);
+    let local: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let peer = silent.local_addr().unwrap();
+    let msg = portmux_wire::encode(&Message::GiveBack { route: spec.clone(), peer, local }).unwrap();
+    first.send_with_fd(&msg, fd.as_fd()).unwrap();
+    drop(fd);
+    let next = RawSession::register(pm.control(), "db", &[&spec]);
+    let started = Instant::now();
+    let Some((Message::Connection { id, .. }, Some(fd))) = next.recv() else { panic!("not routed again") };
+    assert!(started.elapsed() < Duration::from_secs(10), "routed without waiting for the client");
+    next.send(&Message::Ack { id });
+    std::net::TcpStream::from(fd).write_all(b"220 ready\r\n").unwrap();
+    let mut greeting = [0u8; 11];
+    silent.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting, b"220 ready\r\n");
 }

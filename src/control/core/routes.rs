@@ -240,7 +240,9 @@ impl Core {
 
     /// The service will take no new connections on this session.
     pub fn drain(&mut self, session: SessionId) {
-        if let Some(e) = self.sessions.get_mut(&session) {
+        if let Some(e) = self.sessions.get_mut(&session)
+            && !e.draining
+        {
             e.draining = true;
             tracing::info!(session = %session, service = %e.name, "draining: no new connections");
             self.table_dirty = true;
