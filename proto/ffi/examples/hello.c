@@ -180,13 +180,19 @@ int main(int argc, char **argv) {
             pthread_attr_destroy(&attr);
         }
     }
-    /* Wake the connection threads waiting between requests, then wait (10 s
-     * at most) for every connection to be given back or closed. */
+    /* No new connections here (portmux queues them for the next instance),
+     * then wake the connection threads waiting between requests, and wait
+     * (10 s at most) for every connection to be given back or closed. */
+    if (portmux_drain(l) != PORTMUX_OK) fprintf(stderr, "hello.c: drain: %s\n", portmux_last_error());
     uint64_t one = 1;
     if (write(stop_fd, &one, sizeof one) < 0) perror("hello.c: wake");
     rc = portmux_shutdown(l, 10000);
-    if (rc != PORTMUX_OK) fprintf(stderr, "hello.c: shutdown: %s\n", portmux_last_error());
-    portmux_listener_free(l);
+    if (rc == PORTMUX_OK) {
+        portmux_listener_free(l);
+    } else {
+        /* Threads may still use the listener: it lives until the exit. */
+        fprintf(stderr, "hello.c: shutdown: %s\n", portmux_last_error());
+    }
     close(sfd);
     close(stop_fd);
     printf("hello.c: stopped\n");

@@ -58,6 +58,8 @@ def load():
     lib.portmux_strerror.restype = ctypes.c_char_p
     lib.portmux_last_error.argtypes = []
     lib.portmux_last_error.restype = ctypes.c_char_p
+    lib.portmux_drain.argtypes = [listener_p]
+    lib.portmux_drain.restype = ctypes.c_int
     for name in ("portmux_give_back", "portmux_close"):
         getattr(lib, name).argtypes = [listener_p, ctypes.c_int]
         getattr(lib, name).restype = ctypes.c_int
@@ -74,7 +76,7 @@ def serve(lib, listener, sock, body, stopping):
             if lib.portmux_give_back(listener, sock.detach()) != PORTMUX_OK:
                 print(f"hello.py: give back: {lib.portmux_last_error().decode()}", file=sys.stderr, flush=True)
             return
-    except OSError:
+    except (OSError, ValueError):  # the client went, or sent a bad Content-Length
         pass
     lib.portmux_close(listener, sock.detach())
 
@@ -151,10 +153,15 @@ def main():
                 conn = socket.socket(fileno=fd)
                 threading.Thread(target=serve, args=(lib, listener, conn, body, stop_r), daemon=True).start()
     sel.close()
+    # No new connections here (portmux queues them for the next instance),
+    # then wake the connections waiting between requests.
+    if lib.portmux_drain(listener) != PORTMUX_OK:
+        print(f"hello.py: drain: {lib.portmux_last_error().decode()}", file=sys.stderr, flush=True)
     os.write(stop_w, b"x")
-    if lib.portmux_shutdown(listener, 10000) != PORTMUX_OK:
+    if lib.portmux_shutdown(listener, 10000) == PORTMUX_OK:
+        lib.portmux_listener_free(listener)
+    else:  # Threads may still use the listener: it lives until the exit.
         print(f"hello.py: shutdown: {lib.portmux_last_error().decode()}", file=sys.stderr, flush=True)
-    lib.portmux_listener_free(listener)
     print("hello.py: stopped", flush=True)
 
 

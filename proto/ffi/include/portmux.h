@@ -205,25 +205,32 @@ int portmux_drain(struct portmux_listener *listener);
 // it until its next request and routes that like a new connection's, to the
 // instance that then serves the route (the client never notices a restart).
 // `fd` must be a connection this listener handed out that sits between
-// requests: nothing read beyond its last request (or nothing read at all).
+// requests: every request read was answered in full and nothing of the next
+// one was read (or nothing was read at all), and neither side asked to close.
 // Only plain HTTP/1 connections can go back once used; an untouched one of
 // any kind can. Ownership of `fd` passes to the library, which closes it (on
 // failure too, except PORTMUX_ERR_UNKNOWN_FD: then `fd` is untouched).
 // Returns PORTMUX_OK, PORTMUX_ERR_NULL, PORTMUX_ERR_UNKNOWN_FD or PORTMUX_ERR_IO.
 //
 // # Safety
-// `listener` is NULL or a live listener from portmux_listen; `fd` is not used
-// by the caller after this call (unless it returned PORTMUX_ERR_UNKNOWN_FD).
+// `listener` is NULL or a live listener from portmux_listen; `fd`, if this
+// listener handed it out, is still open and the caller's (not closed with
+// close(2)), and is not used by the caller after this call (unless it
+// returned PORTMUX_ERR_UNKNOWN_FD).
 int portmux_give_back(struct portmux_listener *listener, int fd);
 
 // Closes connection `fd`, which this listener handed out, and forgets it
-// (portmux_shutdown no longer waits for it). Plain close(2) works too, but
-// then portmux_shutdown waits out its grace period. Returns PORTMUX_OK,
+// (portmux_shutdown no longer waits for it). Closing it with close(2)
+// instead leaves the listener counting it: portmux_shutdown then waits out
+// its grace period, and that fd number must not be passed to
+// portmux_give_back or portmux_close afterwards. Returns PORTMUX_OK,
 // PORTMUX_ERR_NULL or PORTMUX_ERR_UNKNOWN_FD (then `fd` is untouched).
 //
 // # Safety
-// `listener` is NULL or a live listener from portmux_listen; `fd` is not used
-// by the caller after this call (unless it returned PORTMUX_ERR_UNKNOWN_FD).
+// As for portmux_give_back: `listener` is NULL or a live listener; `fd`, if
+// this listener handed it out, is still open and the caller's, and is not
+// used by the caller after this call (unless it returned
+// PORTMUX_ERR_UNKNOWN_FD).
 int portmux_close(struct portmux_listener *listener, int fd);
 
 // Shuts down gracefully: portmux sends no new connections here (they wait
