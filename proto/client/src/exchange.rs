@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 
 /// A head longer than this is not followed: the connection cannot go back.
 const MAX_HEAD: usize = 64 * 1024;
-const MAX_HEADERS: usize = 128;
+const MAX_HEADERS: usize = 64;
 /// A chunk-size line (extensions included) longer than this is not followed.
 const MAX_CHUNK_LINE: usize = 4096;
 
@@ -43,6 +43,7 @@ struct Request {
 #[derive(Debug, Default)]
 struct Reader {
     phase: Phase,
+    /// A head that spans reads, gathered.
     head: Vec<u8>,
     end: LineEnds,
 }
@@ -139,39 +140,104 @@ fn headers(parsed: &[httparse::Header<'_>], request: bool) -> Headers {
     Headers { framing, close, keep_alive }
 }
 
-/// A head in full, more of it to come, or one that cannot be followed.
-enum Head<'a> {
+/// A head taken in full (parsed), more of it to come, or one that cannot be followed.
+enum Taken<T> {
     More,
-    Done(&'a [u8]),
+    Done(T),
     Bad,
+}
+
+/// A parser's answer: `Some((head length, what it says))` when complete,
+/// `None` when more is needed, `Err` when it is not a head.
+type Parsed<T> = Result<Option<(usize, T)>, ()>;
+
+/// Takes a head from `bytes`. Most heads come whole and are parsed where
+/// they are; one that spans reads is gathered in `gathered` until its empty
+/// line (found by `end`, in linear time however it is cut), then parsed.
+fn take_head<T>(
+    gathered: &mut Vec<u8>,
+    end: &mut LineEnds,
+    bytes: &mut &[u8],
+    request: bool,
+    parse: fn(&[u8]) -> Parsed<T>,
+) -> Taken<T> {
+    if request && gathered.is_empty() {
+        // Empty lines before a request line are ignored (RFC 9112, 2.2).
+        let blank = bytes.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+        *bytes = &bytes[blank..];
+        if bytes.is_empty() {
+            return Taken::More;
+        }
+    }
+    if gathered.is_empty() {
+        return match parse(bytes) {
+            Ok(Some((len, what))) if len <= MAX_HEAD => {
+                *bytes = &bytes[len..];
+                Taken::Done(what)
+            }
+            Ok(None) if bytes.len() <= MAX_HEAD => {
+                *end = LineEnds::default();
+                end.scan(bytes);
+                gathered.extend_from_slice(bytes);
+                *bytes = &[];
+                Taken::More
+            }
+            _ => Taken::Bad,
+        };
+    }
+    let found = end.scan(bytes);
+    let used = found.unwrap_or(bytes.len());
+    if gathered.len() + used > MAX_HEAD {
+        return Taken::Bad;
+    }
+    gathered.extend_from_slice(&bytes[..used]);
+    *bytes = &bytes[used..];
+    if found.is_none() {
+        return Taken::More;
+    }
+    let parsed = parse(gathered);
+    let whole = gathered.len();
+    gathered.clear();
+    match parsed {
+        Ok(Some((len, what))) if len == whole => Taken::Done(what),
+        _ => Taken::Bad,
+    }
+}
+
+/// A request head: what its response depends on, and its body's framing.
+fn parse_request(head: &[u8]) -> Parsed<(Request, Framing)> {
+    let mut parsed = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(head, &mut parsed) {
+        Ok(httparse::Status::Complete(len)) => {
+            let h = headers(req.headers, true);
+            let method = req.method.unwrap_or_default();
+            let close = h.close || (req.version == Some(0) && !h.keep_alive);
+            Ok(Some((len, (Request { head: method == "HEAD", connect: method == "CONNECT", close }, h.framing))))
+        }
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(_) => Err(()),
+    }
+}
+
+/// A response head: its status, whether it ends the connection, its body's framing.
+fn parse_response(head: &[u8]) -> Parsed<(u16, bool, Framing)> {
+    let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut parsed);
+    match res.parse(head) {
+        Ok(httparse::Status::Complete(len)) => {
+            let h = headers(res.headers, false);
+            let close = h.close || (res.version == Some(0) && !h.keep_alive);
+            Ok(Some((len, (res.code.unwrap_or_default(), close, h.framing))))
+        }
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(_) => Err(()),
+    }
 }
 
 impl Reader {
     fn at_rest(&self) -> bool {
         matches!(self.phase, Phase::Head) && self.head.is_empty()
-    }
-
-    /// Takes head bytes from `bytes`; the head when complete.
-    fn take_head<'a>(&'a mut self, bytes: &mut &[u8], request: bool) -> Head<'a> {
-        if request && self.head.is_empty() {
-            // Empty lines before a request line are ignored (RFC 9112, 2.2).
-            let blank = bytes.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
-            *bytes = &bytes[blank..];
-            if bytes.is_empty() {
-                return Head::More;
-            }
-        }
-        let found = self.end.scan(bytes);
-        let used = found.unwrap_or(bytes.len());
-        if self.head.len() + used > MAX_HEAD {
-            return Head::Bad;
-        }
-        self.head.extend_from_slice(&bytes[..used]);
-        *bytes = &bytes[used..];
-        match found {
-            Some(_) => Head::Done(&self.head),
-            None => Head::More,
-        }
     }
 
     /// Takes body bytes from `bytes`: `Some(true)` when the body ended,
@@ -241,7 +307,6 @@ impl Reader {
 
     fn start_body(&mut self, framing: Framing) -> bool {
         self.head.clear();
-        self.end = LineEnds::default();
         self.phase = match framing {
             Framing::Length(0) => Phase::Head,
             Framing::Length(n) => Phase::Length(n),
@@ -267,25 +332,12 @@ impl Exchange {
                 }
                 continue;
             }
-            let request = match self.requests.take_head(&mut bytes, true) {
-                Head::More => continue,
-                Head::Bad => None,
-                Head::Done(head) => {
-                    let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                    let mut req = httparse::Request::new(&mut parsed);
-                    match req.parse(head) {
-                        Ok(httparse::Status::Complete(_)) => {
-                            let h = headers(req.headers, true);
-                            let method = req.method.unwrap_or_default();
-                            let old = req.version == Some(0);
-                            let close = h.close || (old && !h.keep_alive);
-                            let r = Request { head: method == "HEAD", connect: method == "CONNECT", close };
-                            Some((r, h.framing))
-                        }
-                        _ => None,
-                    }
-                }
-            };
+            let request =
+                match take_head(&mut self.requests.head, &mut self.requests.end, &mut bytes, true, parse_request) {
+                    Taken::More => continue,
+                    Taken::Bad => None,
+                    Taken::Done(r) => Some(r),
+                };
             match request {
                 Some((r, framing)) if self.requests.start_body(framing) => self.waiting.push_back(r),
                 _ => self.over = true,
@@ -304,22 +356,12 @@ impl Exchange {
                 }
                 continue;
             }
-            let response = match self.responses.take_head(&mut bytes, false) {
-                Head::More => continue,
-                Head::Bad => None,
-                Head::Done(head) => {
-                    let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                    let mut res = httparse::Response::new(&mut parsed);
-                    match res.parse(head) {
-                        Ok(httparse::Status::Complete(_)) => {
-                            let h = headers(res.headers, false);
-                            let old = res.version == Some(0);
-                            Some((res.code.unwrap_or_default(), h.close || (old && !h.keep_alive), h.framing))
-                        }
-                        _ => None,
-                    }
-                }
-            };
+            let response =
+                match take_head(&mut self.responses.head, &mut self.responses.end, &mut bytes, false, parse_response) {
+                    Taken::More => continue,
+                    Taken::Bad => None,
+                    Taken::Done(r) => Some(r),
+                };
             let Some((status, close, framing)) = response else {
                 self.over = true;
                 continue;

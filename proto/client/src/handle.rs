@@ -35,8 +35,35 @@ pub(crate) struct Handle {
     wake: OwnedFd,
     #[cfg(feature = "tokio")]
     pub(crate) wake_async: Arc<tokio::sync::Notify>,
+    /// The tokio connections' read wakers, woken when a shutdown begins
+    /// (registered once per connection: a read stores its waker in its own
+    /// slot, without touching anything shared).
+    #[cfg(feature = "tokio")]
+    readers: Mutex<Vec<std::sync::Weak<ReadWaker>>>,
     #[cfg(feature = "tokio")]
     changed_async: tokio::sync::Notify,
+}
+
+/// Where a tokio connection's read waits: its task's waker.
+#[cfg(feature = "tokio")]
+#[derive(Debug, Default)]
+pub(crate) struct ReadWaker(Mutex<Option<std::task::Waker>>);
+
+#[cfg(feature = "tokio")]
+impl ReadWaker {
+    /// The read is waiting now, in the task of `waker`.
+    pub(crate) fn set(&self, waker: &std::task::Waker) {
+        let mut slot = lock(&self.0);
+        if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *slot = Some(waker.clone());
+        }
+    }
+
+    pub(crate) fn wake(&self) {
+        if let Some(w) = lock(&self.0).take() {
+            w.wake();
+        }
+    }
 }
 
 /// Connections handed out and still open: all of them, and those that can
@@ -60,6 +87,8 @@ impl Handle {
             wake,
             #[cfg(feature = "tokio")]
             wake_async: Arc::new(tokio::sync::Notify::new()),
+            #[cfg(feature = "tokio")]
+            readers: Mutex::new(Vec::new()),
             #[cfg(feature = "tokio")]
             changed_async: tokio::sync::Notify::new(),
         }))
@@ -94,8 +123,26 @@ impl Handle {
         if !self.closing.swap(true, Ordering::AcqRel) {
             let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
             #[cfg(feature = "tokio")]
-            self.wake_async.notify_waiters();
+            {
+                self.wake_async.notify_waiters();
+                let readers = std::mem::take(&mut *lock(&self.readers));
+                for r in readers.iter().filter_map(std::sync::Weak::upgrade) {
+                    r.wake();
+                }
+            }
         }
+    }
+
+    /// Registers a tokio connection's read waker slot, to be woken when a
+    /// shutdown begins.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn register_reader(&self, slot: &Arc<ReadWaker>) {
+        let mut readers = lock(&self.readers);
+        // Dropped connections leave dead entries: swept when the list doubles.
+        if readers.len() >= 64 && readers.len().is_power_of_two() {
+            readers.retain(|r| r.strong_count() > 0);
+        }
+        readers.push(Arc::downgrade(slot));
     }
 
     pub(crate) fn opened(&self, movable: bool) {

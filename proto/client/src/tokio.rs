@@ -2,7 +2,7 @@
 //! `serve::Listener`, so `axum::serve(listener, router)` works, graceful
 //! shutdown included.
 
-use crate::handle::{Handle, Tracked};
+use crate::handle::{Handle, ReadWaker, Tracked};
 use crate::proto::{self, Config, Incoming};
 use crate::{ConnInfo, Error, Opened, ShuttingDown};
 use portmux_sys::scm::Wait;
@@ -136,7 +136,9 @@ impl Listener {
 
     fn track(&self, stream: TcpStream, info: ConnInfo) -> (Stream, ConnInfo) {
         let tracked = Tracked::new(self.handle.clone(), info.meta.clone());
-        (Stream { inner: stream, tracked, woken: None, reader: None }, info)
+        let reader = Arc::new(ReadWaker::default());
+        self.handle.register_reader(&reader);
+        (Stream { inner: stream, tracked, reader }, info)
     }
 
     /// A handle to begin this listener's graceful shutdown from elsewhere,
@@ -269,12 +271,11 @@ impl Graceful {
 pub struct Stream {
     inner: TcpStream,
     tracked: Tracked,
-    /// Wakes a read waiting for a next request when a shutdown begins.
-    woken: Option<Pin<Box<tokio::sync::futures::OwnedNotified>>>,
-    /// The last read that waited: a write that completes the exchange during
-    /// a shutdown wakes it, so that it can end there (hyper, having read a
-    /// request, waits on its read while it writes the response).
-    reader: Option<std::task::Waker>,
+    /// Where a read waits. A shutdown wakes it (registered with the
+    /// listener's handle), and so does, during a shutdown, a write that
+    /// completes the exchange: it can end there (hyper, having read a request,
+    /// waits on its read while it writes the response).
+    reader: Arc<ReadWaker>,
 }
 
 impl Stream {
@@ -299,9 +300,9 @@ impl Stream {
 impl Stream {
     /// During a shutdown, a write that brought the exchange to rest wakes
     /// the read waiting meanwhile: it ends there, and the connection goes back.
-    fn wake_reader_at_rest(&mut self) {
-        if self.reader.is_some() && self.tracked.ends_here() {
-            self.reader.take().expect("checked").wake();
+    fn wake_reader_at_rest(&self) {
+        if self.tracked.ends_here() {
+            self.reader.wake();
         }
     }
 }
@@ -316,27 +317,13 @@ impl AsyncRead for Stream {
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 this.tracked.read(&buf.filled()[before..]);
-                this.woken = None;
-                this.reader = None;
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => {
-                this.reader = Some(cx.waker().clone());
-                if this.tracked.handle.is_closing() {
-                    return Poll::Pending; // A write that completes the exchange wakes it.
-                }
-                // A shutdown must wake this read: it may end here, or once
-                // the exchange under way is complete.
-                let woken = this.woken.get_or_insert_with(|| {
-                    let mut n = Box::pin(this.tracked.handle.wake_async.clone().notified_owned());
-                    n.as_mut().enable();
-                    n
-                });
-                if woken.as_mut().poll(cx).is_ready() || this.tracked.handle.is_closing() {
-                    this.woken = None;
-                    if this.tracked.ends_here() {
-                        return Poll::Ready(Ok(()));
-                    }
+                this.reader.set(cx.waker());
+                // A shutdown that began meanwhile may have missed the waker.
+                if this.tracked.ends_here() {
+                    return Poll::Ready(Ok(()));
                 }
                 Poll::Pending
             }
