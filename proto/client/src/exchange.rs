@@ -13,6 +13,8 @@ use std::collections::VecDeque;
 /// A head longer than this is not followed: the connection cannot go back.
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 64;
+/// Requests read ahead of their responses beyond this are not followed.
+const MAX_PIPELINED: usize = 256;
 /// A chunk-size line (extensions included) longer than this is not followed.
 const MAX_CHUNK_LINE: usize = 4096;
 
@@ -55,7 +57,8 @@ enum Phase {
     Length(u64),
     ChunkSize(Vec<u8>),
     ChunkData(u64),
-    ChunkDataEnd,
+    /// The CRLF after a chunk's data (`true`: its CR was seen).
+    ChunkDataEnd(bool),
     Trailers(LineEnds),
 }
 
@@ -112,7 +115,11 @@ fn headers(parsed: &[httparse::Header<'_>], request: bool) -> Headers {
     let (mut close, mut keep_alive) = (false, false);
     for h in parsed {
         if h.name.eq_ignore_ascii_case("content-length") {
-            let v = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse().ok());
+            // Digits only (no sign, no list): what HTTP servers accept.
+            let v = h.value.trim_ascii();
+            let v = (!v.is_empty() && v.iter().all(u8::is_ascii_digit))
+                .then(|| std::str::from_utf8(v).ok()?.parse().ok())
+                .flatten();
             match (length, v) {
                 (_, None) => lengths_differ = true,
                 (Some(l), Some(v)) if l != v => lengths_differ = true,
@@ -279,14 +286,14 @@ impl Reader {
                     *left -= n;
                     *bytes = &bytes[n as usize..];
                     if *left == 0 {
-                        self.phase = Phase::ChunkDataEnd;
+                        self.phase = Phase::ChunkDataEnd(false);
                     }
                 }
-                Phase::ChunkDataEnd => {
-                    match bytes[0] {
-                        b'\r' => {}
-                        b'\n' => self.phase = Phase::ChunkSize(Vec::new()),
-                        _ => return None,
+                Phase::ChunkDataEnd(cr) => {
+                    match (bytes[0], *cr) {
+                        (b'\r', false) => *cr = true,
+                        (b'\n', true) => self.phase = Phase::ChunkSize(Vec::new()),
+                        _ => return None, // Exactly CRLF, as HTTP servers insist.
                     }
                     *bytes = &bytes[1..];
                 }
@@ -323,6 +330,12 @@ impl Exchange {
         !self.over && self.waiting.is_empty() && self.requests.at_rest() && self.responses.at_rest()
     }
 
+    /// It can never go back: it will close, switched protocols, or carries
+    /// what is not followed.
+    pub(crate) fn is_over(&self) -> bool {
+        self.over
+    }
+
     /// The service read `bytes` (requests).
     pub(crate) fn read(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() && !self.over {
@@ -339,7 +352,10 @@ impl Exchange {
                     Taken::Done(r) => Some(r),
                 };
             match request {
-                Some((r, framing)) if self.requests.start_body(framing) => self.waiting.push_back(r),
+                // Pipelined requests beyond MAX_PIPELINED are not followed.
+                Some((r, framing)) if self.waiting.len() < MAX_PIPELINED && self.requests.start_body(framing) => {
+                    self.waiting.push_back(r)
+                }
                 _ => self.over = true,
             }
         }
@@ -515,6 +531,8 @@ mod tests {
         let two = format!("{GET}{GET}");
         check("two at once", &[Read(&two, false), Wrote(OK, false), Wrote(OK, true)]);
         check("half of the next one read", &[Read(GET, false), Read("GET / HT", false), Wrote(OK, false)]);
+        let (many, answers) = (GET.repeat(super::MAX_PIPELINED + 1), OK.repeat(super::MAX_PIPELINED + 1));
+        check("more than are followed", &[Read(&many, false), Wrote(&answers, false)]);
     }
 
     #[test]
@@ -556,6 +574,13 @@ mod tests {
         check("a response to nothing", &[Wrote(OK, false), Read(GET, false)]);
         let lengths = "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n";
         check("two lengths", &[Read(lengths, false), Wrote(OK, false)]);
+        let signed = "POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\nx";
+        check("a signed length", &[Read(signed, false), Wrote(OK, false)]);
+        let chunked = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+        check(
+            "chunk data without its CRLF",
+            &[Read(GET, false), Wrote(chunked, false), Wrote("2\r\nok\n0\r\n\r\n", false)],
+        );
         let coded = "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n";
         check("coded, not chunked", &[Read(coded, false), Wrote(OK, false)]);
         let long = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(super::MAX_HEAD));

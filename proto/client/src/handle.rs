@@ -19,6 +19,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// How long a give-back (or Drain, or Bye) waits for room in a full session socket.
 const SEND_PATIENCE: Duration = Duration::from_secs(1);
 
+/// While a shutdown waits for its connections, how often it refuses the
+/// connections portmux sent after the Drain (they go to the next instance).
+const REFUSE_EVERY: Duration = Duration::from_millis(50);
+
 #[derive(Debug)]
 pub(crate) struct Handle {
     /// The current session socket (replaced on reconnect; `None` once shut down).
@@ -30,6 +34,8 @@ pub(crate) struct Handle {
     /// The listener went away during a graceful shutdown while connections
     /// were still open: the last of them to close says Bye.
     bye_later: AtomicBool,
+    /// The session was ended on purpose (Bye): no reconnecting.
+    ended: AtomicBool,
     /// Readable once a graceful shutdown began: blocking readers poll it
     /// beside their socket (an eventfd).
     wake: OwnedFd,
@@ -39,7 +45,7 @@ pub(crate) struct Handle {
     /// (registered once per connection: a read stores its waker in its own
     /// slot, without touching anything shared).
     #[cfg(feature = "tokio")]
-    readers: Mutex<Vec<std::sync::Weak<ReadWaker>>>,
+    readers: Mutex<Readers>,
     #[cfg(feature = "tokio")]
     changed_async: tokio::sync::Notify,
 }
@@ -60,10 +66,20 @@ impl ReadWaker {
     }
 
     pub(crate) fn wake(&self) {
-        if let Some(w) = lock(&self.0).take() {
+        let waker = lock(&self.0).take();
+        if let Some(w) = waker {
             w.wake();
         }
     }
+}
+
+/// The registered read waker slots. Dropped connections leave dead entries,
+/// swept when the list has doubled since the last sweep.
+#[cfg(feature = "tokio")]
+#[derive(Debug, Default)]
+struct Readers {
+    slots: Vec<std::sync::Weak<ReadWaker>>,
+    sweep_at: usize,
 }
 
 /// Connections handed out and still open: all of them, and those that can
@@ -84,11 +100,12 @@ impl Handle {
             changed: Condvar::new(),
             closing: AtomicBool::new(false),
             bye_later: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
             wake,
             #[cfg(feature = "tokio")]
             wake_async: Arc::new(tokio::sync::Notify::new()),
             #[cfg(feature = "tokio")]
-            readers: Mutex::new(Vec::new()),
+            readers: Mutex::new(Readers::default()),
             #[cfg(feature = "tokio")]
             changed_async: tokio::sync::Notify::new(),
         }))
@@ -117,6 +134,15 @@ impl Handle {
         self.closing.load(Ordering::Acquire)
     }
 
+    /// Ends the session on purpose: acceptors that see it end do not reconnect.
+    pub(crate) fn mark_ended(&self) {
+        self.ended.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn is_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+
     /// A graceful shutdown begins: connections between requests end, blocked
     /// readers and acceptors wake.
     pub(crate) fn begin_closing(&self) {
@@ -125,7 +151,7 @@ impl Handle {
             #[cfg(feature = "tokio")]
             {
                 self.wake_async.notify_waiters();
-                let readers = std::mem::take(&mut *lock(&self.readers));
+                let readers = std::mem::take(&mut lock(&self.readers).slots);
                 for r in readers.iter().filter_map(std::sync::Weak::upgrade) {
                     r.wake();
                 }
@@ -138,11 +164,11 @@ impl Handle {
     #[cfg(feature = "tokio")]
     pub(crate) fn register_reader(&self, slot: &Arc<ReadWaker>) {
         let mut readers = lock(&self.readers);
-        // Dropped connections leave dead entries: swept when the list doubles.
-        if readers.len() >= 64 && readers.len().is_power_of_two() {
-            readers.retain(|r| r.strong_count() > 0);
+        if readers.slots.len() >= readers.sweep_at {
+            readers.slots.retain(|r| r.strong_count() > 0);
+            readers.sweep_at = (2 * readers.slots.len()).max(64);
         }
-        readers.push(Arc::downgrade(slot));
+        readers.slots.push(Arc::downgrade(slot));
     }
 
     pub(crate) fn opened(&self, movable: bool) {
@@ -151,7 +177,20 @@ impl Handle {
         open.movable += usize::from(movable);
     }
 
-    pub(crate) fn closed(&self, movable: bool) {
+    /// A connection that counted as able to go back no longer can (it asked
+    /// to close, switched protocols, or carries what is not followed).
+    pub(crate) fn stuck(&self) {
+        let mut open = lock(&self.open);
+        open.movable = open.movable.saturating_sub(1);
+        if open.movable == 0 {
+            #[cfg(feature = "tokio")]
+            self.changed_async.notify_waiters();
+        }
+    }
+
+    /// A connection handed out is closed or given back (`movable`: it still
+    /// counted as able to go back).
+    pub(crate) fn closed(self: &Arc<Self>, movable: bool) {
         let mut open = lock(&self.open);
         open.all = open.all.saturating_sub(1);
         if movable {
@@ -169,8 +208,35 @@ impl Handle {
         self.changed_async.notify_waiters();
         let bye = self.bye_later.swap(false, Ordering::AcqRel);
         drop(open);
-        if bye {
-            self.say_bye();
+        if !bye {
+            return;
+        }
+        // The last connection of a listener dropped mid-shutdown: its Bye
+        // (which waits for portmux to close the session) stays off an async
+        // runtime's worker threads.
+        #[cfg(feature = "tokio")]
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let me = self.clone();
+            rt.spawn_blocking(move || me.say_bye());
+            return;
+        }
+        self.say_bye();
+    }
+
+    /// Refuses (Reject) the connections portmux sent after the listener let
+    /// go of its own: they raced with the Drain. Called while a shutdown
+    /// waits, when nothing else reads the session.
+    pub(crate) fn refuse_arrivals(&self, buf: &mut [u8]) {
+        let Some(sock) = self.socket() else { return };
+        loop {
+            match crate::proto::receive(&*sock, buf, Wait::DontWait) {
+                Ok(crate::proto::Incoming::Conn(id, _, _)) | Ok(crate::proto::Incoming::Lost(id, _)) => {
+                    let reject = crate::proto::reject(id, "the service is shutting down");
+                    let _ = crate::proto::send(&*sock, &reject, Wait::Block);
+                }
+                Ok(crate::proto::Incoming::Closed | crate::proto::Incoming::Ended(_)) | Err(_) => return,
+                Ok(_) => {}
+            }
         }
     }
 
@@ -191,6 +257,7 @@ impl Handle {
     /// it) and forgets it.
     pub(crate) fn say_bye(&self) {
         let Some(sock) = self.socket() else { return };
+        self.mark_ended();
         let _ = self.send(&Message::Bye, None);
         let mut buf = vec![0u8; portmux_wire::MAX_MESSAGE];
         crate::proto::read_to_end(&*sock, &mut buf, crate::CLOSE_WAIT);
@@ -204,15 +271,21 @@ impl Handle {
     /// Waits until every connection handed out is closed or given back, at
     /// most until `deadline`. Returns how many are still open.
     pub(crate) fn wait_all_closed(&self, deadline: Instant) -> usize {
-        let mut open = lock(&self.open);
-        while open.all > 0 {
+        let mut buf = vec![0u8; portmux_wire::MAX_MESSAGE];
+        loop {
+            let mut open = lock(&self.open);
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
+            if open.all == 0 || left.is_zero() {
+                return open.all;
             }
-            open = self.changed.wait_timeout(open, left).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+            open = self
+                .changed
+                .wait_timeout(open, left.min(REFUSE_EVERY))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+            drop(open);
+            self.refuse_arrivals(&mut buf);
         }
-        open.all
     }
 
     /// Waits until every connection handed out (`all`), or every one that
@@ -224,6 +297,7 @@ impl Handle {
             let open = lock(&h.open);
             if all { open.all } else { open.movable }
         };
+        let mut buf = vec![0u8; portmux_wire::MAX_MESSAGE];
         loop {
             let changed = self.changed_async.notified();
             let mut changed = std::pin::pin!(changed);
@@ -231,9 +305,12 @@ impl Handle {
             if count(self) == 0 {
                 return 0;
             }
-            if tokio::time::timeout_at(deadline.into(), changed).await.is_err() {
+            if Instant::now() >= deadline {
                 return count(self);
             }
+            let slice = deadline.min(Instant::now() + REFUSE_EVERY);
+            let _ = tokio::time::timeout_at(slice.into(), changed).await;
+            self.refuse_arrivals(&mut buf);
         }
     }
 
@@ -281,6 +358,9 @@ pub(crate) struct Tracked {
     exchange: Mutex<Exchange>,
     /// Nothing was read or written yet: any connection can go back as it came.
     fresh: AtomicBool,
+    /// Counted among the listener's connections that can go back (movable,
+    /// and its exchange not over).
+    counted: AtomicBool,
     given_back: AtomicBool,
 }
 
@@ -294,6 +374,7 @@ impl Tracked {
             meta,
             exchange: Mutex::new(Exchange::default()),
             fresh: AtomicBool::new(true),
+            counted: AtomicBool::new(movable),
             given_back: AtomicBool::new(false),
         }
     }
@@ -305,7 +386,16 @@ impl Tracked {
         }
         self.fresh.store(false, Ordering::Relaxed);
         if self.movable {
-            lock(&self.exchange).read(bytes);
+            let mut x = lock(&self.exchange);
+            x.read(bytes);
+            self.still_counted(&x);
+        }
+    }
+
+    /// Once its exchange is over, it no longer counts among those that can go back.
+    fn still_counted(&self, x: &Exchange) {
+        if x.is_over() && self.counted.swap(false, Ordering::AcqRel) {
+            self.handle.stuck();
         }
     }
 
@@ -316,7 +406,9 @@ impl Tracked {
         }
         self.fresh.store(false, Ordering::Relaxed);
         if self.movable {
-            lock(&self.exchange).wrote(bytes);
+            let mut x = lock(&self.exchange);
+            x.wrote(bytes);
+            self.still_counted(&x);
         }
     }
 
@@ -377,6 +469,6 @@ impl Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        self.handle.closed(self.movable);
+        self.handle.closed(self.counted.load(Ordering::Acquire));
     }
 }

@@ -356,7 +356,7 @@ impl Listener {
     pub fn accept(&self) -> io::Result<(Stream, ConnInfo)> {
         let mut rx = lock(&self.receiving);
         loop {
-            if self.handle.is_closing() {
+            if self.handle.is_closing() || self.handle.is_ended() {
                 return Err(shut_down());
             }
             if let Some(next) = rx.backlog.pop_front() {
@@ -403,7 +403,7 @@ impl Listener {
     /// is inside a blocking [`Listener::accept`], this call waits for it.
     pub fn try_accept(&self) -> io::Result<Option<(Stream, ConnInfo)>> {
         let mut rx = lock(&self.receiving);
-        if self.handle.is_closing() {
+        if self.handle.is_closing() || self.handle.is_ended() {
             return Err(shut_down());
         }
         let poller = self.poller.get();
@@ -609,9 +609,15 @@ impl Listener {
         if let Some(p) = self.poller.get() {
             p.forget(&sock);
         }
-        let mut rx = lock(&self.receiving); // No receive runs meanwhile.
+        // Bye first: an accept waiting (it holds the receiving side) wakes
+        // when portmux ends the session, and fails instead of reconnecting.
+        // Give-backs after the Bye are still honoured.
+        self.handle.mark_ended();
+        let _ = self.handle.send(&portmux_wire::Message::Bye, None);
+        let mut rx = lock(&self.receiving);
         self.let_go(&mut rx);
-        self.handle.say_bye();
+        proto::read_to_end(&*sock, &mut rx.buf, CLOSE_WAIT);
+        self.handle.clear_socket();
     }
 
     /// Lets go of the connections not accepted: those already taken from the

@@ -63,9 +63,12 @@ impl Stream {
             if self.tracked.ends_here() {
                 return Ok(false);
             }
+            // Once the shutdown began, its wake-up stays readable: only the
+            // socket is watched then (this read does not end here).
             let wake = self.tracked.handle.wake_fd();
             let mut fds = [PollFd::new(sock, PollFlags::IN), PollFd::new(&wake, PollFlags::IN)];
-            match poll(&mut fds, timeout.as_ref()) {
+            let watched = if self.tracked.handle.is_closing() { 1 } else { 2 };
+            match poll(&mut fds[..watched], timeout.as_ref()) {
                 Ok(0) => return Err(io::Error::new(io::ErrorKind::WouldBlock, "read timed out")),
                 Ok(_) if fds[0].revents().is_empty() => continue, // the shutdown's wake-up
                 Ok(_) => return Ok(true),
