@@ -106,6 +106,8 @@ static void *serve(void *arg) {
         const char *eol = strstr(buf, "\r\n"); /* the request line ends the HTTP version */
         int close_after = eol - buf >= 8 && strncmp(eol - 8, "HTTP/1.0", 8) == 0;
         if ((v = header(buf, end, "connection", &len))) close_after = len == 5 && strncasecmp(v, "close", 5) == 0;
+        /* A chunked body is not followed here: answer, then close. */
+        if (header(buf, end, "transfer-encoding", &len)) close_after = 1;
         const char *conn = close_after ? "connection: close\r\n\r\n" : "\r\n";
         if (write_all(fd, answer, (size_t)head_len) || write_all(fd, conn, strlen(conn)) ||
             write_all(fd, body, strlen(body)) || close_after)

@@ -102,6 +102,8 @@ def answer_requests(sock, body, stopping):
         close = lines[0].endswith(b"HTTP/1.0")
         if b"connection" in headers:
             close = headers[b"connection"].lower() == b"close"
+        if b"transfer-encoding" in headers:  # a chunked body is not followed here: close
+            close = True
         sock.sendall(answer + (b"connection: close\r\n\r\n" if close else b"\r\n") + body)
         if close:
             return False
