@@ -91,19 +91,19 @@ fn a_keep_alive_client_keeps_its_one_connection_across_restarts() {
     let port = free_port();
     let spec = format!("http://:{port}");
     let mut svc = Service::hello(&pm, &spec, "v0", &["--name", "web"]);
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let finished = done.clone();
+    // The instances that answered, in order, as the client saw them.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let bodies = seen.clone();
     let client = thread::spawn(move || {
-        let (mut connects, mut bodies) = (1, Vec::new());
+        let mut connects = 1;
         let mut http = Http::connect(port);
         let started = Instant::now();
         // Until the last instance answered, or 30 s (bounded either way).
-        while !(finished.load(std::sync::atomic::Ordering::Relaxed) && bodies.last().is_some_and(|b| b == "v3"))
-            && started.elapsed() < Duration::from_secs(30)
-        {
+        while bodies.lock().unwrap().last().is_none_or(|b| b != "v3") && started.elapsed() < Duration::from_secs(30) {
             match http.get("x", "/") {
                 Ok(r) => {
                     assert_eq!(r.status, 200, "{r:?}");
+                    let mut bodies = bodies.lock().unwrap();
                     if bodies.last() != Some(&r.body) {
                         bodies.push(r.body);
                     }
@@ -115,15 +115,17 @@ fn a_keep_alive_client_keeps_its_one_connection_across_restarts() {
             }
             thread::sleep(Duration::from_millis(100));
         }
-        (connects, bodies)
+        connects
     });
     for version in 1..=3 {
-        thread::sleep(Duration::from_millis(700));
+        // Each instance answers the client before it is restarted.
+        let previous = format!("v{}", version - 1);
+        pm.wait_for(&format!("{previous} answered"), |_| seen.lock().unwrap().last() == Some(&previous));
         assert!(svc.terminate().is_some_and(|s| s.success()));
         svc = Service::hello(&pm, &spec, &format!("v{version}"), &["--name", "web"]);
     }
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (connects, bodies) = client.join().unwrap();
+    let connects = client.join().unwrap();
+    let bodies = seen.lock().unwrap().clone();
     assert_eq!(connects, 1, "one TCP connection throughout ({bodies:?})");
     assert_eq!(bodies, ["v0", "v1", "v2", "v3"], "each instance answered it in turn");
 }
@@ -397,9 +399,14 @@ fn axum_finishes_a_response_in_progress_and_then_its_connection_moves_on() {
         .block_on(portmux_client::Builder::new().route(&spec).name("web").control(pm.control()).bind_async())
         .unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (began, beginning) = std::sync::mpsc::channel::<()>();
+    let (go, going) = tokio::sync::watch::channel(false);
     let served = rt.spawn(async move {
-        // A response streamed in five chunks, 100 ms apart.
-        let stream = || async {
+        // The handler starts, waits for the test's go (the shutdown began by
+        // then), and streams its response in five chunks, 100 ms apart.
+        let stream = move || async move {
+            let _ = began.send(());
+            let _ = going.clone().wait_for(|go| *go).await;
             let parts = futures_util::stream::unfold(0, |i| async move {
                 if i > 0 {
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -416,19 +423,23 @@ fn axum_finishes_a_response_in_progress_and_then_its_connection_moves_on() {
     });
     let mut http = Http::connect(port);
     write!(http.stream, "GET /stream HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    beginning.recv_timeout(Duration::from_secs(10)).expect("the handler runs");
+    // The shutdown begins while the request is in progress, its answer not started.
+    stop.send(()).unwrap();
+    pm.wait_for("the service draining", |pm| {
+        matches!(pm.route(&spec).map(|r| r.target),
+            Some(portmux::admin::TargetView::Service { instances, .. }) if instances.iter().all(|i| i.draining))
+    });
+    go.send_replace(true);
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
-    let mut stopping = Some(stop);
     while !got.ends_with(b"0\r\n\r\n") {
         let n = http.stream.read(&mut buf).unwrap();
         assert!(n > 0, "the response was cut: {}", String::from_utf8_lossy(&got));
         got.extend_from_slice(&buf[..n]);
-        if let Some(stop) = stopping.take_if(|_| got.windows(6).any(|w| w == b"part0;")) {
-            stop.send(()).unwrap(); // The shutdown begins mid-response.
-        }
     }
     let got = String::from_utf8_lossy(&got).to_lowercase();
-    assert!(stopping.is_none() && got.contains("part4;"), "the whole response arrived: {got}");
+    assert!(got.contains("part0;") && got.contains("part4;"), "the whole response arrived: {got}");
     assert!(!got.contains("connection: close"), "the connection is kept: {got}");
     rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), served).await })
         .expect("axum returns once its connections are gone")
@@ -497,4 +508,27 @@ fn an_untouched_raw_tcp_connection_given_back_is_routed_at_once() {
     let mut greeting = [0u8; 11];
     silent.read_exact(&mut greeting).unwrap();
     assert_eq!(&greeting, b"220 ready\r\n");
+}
+
+#[test]
+fn closing_a_blocking_listener_wakes_its_acceptor_which_does_not_reconnect() {
+    let pm = Portmux::start(&[]);
+    let port = free_port();
+    let spec = format!("http://:{port}");
+    let listener = std::sync::Arc::new(
+        portmux_client::Builder::new().route(&spec).name("web").control(pm.control()).bind().unwrap(),
+    );
+    let (done, finished) = std::sync::mpsc::channel();
+    let acceptor = listener.clone();
+    thread::spawn(move || {
+        let _ = done.send(acceptor.accept().map(|_| ()));
+    });
+    pm.wait_instances(&spec, 1);
+    thread::sleep(Duration::from_millis(100)); // the acceptor waits inside accept (no signal says so)
+    listener.close();
+    let accepted = finished.recv_timeout(Duration::from_secs(10)).expect("the waiting accept returns");
+    assert!(accepted.is_err(), "a closed listener accepts nothing");
+    pm.wait_instances(&spec, 0);
+    assert!(listener.accept().is_err(), "nor later");
+    assert_eq!(instances(pm.route(&spec).as_ref()), Some(0), "it did not register again");
 }
