@@ -620,6 +620,15 @@ impl Listener {
         self.handle.clear_socket();
     }
 
+    /// During a shutdown begun with [`Listener::begin_shutdown`], refuses the
+    /// connections portmux sent since (they raced with the Drain), so that
+    /// they go to the next instance at once. Callers that wait for their
+    /// connections themselves (libportmux) call it now and then;
+    /// [`Listener::shutdown`] does.
+    pub fn refuse_pending(&self) {
+        self.reject_pending(&mut lock(&self.receiving));
+    }
+
     /// Lets go of the connections not accepted: those already taken from the
     /// session go back untouched (GiveBack), those still in it are refused
     /// unread (Reject); portmux routes both again.

@@ -321,7 +321,13 @@ pub unsafe extern "C" fn portmux_shutdown(listener: *mut portmux_listener, grace
             if left.is_zero() {
                 break;
             }
-            handed = l.returned.wait_timeout(handed, left).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+            // In slices: connections that raced with the Drain are refused
+            // meanwhile, so that they reach the next instance at once.
+            let slice = left.min(Duration::from_millis(50));
+            handed = l.returned.wait_timeout(handed, slice).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+            drop(handed);
+            l.inner.refuse_pending();
+            handed = l.handed();
         }
         let open = handed.len();
         drop(handed);
