@@ -125,6 +125,16 @@ async fn main() -> ExitCode {
     if args.listen {
         return listen_directly(&args.spec, tls, body).await;
     }
+    // Signals are taken before the route is claimed: a SIGTERM right after
+    // "registered" is a graceful stop, not the default death.
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("hello: cannot take signals: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut builder = portmux_client::Builder::new().route(&args.spec);
     if let Some(n) = &args.name {
         builder = builder.name(n);
@@ -144,7 +154,6 @@ async fn main() -> ExitCode {
     }
     let _ = std::io::stdout().flush();
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -157,8 +166,8 @@ async fn main() -> ExitCode {
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
             },
-            _ = tokio::signal::ctrl_c() => break,
-            Some(_) = async { match term.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => break,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
         }
     }
     // Requests in progress finish; keep-alive connections go back to portmux

@@ -136,6 +136,14 @@ int main(int argc, char **argv) {
     }
     body = argv[2];
     stop_fd = eventfd(0, EFD_CLOEXEC);
+    /* Signals are taken before the route is claimed: a SIGTERM right after
+     * "registered" is a graceful stop, not the default death. */
+    sigset_t stop;
+    sigemptyset(&stop);
+    sigaddset(&stop, SIGTERM);
+    sigaddset(&stop, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &stop, NULL); /* inherited by every thread started later */
+    int sfd = signalfd(-1, &stop, SFD_CLOEXEC);
     int rc = portmux_listen(argv[1], &l);
     if (rc != PORTMUX_OK) {
         fprintf(stderr, "hello.c: cannot claim %s: %s\n", argv[1], portmux_last_error());
@@ -144,12 +152,6 @@ int main(int argc, char **argv) {
     printf("hello.c: registered %s\n", argv[1]);
     fflush(stdout);
 
-    sigset_t stop;
-    sigemptyset(&stop);
-    sigaddset(&stop, SIGTERM);
-    sigaddset(&stop, SIGINT);
-    pthread_sigmask(SIG_BLOCK, &stop, NULL); /* inherited by the connection threads */
-    int sfd = signalfd(-1, &stop, SFD_CLOEXEC);
     int lfd = portmux_listener_fd(l);
     if (sfd < 0 || lfd < 0 || stop_fd < 0) {
         fprintf(stderr, "hello.c: cannot set up the event loop: %s\n", lfd < 0 ? portmux_last_error() : strerror(errno));

@@ -121,19 +121,21 @@ def main():
         sys.exit(f"usage: {sys.argv[0]} SPEC BODY")
     spec, body = sys.argv[1], sys.argv[2].encode()
     lib = load()
-    listener = ctypes.c_void_p()
-    rc = lib.portmux_listen(spec.encode(), ctypes.byref(listener))
-    if rc != PORTMUX_OK:
-        sys.exit(f"hello.py: cannot claim {spec}: {lib.portmux_last_error().decode()}")
-    print(f"hello.py: registered {spec}", flush=True)
-
-    # Signals wake the loop through a pipe (set_wakeup_fd), so it stops cleanly.
+    # Signals wake the loop through a pipe (set_wakeup_fd), so it stops
+    # cleanly; taken before the route is claimed, so that a SIGTERM right
+    # after "registered" is a graceful stop.
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     # Readable once shutting down: wakes the connections waiting between requests.
     stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
+    listener = ctypes.c_void_p()
+    rc = lib.portmux_listen(spec.encode(), ctypes.byref(listener))
+    if rc != PORTMUX_OK:
+        sys.exit(f"hello.py: cannot claim {spec}: {lib.portmux_last_error().decode()}")
+    print(f"hello.py: registered {spec}", flush=True)
+
     sel = selectors.DefaultSelector()
     sel.register(lib.portmux_listener_fd(listener), selectors.EVENT_READ, "portmux")
     sel.register(wake_r, selectors.EVENT_READ, "signal")
