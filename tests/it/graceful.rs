@@ -226,6 +226,36 @@ fn a_connection_given_back_for_a_route_the_session_does_not_hold_is_refused() {
     }
 }
 
+/// axum serving `app` on `spec` as service "web", on a runtime of its own,
+/// shutting down gracefully (portmux's `graceful().after`) when the switch
+/// returned is sent; and axum's task.
+fn axum_web(
+    pm: &Portmux,
+    spec: &str,
+    app: axum::Router,
+) -> (tokio::runtime::Runtime, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<std::io::Result<()>>) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let listener =
+        rt.block_on(portmux_client::Builder::new().route(spec).name("web").control(pm.control()).bind_async()).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = rt.spawn(async move {
+        let graceful = listener.graceful().after(async {
+            let _ = stopped.await;
+        });
+        axum::serve(listener, app).with_graceful_shutdown(graceful).await
+    });
+    (rt, stop, served)
+}
+
+/// Waits (10 s at most) for axum's task to return, as it does once its
+/// connections are gone.
+fn axum_returned(rt: &tokio::runtime::Runtime, served: tokio::task::JoinHandle<std::io::Result<()>>) {
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), served).await })
+        .expect("axum returns once its connections are gone")
+        .unwrap()
+        .unwrap();
+}
+
 /// Sends a request on `http` and returns the answer's body.
 fn body_of(http: &mut Http, path: &str) -> String {
     let r = http.get("x", path).unwrap();
@@ -238,25 +268,11 @@ fn axum_shuts_down_gracefully_and_its_keep_alive_connections_move_on() {
     let pm = Portmux::start(&[]);
     let port = free_port();
     let spec = format!("http://:{port}");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let listener = rt
-        .block_on(portmux_client::Builder::new().route(&spec).name("web").control(pm.control()).bind_async())
-        .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = rt.spawn(async move {
-        let app = axum::Router::new().fallback(|| async { "axum" });
-        let graceful = listener.graceful().after(async {
-            let _ = stopped.await;
-        });
-        axum::serve(listener, app).with_graceful_shutdown(graceful).await
-    });
+    let (rt, stop, served) = axum_web(&pm, &spec, axum::Router::new().fallback(|| async { "axum" }));
     let mut http = Http::connect(port);
     assert_eq!(body_of(&mut http, "/1"), "axum");
     stop.send(()).unwrap();
-    rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), served).await })
-        .expect("axum returns once its connections are gone")
-        .unwrap()
-        .unwrap();
+    axum_returned(&rt, served);
     let _next = Service::hello(&pm, &spec, "next", &["--name", "web"]);
     assert_eq!(body_of(&mut http, "/2"), "next", "the same connection, served by the next instance");
 }
@@ -394,33 +410,23 @@ fn axum_finishes_a_response_in_progress_and_then_its_connection_moves_on() {
     let pm = Portmux::start(&[]);
     let port = free_port();
     let spec = format!("http://:{port}");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let listener = rt
-        .block_on(portmux_client::Builder::new().route(&spec).name("web").control(pm.control()).bind_async())
-        .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (began, beginning) = std::sync::mpsc::channel::<()>();
     let (go, going) = tokio::sync::watch::channel(false);
-    let served = rt.spawn(async move {
-        // The handler starts, waits for the test's go (the shutdown began by
-        // then), and streams its response in five chunks, 100 ms apart.
-        let stream = move || async move {
-            let _ = began.send(());
-            let _ = going.clone().wait_for(|go| *go).await;
-            let parts = futures_util::stream::unfold(0, |i| async move {
-                if i > 0 {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                (i < 5).then(|| (Ok::<_, std::io::Error>(format!("part{i};")), i + 1))
-            });
-            axum::body::Body::from_stream(parts)
-        };
-        let app = axum::Router::new().route("/stream", axum::routing::get(stream));
-        let graceful = listener.graceful().after(async {
-            let _ = stopped.await;
+    // The handler starts, waits for the test's go (the shutdown began by
+    // then), and streams its response in five chunks, 100 ms apart.
+    let stream = move || async move {
+        let _ = began.send(());
+        let _ = going.clone().wait_for(|go| *go).await;
+        let parts = futures_util::stream::unfold(0, |i| async move {
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (i < 5).then(|| (Ok::<_, std::io::Error>(format!("part{i};")), i + 1))
         });
-        axum::serve(listener, app).with_graceful_shutdown(graceful).await
-    });
+        axum::body::Body::from_stream(parts)
+    };
+    let app = axum::Router::new().route("/stream", axum::routing::get(stream));
+    let (rt, stop, served) = axum_web(&pm, &spec, app);
     let mut http = Http::connect(port);
     write!(http.stream, "GET /stream HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     beginning.recv_timeout(Duration::from_secs(10)).expect("the handler runs");
@@ -441,10 +447,7 @@ fn axum_finishes_a_response_in_progress_and_then_its_connection_moves_on() {
     let got = String::from_utf8_lossy(&got).to_lowercase();
     assert!(got.contains("part0;") && got.contains("part4;"), "the whole response arrived: {got}");
     assert!(!got.contains("connection: close"), "the connection is kept: {got}");
-    rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), served).await })
-        .expect("axum returns once its connections are gone")
-        .unwrap()
-        .unwrap();
+    axum_returned(&rt, served);
     let _next = Service::hello(&pm, &spec, "next", &["--name", "web"]);
     assert_eq!(body_of(&mut http, "/2"), "next", "the same connection, served by the next instance");
 }

@@ -227,16 +227,8 @@ impl Handle {
     /// go of its own: they raced with the Drain. Called while a shutdown
     /// waits, when nothing else reads the session.
     pub(crate) fn refuse_arrivals(&self, buf: &mut [u8]) {
-        let Some(sock) = self.socket() else { return };
-        loop {
-            match crate::proto::receive(&*sock, buf, Wait::DontWait) {
-                Ok(crate::proto::Incoming::Conn(id, _, _)) | Ok(crate::proto::Incoming::Lost(id, _)) => {
-                    let reject = crate::proto::reject(id, "the service is shutting down");
-                    let _ = crate::proto::send(&*sock, &reject, Wait::Block);
-                }
-                Ok(crate::proto::Incoming::Closed | crate::proto::Incoming::Ended(_)) | Err(_) => return,
-                Ok(_) => {}
-            }
+        if let Some(sock) = self.socket() {
+            crate::proto::reject_waiting(&*sock, buf);
         }
     }
 
@@ -381,34 +373,27 @@ impl Tracked {
 
     /// The service read `bytes` (requests).
     pub(crate) fn read(&self, bytes: &[u8]) {
-        if bytes.is_empty() {
-            return;
-        }
-        self.fresh.store(false, Ordering::Relaxed);
-        if self.movable {
-            let mut x = lock(&self.exchange);
-            x.read(bytes);
-            self.still_counted(&x);
-        }
-    }
-
-    /// Once its exchange is over, it no longer counts among those that can go back.
-    fn still_counted(&self, x: &Exchange) {
-        if x.is_over() && self.counted.swap(false, Ordering::AcqRel) {
-            self.handle.stuck();
-        }
+        self.follow(bytes, Exchange::read);
     }
 
     /// The service wrote `bytes` (responses).
     pub(crate) fn wrote(&self, bytes: &[u8]) {
+        self.follow(bytes, Exchange::wrote);
+    }
+
+    /// Feeds `bytes` to the exchange; once it is over, the connection no
+    /// longer counts among those that can go back.
+    fn follow(&self, bytes: &[u8], feed: fn(&mut Exchange, &[u8])) {
         if bytes.is_empty() {
             return;
         }
         self.fresh.store(false, Ordering::Relaxed);
         if self.movable {
             let mut x = lock(&self.exchange);
-            x.wrote(bytes);
-            self.still_counted(&x);
+            feed(&mut x, bytes);
+            if x.is_over() && self.counted.swap(false, Ordering::AcqRel) {
+                self.handle.stuck();
+            }
         }
     }
 

@@ -641,15 +641,8 @@ impl Listener {
 
     /// Gives every connection still in the session socket back unread (Reject).
     fn reject_pending(&self, rx: &mut Receiving) {
-        let Some(sock) = self.handle.socket() else { return };
-        loop {
-            match proto::receive(&*sock, &mut rx.buf, Wait::DontWait) {
-                Ok(Incoming::Conn(id, _, _)) | Ok(Incoming::Lost(id, _)) => {
-                    let _ = proto::send(&*sock, &proto::reject(id, "the service is shutting down"), Wait::Block);
-                }
-                Ok(Incoming::Closed | Incoming::Ended(_)) | Err(_) => return,
-                Ok(_) => {}
-            }
+        if let Some(sock) = self.handle.socket() {
+            proto::reject_waiting(&*sock, &mut rx.buf);
         }
     }
 }

@@ -118,6 +118,21 @@ pub(crate) fn ack(id: u64) -> Vec<u8> {
 }
 
 /// Encodes a Reject.
+/// Refuses (Reject) every connection waiting in the session socket, unread,
+/// so that portmux routes them again; stops at the first other end.
+pub(crate) fn reject_waiting(sock: impl AsFd, buf: &mut [u8]) {
+    let sock = sock.as_fd();
+    loop {
+        match receive(sock, buf, Wait::DontWait) {
+            Ok(Incoming::Conn(id, _, _)) | Ok(Incoming::Lost(id, _)) => {
+                let _ = send(sock, &reject(id, "the service is shutting down"), Wait::Block);
+            }
+            Ok(Incoming::Closed | Incoming::Ended(_)) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
 pub(crate) fn reject(id: u64, reason: &str) -> Vec<u8> {
     portmux_wire::encode(&Message::Reject { id, reason: reason.into() }).unwrap_or_default()
 }

@@ -193,16 +193,7 @@ impl Listener {
 
     /// Gives every connection still in the session socket back unread (Reject).
     fn reject_pending(&mut self) {
-        loop {
-            match proto::receive(self.sock.as_fd(), &mut self.buf, Wait::DontWait) {
-                Ok(Incoming::Conn(id, _, _)) | Ok(Incoming::Lost(id, _)) => {
-                    let _ =
-                        proto::send(self.sock.as_fd(), &proto::reject(id, "the service is shutting down"), Wait::Block);
-                }
-                Ok(Incoming::Closed | Incoming::Ended(_)) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
+        proto::reject_waiting(self.sock.as_fd(), &mut self.buf);
     }
 }
 
