@@ -259,9 +259,9 @@ class Bench:
         if system == "direct":
             return backend, None
         if system.startswith("portmux"):
-            control, admin = os.path.join(d, "control.sock"), free_port()
+            control, admin = os.path.join(d, "control.sock"), os.path.join(d, "admin.sock")
             p, _ = self.procs.start([PORTMUX, "run", "--bind", "127.0.0.1", "--workers", str(THREADS), "--control",
-                                     control, "--admin", f"127.0.0.1:{admin}", "--log", "warn"], ready=" ready: ")
+                                     control, "--log", "warn"], ready=" ready: ")
             port = free_port()
             if idle:
                 spec = f"tcp://:{port}"
@@ -275,7 +275,7 @@ class Bench:
                 fds = open_fds(service.pid)
                 self.holders[port] = lambda: open_fds(service.pid) - fds
             else:
-                subprocess.run([PORTMUX, "route", "add", spec, "--backend", b, "--admin", f"127.0.0.1:{admin}"],
+                subprocess.run([PORTMUX, "route", "add", spec, "--backend", b, "--admin", admin],
                                check=True, capture_output=True)
                 self.holders[port] = lambda: established(backend) - at_backend
             wait_port(port)

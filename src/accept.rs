@@ -161,7 +161,7 @@ async fn serve(fd: OwnedFd, listener: ListenerId, shared: &Shared) {
     tracing::trace!(%peer, pid = std::process::id(), "accepted");
     let arrived = Instant::now();
     let deadline = tokio::time::Instant::from_std(arrived + shared.settings.peek_timeout);
-    if shared.settings.accept_proxy {
+    if shared.settings.proxy_trusted(peer.ip()) {
         match forward::proxy::receive(fd.as_fd(), deadline).await {
             Ok(Some((client, destination))) => (peer, local) = (client, destination),
             Ok(None) => {}
@@ -170,6 +170,12 @@ async fn serve(fd: OwnedFd, listener: ListenerId, shared: &Shared) {
                 return;
             }
         }
+    } else if !shared.settings.accept_proxy.is_empty()
+        && shared.table.load().port(listener).is_some_and(|p| p.routes.needs_peek())
+        && forward::proxy::sent_unasked(fd.as_fd(), deadline).await
+    {
+        tracing::warn!(%peer, port = local.port(), "refused a PROXY header from outside --accept-proxy's networks");
+        return reply::send(fd, reply::Reply::Close).await;
     }
     route(fd, listener, peer, local, arrived, false, shared).await;
 }

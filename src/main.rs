@@ -3,8 +3,8 @@
 #![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
-use portmux::admin::{self, RouteView, TargetView};
-use portmux::config::Settings;
+use portmux::admin::{self, AdminAddr, RouteView, TargetView};
+use portmux::config::{Limits, Settings};
 use portmux::forward::backend::BackendSpec;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -12,7 +12,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 const ADMIN_ENV: &str = "PORTMUX_ADMIN";
-const DEFAULT_ADMIN: &str = "127.0.0.1:9999";
 
 #[derive(Parser, Debug)]
 #[command(name = "portmux", version, about = "Services share ports 80/443 and restart without dropping a connection")]
@@ -29,9 +28,13 @@ enum Command {
     Route {
         #[command(subcommand)]
         action: RouteAction,
-        /// Admin API of the running portmux
-        #[arg(long, global = true, env = ADMIN_ENV, value_name = "ADDR", default_value = DEFAULT_ADMIN)]
-        admin: SocketAddr,
+        /// Admin API of the running portmux: its socket's path, or a TCP address
+        /// [default: admin.sock beside the control socket]
+        #[arg(long, global = true, env = ADMIN_ENV, value_name = "PATH|ADDR")]
+        admin: Option<String>,
+        /// For a TCP admin address: the file with the bearer token that changes need
+        #[arg(long, global = true, env = "PORTMUX_ADMIN_TOKEN_FILE", value_name = "FILE")]
+        admin_token_file: Option<PathBuf>,
     },
     /// Replace the running portmux with the binary now on disk (or --binary), without
     /// dropping a connection; returns when the new process serves, or fails with its error.
@@ -82,9 +85,11 @@ struct Common {
     /// How long a backend that failed to connect is skipped
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     backend_cooldown: Duration,
-    /// Public listeners expect a PROXY protocol header (v1 or v2) from a load balancer in front
-    #[arg(long)]
-    accept_proxy: bool,
+    /// Connections from these networks (load balancers in front) start with a PROXY protocol
+    /// header (v1 or v2); a PROXY header from anyone else is refused. Comma-separated CIDRs,
+    /// e.g. 10.0.0.0/8,192.0.2.7/32 [default: none]
+    #[arg(long, value_name = "CIDRS", value_parser = parse_networks)]
+    accept_proxy: Option<Networks>,
     /// After an upgrade, how long the old process may finish its last work
     /// (relays that cannot move, clients still being read)
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -105,6 +110,89 @@ struct Common {
     /// Log filter (error, warn, info, debug, trace, or a tracing directive); RUST_LOG also works
     #[arg(long, value_name = "FILTER", default_value = "info")]
     log: String,
+    #[command(flatten)]
+    limits: LimitArgs,
+    /// The admin API's TCP address must be on loopback unless this is given
+    #[arg(long)]
+    admin_public: bool,
+}
+
+/// Limits: what one client, user or session may take. Each hit is counted in /status.
+#[derive(clap::Args, Debug)]
+struct LimitArgs {
+    /// Connections portmux holds at once (peeked at, queued, held, relayed); more wait in the backlog
+    #[arg(long, value_name = "N", default_value_t = Limits::default().conns)]
+    max_conns: usize,
+    /// Connections one client address holds at once; over it HTTP clients get 429, others a close
+    #[arg(long, value_name = "N", default_value_t = Limits::default().conns_per_ip)]
+    max_conns_per_ip: usize,
+    /// Connections whose first bytes are not in yet (slow or silent clients)
+    #[arg(long, value_name = "N", default_value_t = Limits::default().peeking)]
+    max_peeking: usize,
+    /// Connections queued for services that are away, all routes together
+    #[arg(long, value_name = "N", default_value_t = Limits::default().parked)]
+    max_parked: usize,
+    /// Control sessions (connected services)
+    #[arg(long, value_name = "N", default_value_t = Limits::default().sessions)]
+    max_sessions: usize,
+    /// Control sessions of one uid (other than root and portmux's own)
+    #[arg(long, value_name = "N", default_value_t = Limits::default().sessions_per_uid)]
+    max_sessions_per_uid: usize,
+    /// Routes one session may claim
+    #[arg(long, value_name = "N", default_value_t = Limits::default().routes_per_session)]
+    max_routes_per_session: usize,
+    /// Listening addresses one session's routes may use
+    #[arg(long, value_name = "N", default_value_t = Limits::default().listeners_per_session)]
+    max_listeners_per_session: usize,
+    /// Backends of one route
+    #[arg(long, value_name = "N", default_value_t = Limits::default().backends_per_route)]
+    max_backends_per_route: usize,
+    /// Admin API connections at once
+    #[arg(long, value_name = "N", default_value_t = Limits::default().admin_conns)]
+    max_admin_conns: usize,
+    /// How long an admin API client may take to send a request head
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    admin_header_timeout: Duration,
+    /// Largest admin API request body, in bytes
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().admin_body)]
+    max_admin_body: usize,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            conns: self.max_conns,
+            conns_per_ip: self.max_conns_per_ip,
+            peeking: self.max_peeking,
+            parked: self.max_parked,
+            sessions: self.max_sessions,
+            sessions_per_uid: self.max_sessions_per_uid,
+            routes_per_session: self.max_routes_per_session,
+            listeners_per_session: self.max_listeners_per_session,
+            backends_per_route: self.max_backends_per_route,
+            admin_conns: self.max_admin_conns,
+            admin_header_timeout: self.admin_header_timeout,
+            admin_body: self.max_admin_body,
+        }
+    }
+}
+
+/// Networks trusted to send PROXY headers.
+#[derive(Debug, Clone)]
+struct Networks(Vec<ipnet::IpNet>);
+
+fn parse_networks(s: &str) -> Result<Networks, String> {
+    let parse = |n: &str| -> Result<ipnet::IpNet, String> {
+        let n = n.trim();
+        n.parse::<ipnet::IpNet>()
+            .or_else(|_| n.parse::<IpAddr>().map(ipnet::IpNet::from))
+            .map_err(|_| format!("'{n}' is not a network; write CIDRs like 10.0.0.0/8 or 2001:db8::/32"))
+    };
+    let list = s.split(',').filter(|n| !n.trim().is_empty()).map(parse).collect::<Result<Vec<_>, _>>()?;
+    if list.is_empty() {
+        return Err("name the networks of the load balancers in front, e.g. 10.0.0.0/8".into());
+    }
+    Ok(Networks(list))
 }
 
 #[derive(clap::Args, Debug)]
@@ -113,9 +201,17 @@ struct RunArgs {
     /// $XDG_RUNTIME_DIR/portmux/control.sock otherwise]
     #[arg(long, env = portmux_wire::CONTROL_ENV, value_name = "PATH")]
     control: Option<PathBuf>,
-    /// Admin API address (JSON over HTTP; keep it on loopback), or "off"
-    #[arg(long, env = ADMIN_ENV, value_name = "ADDR", default_value = DEFAULT_ADMIN, value_parser = parse_admin)]
-    admin: AdminAddr,
+    /// The admin API's Unix socket (mode 0660; changes need root, portmux's uid or a policy
+    /// rule with admin = true), or "off" [default: admin.sock beside the control socket]
+    #[arg(long, value_name = "PATH")]
+    admin_socket: Option<PathBuf>,
+    /// Also serve the admin API on this TCP address (loopback unless --admin-public);
+    /// changes over TCP need POST/PUT/DELETE, a JSON body and --admin-token-file's token
+    #[arg(long, value_name = "ADDR", value_parser = parse_admin)]
+    admin: Option<TcpAdmin>,
+    /// File holding the bearer token that changes over the TCP admin API need
+    #[arg(long, value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
     /// How long a departed service's routes stay reserved (connections queue meanwhile),
     /// and how long a listener stays open after its last route
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -133,6 +229,11 @@ struct RunArgs {
     /// Most connections queued per route while its service is away
     #[arg(long, value_name = "N", default_value_t = 1024)]
     park_limit: usize,
+    /// Config file (TOML): the [policy] that says which users may claim which ports,
+    /// hosts and service names [default: root and portmux's own uid claim anything,
+    /// other users unprivileged ports and nothing another user holds]
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(flatten)]
     common: Common,
 }
@@ -150,16 +251,16 @@ struct TcpArgs {
     common: Common,
 }
 
-/// The admin API's address, or none ("off").
+/// The admin API's TCP address, or none ("off").
 #[derive(Debug, Clone, Copy)]
-struct AdminAddr(Option<SocketAddr>);
+struct TcpAdmin(Option<SocketAddr>);
 
-fn parse_admin(s: &str) -> Result<AdminAddr, String> {
+fn parse_admin(s: &str) -> Result<TcpAdmin, String> {
     match s {
-        "off" | "none" => Ok(AdminAddr(None)),
+        "off" | "none" => Ok(TcpAdmin(None)),
         _ => s
             .parse()
-            .map(|a| AdminAddr(Some(a)))
+            .map(|a| TcpAdmin(Some(a)))
             .map_err(|_| format!("'{s}' is not an address like 127.0.0.1:9999 (or 'off')")),
     }
 }
@@ -178,7 +279,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Tcp(args) => seamless(args),
-        Command::Route { action, admin } => route(action, admin),
+        Command::Route { action, admin, admin_token_file } => route(action, admin, admin_token_file),
         Command::Upgrade { control, binary } => upgrade(control, binary),
     };
     match result {
@@ -205,7 +306,9 @@ fn settings(control: Option<PathBuf>, common: &Common) -> Settings {
     s.connect_timeout = common.connect_timeout;
     s.idle_timeout = common.idle_timeout;
     s.backend_cooldown = common.backend_cooldown;
-    s.accept_proxy = common.accept_proxy;
+    s.accept_proxy = common.accept_proxy.clone().map(|n| n.0).unwrap_or_default();
+    s.limits = common.limits.limits();
+    s.admin_public = common.admin_public;
     s.drain = common.drain;
     s.upgrade_timeout = common.upgrade_timeout;
     s.handoff_patience = common.handoff_patience;
@@ -218,14 +321,34 @@ fn settings(control: Option<PathBuf>, common: &Common) -> Settings {
 
 fn run(args: RunArgs) -> Result<(), String> {
     init_logging(&args.common.log);
+    // Started by an upgrade, the previous process learns why this one cannot start.
+    let report = |e: String| {
+        if let Ok(Some(fd)) = portmux::upgrade::inherited() {
+            portmux::upgrade::report_failure(fd, &e);
+        }
+        e
+    };
     let control = args.control.unwrap_or_else(default_control);
-    let mut s = settings(Some(control), &args.common);
-    s.admin = args.admin.0;
+    let mut s = settings(Some(control.clone()), &args.common);
+    s.admin_socket = match args.admin_socket {
+        Some(p) if p.as_os_str() == "off" => None,
+        Some(p) => Some(p),
+        None => Some(control.with_file_name("admin.sock")),
+    };
+    s.admin = args.admin.and_then(|a| a.0);
+    if let Some(path) = &args.admin_token_file {
+        s.admin_token = Some(std::sync::Arc::new(portmux::config::Secret::from_file(path).map_err(report)?));
+    }
     s.linger = args.linger;
     s.peek_timeout = args.peek_timeout;
     s.peek_max = args.peek_max as usize;
     s.keepalive_timeout = args.keepalive_timeout;
     s.park_limit = args.park_limit;
+    if let Some(path) = &args.config {
+        let policy =
+            portmux::config::file::load(path, rustix::process::getuid().as_raw()).map_err(|e| report(e.to_string()))?;
+        s.policy = std::sync::Arc::new(policy);
+    }
     portmux::runtime::run(s).map_err(|e| e.to_string())
 }
 
@@ -234,6 +357,7 @@ fn seamless(args: TcpArgs) -> Result<(), String> {
     let backends = BackendSpec::parse_list(&args.backends)?;
     let mut s = settings(None, &args.common);
     s.admin = Some(SocketAddr::from(([127, 0, 0, 1], args.http_port)));
+    s.seamless = true;
     s.initial_routes = vec![portmux::config::RouteConfig { route: format!("tcp://:{}", args.listen_port), backends }];
     portmux::runtime::run(s).map_err(|e| e.to_string())
 }
@@ -280,7 +404,24 @@ fn upgrade(control: Option<PathBuf>, binary: Option<PathBuf>) -> Result<(), Stri
     }
 }
 
-fn route(action: RouteAction, addr: SocketAddr) -> Result<(), String> {
+fn route(action: RouteAction, admin: Option<String>, token_file: Option<PathBuf>) -> Result<(), String> {
+    let token = match &token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let addr = match admin {
+        Some(text) => AdminAddr::parse(&text, token),
+        None => AdminAddr::Unix(default_control().with_file_name("admin.sock")),
+    };
+    let addr = &addr;
     let answer = match &action {
         RouteAction::Add { spec, backend } => {
             let backends: Vec<String> = BackendSpec::parse_list(backend)?.iter().map(ToString::to_string).collect();

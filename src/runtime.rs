@@ -38,6 +38,13 @@ pub enum StartError {
     Thread(io::Error),
     #[error("cannot listen for the admin API on {addr}: {source}; choose another --admin address")]
     Admin { addr: std::net::SocketAddr, source: io::Error },
+    #[error("cannot bind the admin socket {path}: {source}; choose another --admin-socket path, or 'off'")]
+    AdminSocket { path: PathBuf, source: io::Error },
+    #[error(
+        "the admin API would listen on {0}, off loopback: anyone who can reach it could read the routes; add \
+         --admin-public if that is meant (changes still need --admin-token-file's token)"
+    )]
+    AdminPublic(std::net::SocketAddr),
     #[error("route {route}: {reason}")]
     Route { route: String, reason: String },
     #[error("cannot create route {route}: {source}")]
@@ -127,16 +134,45 @@ fn start(mut settings: Settings, handover: Option<OwnedFd>) -> Result<(), StartE
         e
     };
     sockets.admin = match settings.admin {
+        Some(addr) if !addr.ip().is_loopback() && !settings.admin_public => {
+            return Err(undo(StartError::AdminPublic(addr)));
+        }
         Some(addr) if !upgraded => match std::net::TcpListener::bind(addr) {
             Ok(l) => Some(l),
             Err(source) => return Err(undo(StartError::Admin { addr, source })),
         },
         _ => None,
     };
+    let admin_from_systemd = systemd.admin.take();
+    let admin_bound = admin_from_systemd.is_none();
+    sockets.admin_unix = match &settings.admin_socket {
+        _ if upgraded => None,
+        Some(_) if admin_from_systemd.is_some() => {
+            let fd = admin_from_systemd.expect("checked");
+            net::set_nonblocking(fd.as_fd(), true).map_err(StartError::ControlSocket)?;
+            Some(std::os::unix::net::UnixListener::from(fd))
+        }
+        Some(path) => match bind_admin(path) {
+            Ok(l) => Some(l),
+            Err(source) => return Err(undo(StartError::AdminSocket { path: path.clone(), source })),
+        },
+        _ => None,
+    };
+    // Removed on a clean stop if portmux bound it (a socket unit's stays).
+    let admin_identity = settings
+        .admin_socket
+        .as_ref()
+        .filter(|_| admin_bound)
+        .and_then(|p| std::fs::symlink_metadata(p).ok())
+        .map(|m| (m.dev(), m.ino()));
+    let admin_path = settings.admin_socket.clone();
     let begin = Begin { sockets, routes, handover, systemd };
     let (exit, owned) = serve(settings, begin).map_err(undo)?;
-    // After an upgrade the socket file belongs to the new process.
+    // After an upgrade the socket files belong to the new process.
     if let (Exit::Stopped, true, Some(path), Some(identity)) = (exit, owned, &control_path, identity) {
+        remove_if_ours(path, identity);
+    }
+    if let (Exit::Stopped, Some(path), Some(identity)) = (exit, &admin_path, admin_identity) {
         remove_if_ours(path, identity);
     }
     Ok(())
@@ -240,9 +276,7 @@ async fn run_control(
     let (upgrades, requests) = mpsc::unbounded_channel();
     control.set_upgrader(upgrades.clone());
     tokio_uring::spawn(crate::upgrade::serve_requests(control.clone(), requests));
-    if let Some(listener) = control.admin_listener() {
-        tokio_uring::spawn(crate::admin::serve(control.clone(), listener));
-    }
+    tokio_uring::spawn(crate::admin::serve(control.clone(), control.admin_listeners()));
     tokio_uring::spawn(signals(control.clone(), upgrades));
     println!("{}", control.ready_line());
     let mut ready = vec!["READY=1".to_string(), "STATUS=serving".to_string()];
@@ -302,6 +336,19 @@ fn bind_control(path: &Path) -> Result<OwnedFd, StartError> {
         Err(_) => {}
     }
     net::seqpacket_listener(path).map_err(|source| StartError::Bind { path: path.to_path_buf(), source })
+}
+
+/// Binds the admin socket, replacing a stale file (the control socket's
+/// check already showed no other portmux serves this directory).
+fn bind_admin(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "exists and is not a socket"));
+        }
+        Ok(_) => std::fs::remove_file(path)?,
+        Err(_) => {}
+    }
+    Ok(std::os::unix::net::UnixListener::from(net::stream_listener(path)?))
 }
 
 /// Removes the control socket file unless another process has replaced it.

@@ -79,7 +79,12 @@ pub struct Inherited {
     pub listeners: Vec<(OwnedFd, SocketAddr, bool)>,
     /// The route state kept in the fd store (a memfd).
     pub state: Option<OwnedFd>,
+    /// The admin API's Unix socket, from a socket unit (`FileDescriptorName=admin`).
+    pub admin: Option<OwnedFd>,
 }
+
+/// The name a socket unit gives the admin API's Unix socket.
+pub const ADMIN_NAME: &str = "admin";
 
 /// Why the fds systemd passed cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +106,11 @@ pub fn inherited() -> Result<Inherited, SystemdError> {
         let (fd, name) = (passed.fd, passed.name.as_str());
         if name == STATE_NAME {
             out.state = Some(fd);
+            continue;
+        }
+        if name == ADMIN_NAME {
+            tracing::info!(name, "adopted the admin socket from systemd");
+            out.admin = Some(fd);
             continue;
         }
         match rustix::net::sockopt::socket_type(&fd) {

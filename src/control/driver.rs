@@ -9,6 +9,7 @@ use super::error::ControlError;
 use super::handover::Outgoing;
 use super::parking::Parking;
 use super::views::{self, RouteView, StatusView};
+use crate::config::policy::Peer;
 use crate::forward::backend::{BackendPool, BackendSpec, Policy, Resolved};
 use crate::forward::{self, Paused, Resume};
 use crate::handoff::{Conn, ConnDesc, Refusal, Session};
@@ -64,8 +65,9 @@ pub struct Sockets {
     pub control: Option<OwnedFd>,
     /// portmux created the control socket's file (not a socket unit).
     pub control_owned: bool,
-    /// The admin API's listening socket.
+    /// The admin API's listening sockets: TCP, and the Unix socket.
     pub admin: Option<std::net::TcpListener>,
+    pub admin_unix: Option<std::os::unix::net::UnixListener>,
 }
 
 /// The control plane: one per process, on the main thread.
@@ -119,7 +121,8 @@ impl Drop for ReaderGuard {
 impl Control {
     pub fn new(shared: Arc<Shared>, sockets: Sockets) -> Rc<Control> {
         let s = &shared.settings;
-        let config = Config { linger: s.linger, park_limit: s.park_limit, default_bind: s.bind };
+        let config =
+            Config { linger: s.linger, park_limit: s.park_limit, default_bind: s.bind, policy: s.policy.clone() };
         Rc::new(Control {
             core: RefCell::new(Core::new(config)),
             shared,
@@ -494,8 +497,9 @@ impl Control {
     }
 
     /// A service connected and said Hello.
-    pub(super) fn open_session(self: &Rc<Self>, name: String, pid: i32, uid: u32, sock: OwnedFd) -> Arc<Session> {
-        let id = self.core.borrow_mut().open_session(name.clone(), pid, uid);
+    pub(super) fn open_session(self: &Rc<Self>, name: String, peer: Peer, sock: OwnedFd) -> Arc<Session> {
+        let (pid, uid) = (peer.pid, peer.uid);
+        let id = self.core.borrow_mut().open_session(name.clone(), peer);
         let session = Arc::new(Session::new(id, name, pid, uid, sock, self.shared.settings.max_unacked));
         self.sessions.borrow_mut().insert(id, session.clone());
         session
@@ -692,10 +696,14 @@ impl Control {
             (Some(path), true) => format!("control socket {} (mode 0660)", path.display()),
             _ => "no control socket".into(),
         };
-        let admin = match sockets.admin.as_ref().and_then(|l| l.local_addr().ok()) {
-            Some(addr) => format!("admin API http://{addr}"),
-            None => "no admin API".into(),
-        };
+        let mut admin: Vec<String> = Vec::new();
+        if let (Some(path), true) = (&settings.admin_socket, sockets.admin_unix.is_some()) {
+            admin.push(format!("unix:{}", path.display()));
+        }
+        if let Some(addr) = sockets.admin.as_ref().and_then(|l| l.local_addr().ok()) {
+            admin.push(format!("http://{addr}"));
+        }
+        let admin = if admin.is_empty() { "no admin API".into() } else { format!("admin API {}", admin.join(" ")) };
         format!(
             "portmux {} ready: {control}; {admin}; {} workers; listeners open on demand (default address {})",
             env!("CARGO_PKG_VERSION"),
@@ -719,9 +727,13 @@ impl Control {
         self.sockets.borrow().control_owned
     }
 
-    /// A copy of the admin API's listening socket, to serve it.
-    pub fn admin_listener(&self) -> Option<std::net::TcpListener> {
-        self.sockets.borrow().admin.as_ref().and_then(|l| l.try_clone().ok())
+    /// Copies of the admin API's listening sockets, to serve them.
+    pub fn admin_listeners(&self) -> crate::admin::Listeners {
+        let sockets = self.sockets.borrow();
+        crate::admin::Listeners {
+            unix: sockets.admin_unix.as_ref().and_then(|l| l.try_clone().ok()),
+            tcp: sockets.admin.as_ref().and_then(|l| l.try_clone().ok()),
+        }
     }
 
     pub(super) fn hung_up(self: &Rc<Self>, conn: ConnId, how: HangUp) {

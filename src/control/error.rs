@@ -24,9 +24,9 @@ pub enum Holder {
     /// A service with live sessions.
     Service { service: String, pid: i32, uid: u32 },
     /// A service that left; the route waits for it until the reservation ends.
-    Reserved { service: String, left_s: u64, release_in_s: u64 },
+    Reserved { service: String, uid: u32, left_s: u64, release_in_s: u64 },
     /// A service that has no session at the moment (between imports).
-    Away { service: String },
+    Away { service: String, uid: u32 },
     /// The admin API (backend addresses).
     Backends,
 }
@@ -56,6 +56,14 @@ pub enum ControlError {
     BadOption { route: String, reason: String },
     #[error("{}", held(route, holder))]
     Held { route: String, holder: Holder },
+    #[error("route {route}: {refusal}")]
+    Policy { route: String, refusal: crate::config::policy::Refusal },
+    #[error(
+        "route {route}: refused by the ownership rule: {what} is held by {}; another user may not claim a host, a \
+         path under it, a port or a service name that someone else holds or reserves",
+        who(holder)
+    )]
+    Owned { route: String, what: String, holder: Holder },
     #[error(
         "portmux already listens on {other}, which overlaps {addr}; routes on port {port} must use the same \
          listening address (drop or change bind=)", port = addr.port()
@@ -95,6 +103,8 @@ impl ControlError {
             | ControlError::ServiceName { route }
             | ControlError::BadOption { route, .. }
             | ControlError::Held { route, .. }
+            | ControlError::Policy { route, .. }
+            | ControlError::Owned { route, .. }
             | ControlError::Clash { route, .. }
             | ControlError::Bind { route, .. }
             | ControlError::NotFound { route }
@@ -134,6 +144,8 @@ impl ControlError {
             }
             ControlError::SessionClosing
             | ControlError::Held { .. }
+            | ControlError::Policy { .. }
+            | ControlError::Owned { .. }
             | ControlError::Clash { .. }
             | ControlError::Bind { .. }
             | ControlError::Upgrading
@@ -161,11 +173,23 @@ fn held(route: &str, holder: &Holder) -> String {
             "route {route} is held by service '{service}' (pid {pid}, uid {uid}); register under the name \
              '{service}' to join its pool, or choose another route"
         ),
-        Holder::Reserved { service, left_s, release_in_s } => format!(
+        Holder::Reserved { service, left_s, release_in_s, .. } => format!(
             "route {route} is reserved for service '{service}', which left {left_s}s ago; it is released in \
              {release_in_s}s unless '{service}' registers again"
         ),
-        Holder::Away { service } => format!("route {route} is held by service '{service}'"),
+        Holder::Away { service, .. } => format!("route {route} is held by service '{service}'"),
+    }
+}
+
+/// The holder, in a few words.
+fn who(holder: &Holder) -> String {
+    match holder {
+        Holder::Backends => "the administrator (a route with backends)".into(),
+        Holder::Service { service, pid, uid } => format!("service '{service}' (pid {pid}, uid {uid})"),
+        Holder::Reserved { service, uid, release_in_s, .. } => {
+            format!("service '{service}' (uid {uid}), reserved for it for {release_in_s}s more")
+        }
+        Holder::Away { service, uid } => format!("service '{service}' (uid {uid})"),
     }
 }
 

@@ -6,6 +6,7 @@
 use super::core::{Outcome, SessionState};
 use super::driver::{Control, Lifecycle};
 use super::error::HandoverError;
+use crate::config::policy::Peer;
 use crate::forward::backend::BackendSpec;
 use crate::forward::{Paused, Resume, relay};
 use crate::handoff::{Conn, ConnDesc, Session};
@@ -140,6 +141,9 @@ impl Control {
         if let Some(l) = sockets.admin.as_ref() {
             send(Handover::AdminSocket, vec![dup(&|| "the admin API's socket".into(), l.as_fd())?])?;
         }
+        if let Some(l) = sockets.admin_unix.as_ref() {
+            send(Handover::AdminUnixSocket, vec![dup(&|| "the admin socket".into(), l.as_fd())?])?;
+        }
         for msg in core.route_messages(now) {
             send(msg, vec![])?;
         }
@@ -202,6 +206,7 @@ impl Control {
         let mut sockets = self.sockets.borrow_mut();
         sockets.control.take();
         sockets.admin.take();
+        sockets.admin_unix.take();
         // The control socket's file is the new process's now.
         sockets.control_owned = false;
         self.lifecycle.send_replace(Lifecycle::HandedOver);
@@ -258,6 +263,9 @@ impl Control {
                 sockets.control_owned = owned;
             }
             Handover::AdminSocket => self.sockets.borrow_mut().admin = Some(std::net::TcpListener::from(fd()?)),
+            Handover::AdminUnixSocket => {
+                self.sockets.borrow_mut().admin_unix = Some(std::os::unix::net::UnixListener::from(fd()?));
+            }
             Handover::StateFile => *self.state_file.borrow_mut() = Some(crate::systemd::StateFile::adopt(fd()?)),
             Handover::BackendRoute { route, backends } => {
                 let failed = |reason: String| HandoverError::Route { route: route.clone(), reason };
@@ -269,13 +277,21 @@ impl Control {
                 let reserved = reserved_ms.map(|ms| (now, Duration::from_millis(ms)));
                 self.core
                     .borrow_mut()
-                    .import_service_route(&route, service, reserved)
+                    .import_service_route(&route, service, portmux_wire::UNKNOWN_OWNER, reserved)
+                    .map_err(|e| HandoverError::Route { route: route.clone(), reason: e.to_string() })?;
+            }
+            Handover::OwnedServiceRoute { route, service, uid, reserved_ms } => {
+                let reserved = reserved_ms.map(|ms| (now, Duration::from_millis(ms)));
+                self.core
+                    .borrow_mut()
+                    .import_service_route(&route, service, uid, reserved)
                     .map_err(|e| HandoverError::Route { route: route.clone(), reason: e.to_string() })?;
             }
             Handover::Session { id, name, pid, uid, draining, routes } => {
                 let sid = SessionId(id);
                 let session = Arc::new(Session::new(sid, name.clone(), pid, uid, fd()?, settings.max_unacked));
-                let state = SessionState { name, pid, uid, routes: Vec::new(), draining, usable: true };
+                let peer = Peer::from_pid(pid, uid);
+                let state = SessionState { name, peer, routes: Vec::new(), draining, usable: true };
                 self.core.borrow_mut().import_session(sid, state, &routes);
                 self.sessions.borrow_mut().insert(sid, session.clone());
                 importer.sessions.insert(sid, session);
@@ -399,13 +415,9 @@ impl Control {
                     .map_err(|e| (route, e))
                 }
                 Handover::ServiceRoute { route, service, .. } => {
-                    let op = self.core.borrow_mut().restore_service_route(Instant::now(), &route, service);
-                    self.apply();
-                    match self.outcome(op) {
-                        Ok(Outcome::RouteSet(_) | Outcome::Registered(_)) => Ok(()),
-                        Err(e) => Err((route, e.to_string())),
-                    }
+                    self.restore_service(route, service, portmux_wire::UNKNOWN_OWNER)
                 }
+                Handover::OwnedServiceRoute { route, service, uid, .. } => self.restore_service(route, service, uid),
                 other => Err((String::new(), format!("unexpected {} in the route state", other.kind()))),
             };
             match result {
@@ -418,6 +430,16 @@ impl Control {
                 routes = restored,
                 "restored the routes kept in the fd store; services' routes wait for them"
             );
+        }
+    }
+
+    /// A service's route from the fd store, reserved for its owner `uid`.
+    fn restore_service(self: &Rc<Self>, route: String, service: String, uid: u32) -> Result<(), (String, String)> {
+        let op = self.core.borrow_mut().restore_service_route(Instant::now(), &route, service, uid);
+        self.apply();
+        match self.outcome(op) {
+            Ok(Outcome::RouteSet(_) | Outcome::Registered(_)) => Ok(()),
+            Err(e) => Err((route, e.to_string())),
         }
     }
 }

@@ -73,7 +73,7 @@ impl Control {
         })?;
         // Behind a load balancer the socket's addresses are the balancer's;
         // the service gives back the ones portmux told it.
-        let (peer, local) = if self.shared.settings.accept_proxy { claimed } else { (peer, local) };
+        let (peer, local) = if self.shared.settings.proxy_trusted(peer.ip()) { claimed } else { (peer, local) };
         tracing::debug!(session = %session, %route, client = %peer, "a connection was given back; held until its next request");
         self.shared.to_worker(Job::Idle(Idle { fd, listener, peer, local, since: Instant::now() }));
         Ok(())

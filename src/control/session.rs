@@ -5,6 +5,7 @@
 use super::core::Mode;
 use super::driver::{Control, Lifecycle};
 use super::error::SessionError;
+use crate::config::policy::Peer;
 use crate::handoff::Session;
 use crate::ids::ConnId;
 use portmux_sys::{net, reactor, scm};
@@ -50,7 +51,8 @@ pub(super) async fn accept_sessions(control: Rc<Control>, fd: OwnedFd) {
             match net::seqpacket_accept(listener.get_ref().as_fd()) {
                 Ok(Some((fd, cred))) => {
                     let pid = cred.pid.as_raw_nonzero().get();
-                    tokio_uring::spawn(serve(control.clone(), fd, pid, cred.uid.as_raw()));
+                    let peer = Peer::from_cred(pid, cred.uid.as_raw(), cred.gid.as_raw());
+                    tokio_uring::spawn(serve(control.clone(), fd, peer));
                 }
                 Ok(None) => {
                     ready.clear_ready();
@@ -142,7 +144,8 @@ enum End {
     Error(SessionError),
 }
 
-async fn serve(control: Rc<Control>, fd: OwnedFd, pid: i32, uid: u32) {
+async fn serve(control: Rc<Control>, fd: OwnedFd, peer: Peer) {
+    let (pid, uid) = (peer.pid, peer.uid);
     let Ok(afd) = reactor::register(fd, Interest::READABLE | Interest::WRITABLE) else { return };
     let mut buf = vec![0u8; MAX_MESSAGE];
     let service = match tokio::time::timeout(HELLO_TIMEOUT, recv(&afd, &mut buf)).await {
@@ -158,7 +161,7 @@ async fn serve(control: Rc<Control>, fd: OwnedFd, pid: i32, uid: u32) {
             service
         }
         Ok(Ok(Some(Message::Upgrade { binary }))) => {
-            return upgrade_requested(&control, &afd, pid, uid, binary).await;
+            return upgrade_requested(&control, &afd, &peer, binary).await;
         }
         Ok(Ok(Some(other))) => return refuse_early(&afd, pid, SessionError::NotHello(other.kind())).await,
         Ok(Ok(None)) | Ok(Err(RecvError::Io)) => return,
@@ -169,7 +172,7 @@ async fn serve(control: Rc<Control>, fd: OwnedFd, pid: i32, uid: u32) {
         // An upgrade is moving the sessions; this service reconnects to the new portmux.
         return;
     }
-    let session = control.open_session(service, pid, uid, afd.into_inner());
+    let session = control.open_session(service, peer, afd.into_inner());
     tracing::info!(session = %session.id, service = %session.name, pid, uid, "service connected");
     run(control, session).await;
 }
@@ -329,9 +332,10 @@ async fn wait_for_close(
 }
 
 /// `portmux upgrade` asked for a new process: only root or portmux's own user may.
-async fn upgrade_requested(control: &Rc<Control>, afd: &AsyncFd<OwnedFd>, pid: i32, uid: u32, binary: Option<String>) {
+async fn upgrade_requested(control: &Rc<Control>, afd: &AsyncFd<OwnedFd>, peer: &Peer, binary: Option<String>) {
+    let (pid, uid) = (peer.pid, peer.uid);
     let ours = rustix::process::getuid().as_raw();
-    let answer = if uid != 0 && uid != ours {
+    let answer = if !control.shared.settings.policy.privileged(peer) {
         tracing::warn!(pid, uid, "refused an upgrade request from another user");
         Message::Error { reason: format!("uid {uid} may not upgrade portmux; run it as root or as uid {ours}") }
     } else {

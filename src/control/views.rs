@@ -129,8 +129,8 @@ pub fn route(
                 .iter()
                 .filter_map(|id| Some((core.sessions().get(id)?, sessions.get(id))))
                 .map(|(state, live)| InstanceView {
-                    pid: state.pid,
-                    uid: state.uid,
+                    pid: state.peer.pid,
+                    uid: state.peer.uid,
                     draining: state.draining,
                     unacked: live.map_or(0, |s| s.unacked_len()),
                     waiting_for_room: live.map_or(0, |s| s.waiting_for_room()),

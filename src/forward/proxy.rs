@@ -127,6 +127,27 @@ pub async fn receive(
     Ok(received.addresses.map(|(c, d)| (canonical(c), canonical(d))))
 }
 
+/// Whether a client not trusted to send a PROXY header sent one anyway
+/// (it would claim another client's address). Waits only for as many bytes as
+/// it takes to tell; a client that sends nothing is left to the peek deadline.
+pub async fn sent_unasked(fd: std::os::fd::BorrowedFd<'_>, deadline: tokio::time::Instant) -> bool {
+    use crate::classify::{ParseError, PeekEnd, peek_with};
+    let decide = |buf: &[u8]| {
+        let mut maybe = false;
+        for sig in [V1_PREFIX, V2_SIGNATURE] {
+            let n = buf.len().min(sig.len());
+            if buf[..n] == sig[..n] {
+                if n == sig.len() {
+                    return Ok(true);
+                }
+                maybe = true;
+            }
+        }
+        if maybe { Err(ParseError::Incomplete) } else { Ok(false) }
+    };
+    matches!(peek_with(fd, deadline, V2_SIGNATURE.len(), decide).await.0, PeekEnd::Parsed(true))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -133,6 +133,21 @@ pub fn seqpacket_listener(path: &Path) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// A listening Unix stream socket at `path` (mode 0660, like the control
+/// socket), non-blocking and close-on-exec: the admin API's socket.
+pub fn stream_listener(path: &Path) -> io::Result<OwnedFd> {
+    let fd =
+        net::socket_with(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK, None)?;
+    let addr = SocketAddrUnix::new(path)?;
+    // As for the control socket: the umask gives the file its mode, at start-up.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o117));
+    let bound = net::bind(&fd, &addr);
+    rustix::process::umask(old);
+    bound?;
+    net::listen(&fd, 128)?;
+    Ok(fd)
+}
+
 /// Accepts a control connection (non-blocking, close-on-exec) and reads the
 /// peer's credentials. `Ok(None)` when none is pending.
 pub fn seqpacket_accept(listener: BorrowedFd<'_>) -> io::Result<Option<(OwnedFd, net::UCred)>> {

@@ -91,8 +91,8 @@ fn seamless_mode_switches_backends_without_touching_established_connections() {
     cmd.args(["tcp", &port.to_string(), &first.addr.to_string(), "--http-port", &http.to_string()]);
     cmd.args(["--bind", "127.0.0.1"]);
     let _pm = Portmux::spawn(cmd, std::path::Path::new("/nonexistent"), None).unwrap();
-    let api = std::net::SocketAddr::from(([127, 0, 0, 1], http));
-    let verb = |path: &str| admin(api, "GET", path, None);
+    let api = AdminAddr::Tcp { addr: std::net::SocketAddr::from(([127, 0, 0, 1], http)), token: None };
+    let verb = |path: &str| admin(&api, "GET", path, None);
     assert_eq!(verb("/get"), (200, format!("{}\n", first.addr)));
     let (mut old, name) = greeted(port);
     assert_eq!(name, "first");
@@ -126,12 +126,12 @@ fn the_admin_api_speaks_json_weights_and_clear_errors() {
     let (port, svc_port) = (free_port(), free_port());
     let heavy = TestBackend::start("heavy", false);
     let light = TestBackend::start("light", false);
-    let api = pm.admin();
+    let api = pm.admin().clone();
     let body = format!(
         r#"{{"route": "tcp://:{port}", "backends": [{{"addr": "{}", "weight": 3}}, "{}"]}}"#,
         heavy.addr, light.addr
     );
-    let (status, answer) = admin(api, "POST", "/routes", Some(&body));
+    let (status, answer) = admin(&api, "POST", "/routes", Some(&body));
     assert_eq!(status, 200, "{answer}");
     assert!(answer.contains("\"weight\": 3"), "{answer}");
     let names: Vec<String> = (0..40).map(|_| greeted(port).1).collect();
@@ -156,20 +156,20 @@ fn the_admin_api_speaks_json_weights_and_clear_errors() {
         ("GET", "/nowhere", None, 404, "no endpoint GET /nowhere"),
     ];
     for (method, path, body, want_status, want) in cases {
-        let (status, answer) = admin(api, method, path, *body);
+        let (status, answer) = admin(&api, method, path, *body);
         assert_eq!(status, *want_status, "{method} {path}: {answer}");
         assert!(answer.contains(want), "{method} {path}: {answer}");
     }
     // A service's route is not the admin API's to take or remove.
     let taken = format!(r#"{{"route": "http://:{svc_port}", "backends": ["{}"]}}"#, light.addr);
-    let (status, answer) = admin(api, "POST", "/routes", Some(&taken));
+    let (status, answer) = admin(&api, "POST", "/routes", Some(&taken));
     assert!(status == 409 && answer.contains("held by service 'web'"), "{answer}");
-    let (status, answer) = admin(api, "DELETE", &format!("/routes?route=http://:{svc_port}"), None);
+    let (status, answer) = admin(&api, "DELETE", &format!("/routes?route=http://:{svc_port}"), None);
     assert!(status == 409 && answer.contains("held by service 'web'"), "{answer}");
     // And a service cannot claim a route with backends.
     let refused = Service::try_hello(pm.control(), &format!("tcp://:{port}"), "x", &[]).err().unwrap();
     assert!(refused.contains("forwards to backends set through the admin API"), "{refused}");
-    let (status, status_json) = admin(api, "GET", "/status", None);
+    let (status, status_json) = admin(&api, "GET", "/status", None);
     assert!(status == 200 && status_json.contains("\"sessions\": 1"), "{status_json}");
 }
 
@@ -326,7 +326,7 @@ fn backends_learn_the_client_address_through_proxy_protocol() {
 
 #[test]
 fn behind_a_load_balancer_client_addresses_survive_both_ways() {
-    let pm = Portmux::start(&["--accept-proxy"]);
+    let pm = Portmux::start(&["--accept-proxy", "127.0.0.0/8"]);
     let (svc_port, fwd_port) = (free_port(), free_port());
     let listener =
         portmux_client::Builder::new().route(format!("http://:{svc_port}")).control(pm.control()).bind().unwrap();

@@ -8,6 +8,7 @@ mod graceful;
 mod peek;
 mod protocol;
 mod restart;
+mod security;
 mod systemd;
 mod upgrade;
 mod util;

@@ -131,11 +131,10 @@ fn after_a_crash_systemd_restarts_portmux_and_no_queued_connection_is_lost() {
     let dir = TempDir::new();
     let control = dir.path().join("control.sock");
     let control_arg = control.to_str().unwrap();
-    let manager = Manager::start(&["run", "--bind", "127.0.0.1", "--control", control_arg, "--admin", "127.0.0.1:0"]);
+    let manager = Manager::start(&["run", "--bind", "127.0.0.1", "--control", control_arg]);
     let first = pid_of(&manager.wait("STARTED pid="));
     let ready = manager.wait(" ready: ");
-    let admin_addr: std::net::SocketAddr =
-        ready.split("admin API http://").nth(1).and_then(|r| r.split(';').next()).unwrap().parse().unwrap();
+    let admin_addr = admin_from_ready(&ready).unwrap();
     manager.wait("READY");
     manager.wait("FDSTORE name=control-stored");
     manager.wait("FDSTORE name=state");
@@ -144,7 +143,7 @@ fn after_a_crash_systemd_restarts_portmux_and_no_queued_connection_is_lost() {
     let _svc = Service::try_hello(&control, &format!("http://:{handoff}"), "svc", &[]).unwrap();
     let (_backend, backend) = Service::backend("fwd", &[]);
     let body = format!(r#"{{"route": "http://:{forward}", "backends": ["{backend}"]}}"#);
-    assert_eq!(admin(admin_addr, "POST", "/routes", Some(&body)).0, 200);
+    assert_eq!(admin(&admin_addr, "POST", "/routes", Some(&body)).0, 200);
     manager.wait(&format!("FDSTORE name=tcp-127.0.0.1-{handoff}"));
     manager.wait(&format!("FDSTORE name=tcp-127.0.0.1-{forward}"));
 
@@ -192,7 +191,7 @@ struct Activated {
     port: u16,
     svc: Option<Service>,
     /// The admin API of the serving portmux, as its ready line says.
-    pm_admin: std::net::SocketAddr,
+    pm_admin: AdminAddr,
     _dir: TempDir,
 }
 
@@ -206,7 +205,7 @@ impl Activated {
         let mut cmd = Command::new("systemd-socket-activate");
         cmd.args(["--seqpacket", "-l", control_arg, "--fdname=control", "systemd-socket-activate", "-l", &listen])
             .args(["--fdname=web", env!("CARGO_BIN_EXE_portmux"), "run", "--bind", "127.0.0.1", "--linger", "1s"])
-            .args(["--control", control_arg, "--admin", "127.0.0.1:0"])
+            .args(["--control", control_arg])
             .env("RUST_LOG", "info,portmux=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -247,14 +246,7 @@ impl Activated {
         }
         wait_log("ready:");
         let svc = svc.join().unwrap().unwrap_or_else(|e| panic!("{e}\n{}", log.lock().unwrap()));
-        let pm_admin = log
-            .lock()
-            .unwrap()
-            .split("admin API http://")
-            .nth(1)
-            .and_then(|r| r.split(';').next())
-            .and_then(|a| a.parse().ok())
-            .expect("the ready line names the admin API");
+        let pm_admin = admin_from_ready(&log.lock().unwrap()).expect("the ready line names the admin API");
         Activated { activator, log, control, port, svc: Some(svc), pm_admin, _dir: dir }
     }
 
@@ -264,7 +256,7 @@ impl Activated {
 
     /// The listeners of the serving portmux: (port, pinned).
     fn listeners(&self) -> Vec<(u16, bool)> {
-        let (_, body) = admin(self.pm_admin, "GET", "/status", None);
+        let (_, body) = admin(&self.pm_admin, "GET", "/status", None);
         let status: portmux::admin::StatusView = serde_json::from_str(&body).unwrap();
         status.listeners.iter().map(|l| (l.addr.rsplit(':').next().unwrap().parse().unwrap(), l.pinned)).collect()
     }
@@ -348,7 +340,7 @@ fn the_units_verify_and_their_exposure_is_low() {
     let dir = TempDir::new();
     let units = concat!(env!("CARGO_MANIFEST_DIR"), "/dist/systemd");
     let mut paths = Vec::new();
-    for name in ["portmux.service", "portmux.socket", "portmux-control.socket"] {
+    for name in ["portmux.service", "portmux.socket", "portmux-control.socket", "portmux-admin.socket"] {
         let text = std::fs::read_to_string(format!("{units}/{name}")).unwrap();
         // verify checks that ExecStart's binary exists: point it at the one just built.
         let text = text.replace("/usr/bin/portmux", env!("CARGO_BIN_EXE_portmux"));

@@ -2,6 +2,7 @@
 //! `hello` example), temporary directories, free ports, and small HTTP, TLS
 //! and raw control-protocol clients.
 
+pub use portmux::admin::AdminAddr;
 use portmux::admin::TargetView;
 use portmux_sys::scm::Wait;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -160,9 +161,11 @@ pub struct Portmux {
     child: Child,
     out: Output,
     control: PathBuf,
-    admin: Option<SocketAddr>,
+    admin: Option<AdminAddr>,
     /// The process serving now (changes with each upgrade).
     current: u32,
+    /// The line it printed once it served.
+    ready: String,
     _dir: Option<TempDir>,
 }
 
@@ -208,20 +211,24 @@ impl Portmux {
 
     /// Starts a prepared command.
     pub fn spawn(mut cmd: Command, control: &Path, dir: Option<TempDir>) -> Result<Portmux, String> {
-        // Each portmux gets its own admin port, chosen by the kernel.
         cmd.env("RUST_LOG", std::env::var("IT_LOG").unwrap_or_else(|_| "info,portmux=debug".into()))
-            .env("PORTMUX_ADMIN", "127.0.0.1:0");
+            .env_remove("PORTMUX_ADMIN");
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|e| e.to_string())?;
         let out = capture(&mut child);
         let current = child.id();
-        let mut pm = Portmux { child, out, control: control.to_path_buf(), admin: None, current, _dir: dir };
+        let mut pm = Portmux {
+            child,
+            out,
+            control: control.to_path_buf(),
+            admin: None,
+            current,
+            ready: String::new(),
+            _dir: dir,
+        };
         match wait_line(&pm.out, " ready: ", Duration::from_secs(10)) {
             Ok(line) => {
-                pm.admin = line
-                    .split("admin API http://")
-                    .nth(1)
-                    .and_then(|rest| rest.split(';').next())
-                    .and_then(|a| a.parse().ok());
+                pm.admin = admin_from_ready(&line);
+                pm.ready = line;
                 Ok(pm)
             }
             Err(_) => {
@@ -232,13 +239,18 @@ impl Portmux {
         }
     }
 
+    /// The line portmux printed once it served.
+    pub fn ready_line(&self) -> &str {
+        &self.ready
+    }
+
     pub fn control(&self) -> &Path {
         &self.control
     }
 
-    /// The admin API's address.
-    pub fn admin(&self) -> SocketAddr {
-        self.admin.expect("this portmux runs no admin API")
+    /// The admin API's address (its socket, or the TCP address if it has only that).
+    pub fn admin(&self) -> &AdminAddr {
+        self.admin.as_ref().expect("this portmux runs no admin API")
     }
 
     /// The pid of the process serving now.
@@ -751,8 +763,20 @@ pub fn portmux_cli(pm: &Portmux, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// The admin API a ready line names first (the socket, then a TCP address).
+pub fn admin_from_ready(line: &str) -> Option<AdminAddr> {
+    let first = line.split("admin API ").nth(1)?.split(';').next()?.split(' ').next()?;
+    let first = first.strip_prefix("http://").unwrap_or(first);
+    Some(AdminAddr::parse(first, None))
+}
+
+/// The TCP admin address a ready line names.
+pub fn tcp_admin_from_ready(line: &str) -> Option<SocketAddr> {
+    line.split("http://").nth(1)?.split([';', ' ']).next()?.parse().ok()
+}
+
 /// One request to the admin API: (status, body).
-pub fn admin(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+pub fn admin(addr: &AdminAddr, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
     portmux::admin::request(addr, method, path, body).unwrap()
 }
 

@@ -170,6 +170,16 @@ mod tests {
                 },
                 "11007f00000150007f000001fb8813007f0000015003",
             ),
+            (Handover::AdminUnixSocket, "12"),
+            (
+                Handover::OwnedServiceRoute {
+                    route: "tcp://:1".into(),
+                    service: "s".into(),
+                    uid: 7,
+                    reserved_ms: Some(5),
+                },
+                "13087463703a2f2f3a310173070105",
+            ),
         ]
     }
 

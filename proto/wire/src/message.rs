@@ -135,11 +135,12 @@ pub enum Handover {
     /// The control socket's listening fd; `owned`: portmux created its file
     /// (and removes it on a clean stop), rather than a socket unit.
     ControlSocket { owned: bool },
-    /// The admin API's listening fd.
+    /// The admin API's listening fd (TCP).
     AdminSocket,
     /// A route forwarding to backends.
     BackendRoute { route: String, backends: Vec<String> },
-    /// A service's route; `reserved_ms` left if no session holds it now.
+    /// A service's route (as releases before 0.2 sent it: its owner is unknown);
+    /// `reserved_ms` left if no session holds it now.
     ServiceRoute { route: String, service: String, reserved_ms: Option<u64> },
     /// A service session (+ its socket).
     Session { id: u64, name: String, pid: i32, uid: u32, draining: bool, routes: Vec<String> },
@@ -169,7 +170,17 @@ pub enum Handover {
     /// A connection a service gave back, waiting for its next request (+ its
     /// fd), idle for `idle_ms` already; `peer` and `local` as it was given back.
     Idle { listener: SocketAddr, peer: SocketAddr, local: SocketAddr, idle_ms: u64 },
+    /// The admin API's listening Unix socket (+ its fd).
+    AdminUnixSocket,
+    /// A service's route, owned by `uid` (who claimed it: while the route
+    /// exists, no other unprivileged uid takes it or its service's name);
+    /// `reserved_ms` left if no session holds it now.
+    OwnedServiceRoute { route: String, service: String, uid: u32, reserved_ms: Option<u64> },
 }
+
+/// The owner of a route whose owner was not handed over (older releases):
+/// nobody's uid, so only root and portmux's own uid may take it.
+pub const UNKNOWN_OWNER: u32 = u32::MAX;
 
 impl Handover {
     pub fn kind(&self) -> &'static str {
@@ -192,6 +203,8 @@ impl Handover {
             Handover::PinnedListener { .. } => "PinnedListener",
             Handover::Commit => "Commit",
             Handover::Idle { .. } => "Idle",
+            Handover::AdminUnixSocket => "AdminUnixSocket",
+            Handover::OwnedServiceRoute { .. } => "OwnedServiceRoute",
         }
     }
 }

@@ -16,6 +16,7 @@ mod routes;
 mod tests;
 
 use super::error::ControlError;
+use crate::config::policy::{Peer, Policy};
 use crate::forward::backend::BackendPool;
 use crate::handoff::ConnDesc;
 use crate::ids::{ConnId, ListenerId, SessionId};
@@ -43,6 +44,8 @@ pub struct Config {
     pub park_limit: usize,
     /// Listening address for routes whose spec names none.
     pub default_bind: IpAddr,
+    /// Who may claim what.
+    pub policy: Arc<Policy>,
 }
 
 /// Where the core is in its life.
@@ -137,6 +140,9 @@ pub enum RouteTarget {
 pub struct ServiceRoute {
     /// The service holding the route.
     pub service: String,
+    /// The uid that claimed it: while the route exists (reserved too), no other
+    /// unprivileged uid may claim it, a path under its host, or the service's name.
+    pub uid: u32,
     /// Registered sessions, draining ones included.
     pub sessions: Vec<SessionId>,
     /// Connections waiting, in arrival order.
@@ -151,9 +157,10 @@ pub struct ServiceRoute {
 }
 
 impl ServiceRoute {
-    fn new(service: String, reserved_until: Option<Instant>) -> ServiceRoute {
+    fn new(service: String, uid: u32, reserved_until: Option<Instant>) -> ServiceRoute {
         ServiceRoute {
             service,
+            uid,
             sessions: Vec::new(),
             queue: VecDeque::new(),
             reserved_until,
@@ -168,8 +175,8 @@ impl ServiceRoute {
 #[derive(Debug, Clone)]
 pub struct SessionState {
     pub name: String,
-    pub pid: i32,
-    pub uid: u32,
+    /// Who the service is, as the kernel says.
+    pub peer: Peer,
     pub routes: Vec<RouteKey>,
     /// The service asked for no new connections.
     pub draining: bool,
@@ -571,9 +578,10 @@ impl Core {
                     route: r.spec.to_string(),
                     backends: pool.backends.iter().map(|b| b.spec.to_string()).collect(),
                 },
-                RouteTarget::Service(s) => Handover::ServiceRoute {
+                RouteTarget::Service(s) => Handover::OwnedServiceRoute {
                     route: r.display.to_string(),
                     service: s.service.clone(),
+                    uid: s.uid,
                     reserved_ms: s.reserved_until.map(|t| t.saturating_duration_since(now).as_millis() as u64),
                 },
             })

@@ -3,12 +3,13 @@
 //! listening addresses that overlap, reservations while a service is away.
 
 use super::{Core, Mode, OpId, Outcome, RouteState, RouteTarget, ServiceRoute, SessionState};
+use crate::config::policy::Peer;
 use crate::control::error::{ControlError, Holder};
 use crate::forward::backend::{Backend, BackendPool, BackendSpec, Policy, ProxyVersion, Resolved};
 use crate::ids::SessionId;
 use crate::route::{RouteKey, route_key};
 use portmux_wire::Bound;
-use portmux_wire::spec::{RouteSpec, Scheme};
+use portmux_wire::spec::{HostPattern, RouteSpec, Scheme};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +22,7 @@ pub(super) enum Commit {
     /// A route forwards to this pool.
     Backends { key: RouteKey, spec: RouteSpec, pool: Arc<BackendPool> },
     /// A service's route comes back (after a crash), reserved for its service.
-    Reserved { key: RouteKey, spec: RouteSpec, service: String, until: Instant },
+    Reserved { key: RouteKey, spec: RouteSpec, service: String, uid: u32, until: Instant },
 }
 
 impl Commit {
@@ -47,10 +48,10 @@ fn clashes(a: SocketAddr, b: SocketAddr) -> bool {
 
 impl Core {
     /// A service connected and said Hello.
-    pub fn open_session(&mut self, name: String, pid: i32, uid: u32) -> SessionId {
+    pub fn open_session(&mut self, name: String, peer: Peer) -> SessionId {
         self.next_session += 1;
         let id = SessionId(self.next_session);
-        self.sessions.insert(id, SessionState { name, pid, uid, routes: Vec::new(), draining: false, usable: true });
+        self.sessions.insert(id, SessionState { name, peer, routes: Vec::new(), draining: false, usable: true });
         id
     }
 
@@ -77,18 +78,84 @@ impl Core {
             RouteTarget::Backends(_) => Holder::Backends,
             RouteTarget::Service(s) => match (s.sessions.iter().find_map(|id| self.sessions.get(id)), s.reserved_until)
             {
-                (Some(e), _) => Holder::Service { service: s.service.clone(), pid: e.pid, uid: e.uid },
+                (Some(e), _) => Holder::Service { service: s.service.clone(), pid: e.peer.pid, uid: e.peer.uid },
                 (None, Some(until)) => {
                     let left = until.saturating_duration_since(now);
                     Holder::Reserved {
                         service: s.service.clone(),
+                        uid: s.uid,
                         left_s: linger.saturating_sub(left).as_secs(),
                         release_in_s: left.as_secs().max(1),
                     }
                 }
-                (None, None) => Holder::Away { service: s.service.clone() },
+                (None, None) => Holder::Away { service: s.service.clone(), uid: s.uid },
             },
         }
+    }
+
+    /// Refuses what an unprivileged session would take from another uid: a
+    /// service name another uid uses, a port another uid holds whole (tcp://,
+    /// or a route for any host), a host another uid serves (its paths
+    /// included), or names under another uid's `*.suffix` (the more specific
+    /// route would win). Reserved routes count: their service is coming back.
+    fn check_ownership(
+        &self,
+        now: Instant,
+        peer: &Peer,
+        name: &str,
+        spec: &RouteSpec,
+        port: u16,
+    ) -> Result<(), ControlError> {
+        if self.config.policy.privileged(peer) {
+            return Ok(());
+        }
+        let owned =
+            |what: String, r: &RouteState| ControlError::Owned { route: spec.key(), what, holder: self.holder(now, r) };
+        for r in self.routes.values() {
+            if let RouteTarget::Service(s) = &r.target
+                && s.service == name
+                && s.uid != peer.uid
+            {
+                return Err(owned(format!("the service name '{name}'"), r));
+            }
+        }
+        if let Some(e) = self.sessions.values().find(|e| e.name == name && e.peer.uid != peer.uid) {
+            let holder = Holder::Service { service: name.to_string(), pid: e.peer.pid, uid: e.peer.uid };
+            return Err(ControlError::Owned { route: spec.key(), what: format!("the service name '{name}'"), holder });
+        }
+        let whole = |s: &RouteSpec| s.scheme == Scheme::Tcp || s.host == HostPattern::Any;
+        let under = |name: &str, domain: &str| name.strip_suffix(domain).is_some_and(|rest| rest.ends_with('.'));
+        for (key, r) in self.routes.iter().filter(|(k, _)| k.0.port() == port) {
+            let theirs = match &r.target {
+                RouteTarget::Service(s) => s.uid,
+                RouteTarget::Backends(_) => u32::MAX,
+            };
+            if theirs == peer.uid {
+                continue;
+            }
+            let what = if whole(&r.spec) {
+                Some(format!("port {port} (all of it, by route {})", r.display))
+            } else {
+                match (&spec.host, &r.spec.host) {
+                    _ if whole(spec) => None,
+                    (HostPattern::Exact(h), HostPattern::Exact(t)) if h == t => {
+                        Some(format!("host {h} on port {port}"))
+                    }
+                    (HostPattern::Exact(h), HostPattern::Suffix(t)) if under(h, t) => {
+                        Some(format!("{h}, which is under *.{t} on port {port}"))
+                    }
+                    (HostPattern::Suffix(h), HostPattern::Suffix(t)) if h == t || under(h, t) => {
+                        Some(format!("*.{h}, which is under *.{t} on port {port}"))
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(what) = what {
+                tracing::debug!(route = %key.1, "ownership refusal");
+                return Err(owned(what, r));
+            }
+        }
+        Ok(())
     }
 
     /// Refuses a listening address that overlaps an existing or planned one on the same port.
@@ -125,7 +192,7 @@ impl Core {
         session: SessionId,
         routes: &[String],
     ) -> Result<Vec<(RouteKey, RouteSpec)>, ControlError> {
-        let Some(name) = self.sessions.get(&session).map(|s| s.name.clone()) else {
+        let Some((name, peer)) = self.sessions.get(&session).map(|s| (s.name.clone(), s.peer.clone())) else {
             return Err(ControlError::SessionClosing);
         };
         match self.mode {
@@ -154,6 +221,9 @@ impl Core {
             if spec.lb.is_some() || spec.proxy.is_some() {
                 return Err(ControlError::BackendOptions { route: route() });
             }
+            if let Err(refusal) = self.config.policy.may_claim(&peer, &spec, &name) {
+                return Err(ControlError::Policy { route: spec.key(), refusal });
+            }
             let key = route_key(&spec, self.config.default_bind);
             if let Some(r) = self.routes.get(&key) {
                 let theirs = match &r.target {
@@ -164,6 +234,7 @@ impl Core {
                     return Err(ControlError::Held { route: r.display.to_string(), holder: self.holder(now, r) });
                 }
             }
+            self.check_ownership(now, &peer, &name, &spec, key.0.port())?;
             let planned: Vec<SocketAddr> = plan.iter().map(|(k, _)| k.0).collect();
             self.check_clash(text, key.0, &planned)?;
             if !plan.iter().any(|(k, _)| *k == key) {
@@ -177,7 +248,7 @@ impl Core {
     pub(super) fn apply_commit(&mut self, now: Instant, commit: Commit) -> Result<Outcome, ControlError> {
         match commit {
             Commit::Register { session, plan } => {
-                let Some(name) = self.sessions.get(&session).map(|s| s.name.clone()) else {
+                let Some((name, uid)) = self.sessions.get(&session).map(|s| (s.name.clone(), s.peer.uid)) else {
                     return Err(ControlError::SessionClosing);
                 };
                 let mut bound = Vec::new();
@@ -187,7 +258,7 @@ impl Core {
                     let r = self.routes.entry(key.clone()).or_insert_with(|| RouteState {
                         display,
                         spec,
-                        target: RouteTarget::Service(ServiceRoute::new(name.clone(), None)),
+                        target: RouteTarget::Service(ServiceRoute::new(name.clone(), uid, None)),
                     });
                     if let RouteTarget::Service(s) = &mut r.target {
                         if !s.sessions.contains(&session) {
@@ -217,10 +288,10 @@ impl Core {
                 self.routes_dirty = true;
                 Ok(Outcome::RouteSet(key))
             }
-            Commit::Reserved { key, spec, service, until } => {
+            Commit::Reserved { key, spec, service, uid, until } => {
                 self.use_listener(key.0);
                 let display: Arc<str> = spec.key().into();
-                let target = RouteTarget::Service(ServiceRoute::new(service, Some(until)));
+                let target = RouteTarget::Service(ServiceRoute::new(service, uid, Some(until)));
                 self.routes.insert(key.clone(), RouteState { display, spec, target });
                 self.table_dirty = true;
                 self.routes_dirty = true;
@@ -436,14 +507,14 @@ impl Core {
     /// After a restart (a crash, systemd restarting portmux): a service's route
     /// comes back reserved for the linger period, so connections queue until
     /// the service (its client library reconnects by itself) registers again.
-    pub fn restore_service_route(&mut self, now: Instant, route: &str, service: String) -> OpId {
+    pub fn restore_service_route(&mut self, now: Instant, route: &str, service: String, uid: u32) -> OpId {
         let result = RouteSpec::parse(route).map_err(|source| ControlError::Spec { route: route.to_string(), source });
         let op = match result {
             Ok(spec) => {
                 let key = route_key(&spec, self.config.default_bind);
                 let until = now + self.config.linger;
                 let addrs = [(key.0, spec.key())];
-                self.start_op(now, &addrs, Commit::Reserved { key, spec, service, until })
+                self.start_op(now, &addrs, Commit::Reserved { key, spec, service, uid, until })
             }
             Err(e) => {
                 let op = self.next_op();
@@ -461,13 +532,14 @@ impl Core {
         &mut self,
         route: &str,
         service: String,
+        uid: u32,
         reserved: Option<(Instant, Duration)>,
     ) -> Result<(), ControlError> {
         let spec = RouteSpec::parse(route).map_err(|source| ControlError::Spec { route: route.to_string(), source })?;
         let key = route_key(&spec, self.config.default_bind);
         let display: Arc<str> = spec.key().into();
         let until = reserved.map(|(now, left)| now + left);
-        let target = RouteTarget::Service(ServiceRoute::new(service, until));
+        let target = RouteTarget::Service(ServiceRoute::new(service, uid, until));
         self.routes.insert(key, RouteState { display, spec, target });
         self.routes_dirty = true;
         Ok(())

@@ -10,7 +10,9 @@ use portmux_wire::Proto;
 const LINGER: Duration = Duration::from_secs(30);
 
 fn core(park_limit: usize) -> Core {
-    Core::new(Config { linger: LINGER, park_limit, default_bind: "127.0.0.1".parse().unwrap() })
+    // uid 1000 is portmux's own (trusted like root); others are held to the default policy.
+    let policy = Arc::new(Policy::builtin(1000));
+    Core::new(Config { linger: LINGER, park_limit, default_bind: "127.0.0.1".parse().unwrap(), policy })
 }
 
 /// Takes every effect, answering binds (with success, unless `fail` names
@@ -127,7 +129,7 @@ fn backends(addr: &str) -> Resolved {
 fn a_route_belongs_to_one_service_whose_instances_form_a_pool() {
     let t0 = Instant::now();
     let mut c = core(16);
-    let a = c.open_session("web".into(), 10, 1000);
+    let a = c.open_session("web".into(), Peer::known(10, 1000));
     let (bound, effects) = register(&mut c, t0, a, &["http://:8000"]);
     assert_eq!(bound.unwrap()[0].listen.to_string(), "127.0.0.1:8000");
     assert!(effects.iter().any(|e| matches!(e, Effect::Bind { .. })), "the first route opens its listener");
@@ -135,12 +137,12 @@ fn a_route_belongs_to_one_service_whose_instances_form_a_pool() {
         effects.iter().any(|e| matches!(e, Effect::Publish)) && effects.iter().any(|e| matches!(e, Effect::Persist))
     );
     // A second instance of the same service joins the pool; no new listener.
-    let b = c.open_session("web".into(), 11, 1000);
+    let b = c.open_session("web".into(), Peer::known(11, 1000));
     let (bound, effects) = register(&mut c, t0, b, &["http://:8000"]);
     assert!(bound.is_ok() && !effects.iter().any(|e| matches!(e, Effect::Bind { .. })));
     assert_eq!(target(&c, 8000), ["http://:8000 -> sessions [1, 2]"]);
     // Another service is refused, naming the holder.
-    let other = c.open_session("other".into(), 12, 1001);
+    let other = c.open_session("other".into(), Peer::known(12, 1001));
     c.register(t0, other, &["http://:8000".into()]);
     let effects = run(&mut c, t0, &[]);
     match done(&effects) {
@@ -167,7 +169,7 @@ fn a_route_belongs_to_one_service_whose_instances_form_a_pool() {
 fn registration_is_all_or_nothing_and_bind_failures_keep_their_cause() {
     let t0 = Instant::now();
     let mut c = core(16);
-    let s = c.open_session("svc".into(), 1, 0);
+    let s = c.open_session("svc".into(), Peer::known(1, 0));
     // The second address is taken by another process: nothing is kept.
     c.register(t0, s, &["http://:8001".into(), "tcp://:8002".into()]);
     let effects = run(&mut c, t0, &[8002]);
@@ -207,7 +209,7 @@ fn registration_is_all_or_nothing_and_bind_failures_keep_their_cause() {
 fn connections_go_to_the_most_specific_route() {
     let t0 = Instant::now();
     let mut c = core(16);
-    let s = c.open_session("svc".into(), 1, 0);
+    let s = c.open_session("svc".into(), Peer::known(1, 0));
     register(&mut c, t0, s, &["http://:8000", "http://:8000/a", "http://:8000/a/b", "http://api.test:8000"]).0.unwrap();
     c.session_ended(t0, s);
     run(&mut c, t0, &[]);
@@ -225,7 +227,7 @@ fn connections_go_to_the_most_specific_route() {
         assert_eq!(c.conn(ConnId(id)).unwrap().desc.meta.route, want);
     }
     // Nothing matches on a port without a catch-all: 404 naming what was asked.
-    let t = c.open_session("tls".into(), 2, 0);
+    let t = c.open_session("tls".into(), Peer::known(2, 0));
     register(&mut c, t0, t, &["http://only.test:8100"]).0.unwrap();
     c.arrived(t0, conn(&c, 9, 8100, "/nope", t0));
     let a = answers(&run(&mut c, t0, &[]));
@@ -236,7 +238,7 @@ fn connections_go_to_the_most_specific_route() {
 fn a_departed_service_keeps_its_route_reserved_then_it_is_released() {
     let t0 = Instant::now();
     let mut c = core(16);
-    let s = c.open_session("web".into(), 7, 1000);
+    let s = c.open_session("web".into(), Peer::known(7, 1000));
     register(&mut c, t0, s, &["http://:8000"]).0.unwrap();
     c.session_ended(t0, s);
     run(&mut c, t0, &[]);
@@ -244,10 +246,10 @@ fn a_departed_service_keeps_its_route_reserved_then_it_is_released() {
     assert_eq!(c.poll_timeout(), Some(t0 + LINGER));
     // Another service is told when the route comes free.
     let t10 = t0 + Duration::from_secs(10);
-    let other = c.open_session("other".into(), 8, 1001);
+    let other = c.open_session("other".into(), Peer::known(8, 1001));
     c.register(t10, other, &["http://:8000".into()]);
     match done(&run(&mut c, t10, &[])) {
-        Some(Err(ControlError::Held { holder: Holder::Reserved { service, left_s, release_in_s }, .. })) => {
+        Some(Err(ControlError::Held { holder: Holder::Reserved { service, left_s, release_in_s, .. }, .. })) => {
             assert_eq!((service.as_str(), *left_s, *release_in_s), ("web", 10, 20));
         }
         other => panic!("{other:?}"),
@@ -276,14 +278,14 @@ fn a_departed_service_keeps_its_route_reserved_then_it_is_released() {
 fn the_service_that_comes_back_gets_the_queue_in_arrival_order_one_at_a_time() {
     let t0 = Instant::now();
     let mut c = core(16);
-    let s = c.open_session("web".into(), 7, 1000);
+    let s = c.open_session("web".into(), Peer::known(7, 1000));
     register(&mut c, t0, s, &["http://:8000"]).0.unwrap();
     c.session_ended(t0, s);
     for id in 1..=3 {
         c.arrived(t0, conn(&c, id, 8000, "/", t0));
     }
     run(&mut c, t0, &[]);
-    let back = c.open_session("web".into(), 9, 1000);
+    let back = c.open_session("web".into(), Peer::known(9, 1000));
     let (_, effects) = register(&mut c, t0, back, &["http://:8000"]);
     let first = delivers(&effects);
     assert_eq!(first.iter().map(|d| d.0).collect::<Vec<_>>(), [1], "one delivery at a time");
@@ -303,7 +305,7 @@ fn the_service_that_comes_back_gets_the_queue_in_arrival_order_one_at_a_time() {
 fn queues_are_bounded_and_a_half_closed_client_gives_its_place_up_first() {
     let t0 = Instant::now();
     let mut c = core(2);
-    let s = c.open_session("web".into(), 7, 1000);
+    let s = c.open_session("web".into(), Peer::known(7, 1000));
     register(&mut c, t0, s, &["http://:8000"]).0.unwrap();
     c.session_ended(t0, s);
     c.arrived(t0, conn(&c, 1, 8000, "/", t0));
@@ -335,7 +337,7 @@ fn queues_are_bounded_and_a_half_closed_client_gives_its_place_up_first() {
 fn a_rejected_connection_avoids_its_rejecter_for_a_while() {
     let t0 = Instant::now();
     let mut c = core(16);
-    let a = c.open_session("pool".into(), 1, 0);
+    let a = c.open_session("pool".into(), Peer::known(1, 0));
     register(&mut c, t0, a, &["http://:8000"]).0.unwrap();
     let mut d = conn(&c, 1, 8000, "/", t0);
     d.rejected_by = Some((a, t0));
@@ -343,12 +345,12 @@ fn a_rejected_connection_avoids_its_rejecter_for_a_while() {
     assert!(delivers(&run(&mut c, t0, &[])).is_empty(), "the only instance just rejected it");
     assert_eq!(c.poll_timeout(), Some(t0 + REJECT_BACKOFF));
     // Another instance arrives: it gets the connection now.
-    let b = c.open_session("pool".into(), 2, 0);
+    let b = c.open_session("pool".into(), Peer::known(2, 0));
     let (_, effects) = register(&mut c, t0, b, &["http://:8000"]);
     assert_eq!(delivers(&effects).iter().map(|d| (d.0, d.1)).collect::<Vec<_>>(), [(1, b)]);
     // With only the rejecter, the backoff ends and it is tried again.
     let mut c = core(16);
-    let a = c.open_session("pool".into(), 1, 0);
+    let a = c.open_session("pool".into(), Peer::known(1, 0));
     register(&mut c, t0, a, &["http://:8000"]).0.unwrap();
     c.arrived(t0, d);
     run(&mut c, t0, &[]);
@@ -360,8 +362,8 @@ fn a_rejected_connection_avoids_its_rejecter_for_a_while() {
 fn failed_deliveries_go_back_to_the_head_of_the_queue() {
     let t0 = Instant::now();
     let mut c = core(16);
-    let a = c.open_session("pool".into(), 1, 0);
-    let b = c.open_session("pool".into(), 2, 0);
+    let a = c.open_session("pool".into(), Peer::known(1, 0));
+    let b = c.open_session("pool".into(), Peer::known(2, 0));
     register(&mut c, t0, a, &["http://:8000"]).0.unwrap();
     register(&mut c, t0, b, &["http://:8000"]).0.unwrap();
     c.arrived(t0, conn(&c, 1, 8000, "/", t0));
@@ -391,7 +393,7 @@ fn failed_deliveries_go_back_to_the_head_of_the_queue() {
 fn unacked_connections_of_a_session_that_died_are_routed_again() {
     let t0 = Instant::now();
     let mut c = core(16);
-    let a = c.open_session("pool".into(), 1, 0);
+    let a = c.open_session("pool".into(), Peer::known(1, 0));
     register(&mut c, t0, a, &["http://:8000"]).0.unwrap();
     c.arrived(t0, conn(&c, 1, 8000, "/", t0));
     let d = delivers(&run(&mut c, t0, &[]));
@@ -404,7 +406,7 @@ fn unacked_connections_of_a_session_that_died_are_routed_again() {
         matches!(c.conn(ConnId(1)).map(|h| &h.place), Some(Place::Queued(_))),
         "queued while the route is reserved"
     );
-    let b = c.open_session("pool".into(), 2, 0);
+    let b = c.open_session("pool".into(), Peer::known(2, 0));
     let (_, effects) = register(&mut c, t0, b, &["http://:8000"]);
     assert_eq!(delivers(&effects).iter().map(|d| (d.0, d.1)).collect::<Vec<_>>(), [(1, b)]);
 }
@@ -413,7 +415,7 @@ fn unacked_connections_of_a_session_that_died_are_routed_again() {
 fn a_freeze_holds_everything_until_a_thaw_or_a_commit() {
     let t0 = Instant::now();
     let mut c = core(16);
-    let s = c.open_session("web".into(), 1, 0);
+    let s = c.open_session("web".into(), Peer::known(1, 0));
     register(&mut c, t0, s, &["http://:8000"]).0.unwrap();
     c.set_backends(t0, RouteSpec::parse("tcp://:9000").unwrap(), backends("127.0.0.1:9"));
     run(&mut c, t0, &[]);
@@ -476,7 +478,7 @@ fn conn_at(t: Instant) -> ConnDesc {
 fn stopping_answers_every_waiting_connection() {
     let t0 = Instant::now();
     let mut c = core(16);
-    let s = c.open_session("web".into(), 1, 0);
+    let s = c.open_session("web".into(), Peer::known(1, 0));
     register(&mut c, t0, s, &["http://:8000", "tcp://:8001"]).0.unwrap();
     c.session_ended(t0, s);
     c.arrived(t0, conn(&c, 1, 8000, "/", t0));
@@ -499,7 +501,7 @@ fn an_import_reserves_routes_nobody_holds_and_keeps_pinned_listeners() {
     c.begin_import();
     let pinned = c.adopt_listener(t0, Some(ListenerId(5)), "127.0.0.1:8443".parse().unwrap(), true);
     c.adopt_listener(t0, Some(ListenerId(6)), "127.0.0.1:8000".parse().unwrap(), false);
-    c.import_service_route("http://:8000", "web".into(), None).unwrap();
+    c.import_service_route("http://:8000", "web".into(), 0, None).unwrap();
     assert!(run(&mut c, t0, &[]).is_empty(), "nothing is published while importing");
     c.end_import(t0);
     let effects = run(&mut c, t0, &[]);
@@ -520,7 +522,7 @@ fn an_import_reserves_routes_nobody_holds_and_keeps_pinned_listeners() {
 fn a_backoff_left_with_nothing_to_deliver_sets_no_deadline() {
     let t0 = Instant::now();
     let mut c = core(16);
-    let a = c.open_session("pool".into(), 1, 0);
+    let a = c.open_session("pool".into(), Peer::known(1, 0));
     register(&mut c, t0, a, &["http://:8000"]).0.unwrap();
     c.arrived(t0, conn(&c, 1, 8000, "/", t0));
     let d = delivers(&run(&mut c, t0, &[]));
@@ -541,7 +543,7 @@ fn a_backoff_left_with_nothing_to_deliver_sets_no_deadline() {
 fn deliveries_that_fail_while_frozen_or_stopping_are_handed_on_or_answered() {
     let t0 = Instant::now();
     let mut c = core(16);
-    let a = c.open_session("web".into(), 1, 0);
+    let a = c.open_session("web".into(), Peer::known(1, 0));
     register(&mut c, t0, a, &["http://:8000"]).0.unwrap();
     c.arrived(t0, conn(&c, 1, 8000, "/", t0));
     c.arrived(t0, conn(&c, 2, 8000, "/", t0));
@@ -563,7 +565,7 @@ fn deliveries_that_fail_while_frozen_or_stopping_are_handed_on_or_answered() {
     assert_eq!(handed, [(1, 8000)], "handed on, naming its listener");
     // Stopping: a delivery that comes back is answered.
     let mut c = core(16);
-    let a = c.open_session("web".into(), 1, 0);
+    let a = c.open_session("web".into(), Peer::known(1, 0));
     register(&mut c, t0, a, &["http://:8000"]).0.unwrap();
     c.arrived(t0, conn(&c, 1, 8000, "/", t0));
     let d = delivers(&run(&mut c, t0, &[]));
@@ -574,7 +576,7 @@ fn deliveries_that_fail_while_frozen_or_stopping_are_handed_on_or_answered() {
     assert_eq!((a[0].0, a[0].1), (1, Some(503)));
     // An unsendable connection is answered and leaves the session usable.
     let mut c = core(16);
-    let s = c.open_session("web".into(), 1, 0);
+    let s = c.open_session("web".into(), Peer::known(1, 0));
     register(&mut c, t0, s, &["http://:8000"]).0.unwrap();
     c.arrived(t0, conn(&c, 1, 8000, "/", t0));
     let d = delivers(&run(&mut c, t0, &[]));
@@ -582,4 +584,48 @@ fn deliveries_that_fail_while_frozen_or_stopping_are_handed_on_or_answered() {
     let a = answers(&run(&mut c, t0, &[]));
     assert_eq!((a[0].0, a[0].1), (1, Some(431)));
     assert!(c.sessions()[&s].usable);
+}
+
+#[test]
+fn another_uid_never_gets_what_one_uid_holds_or_reserves() {
+    let t0 = Instant::now();
+    let mut c = core(16);
+    let root = c.open_session("web".into(), Peer::known(10, 0));
+    assert!(register(&mut c, t0, root, &["http://held.test:8000", "tls://*.corp.test:8443"]).0.is_ok());
+    let nobody = |c: &mut Core, name: &str| c.open_session(name.into(), Peer::known(20, 65534));
+    let refused = |c: &mut Core, s, route: &str| register(c, t0, s, &[route]).0.expect_err(route);
+    // The same name: the name is root's, not shared with another uid.
+    let same = nobody(&mut c, "web");
+    let e = refused(&mut c, same, "http://held.test:8000");
+    assert!(e.contains("ownership rule: the service name 'web' is held by service 'web' (pid 10, uid 0)"), "{e}");
+    // A path under root's host, a name under root's suffix, the whole port.
+    let other = nobody(&mut c, "login");
+    for (route, what) in [
+        ("http://held.test:8000/login", "host held.test on port 8000"),
+        ("tls://a.corp.test:8443", "a.corp.test, which is under *.corp.test"),
+        ("tls://*.x.corp.test:8443", "*.x.corp.test, which is under *.corp.test"),
+        ("tls://*.corp.test:8443/", "is held by service 'web' (pid 10, uid 0)"),
+    ] {
+        let e = refused(&mut c, other, route);
+        assert!(e.contains(what), "{route}: {e}");
+    }
+    // A privileged port, by the default policy.
+    let e = refused(&mut c, other, "tcp://:444");
+    assert!(e.contains("refused by the default policy") && e.contains("not 444 (a privileged port)"), "{e}");
+    // Another host on the same port, and a catch-all for what nobody matches, are its own.
+    assert!(register(&mut c, t0, other, &["http://mine.test:8000", "http://:8000"]).0.is_ok());
+    // Then the port is partly the other uid's: root's service still may add hosts, but
+    // a third uid may not take the other uid's catch-all's port.
+    let third = c.open_session("third".into(), Peer::known(30, 4000));
+    let e = refused(&mut c, third, "http://new.test:8000");
+    assert!(e.contains("port 8000 (all of it, by route http://:8000)"), "{e}");
+    // While root's service is away its routes stay reserved: still not the other uid's.
+    c.session_ended(t0, root);
+    run(&mut c, t0, &[]);
+    let e = refused(&mut c, same, "http://held.test:8000");
+    assert!(e.contains("the service name 'web'") && e.contains("reserved for it"), "{e}");
+    // Once the reservation ends, the name and the host are free.
+    c.timeout(t0 + LINGER);
+    run(&mut c, t0 + LINGER, &[]);
+    assert!(register(&mut c, t0 + LINGER, same, &["http://held.test:8000"]).0.is_ok());
 }

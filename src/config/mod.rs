@@ -2,6 +2,14 @@
 //! needed), and how users write the things they configure: backends and
 //! routes with backends.
 
+pub mod file;
+pub mod limits;
+pub mod policy;
+mod secret;
+
+pub use limits::Limits;
+pub use secret::Secret;
+
 use portmux_sys::net::Endpoint;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -17,8 +25,20 @@ pub struct Settings {
     /// Path of the control socket services connect to (`None`: no control
     /// socket, as in seamless mode).
     pub control: Option<PathBuf>,
-    /// Address of the admin API (JSON over HTTP); `None`: no admin API.
+    /// The admin API's Unix socket (beside the control socket by default; authorised by the policy).
+    pub admin_socket: Option<PathBuf>,
+    /// A TCP address for the admin API as well (`--admin`); `None`: none.
     pub admin: Option<SocketAddr>,
+    /// The bearer token changes over TCP need (`--admin-token-file`).
+    pub admin_token: Option<std::sync::Arc<Secret>>,
+    /// The TCP admin address may be off loopback (`--admin-public`).
+    pub admin_public: bool,
+    /// seamless mode (`portmux tcp`): its GET verbs change backends.
+    pub seamless: bool,
+    /// What one client, user or session may take.
+    pub limits: Limits,
+    /// Shared counters of how often each limit refused (for `/status`).
+    pub limit_hits: std::sync::Arc<limits::Hits>,
     /// Listening address for routes whose spec names none.
     pub bind: IpAddr,
     /// How long a departed service's routes stay reserved (connections queue
@@ -47,8 +67,10 @@ pub struct Settings {
     pub backend_cooldown: Duration,
     /// How relays move bytes (auto; copy or splice only for measurements).
     pub relay_mode: RelayMode,
-    /// Public listeners expect a PROXY protocol header (v1 or v2) first.
-    pub accept_proxy: bool,
+    /// Connections from these networks (load balancers in front) start with a
+    /// PROXY protocol header (v1 or v2); from anywhere else one is refused.
+    /// Empty: no PROXY headers are accepted.
+    pub accept_proxy: Vec<ipnet::IpNet>,
     /// Routes with backends to create at start-up (seamless mode).
     pub initial_routes: Vec<RouteConfig>,
     /// After an upgrade, how long the old process may finish its last work.
@@ -60,14 +82,28 @@ pub struct Settings {
     /// starts the binary now at that path with the same arguments.
     pub exe: PathBuf,
     pub args: Vec<std::ffi::OsString>,
+    /// Who may claim what (the config file's `[policy]`, or the built-in default).
+    pub policy: std::sync::Arc<policy::Policy>,
 }
 
 impl Settings {
+    /// Whether `peer` may send a PROXY protocol header (it is in `--accept-proxy`).
+    pub fn proxy_trusted(&self, peer: IpAddr) -> bool {
+        let peer = peer.to_canonical();
+        self.accept_proxy.iter().any(|n| n.contains(&peer))
+    }
+
     /// Defaults for everything but the control socket.
     pub fn with_control(control: Option<PathBuf>) -> Settings {
         Settings {
             control,
+            admin_socket: None,
             admin: None,
+            admin_token: None,
+            admin_public: false,
+            seamless: false,
+            limits: Limits::default(),
+            limit_hits: std::sync::Arc::default(),
             bind: IpAddr::from([0u16; 8]),
             linger: Duration::from_secs(30),
             peek_timeout: Duration::from_secs(10),
@@ -81,12 +117,13 @@ impl Settings {
             idle_timeout: Duration::from_secs(300),
             backend_cooldown: Duration::from_secs(10),
             relay_mode: RelayMode::Auto,
-            accept_proxy: false,
+            accept_proxy: Vec::new(),
             initial_routes: Vec::new(),
             drain: Duration::from_secs(30),
             upgrade_timeout: Duration::from_secs(10),
             exe: std::env::current_exe().unwrap_or_else(|_| "portmux".into()),
             args: std::env::args_os().skip(1).collect(),
+            policy: std::sync::Arc::new(policy::Policy::builtin(rustix::process::getuid().as_raw())),
         }
     }
 }

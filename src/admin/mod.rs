@@ -2,20 +2,26 @@
 //! seamless's plain-text verbs (`/set`, `/add`, `/remove`, `/get`). It runs on
 //! the control plane's thread; `portmux route …` is a thin client of it.
 
+mod client;
+pub mod guard;
+
+pub use client::{AdminAddr, encode_query, request};
+
+use crate::config::limits::{Hits, Limit};
+use crate::config::policy::Peer;
 use crate::control::{Control, ControlError, Kind, Lifecycle};
 use crate::forward::backend::BackendSpec;
+use guard::{Guard, Transport};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
 use std::convert::Infallible;
+use std::future::Future;
 use std::rc::Rc;
 
 pub use crate::control::views::{BackendView, InstanceView, ListenerView, RouteView, StatusView, TargetView};
-
-/// Largest request body the admin API reads.
-const MAX_BODY: usize = 1024 * 1024;
 
 /// One backend in a request: `"host:port@weight"` or `{"addr": …, "weight": …}`.
 #[derive(Debug, Deserialize)]
@@ -39,8 +45,8 @@ pub enum AdminError {
         "body must be JSON like {{\"route\": \"http://:8000\", \"backends\": [\"127.0.0.1:9001\", \"127.0.0.1:9002@3\"]}}: {0}"
     )]
     Body(#[source] serde_json::Error),
-    #[error("request body: {reason} (limit {MAX_BODY} bytes)")]
-    TooLarge { reason: String },
+    #[error("request body: {reason} (limit {limit} bytes, --max-admin-body)")]
+    TooLarge { reason: String, limit: usize },
     #[error("{0}")]
     Backend(String),
     #[error("no backends given; a route needs at least one")]
@@ -73,23 +79,81 @@ impl AdminError {
     }
 }
 
-/// Serves the admin API on `listener` while the control plane serves; pauses
+/// The admin API's listening sockets.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// The Unix socket (authorised by the kernel's peer credentials and the policy).
+    pub unix: Option<std::os::unix::net::UnixListener>,
+    /// A TCP address (loopback unless `--admin-public`; changes need the token).
+    pub tcp: Option<std::net::TcpListener>,
+}
+
+/// Serves the admin API on its sockets while the control plane serves; pauses
 /// during an upgrade's freeze (requests wait in the kernel for whichever
 /// process serves next) and ends once this process handed over or stops.
-pub async fn serve(control: Rc<Control>, listener: std::net::TcpListener) {
-    let listener = match listener.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(listener)) {
-        Ok(l) => l,
-        Err(e) => return tracing::error!("admin API: {e}"),
-    };
+pub async fn serve(control: Rc<Control>, listeners: Listeners) {
+    let s = &control.shared().settings;
+    let guard = Rc::new(Guard {
+        policy: s.policy.clone(),
+        token: s.admin_token.clone(),
+        seamless: s.seamless,
+        public: s.admin_public,
+    });
+    let open = Rc::new(std::cell::Cell::new(0usize));
+    if let Some(l) = listeners.unix {
+        let accept = match l.set_nonblocking(true).and_then(|()| tokio::net::UnixListener::from_std(l)) {
+            Ok(l) => Rc::new(l),
+            Err(e) => return tracing::error!("admin socket: {e}"),
+        };
+        let (control, guard, open) = (control.clone(), guard.clone(), open.clone());
+        tokio_uring::spawn(accept_loop(control, guard, open, move || {
+            let accept = accept.clone();
+            async move {
+                let (stream, _) = accept.accept().await?;
+                let cred = stream.peer_cred()?;
+                let peer = Peer::from_cred(cred.pid().unwrap_or(0), cred.uid(), cred.gid());
+                Ok((Io::Unix(stream), Transport::Unix(peer)))
+            }
+        }));
+    }
+    if let Some(l) = listeners.tcp {
+        let accept = match l.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(l)) {
+            Ok(l) => Rc::new(l),
+            Err(e) => return tracing::error!("admin API: {e}"),
+        };
+        tokio_uring::spawn(accept_loop(control, guard, open, move || {
+            let accept = accept.clone();
+            async move {
+                let (stream, _) = accept.accept().await?;
+                Ok((Io::Tcp(stream), Transport::Tcp))
+            }
+        }));
+    }
+}
+
+/// An accepted admin connection.
+enum Io {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
+
+async fn accept_loop<F, Fut>(control: Rc<Control>, guard: Rc<Guard>, open: Rc<std::cell::Cell<usize>>, accept: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = std::io::Result<(Io, Transport)>>,
+{
+    let settings = &control.shared().settings;
+    let limits = settings.limits.clone();
+    let hits = settings.limit_hits.clone();
     let mut lifecycle = control.lifecycle();
     loop {
         match lifecycle.wait_for(|l| *l != Lifecycle::Frozen).await.map(|l| *l) {
             Ok(Lifecycle::Serving) => {}
             _ => return,
         }
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
+        let (io, via) = tokio::select! {
+            accepted = accept() => match accepted {
+                Ok(a) => a,
                 Err(e) => {
                     tracing::warn!("admin API: accept failed: {e}");
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -98,13 +162,31 @@ pub async fn serve(control: Rc<Control>, listener: std::net::TcpListener) {
             },
             _ = lifecycle.changed() => continue,
         };
-        let control = control.clone();
+        if open.get() >= limits.admin_conns {
+            hits.hit(Limit::AdminConns);
+            tracing::debug!("admin API: closed a connection over --max-admin-conns ({})", limits.admin_conns);
+            continue;
+        }
+        open.set(open.get() + 1);
+        let (control, guard, open, hits) = (control.clone(), guard.clone(), open.clone(), hits.clone());
+        let (body_max, header_timeout) = (limits.admin_body, limits.admin_header_timeout);
         tokio_uring::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let control = control.clone();
-                async move { Ok::<_, Infallible>(handle(&control, req).await) }
+            let service = hyper::service::service_fn(|req| {
+                let (control, guard, via, hits) = (control.clone(), guard.clone(), via.clone(), hits.clone());
+                async move { Ok::<_, Infallible>(handle(&control, &guard, &via, &hits, body_max, req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(TokioTimer::new()).header_read_timeout(header_timeout).max_buf_size(64 * 1024);
+            let served = match io {
+                Io::Unix(s) => builder.serve_connection(TokioIo::new(s), service).await,
+                Io::Tcp(s) => builder.serve_connection(TokioIo::new(s), service).await,
+            };
+            if let Err(e) = served
+                && e.is_timeout()
+            {
+                hits.hit(Limit::AdminHeaderTimeout);
+            }
+            open.set(open.get() - 1);
         });
     }
 }
@@ -171,15 +253,29 @@ fn param<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a str> {
     q.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
 }
 
-async fn handle(control: &Rc<Control>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(
+    control: &Rc<Control>,
+    guard: &Guard,
+    via: &Transport,
+    hits: &Hits,
+    body_max: usize,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
-    let q = query(parts.uri.query());
-    let body = match Limited::new(body, MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return admin_error(AdminError::TooLarge { reason: e.to_string() }),
-    };
     let method = parts.method;
     let path = parts.uri.path();
+    if let Err(d) = guard.check(via, &method, path, &parts.headers) {
+        tracing::warn!(%method, path, via = ?via, "admin API refused a request: {}", d.message);
+        return error(d.status, d.message);
+    }
+    let q = query(parts.uri.query());
+    let body = match Limited::new(body, body_max).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            hits.hit(Limit::AdminBody);
+            return admin_error(AdminError::TooLarge { reason: e.to_string(), limit: body_max });
+        }
+    };
     let result = match (method.clone(), path) {
         (Method::GET, "/routes") => Ok(json(StatusCode::OK, &serde_json::json!({ "routes": control.views() }))),
         (Method::POST | Method::PUT, "/routes") => add_route(control, &body).await,
@@ -272,46 +368,6 @@ async fn seamless(control: &Rc<Control>, verb: &str, q: &[(String, String)]) -> 
     }
     let list: Vec<String> = backends.iter().map(ToString::to_string).collect();
     Ok(text(StatusCode::OK, format!("{}\n", list.join(","))))
-}
-
-/// A blocking client for the admin API, used by `portmux route …`: sends one
-/// request and returns the status and body.
-pub fn request(
-    addr: std::net::SocketAddr,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-) -> Result<(u16, String), String> {
-    use std::io::{Read, Write};
-    let timeout = std::time::Duration::from_secs(30);
-    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
-        .map_err(|e| format!("cannot reach the admin API at {addr}: {e}; is portmux running (with --admin {addr})?"))?;
-    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-    let body = body.unwrap_or("");
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).and_then(|()| s.write_all(body.as_bytes())).map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| format!("reading the admin API's answer: {e}"))?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or("malformed answer from the admin API")?;
-    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or("malformed status from the admin API")?;
-    Ok((status, body.to_string()))
-}
-
-/// Percent-encodes a query value.
-pub fn encode_query(v: &str) -> String {
-    v.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -1,0 +1,83 @@
+//! A blocking client for the admin API, used by `portmux route …` and the
+//! tests: one request, over the admin socket or TCP, and its answer.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where the admin API is.
+#[derive(Debug, Clone)]
+pub enum AdminAddr {
+    /// The Unix socket (the default, beside the control socket).
+    Unix(PathBuf),
+    /// A TCP address, with the bearer token for changes.
+    Tcp { addr: std::net::SocketAddr, token: Option<String> },
+}
+
+impl AdminAddr {
+    /// `host:port` is TCP; anything else is a socket path.
+    pub fn parse(text: &str, token: Option<String>) -> AdminAddr {
+        match text.parse() {
+            Ok(addr) => AdminAddr::Tcp { addr, token },
+            Err(_) => AdminAddr::Unix(PathBuf::from(text.strip_prefix("unix:").unwrap_or(text))),
+        }
+    }
+}
+
+impl std::fmt::Display for AdminAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AdminAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            AdminAddr::Tcp { addr, .. } => write!(f, "http://{addr}"),
+        }
+    }
+}
+
+trait Stream: Read + Write {}
+impl<T: Read + Write> Stream for T {}
+
+/// Sends one request and returns the status and body.
+pub fn request(to: &AdminAddr, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String), String> {
+    let timeout = Duration::from_secs(30);
+    let unreachable = |e: std::io::Error| {
+        format!("cannot reach the admin API at {to}: {e}; is portmux running? (--admin names its socket or address)")
+    };
+    let (mut s, host, token): (Box<dyn Stream>, String, Option<&str>) = match to {
+        AdminAddr::Unix(path) => {
+            let s = std::os::unix::net::UnixStream::connect(path).map_err(unreachable)?;
+            s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+            (Box::new(s), "localhost".into(), None)
+        }
+        AdminAddr::Tcp { addr, token } => {
+            let s = std::net::TcpStream::connect_timeout(addr, timeout).map_err(unreachable)?;
+            s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+            (Box::new(s), addr.to_string(), token.as_deref())
+        }
+    };
+    let body = body.unwrap_or("");
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).and_then(|()| s.write_all(body.as_bytes())).map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(|e| format!("reading the admin API's answer: {e}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("malformed answer from the admin API")?;
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or("malformed status from the admin API")?;
+    Ok((status, body.to_string()))
+}
+
+/// Percent-encodes a query value.
+pub fn encode_query(v: &str) -> String {
+    v.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}

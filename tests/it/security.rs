@@ -1,0 +1,207 @@
+//! Security on a shared host: who may claim what (processes of another uid,
+//! run with `setpriv`), an admin API that no browser and no other user can
+//! drive, and the limits that keep one client from starving the others.
+
+use crate::util::*;
+use std::io::Write;
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+/// The unprivileged user the tests act as.
+pub const NOBODY: u32 = 65534;
+
+/// `program` run as uid and gid 65534, without supplementary groups.
+pub fn as_nobody(program: &Path) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args([&format!("--reuid={NOBODY}"), &format!("--regid={NOBODY}"), "--clear-groups", "--"]).arg(program);
+    cmd
+}
+
+/// Lets uid 65534's group use `pm`'s control and admin sockets (as a host
+/// admits a user to the portmux group).
+pub fn admit_nobody(pm: &Portmux) {
+    for sock in [pm.control().to_path_buf(), pm.control().with_file_name("admin.sock")] {
+        std::os::unix::fs::chown(&sock, None, Some(NOBODY)).unwrap();
+    }
+}
+
+/// `hello SPEC BODY` as uid 65534 under service name `name`: registered, or its error output.
+fn hello_as_nobody(pm: &Portmux, spec: &str, body: &str, name: &str) -> Result<Service, String> {
+    let mut cmd = as_nobody(&example("hello"));
+    cmd.args([spec, body, "--name", name]);
+    Service::spawn(cmd, pm.control(), "registered")
+}
+
+#[test]
+fn another_uid_cannot_take_a_route_a_path_a_name_or_a_privileged_port() {
+    let pm = Portmux::start(&[]);
+    admit_nobody(&pm);
+    let port = free_port();
+    let held = format!("http://held.test:{port}");
+    let _root = Service::hello(&pm, &held, "root's", &["--name", "web"]);
+
+    // The same service name: before, it joined root's pool and got half its clients.
+    let e = hello_as_nobody(&pm, &held, "stolen", "web").err().expect("refused");
+    assert!(
+        e.contains("refused by the ownership rule: the service name 'web' is held by service 'web'")
+            && e.contains("uid 0)"),
+        "{e}"
+    );
+    // A more specific path under root's host: before, it got every /login request.
+    let e = hello_as_nobody(&pm, &format!("{held}/login"), "stolen", "login").err().expect("refused");
+    assert!(e.contains(&format!("the ownership rule: host held.test on port {port} is held by service 'web'")), "{e}");
+    // A privileged port: before, it opened port 444.
+    let e = hello_as_nobody(&pm, "tcp://127.0.0.1:444", "x", "low").err().expect("refused");
+    assert!(e.contains("refused by the default policy") && e.contains("not 444 (a privileged port)"), "{e}");
+    assert!(!pm.listens_on(444), "nothing listens on 444");
+
+    // Root's service keeps all its traffic.
+    for path in ["/", "/login", "/login/x", "/other"] {
+        let r = get(port, "held.test", path).unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, "root's"), "{path}");
+    }
+    // The other uid's own routes work: another host on the same port, and a port of its own.
+    let mine = free_port();
+    let _a = hello_as_nobody(&pm, &format!("http://nobody.test:{port}"), "nobody's", "nobody-web").unwrap();
+    let _b = hello_as_nobody(&pm, &format!("tcp://127.0.0.1:{mine}"), "nobody's tcp", "nobody-tcp").unwrap();
+    assert_eq!(get(port, "nobody.test", "/").unwrap().body, "nobody's");
+    assert_eq!(get(mine, "any", "/").unwrap().body, "nobody's tcp");
+    assert_eq!(get(port, "held.test", "/login").unwrap().body, "root's");
+    let owners: Vec<(String, u32)> = pm
+        .routes()
+        .iter()
+        .filter_map(|r| match &r.target {
+            portmux::admin::TargetView::Service { service, instances, .. } => {
+                Some((service.clone(), instances.first()?.uid))
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(owners.contains(&("web".into(), 0)) && owners.contains(&("nobody-web".into(), NOBODY)), "{owners:?}");
+}
+
+#[test]
+fn a_policy_file_names_what_each_user_may_claim() {
+    let dir = TempDir::new();
+    let (allowed, other) = (free_port(), free_port());
+    let policy = dir.path().join("portmux.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[[policy.rule]]\nuid = {NOBODY}\nports = [{allowed}]\nhosts = [\"*.nobody.test\"]\nservices = [\"nb-*\"]\n"
+        ),
+    )
+    .unwrap();
+    let pm = Portmux::start(&["--config", policy.to_str().unwrap()]);
+    admit_nobody(&pm);
+    let _ok = hello_as_nobody(&pm, &format!("http://a.nobody.test:{allowed}"), "allowed", "nb-a").unwrap();
+    assert_eq!(get(allowed, "a.nobody.test", "/").unwrap().body, "allowed");
+    for (spec, name, why) in [
+        (format!("http://a.nobody.test:{other}"), "nb-b", format!("may claim ports {allowed}, not {other}")),
+        (format!("http://elsewhere.test:{allowed}"), "nb-c", "not host elsewhere.test".to_string()),
+        (format!("http://b.nobody.test:{allowed}"), "web", "may use service names nb-*, not 'web'".to_string()),
+    ] {
+        let e = hello_as_nobody(&pm, &spec, "x", name).err().expect("refused");
+        assert!(e.contains(&format!("refused by policy rule 1 (uid {NOBODY})")) && e.contains(&why), "{spec}: {e}");
+    }
+
+    // A bad file is refused at start with its line and column.
+    std::fs::write(&policy, "[[policy.rule]]\nuid = 1\nports = [\"80-\"]\n").unwrap();
+    let control = dir.path().join("bad.sock");
+    let e = Portmux::start_at(&control, &["--config", policy.to_str().unwrap()], None).err().expect("refused");
+    assert!(e.contains("policy rule 1: '80-' is not a port or a range"), "{e}");
+    std::fs::write(&policy, "[[policy.rule]]\nuid = 1\nport = 80\n").unwrap();
+    let e = Portmux::start_at(&control, &["--config", policy.to_str().unwrap()], None).err().expect("refused");
+    assert!(e.contains("line 3, column 1") && e.contains("unknown field `port`"), "{e}");
+}
+
+/// One raw HTTP/1.1 request to `port`'s admin API: (status, body).
+fn raw_admin(addr: std::net::SocketAddr, head: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "{head}Content-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    let r = read_response(&mut s).unwrap();
+    (r.status, r.body)
+}
+
+#[test]
+fn the_tcp_admin_api_refuses_what_a_browser_or_a_stranger_sends() {
+    let dir = TempDir::new();
+    let token_file = dir.path().join("token");
+    let token = "3c1d0f5e9a7b4c2e8f6a1d3b5c7e9f0a";
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_portmux"));
+    let control = dir.path().join("control.sock");
+    cmd.args(["run", "--bind", "127.0.0.1", "--admin", "127.0.0.1:0", "--control"]).arg(&control);
+    cmd.arg("--admin-token-file").arg(&token_file);
+    let pm = Portmux::spawn(cmd, &control, None).unwrap();
+    let tcp = tcp_admin_from_ready(pm.ready_line()).expect("the ready line names the TCP address");
+    let (port, backend) = (free_port(), free_port());
+    let json = "Content-Type: application/json\r\n";
+    let auth = format!("Authorization: Bearer {token}\r\n");
+    let route = format!(r#"{{"route": "tcp://:{port}", "backends": ["127.0.0.1:{backend}"]}}"#);
+    let post = |extra: &str| raw_admin(tcp, &format!("POST /routes HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}"), &route);
+
+    // The token, a JSON body type and POST make a change.
+    assert_eq!(post(&format!("{json}{auth}")).0, 200);
+    let backends = |pm: &Portmux| format!("{:?}", pm.route(&format!("tcp://:{port}")).map(|r| r.target));
+    let before = backends(&pm);
+    assert!(before.contains(&format!("127.0.0.1:{backend}")), "{before}");
+
+    // seamless's GET verbs (an <img> tag can send them) change nothing.
+    let (status, body) = raw_admin(tcp, "GET /set?backends=127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1\r\n", "");
+    assert!(status == 405 && body.contains("state changes need POST, PUT or DELETE"), "{status} {body}");
+    // DNS rebinding: a foreign Host is refused, reads too.
+    let (status, body) = raw_admin(tcp, "GET /routes HTTP/1.1\r\nHost: evil.example\r\n", "");
+    assert!(status == 421 && body.contains("Host 'evil.example' is not a loopback name"), "{status} {body}");
+    // A page's request (Origin, or Sec-Fetch-Site) is refused even with the token.
+    let (status, body) = post(&format!("{json}{auth}Origin: http://evil.example\r\n"));
+    assert!(status == 403 && body.contains("Origin: http://evil.example"), "{status} {body}");
+    let (status, _) = post(&format!("{json}{auth}Sec-Fetch-Site: cross-site\r\n"));
+    assert_eq!(status, 403);
+    // A form post (no JSON type), a missing or a wrong token.
+    assert_eq!(post(&format!("Content-Type: text/plain\r\n{auth}")).0, 415);
+    let (status, body) = post(json);
+    assert!(status == 401 && body.contains("Authorization: Bearer"), "{status} {body}");
+    assert_eq!(post(&format!("{json}Authorization: Bearer wrong\r\n")).0, 401);
+    assert_eq!(backends(&pm), before, "nothing refused changed the route");
+    assert!(!pm.log().contains(token), "the token is never logged");
+
+    // A non-loopback address needs --admin-public.
+    let e = Portmux::start_at(&dir.path().join("public.sock"), &["--admin", "0.0.0.0:0"], None).err().unwrap();
+    assert!(e.contains("off loopback") && e.contains("--admin-public"), "{e}");
+}
+
+#[test]
+fn the_admin_socket_lets_other_users_read_but_not_change_routes() {
+    let pm = Portmux::start(&[]);
+    admit_nobody(&pm);
+    let (port, backend) = (free_port(), free_port());
+    let cli = |cmd: &mut Command| {
+        let out = cmd.arg("--admin").arg(pm.control().with_file_name("admin.sock")).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let spec = format!("tcp://:{port}");
+    let backend = format!("127.0.0.1:{backend}");
+    let portmux = Path::new(env!("CARGO_BIN_EXE_portmux"));
+    let (ok, out) = cli(as_nobody(portmux).args(["route", "add", &spec, "--backend", &backend]));
+    assert!(!ok && out.contains("refused by the default policy") && out.contains("may not change routes"), "{out}");
+    assert!(pm.route(&spec).is_none());
+    // Root may; then the other user can read what there is.
+    let (ok, out) = cli(Command::new(portmux).args(["route", "add", &spec, "--backend", &backend]));
+    assert!(ok, "{out}");
+    let (ok, out) = cli(as_nobody(portmux).args(["route", "list"]));
+    assert!(ok && out.contains(&spec), "{out}");
+    let (ok, out) = cli(as_nobody(portmux).args(["route", "remove", &spec]));
+    assert!(!ok && out.contains("may not change routes"), "{out}");
+    assert!(pm.route(&spec).is_some());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(pm.control().with_file_name("admin.sock")).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o660);
+}
