@@ -3,6 +3,7 @@
 //! its relay (forward).
 
 use crate::classify;
+use crate::config::limits::Limit;
 use crate::forward;
 use crate::handoff::{Conn, ConnDesc, Refusal};
 use crate::ids::ListenerId;
@@ -161,7 +162,10 @@ async fn serve(fd: OwnedFd, listener: ListenerId, shared: &Shared) {
     tracing::trace!(%peer, pid = std::process::id(), "accepted");
     let arrived = Instant::now();
     let deadline = tokio::time::Instant::from_std(arrived + shared.settings.peek_timeout);
-    if shared.settings.proxy_trusted(peer.ip()) {
+    let trusted = shared.settings.proxy_trusted(peer.ip());
+    if trusted {
+        // The client is known once the header is read: it is counted then.
+        let _peeking = shared.peeking();
         match forward::proxy::receive(fd.as_fd(), deadline).await {
             Ok(Some((client, destination))) => (peer, local) = (client, destination),
             Ok(None) => {}
@@ -177,7 +181,28 @@ async fn serve(fd: OwnedFd, listener: ListenerId, shared: &Shared) {
         tracing::warn!(%peer, port = local.port(), "refused a PROXY header from outside --accept-proxy's networks");
         return reply::send(fd, reply::Reply::Close).await;
     }
+    let _permit = match shared.admit(peer.ip()) {
+        Ok(permit) => permit,
+        Err(limit) => return refuse(fd, listener, peer, limit, shared).await,
+    };
     route(fd, listener, peer, local, arrived, false, shared).await;
+}
+
+/// How long a connection refused by a limit may take to read its answer.
+const REFUSAL_LINGER: Duration = Duration::from_millis(500);
+
+/// A connection over a limit: HTTP clients are told (429 over the
+/// per-address limit, 503 otherwise), others closed.
+async fn refuse(fd: OwnedFd, listener: ListenerId, peer: SocketAddr, limit: Limit, shared: &Shared) {
+    let http = shared.table.load().port(listener).is_some_and(|p| p.routes.http_only());
+    let limits = &shared.settings.limits;
+    tracing::debug!(%peer, limit = limit.name(), "refused: over {} {}", limit.flag(), limit.value(limits));
+    let reply = match limit {
+        _ if !http => reply::Reply::Close,
+        Limit::ConnsPerIp => reply::Reply::too_many(limits.conns_per_ip),
+        _ => reply::Reply::unavailable(&format!("portmux is at its limit of {} ({})", limit.name(), limit.flag())),
+    };
+    reply::send_within(fd, reply, REFUSAL_LINGER).await;
 }
 
 /// How a given-back connection's wait for its next request ended.
@@ -276,7 +301,9 @@ async fn route(
         peeked: 0,
     };
     let route = if port.routes.needs_peek() {
+        let peeking = shared.peeking();
         let peek = classify::peek(fd.as_fd(), port.routes.want(), deadline, shared.settings.peek_max).await;
+        drop(peeking);
         meta.peeked = peek.bytes as u32;
         // Routes may have changed while the client was sending.
         if let Some(now) = shared.table.load().port(listener) {

@@ -63,6 +63,14 @@ impl Reply {
         Reply::Http { status: 503, body: format!("portmux: service unavailable: {detail}\n") }
     }
 
+    /// A client over the per-address connection limit.
+    pub fn too_many(limit: usize) -> Reply {
+        Reply::Http {
+            status: 429,
+            body: format!("portmux: too many connections from your address (the limit is {limit}); close some first\n"),
+        }
+    }
+
     pub fn bad_gateway(detail: &str) -> Reply {
         Reply::Http { status: 502, body: format!("portmux: bad gateway: {detail}\n") }
     }
@@ -78,11 +86,12 @@ impl Reply {
                 let reason = match status {
                     400 => "Bad Request",
                     404 => "Not Found",
+                    429 => "Too Many Requests",
                     431 => "Request Header Fields Too Large",
                     502 => "Bad Gateway",
                     _ => "Service Unavailable",
                 };
-                let retry = if *status == 503 { "Retry-After: 1\r\n" } else { "" };
+                let retry = if matches!(*status, 429 | 503) { "Retry-After: 1\r\n" } else { "" };
                 Some(
                     format!(
                         "HTTP/1.1 {status} {reason}\r\nServer: portmux\r\nContent-Type: text/plain; charset=utf-8\r\n\
@@ -101,10 +110,16 @@ impl Reply {
 
 /// Gives `reply` to the client on `fd` and closes it (by dropping `fd`).
 pub async fn send<F: AsFd>(fd: F, reply: Reply) {
+    send_within(fd, reply, LINGER).await;
+}
+
+/// Like [`send`], lingering at most `linger` (refusals during a flood hold
+/// their fds only briefly).
+pub async fn send_within<F: AsFd>(fd: F, reply: Reply, linger: Duration) {
     if matches!(reply, Reply::Abort) {
         return;
     }
-    let deadline = Instant::now() + LINGER;
+    let deadline = Instant::now() + linger;
     let sock = fd.as_fd();
     if let Some(bytes) = reply.bytes()
         && !write_all(sock, &bytes, deadline).await

@@ -276,7 +276,8 @@ async fn run_control(
     let (upgrades, requests) = mpsc::unbounded_channel();
     control.set_upgrader(upgrades.clone());
     tokio_uring::spawn(crate::upgrade::serve_requests(control.clone(), requests));
-    tokio_uring::spawn(crate::admin::serve(control.clone(), control.admin_listeners()));
+    let (unix, tcp) = control.admin_listeners();
+    tokio_uring::spawn(crate::admin::serve(control.clone(), crate::admin::Listeners { unix, tcp }));
     tokio_uring::spawn(signals(control.clone(), upgrades));
     println!("{}", control.ready_line());
     let mut ready = vec!["READY=1".to_string(), "STATUS=serving".to_string()];

@@ -3,13 +3,16 @@
 //! that stop or pause the workers, and the counts that say when they are done.
 
 use crate::config::Settings;
+use crate::config::limits::Limit;
 use crate::forward::{Paused, Resume};
 use crate::handoff::Conn;
 use crate::ids::ConnId;
 use crate::route::Table;
 use arc_swap::ArcSwap;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use tokio::sync::{Notify, mpsc, watch};
 
 /// State shared by the workers and the control plane.
@@ -48,6 +51,74 @@ pub struct Shared {
     pub next_conn_id: AtomicU64,
     /// Given-back connections waiting for their next request.
     pub idle_held: AtomicUsize,
+    /// What the connection limits count.
+    pub admission: Admission,
+}
+
+/// What the connection limits count: connections admitted (all, and per
+/// client address), those being peeked at, and those parked by the control plane.
+#[derive(Debug, Default)]
+pub struct Admission {
+    open: AtomicUsize,
+    peeking: AtomicUsize,
+    /// Set by the control plane: connections it queues now.
+    pub parked: AtomicUsize,
+    per_client: Mutex<HashMap<IpAddr, u32>>,
+}
+
+impl Admission {
+    /// Connections admitted and not yet ended, handed off or parked.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Connections being peeked at.
+    pub fn peeking(&self) -> usize {
+        self.peeking.load(Ordering::Relaxed)
+    }
+}
+
+/// The address a client is counted under: its IPv4 address, or its IPv6 /64
+/// (one host usually has a whole /64 to pick addresses from).
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
+/// A connection counted against the limits while it lives.
+#[derive(Debug)]
+pub struct Permit<'a> {
+    shared: &'a Shared,
+    client: IpAddr,
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        let a = &self.shared.admission;
+        a.open.fetch_sub(1, Ordering::Relaxed);
+        let mut per = a.per_client.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = per.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.client);
+            }
+        }
+    }
+}
+
+/// A connection counted as being peeked at while it lives.
+#[derive(Debug)]
+pub struct Peeking<'a>(&'a Shared);
+
+impl Drop for Peeking<'_> {
+    fn drop(&mut self) {
+        self.0.admission.peeking.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Work a worker is given.
@@ -111,6 +182,7 @@ impl Shared {
             workers_running: watch::Sender::new(workers),
             next_conn_id: AtomicU64::new(1),
             idle_held: AtomicUsize::new(0),
+            admission: Admission::default(),
         });
         (shared, intake, receivers)
     }
@@ -134,6 +206,39 @@ impl Shared {
     pub fn publish(&self, table: Table) {
         self.table.store(Arc::new(table));
         self.table_version.send_modify(|v| *v += 1);
+    }
+
+    /// Admits a new connection from `client`, or names the limit it is over
+    /// (and counts the hit). The permit counts it until dropped.
+    pub fn admit(&self, client: IpAddr) -> Result<Permit<'_>, Limit> {
+        let (a, limits) = (&self.admission, &self.settings.limits);
+        let refuse = |limit| {
+            self.settings.limit_hits.hit(limit);
+            Err(limit)
+        };
+        if a.open.load(Ordering::Relaxed) + a.parked.load(Ordering::Relaxed) >= limits.conns {
+            return refuse(Limit::Conns);
+        }
+        if a.peeking.load(Ordering::Relaxed) >= limits.peeking {
+            return refuse(Limit::Peeking);
+        }
+        let client = client_key(client);
+        {
+            let mut per = a.per_client.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let n = per.entry(client).or_insert(0);
+            if *n as usize >= limits.conns_per_ip {
+                return refuse(Limit::ConnsPerIp);
+            }
+            *n += 1;
+        }
+        a.open.fetch_add(1, Ordering::Relaxed);
+        Ok(Permit { shared: self, client })
+    }
+
+    /// Counts a connection as being peeked at until the guard drops.
+    pub fn peeking(&self) -> Peeking<'_> {
+        self.admission.peeking.fetch_add(1, Ordering::Relaxed);
+        Peeking(self)
     }
 
     /// Waits until every connection task of this process ended, at most `within`.

@@ -21,7 +21,9 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::rc::Rc;
 
-pub use crate::control::views::{BackendView, InstanceView, ListenerView, RouteView, StatusView, TargetView};
+pub use crate::control::views::{
+    BackendView, InstanceView, LimitView, ListenerView, RouteView, StatusView, TargetView,
+};
 
 /// One backend in a request: `"host:port@weight"` or `{"addr": …, "weight": …}`.
 #[derive(Debug, Deserialize)]

@@ -35,7 +35,7 @@ impl Default for Limits {
     fn default() -> Limits {
         Limits {
             conns: 16384,
-            conns_per_ip: 512,
+            conns_per_ip: 1024,
             peeking: 8192,
             parked: 8192,
             sessions: 4096,

@@ -102,6 +102,8 @@ pub struct Control {
     upgrades: RefCell<Option<mpsc::UnboundedSender<UpgradeRequest>>>,
     exit: watch::Sender<Option<Exit>>,
     started: Instant,
+    /// Control connections open, by uid (for the session limits).
+    pub(super) session_counts: super::session::Counts,
 }
 
 /// Marks a session's reader as running.
@@ -121,8 +123,14 @@ impl Drop for ReaderGuard {
 impl Control {
     pub fn new(shared: Arc<Shared>, sockets: Sockets) -> Rc<Control> {
         let s = &shared.settings;
-        let config =
-            Config { linger: s.linger, park_limit: s.park_limit, default_bind: s.bind, policy: s.policy.clone() };
+        let config = Config {
+            linger: s.linger,
+            park_limit: s.park_limit,
+            default_bind: s.bind,
+            policy: s.policy.clone(),
+            limits: s.limits.clone(),
+            hits: s.limit_hits.clone(),
+        };
         Rc::new(Control {
             core: RefCell::new(Core::new(config)),
             shared,
@@ -147,6 +155,7 @@ impl Control {
             upgrades: RefCell::new(None),
             exit: watch::Sender::new(None),
             started: Instant::now(),
+            session_counts: super::session::Counts::default(),
         })
     }
 
@@ -239,6 +248,7 @@ impl Control {
         if self.persist_due.take() {
             self.persist();
         }
+        self.shared.admission.parked.store(self.parking.len(), std::sync::atomic::Ordering::Relaxed);
         self.timer.notify_one();
     }
 
@@ -568,7 +578,12 @@ impl Control {
         let control = self.shared.settings.control.as_ref().map(|p| p.display().to_string());
         let connections = self.shared.in_flight.load(std::sync::atomic::Ordering::Relaxed);
         let idle = self.shared.idle_held.load(std::sync::atomic::Ordering::Relaxed);
-        views::status(&self.core.borrow(), control, self.started.elapsed().as_secs(), connections, idle)
+        let s = &self.shared;
+        StatusView {
+            peeking: s.admission.peeking(),
+            limits: views::limits(&s.settings.limits, &s.settings.limit_hits),
+            ..views::status(&self.core.borrow(), control, self.started.elapsed().as_secs(), connections, idle)
+        }
     }
 
     pub(super) fn mode(&self) -> Mode {
@@ -727,13 +742,13 @@ impl Control {
         self.sockets.borrow().control_owned
     }
 
-    /// Copies of the admin API's listening sockets, to serve them.
-    pub fn admin_listeners(&self) -> crate::admin::Listeners {
+    /// Copies of the admin API's listening sockets (Unix, TCP), to serve them.
+    pub fn admin_listeners(&self) -> (Option<std::os::unix::net::UnixListener>, Option<std::net::TcpListener>) {
         let sockets = self.sockets.borrow();
-        crate::admin::Listeners {
-            unix: sockets.admin_unix.as_ref().and_then(|l| l.try_clone().ok()),
-            tcp: sockets.admin.as_ref().and_then(|l| l.try_clone().ok()),
-        }
+        (
+            sockets.admin_unix.as_ref().and_then(|l| l.try_clone().ok()),
+            sockets.admin.as_ref().and_then(|l| l.try_clone().ok()),
+        )
     }
 
     pub(super) fn hung_up(self: &Rc<Self>, conn: ConnId, how: HangUp) {

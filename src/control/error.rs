@@ -58,6 +58,8 @@ pub enum ControlError {
     Held { route: String, holder: Holder },
     #[error("route {route}: {refusal}")]
     Policy { route: String, refusal: crate::config::policy::Refusal },
+    #[error("{what}: more than the limit of {most} ({flag})", flag = limit.flag())]
+    Limit { route: String, limit: crate::config::limits::Limit, what: String, most: usize },
     #[error(
         "route {route}: refused by the ownership rule: {what} is held by {}; another user may not claim a host, a \
          path under it, a port or a service name that someone else holds or reserves",
@@ -105,6 +107,7 @@ impl ControlError {
             | ControlError::Held { route, .. }
             | ControlError::Policy { route, .. }
             | ControlError::Owned { route, .. }
+            | ControlError::Limit { route, .. }
             | ControlError::Clash { route, .. }
             | ControlError::Bind { route, .. }
             | ControlError::NotFound { route }
@@ -138,6 +141,7 @@ impl ControlError {
             | ControlError::BackendOptions { .. }
             | ControlError::ServiceName { .. }
             | ControlError::BadOption { .. }
+            | ControlError::Limit { .. }
             | ControlError::SeveralBackendRoutes => Kind::Invalid,
             ControlError::NotFound { .. } | ControlError::NoBackendsAt { .. } | ControlError::NoBackendRoute => {
                 Kind::NotFound
@@ -253,6 +257,8 @@ pub enum SessionError {
     NotYourRoute { route: String },
     #[error("the fd given back is not a client connection of this route: {reason}")]
     NotAClient { reason: String },
+    #[error("{whose} {most} control sessions open, the limit ({flag}); close one first")]
+    TooMany { whose: String, most: usize, flag: String },
 }
 
 #[cfg(test)]

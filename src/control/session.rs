@@ -5,6 +5,7 @@
 use super::core::Mode;
 use super::driver::{Control, Lifecycle};
 use super::error::SessionError;
+use crate::config::limits::Limit;
 use crate::config::policy::Peer;
 use crate::handoff::Session;
 use crate::ids::ConnId;
@@ -52,7 +53,8 @@ pub(super) async fn accept_sessions(control: Rc<Control>, fd: OwnedFd) {
                 Ok(Some((fd, cred))) => {
                     let pid = cred.pid.as_raw_nonzero().get();
                     let peer = Peer::from_cred(pid, cred.uid.as_raw(), cred.gid.as_raw());
-                    tokio_uring::spawn(serve(control.clone(), fd, peer));
+                    let admitted = Counts::admit(&control, &peer);
+                    tokio_uring::spawn(serve(control.clone(), fd, peer, admitted));
                 }
                 Ok(None) => {
                     ready.clear_ready();
@@ -144,9 +146,62 @@ enum End {
     Error(SessionError),
 }
 
-async fn serve(control: Rc<Control>, fd: OwnedFd, peer: Peer) {
+/// Control connections open, in all and by uid.
+#[derive(Debug, Default)]
+pub(super) struct Counts {
+    all: std::cell::Cell<usize>,
+    by_uid: std::cell::RefCell<std::collections::HashMap<u32, usize>>,
+}
+
+/// A control connection counted while it lives.
+pub(super) struct Counted {
+    control: Rc<Control>,
+    uid: u32,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let counts = &self.control.session_counts;
+        counts.all.set(counts.all.get() - 1);
+        let mut by_uid = counts.by_uid.borrow_mut();
+        if let Some(n) = by_uid.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                by_uid.remove(&self.uid);
+            }
+        }
+    }
+}
+
+impl Counts {
+    /// Counts a new control connection of `peer`, or says which limit it is over.
+    fn admit(control: &Rc<Control>, peer: &Peer) -> Result<Counted, SessionError> {
+        let settings = &control.shared.settings;
+        let (limits, counts) = (&settings.limits, &control.session_counts);
+        let refuse = |limit: Limit, most: usize, whose: String| {
+            settings.limit_hits.hit(limit);
+            Err(SessionError::TooMany { whose, most, flag: limit.flag() })
+        };
+        if counts.all.get() >= limits.sessions {
+            return refuse(Limit::Sessions, limits.sessions, "portmux has".into());
+        }
+        let mine = counts.by_uid.borrow().get(&peer.uid).copied().unwrap_or(0);
+        if mine >= limits.sessions_per_uid && !settings.policy.privileged(peer) {
+            return refuse(Limit::SessionsPerUid, limits.sessions_per_uid, format!("uid {} has", peer.uid));
+        }
+        counts.all.set(counts.all.get() + 1);
+        *counts.by_uid.borrow_mut().entry(peer.uid).or_insert(0) += 1;
+        Ok(Counted { control: control.clone(), uid: peer.uid })
+    }
+}
+
+async fn serve(control: Rc<Control>, fd: OwnedFd, peer: Peer, admitted: Result<Counted, SessionError>) {
     let (pid, uid) = (peer.pid, peer.uid);
     let Ok(afd) = reactor::register(fd, Interest::READABLE | Interest::WRITABLE) else { return };
+    let _counted = match admitted {
+        Ok(c) => c,
+        Err(e) => return refuse_early(&afd, pid, e).await,
+    };
     let mut buf = vec![0u8; MAX_MESSAGE];
     let service = match tokio::time::timeout(HELLO_TIMEOUT, recv(&afd, &mut buf)).await {
         Ok(Ok(Some(Message::Hello { version, service }))) => {
@@ -353,4 +408,12 @@ async fn upgrade_requested(control: &Rc<Control>, afd: &AsyncFd<OwnedFd>, peer: 
 async fn refuse_early(afd: &AsyncFd<OwnedFd>, pid: i32, reason: SessionError) {
     tracing::warn!(pid, "control session refused: {reason}");
     let _ = send(afd, &Message::Error { reason: reason.to_string() }).await;
+    // Linger until the service has read why and closed: its own opening
+    // messages may still be on their way, and closing under them would reset
+    // its socket before it reads the Error.
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        while let Ok(Some(_)) | Err(RecvError::Protocol(_)) = recv(afd, &mut buf).await {}
+    })
+    .await;
 }

@@ -94,6 +94,30 @@ pub struct StatusView {
     /// Of those, connections services gave back, waiting for their next request.
     #[serde(default)]
     pub idle: usize,
+    /// Connections being peeked at now.
+    #[serde(default)]
+    pub peeking: usize,
+    /// Each limit, its value, and how often it refused something.
+    #[serde(default)]
+    pub limits: Vec<LimitView>,
+}
+
+/// A limit as `/status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitView {
+    pub name: String,
+    /// The flag that sets it.
+    pub flag: String,
+    pub limit: u64,
+    pub hits: u64,
+}
+
+/// Every limit of `settings` with its count of hits.
+pub fn limits(limits: &crate::config::Limits, hits: &crate::config::limits::Hits) -> Vec<LimitView> {
+    crate::config::limits::Limit::ALL
+        .iter()
+        .map(|l| LimitView { name: l.name().into(), flag: l.flag(), limit: l.value(limits), hits: hits.get(*l) })
+        .collect()
 }
 
 /// The view of the route at `key`.
@@ -187,5 +211,7 @@ pub fn status(core: &Core, control: Option<String>, uptime_s: u64, connections: 
         queued,
         connections,
         idle,
+        peeking: 0,
+        limits: Vec::new(),
     }
 }

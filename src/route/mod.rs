@@ -119,6 +119,11 @@ impl<T> Matcher<T> {
         !(self.tcp.is_some() && self.http.is_empty() && self.tls.is_empty())
     }
 
+    /// Whether every route here is an HTTP one (a refusal can be an HTTP answer).
+    pub fn http_only(&self) -> bool {
+        self.tcp.is_none() && self.tls.is_empty() && !self.http.is_empty()
+    }
+
     /// Whether every route here is one where the client speaks first.
     pub fn client_speaks_first(&self) -> bool {
         self.tcp.is_none()

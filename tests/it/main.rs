@@ -5,6 +5,7 @@
 mod ffi;
 mod forward;
 mod graceful;
+mod limits;
 mod peek;
 mod protocol;
 mod restart;

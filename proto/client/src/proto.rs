@@ -55,7 +55,18 @@ pub(crate) enum Incoming {
 /// truncated control message (MSG_CTRUNC) is an error, never a silent loss.
 /// `buf` is a reusable buffer of [`portmux_wire::MAX_MESSAGE`] bytes.
 pub(crate) fn receive(sock: impl AsFd, buf: &mut [u8], wait: Wait) -> io::Result<Incoming> {
-    let mut dg = scm::recv_with_fds(sock, buf, wait)?;
+    let sock = sock.as_fd();
+    let mut dg = match scm::recv_with_fds(sock, buf, wait) {
+        // portmux closed the session with messages of ours unread (it refused
+        // the session before reading them): the kernel says so once, before
+        // what portmux sent last (its Error, saying why), which is still there.
+        // Without one, the reset stands (portmux went away: try again later).
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => match scm::recv_with_fds(sock, buf, wait) {
+            Ok(dg) if dg.len > 0 => dg,
+            _ => return Err(e),
+        },
+        other => other?,
+    };
     let ctrunc = dg.fds_truncated;
     if dg.len == 0 && dg.fds.is_empty() {
         return Ok(Incoming::Closed);

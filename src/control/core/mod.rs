@@ -16,6 +16,7 @@ mod routes;
 mod tests;
 
 use super::error::ControlError;
+use crate::config::limits::{Hits, Limits};
 use crate::config::policy::{Peer, Policy};
 use crate::forward::backend::BackendPool;
 use crate::handoff::ConnDesc;
@@ -46,6 +47,9 @@ pub struct Config {
     pub default_bind: IpAddr,
     /// Who may claim what.
     pub policy: Arc<Policy>,
+    /// What one session or route may take, and how often a limit refused.
+    pub limits: Limits,
+    pub hits: Arc<Hits>,
 }
 
 /// Where the core is in its life.

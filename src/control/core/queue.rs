@@ -7,6 +7,7 @@
 use super::{
     BUSY_BACKOFF, Core, Effect, HangUp, Held, Mode, Place, REJECT_BACKOFF, RouteState, RouteTarget, Undelivered,
 };
+use crate::config::limits::Limit;
 use crate::handoff::ConnDesc;
 use crate::ids::{ConnId, SessionId};
 use crate::reply::Reply;
@@ -112,6 +113,14 @@ impl Core {
                     return self.effects.push_back(Effect::Answer { conn: id, reply });
                 }
             }
+        }
+        let most = self.config.limits.parked;
+        if self.conns.len() >= most {
+            self.config.hits.hit(Limit::Parked);
+            tracing::warn!(route = %shown, most, "refusing a connection: portmux holds as many queued as --max-parked");
+            let detail = format!("portmux holds {most} queued connections, its limit (--max-parked)");
+            let reply = if desc.returned { Reply::Close } else { unavailable(&desc.meta, &detail) };
+            return self.effects.push_back(Effect::Answer { conn: id, reply });
         }
         desc.meta.route = shown.to_string();
         tracing::debug!(route = %shown, conn = %id, depth = s.queue.len() + 1, "queued");

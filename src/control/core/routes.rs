@@ -3,6 +3,7 @@
 //! listening addresses that overlap, reservations while a service is away.
 
 use super::{Core, Mode, OpId, Outcome, RouteState, RouteTarget, ServiceRoute, SessionState};
+use crate::config::limits::Limit;
 use crate::config::policy::Peer;
 use crate::control::error::{ControlError, Holder};
 use crate::forward::backend::{Backend, BackendPool, BackendSpec, Policy, ProxyVersion, Resolved};
@@ -203,6 +204,17 @@ impl Core {
         if routes.is_empty() {
             return Err(ControlError::NoRoutes);
         }
+        let limits = &self.config.limits;
+        let held = self.sessions.get(&session).map_or(&[][..], |s| &s.routes[..]);
+        if held.len() + routes.len() > limits.routes_per_session {
+            self.config.hits.hit(Limit::RoutesPerSession);
+            return Err(ControlError::Limit {
+                route: String::new(),
+                limit: Limit::RoutesPerSession,
+                what: format!("a session with {} routes asked for {} more", held.len(), routes.len()),
+                most: limits.routes_per_session,
+            });
+        }
         let mut plan: Vec<(RouteKey, RouteSpec)> = Vec::new();
         for text in routes {
             let route = || text.clone();
@@ -240,6 +252,18 @@ impl Core {
             if !plan.iter().any(|(k, _)| *k == key) {
                 plan.push((key, spec));
             }
+        }
+        let mut addrs: Vec<SocketAddr> = held.iter().map(|k| k.0).chain(plan.iter().map(|(k, _)| k.0)).collect();
+        addrs.sort();
+        addrs.dedup();
+        if addrs.len() > limits.listeners_per_session {
+            self.config.hits.hit(Limit::ListenersPerSession);
+            return Err(ControlError::Limit {
+                route: String::new(),
+                limit: Limit::ListenersPerSession,
+                what: format!("these routes need {} listening addresses", addrs.len()),
+                most: limits.listeners_per_session,
+            });
         }
         Ok(plan)
     }
@@ -421,6 +445,12 @@ impl Core {
             Mode::Frozen if self.importing => {}
             Mode::Frozen => return Err(ControlError::Upgrading),
             Mode::HandedOver | Mode::Stopped => return Err(ControlError::Stopping),
+        }
+        let most = self.config.limits.backends_per_route;
+        if backends.len() > most {
+            self.config.hits.hit(Limit::BackendsPerRoute);
+            let what = format!("route {route} was given {} backends", backends.len());
+            return Err(ControlError::Limit { route, limit: Limit::BackendsPerRoute, what, most });
         }
         let bad = |reason: String| ControlError::BadOption { route: route.clone(), reason };
         let policy = Policy::parse(spec.lb.as_deref().unwrap_or("round_robin")).map_err(bad)?;

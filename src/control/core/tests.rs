@@ -12,7 +12,8 @@ const LINGER: Duration = Duration::from_secs(30);
 fn core(park_limit: usize) -> Core {
     // uid 1000 is portmux's own (trusted like root); others are held to the default policy.
     let policy = Arc::new(Policy::builtin(1000));
-    Core::new(Config { linger: LINGER, park_limit, default_bind: "127.0.0.1".parse().unwrap(), policy })
+    let (limits, hits) = (Limits::default(), Arc::default());
+    Core::new(Config { linger: LINGER, park_limit, default_bind: "127.0.0.1".parse().unwrap(), policy, limits, hits })
 }
 
 /// Takes every effect, answering binds (with success, unless `fail` names
