@@ -28,6 +28,12 @@ pub enum StartError {
     NotASocket(PathBuf),
     #[error("cannot create the directory {path}: {source}")]
     Dir { path: PathBuf, source: io::Error },
+    #[error(
+        "refusing the control socket's directory {path}: it {problem}; anyone may write where it is, so another \
+         user could have made it to intercept services; remove it, or choose another --control path (or set \
+         XDG_RUNTIME_DIR)"
+    )]
+    UnsafeDir { path: PathBuf, problem: String },
     #[error("cannot bind the control socket {path}: {source}")]
     Bind { path: PathBuf, source: io::Error },
     #[error("the control socket from systemd: {0}")]
@@ -324,8 +330,8 @@ fn uring_builder() -> tokio_uring::Builder {
 
 /// Binds the control socket, replacing a stale one, refusing a live one.
 fn bind_control(path: &Path) -> Result<OwnedFd, StartError> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
-        std::fs::create_dir_all(dir).map_err(|source| StartError::Dir { path: dir.to_path_buf(), source })?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        prepare_dir(dir)?;
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_socket() => return Err(StartError::NotASocket(path.to_path_buf())),
@@ -350,6 +356,48 @@ fn bind_admin(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
         Err(_) => {}
     }
     Ok(std::os::unix::net::UnixListener::from(net::stream_listener(path)?))
+}
+
+/// The control socket's directory: created if missing, and checked when it
+/// sits in a directory anyone may write to (`/tmp`, where the fallback
+/// `/tmp/portmux-UID` lives): another user could have made it first, to
+/// receive the services' routes and connections. There it must be a real
+/// directory of this uid that nobody else may write to; the fallback itself
+/// is created 0700 and must be accessible to nobody else.
+fn prepare_dir(dir: &Path) -> Result<(), StartError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let uid = rustix::process::getuid().as_raw();
+    let parent_open =
+        dir.parent().and_then(|p| std::fs::metadata(p).ok()).is_some_and(|m| m.permissions().mode() & 0o002 != 0);
+    let fallback = parent_open && dir.file_name().is_some_and(|n| *n == *format!("portmux-{uid}"));
+    if std::fs::symlink_metadata(dir).is_err() {
+        let mode = if parent_open { 0o700 } else { 0o755 };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(mode)
+            .create(dir)
+            .map_err(|source| StartError::Dir { path: dir.to_path_buf(), source })?;
+    }
+    if !parent_open {
+        return Ok(());
+    }
+    let meta = std::fs::symlink_metadata(dir).map_err(|source| StartError::Dir { path: dir.to_path_buf(), source })?;
+    let mode = meta.permissions().mode() & 0o777;
+    let problem = if !meta.file_type().is_dir() {
+        Some("is not a directory (a symlink?)".to_string())
+    } else if meta.uid() != uid {
+        Some(format!("belongs to uid {}, not to this uid {uid}", meta.uid()))
+    } else if fallback && mode & 0o077 != 0 {
+        Some(format!("has mode {mode:o}; it must be 700"))
+    } else if mode & 0o022 != 0 {
+        Some(format!("has mode {mode:o}: others may write to it"))
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => Err(StartError::UnsafeDir { path: dir.to_path_buf(), problem }),
+        None => Ok(()),
+    }
 }
 
 /// Removes the control socket file unless another process has replaced it.

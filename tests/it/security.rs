@@ -205,3 +205,57 @@ fn the_admin_socket_lets_other_users_read_but_not_change_routes() {
     );
     assert_eq!(mode & 0o777, 0o660);
 }
+
+#[test]
+fn services_trust_only_a_portmux_of_root_their_own_uid_or_the_one_they_name() {
+    let dir = TempDir::new();
+    std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    let control = dir.path().join("control.sock");
+    let mut cmd = as_nobody(Path::new(env!("CARGO_BIN_EXE_portmux")));
+    cmd.args(["run", "--bind", "127.0.0.1", "--control"]).arg(&control);
+    let pm = Portmux::spawn(cmd, &control, None).unwrap();
+    let port = free_port();
+    // A socket another user serves could be anyone's: root's service refuses it.
+    let e = Service::try_hello(&control, &format!("http://:{port}"), "x", &[]).err().expect("refused");
+    assert!(e.contains(&format!("is served by uid {NOBODY}, neither root nor this process's uid 0")), "{e}");
+    assert!(pm.routes().is_empty(), "nothing was registered");
+    // Named, it is trusted.
+    let mut cmd = Command::new(example("hello"));
+    cmd.args([&format!("http://:{port}"), "named"]).env("PORTMUX_DAEMON_UID", NOBODY.to_string());
+    let _svc = Service::spawn(cmd, &control, "registered").unwrap();
+    assert_eq!(get(port, "x", "/").unwrap().body, "named");
+}
+
+#[test]
+fn the_fallback_control_directory_must_be_private() {
+    let fallback = Path::new("/tmp/portmux-65534");
+    let start = || {
+        let mut cmd = as_nobody(Path::new(env!("CARGO_BIN_EXE_portmux")));
+        cmd.args(["run", "--bind", "127.0.0.1"]).env_remove("XDG_RUNTIME_DIR").env_remove("PORTMUX_CONTROL");
+        Portmux::spawn(cmd, &fallback.join("control.sock"), None)
+    };
+    let _ = std::fs::remove_dir_all(fallback);
+    // Someone else made it first (here root, open to all): refused.
+    std::fs::create_dir(fallback).unwrap();
+    std::fs::set_permissions(fallback, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let e = start().err().expect("refused");
+    assert!(e.contains("refusing the control socket's directory /tmp/portmux-65534: it belongs to uid 0"), "{e}");
+    // Its own, but open to others: refused too.
+    std::os::unix::fs::chown(fallback, Some(NOBODY), Some(NOBODY)).unwrap();
+    let e = start().err().expect("refused");
+    assert!(e.contains("has mode 777; it must be 700"), "{e}");
+    // Missing: created 0700, and used.
+    std::fs::remove_dir(fallback).unwrap();
+    let pm = start().unwrap();
+    let meta = std::fs::metadata(fallback).unwrap();
+    assert_eq!(
+        (
+            std::os::unix::fs::MetadataExt::uid(&meta),
+            std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777
+        ),
+        (NOBODY, 0o700)
+    );
+    assert!(pm.ready_line().contains("/tmp/portmux-65534/control.sock"), "{}", pm.ready_line());
+    drop(pm);
+    let _ = std::fs::remove_dir_all(fallback);
+}

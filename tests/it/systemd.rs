@@ -285,15 +285,32 @@ impl Activated {
 }
 
 impl Activated {
-    /// SIGTERM to the activator (which passes it on), and waits for the exit.
+    /// SIGTERM to the activator (which passes it on) and, after an upgrade,
+    /// to the process serving now; waits for both to exit.
     fn stop(&mut self) {
+        let serving = admin_status_pid(&self.pm_admin);
         if let Ok(None) = self.activator.try_wait()
             && let Some(pid) = rustix::process::Pid::from_raw(self.activator.id() as i32)
         {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         }
         let _ = self.activator.wait();
+        if let Some(pid) = serving.filter(|p| *p != self.activator.id())
+            && let Some(raw) = rustix::process::Pid::from_raw(pid as i32)
+        {
+            let _ = rustix::process::kill_process(raw, rustix::process::Signal::TERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while alive(pid) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
     }
+}
+
+/// The pid the admin API says serves, if it answers.
+fn admin_status_pid(addr: &AdminAddr) -> Option<u32> {
+    let (_, body) = portmux::admin::request(addr, "GET", "/status", None).ok()?;
+    serde_json::from_str::<portmux::admin::StatusView>(&body).ok().map(|s| s.pid)
 }
 
 impl Drop for Activated {

@@ -44,6 +44,10 @@ use std::time::{Duration, Instant};
 /// Environment variable naming the service when the builder does not.
 pub const SERVICE_ENV: &str = "PORTMUX_SERVICE";
 
+/// Names a uid (besides root and the process's own) whose portmux the client
+/// library trusts, e.g. a portmux running as its own system user.
+pub const DAEMON_UID_ENV: &str = "PORTMUX_DAEMON_UID";
+
 /// How long the opening handshake may take before portmux counts as unresponsive.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// After Bye, how long to wait for portmux to end the session.
@@ -82,6 +86,12 @@ pub enum Error {
          socket, set PORTMUX_CONTROL to its path", path.display()
     )]
     Connect { path: PathBuf, source: io::Error },
+    #[error(
+        "the control socket {} is served by uid {uid}, neither root nor this process's uid {ours}: refusing \
+         to trust it (another user may have put it there); if uid {uid} is the portmux you mean, set \
+         {DAEMON_UID_ENV}={uid}", path.display()
+    )]
+    Untrusted { path: PathBuf, uid: u32, ours: u32 },
     #[error("portmux refused {route}: {reason}")]
     Refused { route: String, reason: String },
     #[error("portmux ended the session: {0}")]

@@ -154,7 +154,16 @@ pub(crate) fn send(sock: impl AsFd, bytes: &[u8], wait: Wait) -> io::Result<()> 
 }
 
 /// Opens a `SOCK_SEQPACKET` connection to the control socket.
+/// The daemon's identity is checked from the kernel's peer credentials: it
+/// must be root, this process's uid, or the uid `PORTMUX_DAEMON_UID` names.
 pub(crate) fn connect(cfg: &Config, nonblocking: bool) -> Result<OwnedFd, Error> {
-    portmux_sys::net::seqpacket_connect(&cfg.control, nonblocking)
-        .map_err(|source| Error::Connect { path: cfg.control.clone(), source })
+    let fd = portmux_sys::net::seqpacket_connect(&cfg.control, nonblocking)
+        .map_err(|source| Error::Connect { path: cfg.control.clone(), source })?;
+    let uid = rustix::net::sockopt::socket_peercred(&fd).map_err(io::Error::from)?.uid.as_raw();
+    let ours = rustix::process::getuid().as_raw();
+    let named = std::env::var(crate::DAEMON_UID_ENV).ok().and_then(|v| v.trim().parse::<u32>().ok());
+    if uid != 0 && uid != ours && named != Some(uid) {
+        return Err(Error::Untrusted { path: cfg.control.clone(), uid, ours });
+    }
+    Ok(fd)
 }

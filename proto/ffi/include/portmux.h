@@ -75,6 +75,10 @@
 // portmux_last_error() says how many. The session was ended anyway.
 #define PORTMUX_ERR_TIMEOUT -12
 
+// The control socket is served by a process of another user (neither root
+// nor this process's uid, nor the uid PORTMUX_DAEMON_UID names): not trusted.
+#define PORTMUX_ERR_UNTRUSTED -13
+
 // Raw TCP: not inspected (a `tcp://` route), or not recognised.
 #define PORTMUX_PROTO_TCP 0
 
@@ -134,7 +138,8 @@ extern "C" {
 // caller owns it and releases it with portmux_listener_free. On failure
 // stores NULL in `*out` (when `out` is not NULL) and returns
 // PORTMUX_ERR_NULL, PORTMUX_ERR_SPEC, PORTMUX_ERR_NOT_RUNNING,
-// PORTMUX_ERR_REFUSED, PORTMUX_ERR_PROTOCOL or PORTMUX_ERR_IO;
+// PORTMUX_ERR_REFUSED, PORTMUX_ERR_UNTRUSTED (the socket is another user's),
+// PORTMUX_ERR_PROTOCOL or PORTMUX_ERR_IO;
 // portmux_last_error() then says what was wrong and what to do.
 //
 // # Safety

@@ -40,6 +40,9 @@ pub const PORTMUX_ERR_UNKNOWN_FD: c_int = -11;
 /// portmux_shutdown's grace period ended with connections still open;
 /// portmux_last_error() says how many. The session was ended anyway.
 pub const PORTMUX_ERR_TIMEOUT: c_int = -12;
+/// The control socket is served by a process of another user (neither root
+/// nor this process's uid, nor the uid PORTMUX_DAEMON_UID names): not trusted.
+pub const PORTMUX_ERR_UNTRUSTED: c_int = -13;
 
 /// The fixed text of a result code.
 pub(crate) fn describe(code: c_int) -> &'static CStr {
@@ -64,6 +67,9 @@ pub(crate) fn describe(code: c_int) -> &'static CStr {
         }
         PORTMUX_ERR_TIMEOUT => {
             c"the grace period ended with connections still open (portmux_last_error() says how many); the session ended anyway"
+        }
+        PORTMUX_ERR_UNTRUSTED => {
+            c"the control socket is served by another user's process (set PORTMUX_DAEMON_UID to trust that uid)"
         }
         _ => c"unknown portmux result code",
     }
@@ -93,6 +99,7 @@ impl From<portmux_client::Error> for Failure {
             E::Spec(_) | E::NoRoute | E::Name(_) => PORTMUX_ERR_SPEC,
             E::Connect { .. } => PORTMUX_ERR_NOT_RUNNING,
             E::Refused { .. } => PORTMUX_ERR_REFUSED,
+            E::Untrusted { .. } => PORTMUX_ERR_UNTRUSTED,
             E::Ended(_) | E::Protocol(_) => PORTMUX_ERR_PROTOCOL,
             E::Io(_) => PORTMUX_ERR_IO,
         };
@@ -158,6 +165,7 @@ mod tests {
             PORTMUX_ERR_SHUTDOWN,
             PORTMUX_ERR_UNKNOWN_FD,
             PORTMUX_ERR_TIMEOUT,
+            PORTMUX_ERR_UNTRUSTED,
         ];
         let texts: std::collections::HashSet<_> = codes.iter().map(|&c| describe(c)).collect();
         assert_eq!(texts.len(), codes.len());

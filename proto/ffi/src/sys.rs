@@ -101,7 +101,8 @@ fn deliver(l: &portmux_listener, stream: Stream, conn: ConnInfo, info: *mut port
 /// caller owns it and releases it with portmux_listener_free. On failure
 /// stores NULL in `*out` (when `out` is not NULL) and returns
 /// PORTMUX_ERR_NULL, PORTMUX_ERR_SPEC, PORTMUX_ERR_NOT_RUNNING,
-/// PORTMUX_ERR_REFUSED, PORTMUX_ERR_PROTOCOL or PORTMUX_ERR_IO;
+/// PORTMUX_ERR_REFUSED, PORTMUX_ERR_UNTRUSTED (the socket is another user's),
+/// PORTMUX_ERR_PROTOCOL or PORTMUX_ERR_IO;
 /// portmux_last_error() then says what was wrong and what to do.
 ///
 /// # Safety
