@@ -115,6 +115,12 @@ struct Common {
     /// The admin API's TCP address must be on loopback unless this is given
     #[arg(long)]
     admin_public: bool,
+    /// Run without the sandbox (Landlock, seccomp, dropped capabilities); for debugging
+    #[arg(long)]
+    no_sandbox: bool,
+    /// Started as root, become this user (keeping only CAP_NET_BIND_SERVICE)
+    #[arg(long, value_name = "NAME")]
+    user: Option<String>,
 }
 
 /// Limits: what one client, user or session may take. Each hit is counted in /status.
@@ -309,6 +315,8 @@ fn settings(control: Option<PathBuf>, common: &Common) -> Settings {
     s.accept_proxy = common.accept_proxy.clone().map(|n| n.0).unwrap_or_default();
     s.limits = common.limits.limits();
     s.admin_public = common.admin_public;
+    s.sandbox = !common.no_sandbox;
+    s.user = common.user.clone();
     s.drain = common.drain;
     s.upgrade_timeout = common.upgrade_timeout;
     s.handoff_patience = common.handoff_patience;
@@ -348,6 +356,7 @@ fn run(args: RunArgs) -> Result<(), String> {
         let policy =
             portmux::config::file::load(path, rustix::process::getuid().as_raw()).map_err(|e| report(e.to_string()))?;
         s.policy = std::sync::Arc::new(policy);
+        s.config_file = Some(path.clone());
     }
     portmux::runtime::run(s).map_err(|e| e.to_string())
 }

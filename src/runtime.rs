@@ -65,6 +65,8 @@ pub enum StartError {
     Upgrade(#[from] crate::upgrade::UpgradeError),
     #[error("{0}")]
     Systemd(#[from] systemd::SystemdError),
+    #[error("{0} (--no-sandbox runs without it)")]
+    Sandbox(#[source] crate::sandbox::SandboxError),
 }
 
 /// Runs portmux until SIGTERM or SIGINT, or until an upgrade replaced it.
@@ -172,6 +174,22 @@ fn start(mut settings: Settings, handover: Option<OwnedFd>) -> Result<(), StartE
         .and_then(|p| std::fs::symlink_metadata(p).ok())
         .map(|m| (m.dev(), m.ino()));
     let admin_path = settings.admin_socket.clone();
+    let inherited = handover.as_ref().and(std::env::var(crate::sandbox::INHERITED_ENV).ok());
+    if let (true, Some(report)) = (settings.sandbox, inherited) {
+        let report = format!("{}{}", report.trim_end_matches(crate::sandbox::INHERITED), crate::sandbox::INHERITED);
+        tracing::info!("sandbox: {report}");
+        settings.sandboxed = Some(report);
+    } else if settings.sandbox {
+        match crate::sandbox::apply(&sandbox_plan(&settings)) {
+            Ok(report) => {
+                tracing::info!("sandbox: {report}");
+                settings.sandboxed = Some(report.to_string());
+            }
+            Err(e) => return Err(undo(StartError::Sandbox(e))),
+        }
+    } else {
+        tracing::warn!("running without the sandbox (--no-sandbox)");
+    }
     let begin = Begin { sockets, routes, handover, systemd };
     let (exit, owned) = serve(settings, begin).map_err(undo)?;
     // After an upgrade the socket files belong to the new process.
@@ -182,6 +200,24 @@ fn start(mut settings: Settings, handover: Option<OwnedFd>) -> Result<(), StartE
         remove_if_ours(path, identity);
     }
     Ok(())
+}
+
+/// What the sandbox allows: writing where portmux's sockets are, reading its config file.
+fn sandbox_plan(settings: &Settings) -> crate::sandbox::Plan {
+    let dir = |p: &Option<PathBuf>| {
+        p.as_ref()
+            .and_then(|p| p.parent())
+            .map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d })
+            .map(Path::to_path_buf)
+    };
+    let mut writable: Vec<PathBuf> =
+        [dir(&settings.control), dir(&settings.admin_socket)].into_iter().flatten().collect();
+    writable.dedup();
+    crate::sandbox::Plan {
+        user: settings.user.clone(),
+        writable,
+        readable: settings.config_file.iter().cloned().collect(),
+    }
 }
 
 /// What the control plane starts from.

@@ -84,6 +84,14 @@ pub struct Settings {
     pub args: Vec<std::ffi::OsString>,
     /// Who may claim what (the config file's `[policy]`, or the built-in default).
     pub policy: std::sync::Arc<policy::Policy>,
+    /// The config file, if one was read (the sandbox lets portmux read it again).
+    pub config_file: Option<PathBuf>,
+    /// Apply the sandbox at start (`--no-sandbox` turns it off).
+    pub sandbox: bool,
+    /// Started as root, become this user (`--user`).
+    pub user: Option<String>,
+    /// What the sandbox put in force, once applied (for `/status`).
+    pub sandboxed: Option<String>,
 }
 
 impl Settings {
@@ -124,6 +132,10 @@ impl Settings {
             exe: std::env::current_exe().unwrap_or_else(|_| "portmux".into()),
             args: std::env::args_os().skip(1).collect(),
             policy: std::sync::Arc::new(policy::Policy::builtin(rustix::process::getuid().as_raw())),
+            config_file: None,
+            sandbox: true,
+            user: None,
+            sandboxed: None,
         }
     }
 }

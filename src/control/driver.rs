@@ -582,6 +582,7 @@ impl Control {
         StatusView {
             peeking: s.admission.peeking(),
             limits: views::limits(&s.settings.limits, &s.settings.limit_hits),
+            sandbox: s.settings.sandboxed.clone(),
             ..views::status(&self.core.borrow(), control, self.started.elapsed().as_secs(), connections, idle)
         }
     }

@@ -100,6 +100,9 @@ pub struct StatusView {
     /// Each limit, its value, and how often it refused something.
     #[serde(default)]
     pub limits: Vec<LimitView>,
+    /// What the sandbox put in force (none: `--no-sandbox`).
+    #[serde(default)]
+    pub sandbox: Option<String>,
 }
 
 /// A limit as `/status` shows it.
@@ -213,5 +216,6 @@ pub fn status(core: &Core, control: Option<String>, uptime_s: u64, connections: 
         idle,
         peeking: 0,
         limits: Vec::new(),
+        sandbox: None,
     }
 }

@@ -172,7 +172,14 @@ async fn run(control: &Rc<Control>, binary: Option<PathBuf>) -> Result<u32, Upgr
     systemd::reloading();
     let (ours, theirs) = net::seqpacket_pair().map_err(UpgradeError::Socket)?;
     net::set_cloexec(theirs.as_fd(), false).map_err(UpgradeError::Socket)?;
-    let child = std::process::Command::new(&binary)
+    let mut command = std::process::Command::new(&binary);
+    // The new process inherits this one's sandbox (Landlock and seccomp stack,
+    // up to a limit): it is told so, instead of stacking another layer.
+    match &settings.sandboxed {
+        Some(report) => command.env(crate::sandbox::INHERITED_ENV, report),
+        None => command.env_remove(crate::sandbox::INHERITED_ENV),
+    };
+    let child = command
         .args(&settings.args)
         .env(UPGRADE_FD_ENV, theirs.as_raw_fd().to_string())
         .stdin(std::process::Stdio::null())

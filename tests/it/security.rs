@@ -259,3 +259,69 @@ fn the_fallback_control_directory_must_be_private() {
     drop(pm);
     let _ = std::fs::remove_dir_all(fallback);
 }
+
+/// A line of /proc/PID/status.
+fn proc_status(pid: u32, field: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines().find_map(|l| l.strip_prefix(field)).unwrap_or_default().trim().to_string()
+}
+
+/// A port below 1024 in `range` that nothing listens on (each test its own range).
+fn free_privileged_port(range: std::ops::Range<u16>) -> u16 {
+    range.clone().find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok()).expect("a free port below 1024")
+}
+
+#[test]
+fn the_sandbox_is_in_force() {
+    let mut pm = Portmux::start(&[]);
+    let pid = pm.pid();
+    // No new privileges, a seccomp filter, and of root's capabilities only the one to bind low ports.
+    assert_eq!(proc_status(pid, "NoNewPrivs:"), "1");
+    assert_eq!(proc_status(pid, "Seccomp:"), "2");
+    assert_eq!(proc_status(pid, "CapEff:"), "0000000000000400", "CAP_NET_BIND_SERVICE only");
+    assert_eq!(proc_status(pid, "CapAmb:"), "0000000000000400");
+    let sandbox = pm.status().sandbox.unwrap_or_default();
+    assert!(sandbox.contains("landlock enforced") && sandbox.contains("system calls allowed"), "{sandbox}");
+    // That one capability is enough to open a privileged port on demand.
+    let low = free_privileged_port(900..930);
+    let _svc = Service::hello(&pm, &format!("tcp://127.0.0.1:{low}"), "low", &[]);
+    assert_eq!(get(low, "x", "/").unwrap().body, "low");
+
+    // Files outside the allowed set cannot be opened from inside portmux: a
+    // new binary in a temporary directory cannot even be started.
+    let dir = TempDir::new();
+    let copy = dir.path().join("portmux");
+    std::fs::copy(env!("CARGO_BIN_EXE_portmux"), &copy).unwrap();
+    let e = pm.upgrade(&["--binary", copy.to_str().unwrap()]).unwrap_err();
+    assert!(e.contains("Permission denied"), "{e}");
+    assert_eq!(pm.pid(), pid, "the old process serves on");
+    // The binary is fine: a portmux without the sandbox starts it.
+    let mut open = Portmux::start(&["--no-sandbox"]);
+    assert_eq!(proc_status(open.pid(), "Seccomp:"), "0");
+    let new = open.upgrade(&["--binary", copy.to_str().unwrap()]).unwrap();
+    assert!(alive(new));
+
+    // An upgrade (from the usual place) keeps the sandbox, inherited, and the capability.
+    let next = pm.upgrade(&[]).unwrap();
+    assert_eq!((proc_status(next, "Seccomp:"), proc_status(next, "CapEff:")), ("2".into(), "0000000000000400".into()));
+    assert!(pm.status().sandbox.unwrap_or_default().contains("inherited"));
+    let low2 = free_privileged_port(930..960);
+    let _svc2 = Service::hello(&pm, &format!("tcp://127.0.0.1:{low2}"), "low2", &[]);
+    assert_eq!(get(low2, "x", "/").unwrap().body, "low2");
+}
+
+#[test]
+fn started_as_root_with_a_user_it_becomes_that_user() {
+    let pm = Portmux::start(&["--user", "nobody"]);
+    let pid = pm.pid();
+    assert_eq!(proc_status(pid, "Uid:").split_whitespace().collect::<Vec<_>>(), ["65534"; 4]);
+    assert_eq!(proc_status(pid, "Groups:"), "");
+    assert_eq!(proc_status(pid, "CapEff:"), "0000000000000400");
+    let low = free_privileged_port(960..990);
+    let _svc = Service::hello(&pm, &format!("tcp://127.0.0.1:{low}"), "as nobody", &[]);
+    assert_eq!(get(low, "x", "/").unwrap().body, "as nobody");
+    assert!(pm.status().sandbox.unwrap_or_default().starts_with("user nobody (uid 65534)"));
+    let e =
+        Portmux::start_at(&TempDir::new().path().join("c.sock"), &["--user", "no-such-user-x"], None).err().unwrap();
+    assert!(e.contains("no user 'no-such-user-x' in /etc/passwd"), "{e}");
+}

@@ -238,7 +238,9 @@ fn long_lived_streams_continue_byte_exact_across_upgrades() {
 #[test]
 fn a_new_binary_that_fails_leaves_the_old_one_serving() {
     let dir = TempDir::new();
-    let mut pm = Portmux::start(&[]);
+    // The stand-ins live in a temporary directory, which the sandbox does not
+    // let portmux execute (security::the_sandbox_is_in_force shows that).
+    let mut pm = Portmux::start(&["--no-sandbox"]);
     let port = free_port();
     let _svc = Service::hello(&pm, &format!("http://:{port}"), "still old", &[]);
     assert_eq!(get(port, "x", "/").unwrap().body, "still old");
@@ -330,7 +332,8 @@ fn fake_new_binary(dir: &std::path::Path, mode: &str) -> std::path::PathBuf {
 #[test]
 fn a_new_process_that_stops_answering_after_the_freeze_is_killed_and_the_old_one_thaws() {
     let dir = TempDir::new();
-    let mut pm = Portmux::start(&["--upgrade-timeout", "2s"]);
+    // (--no-sandbox: the stand-in runs from a temporary directory.)
+    let mut pm = Portmux::start(&["--upgrade-timeout", "2s", "--no-sandbox"]);
     let port = free_port();
     let _svc = Service::hello(&pm, &format!("http://:{port}"), "served", &[]);
     let first = pm.pid();
@@ -450,7 +453,8 @@ fn a_connection_the_old_process_cannot_hand_on_is_answered_not_dropped() {
 #[test]
 fn stopping_during_an_upgrade_undoes_it_and_answers_each_client_once() {
     let dir = TempDir::new();
-    let mut pm = Portmux::start(&["--upgrade-timeout", "5s"]);
+    // (--no-sandbox: the stand-in runs from a temporary directory.)
+    let mut pm = Portmux::start(&["--upgrade-timeout", "5s", "--no-sandbox"]);
     let port = free_port();
     let spec = format!("http://:{port}");
     Service::hello(&pm, &spec, "gone", &["--name", "away"]).kill();

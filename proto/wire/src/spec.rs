@@ -129,7 +129,9 @@ impl RouteSpec {
             // what the input did not): it must parse too.
             let canonical = s.to_string().len();
             if canonical > MAX_SPEC {
-                return Err(format!("its canonical form is {canonical} bytes long; a route spec is at most {MAX_SPEC}"));
+                return Err(format!(
+                    "its canonical form is {canonical} bytes long; a route spec is at most {MAX_SPEC}"
+                ));
             }
             Ok(s)
         });
