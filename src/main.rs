@@ -415,15 +415,12 @@ fn upgrade(control: Option<PathBuf>, binary: Option<PathBuf>) -> Result<(), Stri
 
 fn route(action: RouteAction, admin: Option<String>, token_file: Option<PathBuf>) -> Result<(), String> {
     let token = match &token_file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_string(),
-        ),
+        Some(path) => {
+            let text = zeroize::Zeroizing::new(
+                std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+            );
+            Some(zeroize::Zeroizing::new(text.lines().next().unwrap_or_default().trim().to_string()))
+        }
         None => None,
     };
     let addr = match admin {

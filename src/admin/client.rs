@@ -6,17 +6,28 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// Where the admin API is.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum AdminAddr {
     /// The Unix socket (the default, beside the control socket).
     Unix(PathBuf),
-    /// A TCP address, with the bearer token for changes.
-    Tcp { addr: std::net::SocketAddr, token: Option<String> },
+    /// A TCP address, with the bearer token for changes (zeroed when dropped, never printed).
+    Tcp { addr: std::net::SocketAddr, token: Option<zeroize::Zeroizing<String>> },
+}
+
+impl std::fmt::Debug for AdminAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AdminAddr::Unix(p) => f.debug_tuple("Unix").field(p).finish(),
+            AdminAddr::Tcp { addr, token } => {
+                f.debug_struct("Tcp").field("addr", addr).field("token", &token.as_ref().map(|_| "..")).finish()
+            }
+        }
+    }
 }
 
 impl AdminAddr {
     /// `host:port` is TCP; anything else is a socket path.
-    pub fn parse(text: &str, token: Option<String>) -> AdminAddr {
+    pub fn parse(text: &str, token: Option<zeroize::Zeroizing<String>>) -> AdminAddr {
         match text.parse() {
             Ok(addr) => AdminAddr::Tcp { addr, token },
             Err(_) => AdminAddr::Unix(PathBuf::from(text.strip_prefix("unix:").unwrap_or(text))),
@@ -51,15 +62,16 @@ pub fn request(to: &AdminAddr, method: &str, path: &str, body: Option<&str>) -> 
         AdminAddr::Tcp { addr, token } => {
             let s = std::net::TcpStream::connect_timeout(addr, timeout).map_err(unreachable)?;
             s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-            (Box::new(s), addr.to_string(), token.as_deref())
+            (Box::new(s), addr.to_string(), token.as_ref().map(|t| t.as_str()))
         }
     };
     let body = body.unwrap_or("");
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
+    let auth = zeroize::Zeroizing::new(token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default());
+    let head = zeroize::Zeroizing::new(format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        *auth,
         body.len()
-    );
+    ));
     s.write_all(head.as_bytes()).and_then(|()| s.write_all(body.as_bytes())).map_err(|e| e.to_string())?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).map_err(|e| format!("reading the admin API's answer: {e}"))?;

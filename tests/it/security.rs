@@ -167,6 +167,20 @@ fn the_tcp_admin_api_refuses_what_a_browser_or_a_stranger_sends() {
     assert!(status == 401 && body.contains("Authorization: Bearer"), "{status} {body}");
     assert_eq!(post(&format!("{json}Authorization: Bearer wrong\r\n")).0, 401);
     assert_eq!(backends(&pm), before, "nothing refused changed the route");
+    // The CLI over TCP: with the token file it may, without it is told what is missing.
+    let cli = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_portmux"))
+            .args(["route", "add", &format!("tcp://:{port}"), "--backend", "127.0.0.1:7", "--admin", &tcp.to_string()])
+            .args(extra)
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, err) = cli(&[]);
+    assert!(!ok && err.contains("need Authorization: Bearer TOKEN"), "{err}");
+    let (ok, err) = cli(&["--admin-token-file", token_file.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(backends(&pm).contains("127.0.0.1:7"), "{}", backends(&pm));
     assert!(!pm.log().contains(token), "the token is never logged");
 
     // A non-loopback address needs --admin-public.
