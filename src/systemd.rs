@@ -83,7 +83,8 @@ pub struct Inherited {
     pub admin: Option<OwnedFd>,
 }
 
-/// The name a socket unit gives the admin API's Unix socket.
+/// The name a socket unit gives the admin API's Unix socket (a Unix stream
+/// socket is taken as it whatever its name).
 pub const ADMIN_NAME: &str = "admin";
 
 /// Why the fds systemd passed cannot be used.
@@ -108,7 +109,9 @@ pub fn inherited() -> Result<Inherited, SystemdError> {
             out.state = Some(fd);
             continue;
         }
-        if name == ADMIN_NAME {
+        let unix_stream = rustix::net::sockopt::socket_type(&fd).is_ok_and(|t| t == SocketType::STREAM)
+            && rustix::net::sockopt::socket_domain(&fd).is_ok_and(|d| d == rustix::net::AddressFamily::UNIX);
+        if name == ADMIN_NAME || unix_stream {
             tracing::info!(name, "adopted the admin socket from systemd");
             out.admin = Some(fd);
             continue;

@@ -116,6 +116,9 @@ fn drop_privileges(plan: &Plan) -> Result<String, SandboxError> {
     use rustix::thread::{set_keep_capabilities, set_thread_groups, set_thread_res_gid, set_thread_res_uid};
     let euid = rustix::process::geteuid();
     let Some(name) = plan.user.as_deref().filter(|_| euid.is_root()) else {
+        if euid.is_root() {
+            tracing::info!("running as root with CAP_NET_BIND_SERVICE only; --user NAME would leave uid 0 too");
+        }
         return Ok(format!("uid {}", euid.as_raw()));
     };
     let (uid, gid) = lookup_user(name).ok_or_else(|| SandboxError::NoUser(name.to_string()))?;

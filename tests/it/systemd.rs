@@ -190,6 +190,8 @@ struct Activated {
     control: std::path::PathBuf,
     port: u16,
     svc: Option<Service>,
+    /// The admin client whose connection activated the admin socket.
+    early_admin: Option<std::os::unix::net::UnixStream>,
     /// The admin API of the serving portmux, as its ready line says.
     pm_admin: AdminAddr,
     _dir: TempDir,
@@ -199,11 +201,14 @@ impl Activated {
     fn start() -> Activated {
         let dir = TempDir::new();
         let control = dir.path().join("control.sock");
+        let admin_sock = dir.path().join("admin.sock");
         let port = free_port();
         let control_arg = control.to_str().unwrap();
         let listen = format!("127.0.0.1:{port}");
         let mut cmd = Command::new("systemd-socket-activate");
-        cmd.args(["--seqpacket", "-l", control_arg, "--fdname=control", "systemd-socket-activate", "-l", &listen])
+        cmd.args(["--seqpacket", "-l", control_arg, "--fdname=control"])
+            .args(["systemd-socket-activate", "-l", admin_sock.to_str().unwrap(), "--fdname=admin"])
+            .args(["systemd-socket-activate", "-l", &listen])
             .args(["--fdname=web", env!("CARGO_BIN_EXE_portmux"), "run", "--bind", "127.0.0.1", "--linger", "1s"])
             .args(["--control", control_arg])
             .env("RUST_LOG", "info,portmux=debug")
@@ -239,6 +244,15 @@ impl Activated {
             move || Service::try_hello(&control, &format!("http://:{port}"), "activated", &[])
         });
         wait_log("Communication attempt");
+        // An admin client activates the admin socket (it waits in its backlog for portmux).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let early_admin = loop {
+            match std::os::unix::net::UnixStream::connect(&admin_sock) {
+                Ok(s) => break s,
+                Err(_) => assert!(Instant::now() < deadline, "the admin socket listens"),
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "the public port listens");
@@ -247,7 +261,7 @@ impl Activated {
         wait_log("ready:");
         let svc = svc.join().unwrap().unwrap_or_else(|e| panic!("{e}\n{}", log.lock().unwrap()));
         let pm_admin = admin_from_ready(&log.lock().unwrap()).expect("the ready line names the admin API");
-        Activated { activator, log, control, port, svc: Some(svc), pm_admin, _dir: dir }
+        Activated { activator, log, control, port, svc: Some(svc), pm_admin, early_admin: Some(early_admin), _dir: dir }
     }
 
     fn log(&self) -> String {
@@ -326,6 +340,13 @@ fn socket_activation_passes_the_control_socket_and_the_public_ports() {
     let text = activated.log();
     // (The inner activator names every fd it passes "web"; portmux tells them apart by type.)
     assert!(text.contains("adopted the control socket from systemd"), "{text}");
+    assert!(text.contains("adopted the admin socket from systemd"), "{text}");
+    // The admin client that was waiting in the socket unit's backlog is answered.
+    let mut early = activated.early_admin.take().unwrap();
+    early.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    early.write_all(b"GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut early).unwrap().status, 200);
+    let admin_sock = activated.control.with_file_name("admin.sock");
     assert!(
         text.contains(&format!(
             "adopted a listening socket from systemd addr=127.0.0.1:{} name=\"web\" pinned=true",
@@ -337,6 +358,7 @@ fn socket_activation_passes_the_control_socket_and_the_public_ports() {
     activated.check_the_activated_listener_outlives_its_routes();
     activated.stop();
     assert!(activated.control.exists(), "a socket unit's control socket is not portmux's to remove");
+    assert!(admin_sock.exists(), "nor its admin socket");
 }
 
 #[test]
