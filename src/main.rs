@@ -126,9 +126,10 @@ struct Common {
 /// Limits: what one client, user or session may take. Each hit is counted in /status.
 #[derive(clap::Args, Debug)]
 struct LimitArgs {
-    /// Connections portmux holds at once (peeked at, queued, held, relayed); more wait in the backlog
-    #[arg(long, value_name = "N", default_value_t = Limits::default().conns)]
-    max_conns: usize,
+    /// Connections portmux holds at once (peeked at, queued, held, relayed) [default: what the
+    /// open-file limit allows for relayed ones (two fds each), less a reserve]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_conns: Option<u32>,
     /// Connections one client address holds at once; over it HTTP clients get 429, others a close
     #[arg(long, value_name = "N", default_value_t = Limits::default().conns_per_ip)]
     max_conns_per_ip: usize,
@@ -167,7 +168,8 @@ struct LimitArgs {
 impl LimitArgs {
     fn limits(&self) -> Limits {
         Limits {
-            conns: self.max_conns,
+            // 0: derived from the open-file limit at start.
+            conns: self.max_conns.map_or(0, |n| n as usize),
             conns_per_ip: self.max_conns_per_ip,
             peeking: self.max_peeking,
             parked: self.max_parked,

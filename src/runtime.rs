@@ -84,10 +84,19 @@ fn start(mut settings: Settings, handover: Option<OwnedFd>) -> Result<(), StartE
         }
         return Err(e.into());
     }
-    match portmux_sys::raise_nofile_limit() {
-        Ok((before, after)) if before != after => tracing::debug!("open-file limit raised from {before} to {after}"),
-        Ok((_, after)) => tracing::debug!("open-file limit is {after}"),
-        Err(e) => tracing::warn!("cannot raise the open-file limit to the hard limit: {e}"),
+    let nofile = match portmux_sys::raise_nofile_limit() {
+        Ok((before, after)) => {
+            tracing::debug!("open-file limit raised from {before} to {after}");
+            after
+        }
+        Err(e) => {
+            tracing::warn!("cannot raise the open-file limit to the hard limit: {e}");
+            rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(u64::MAX)
+        }
+    };
+    if settings.limits.conns == 0 {
+        settings.limits.conns = crate::config::limits::conns_for(nofile);
+        tracing::debug!(nofile, "at most {} connections at once (--max-conns)", settings.limits.conns);
     }
     if settings.bind.is_unspecified() && settings.bind.is_ipv6() && !net::ipv6_available() {
         tracing::warn!("IPv6 is unavailable on this host; listening on 0.0.0.0 instead of [::] by default");

@@ -50,6 +50,13 @@ impl Default for Limits {
     }
 }
 
+/// How many connections an open-file limit allows: a relayed one takes two
+/// fds; 1024 are kept for listeners, sessions and the rest.
+pub fn conns_for(nofile: u64) -> usize {
+    let usable = nofile.saturating_sub(1024) / 2;
+    usable.clamp(64, 1 << 20) as usize
+}
+
 /// Each limit, as named in `/status` and in refusals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {

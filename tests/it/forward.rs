@@ -456,7 +456,10 @@ fn faults_are_answered_and_fds_return_to_baseline() {
 #[test]
 fn ten_thousand_connections_near_the_fd_limit() {
     // 10 000 relayed connections need 20 000 fds; portmux gets 16 000.
-    let pm = Portmux::start_with_ulimit("-n 16000", &["--peek-timeout", "30s", "--max-conns-per-ip", "20000"]);
+    let pm = Portmux::start_with_ulimit(
+        "-n 16000",
+        &["--peek-timeout", "30s", "--max-conns-per-ip", "20000", "--max-conns", "20000"],
+    );
     let port = free_port();
     let (_web, web) = Service::backend("web", &[]);
     assert!(portmux_cli(&pm, &["route", "add", &format!("http://:{port}"), "--backend", &web.to_string()]).0);

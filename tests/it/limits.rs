@@ -259,3 +259,12 @@ fn three_thousand_slow_clients_do_not_stop_others_being_served() {
     assert!(start.elapsed() < Duration::from_secs(30));
     assert_eq!(pm.status().peeking, 3000, "the slow ones are still there, waiting");
 }
+
+#[test]
+fn the_connection_limit_follows_the_open_file_limit_unless_given() {
+    let pm = Portmux::start_with_ulimit("-n 4096", &[]);
+    let conns = |pm: &Portmux| pm.status().limits.iter().find(|l| l.name == "conns").unwrap().limit;
+    assert_eq!(conns(&pm), (4096 - 1024) / 2, "two fds per relayed connection, 1024 kept");
+    let pm = Portmux::start_with_ulimit("-n 4096", &["--max-conns", "100"]);
+    assert_eq!(conns(&pm), 100);
+}
