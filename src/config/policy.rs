@@ -68,10 +68,15 @@ impl fmt::Display for Peer {
     }
 }
 
-/// The systemd unit of a process, from its `/proc/PID/cgroup`: the innermost
-/// `.service` in its cgroup v2 path.
+/// The systemd system unit of a process, from its `/proc/PID/cgroup`: the
+/// innermost `.service` in its cgroup v2 path. Units of a user's own service
+/// manager (under `user@UID.service`) are not taken: any user can name one
+/// of those as it likes.
 pub fn unit_of(cgroup: &str) -> Option<String> {
     let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+    if path.split('/').any(|c| c.starts_with("user@")) {
+        return None;
+    }
     path.rsplit('/').find(|c| c.ends_with(".service") && c.len() > ".service".len()).map(str::to_string)
 }
 
@@ -139,6 +144,11 @@ impl Policy {
             services: vec!["*".into()],
             admin: false,
         }
+    }
+
+    /// The uid portmux runs as (after `--user`).
+    pub fn own_uid(&self) -> u32 {
+        self.own_uid
     }
 
     /// Whether `peer` is trusted like the administrator (root, or portmux's own uid).
@@ -453,10 +463,9 @@ mod tests {
     #[test]
     fn units_come_from_the_cgroup() {
         assert_eq!(unit_of("0::/system.slice/web.service\n").as_deref(), Some("web.service"));
-        assert_eq!(
-            unit_of("0::/user.slice/user-1000.slice/user@1000.service/app.slice/api.service").as_deref(),
-            Some("api.service")
-        );
+        assert_eq!(unit_of("0::/system.slice/shop.service/worker").as_deref(), Some("shop.service"));
+        // A user's own manager lets that user name units as it likes: not a system unit.
+        assert_eq!(unit_of("0::/user.slice/user-1000.slice/user@1000.service/app.slice/shop.service").as_deref(), None);
         assert_eq!(unit_of("0::/user.slice/user-1000.slice/session-2.scope").as_deref(), None);
         assert_eq!(unit_of("").as_deref(), None);
     }

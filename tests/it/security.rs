@@ -53,6 +53,9 @@ fn another_uid_cannot_take_a_route_a_path_a_name_or_a_privileged_port() {
     let e = hello_as_nobody(&pm, &format!("{held}/login"), "stolen", "login").err().expect("refused");
     assert!(e.contains(&format!("the ownership rule: host held.test on port {port} is held by service 'web'")), "{e}");
     // A privileged port: before, it opened port 444.
+    // A catch-all on root's port would get held.test's other paths, and names nobody claimed there.
+    let e = hello_as_nobody(&pm, &format!("http://:{port}"), "stolen", "catch-all").err().expect("refused");
+    assert!(e.contains(&format!("a route on port {port} (http://held.test:{port})")), "{e}");
     let e = hello_as_nobody(&pm, "tcp://127.0.0.1:444", "x", "low").err().expect("refused");
     assert!(e.contains("refused by the default policy") && e.contains("not 444 (a privileged port)"), "{e}");
     assert!(!pm.listens_on(444), "nothing listens on 444");

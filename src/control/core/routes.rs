@@ -66,6 +66,10 @@ impl Core {
             if let Some(RouteState { target: RouteTarget::Service(s), .. }) = self.routes.get_mut(&key) {
                 s.sessions.push(id);
                 s.reserved_until = None;
+                // A route from an older release learns its owner from the session holding it.
+                if s.uid == portmux_wire::UNKNOWN_OWNER {
+                    s.uid = state.peer.uid;
+                }
                 state.routes.push(key);
             }
         }
@@ -112,33 +116,35 @@ impl Core {
         }
         let owned =
             |what: String, r: &RouteState| ControlError::Owned { route: spec.key(), what, holder: self.holder(now, r) };
+        // A name belongs to the uid whose routes (held or reserved) carry it; a
+        // session that registered nothing owns nothing. A route handed over by
+        // an older release has no known owner: its own service takes it back.
+        let ours = |s: &ServiceRoute| s.uid == peer.uid || (s.uid == portmux_wire::UNKNOWN_OWNER && s.service == name);
         for r in self.routes.values() {
             if let RouteTarget::Service(s) = &r.target
                 && s.service == name
-                && s.uid != peer.uid
+                && !ours(s)
             {
                 return Err(owned(format!("the service name '{name}'"), r));
             }
         }
-        if let Some(e) = self.sessions.values().find(|e| e.name == name && e.peer.uid != peer.uid) {
-            let holder = Holder::Service { service: name.to_string(), pid: e.peer.pid, uid: e.peer.uid };
-            return Err(ControlError::Owned { route: spec.key(), what: format!("the service name '{name}'"), holder });
-        }
         let whole = |s: &RouteSpec| s.scheme == Scheme::Tcp || s.host == HostPattern::Any;
         let under = |name: &str, domain: &str| name.strip_suffix(domain).is_some_and(|rest| rest.ends_with('.'));
         for (key, r) in self.routes.iter().filter(|(k, _)| k.0.port() == port) {
-            let theirs = match &r.target {
-                RouteTarget::Service(s) => s.uid,
-                RouteTarget::Backends(_) => u32::MAX,
+            let mine = match &r.target {
+                RouteTarget::Service(s) => ours(s),
+                RouteTarget::Backends(_) => false,
             };
-            if theirs == peer.uid {
+            if mine {
                 continue;
             }
             let what = if whole(&r.spec) {
                 Some(format!("port {port} (all of it, by route {})", r.display))
             } else {
                 match (&spec.host, &r.spec.host) {
-                    _ if whole(spec) => None,
+                    // A catch-all would get what the other's routes do not
+                    // match: its host's other paths, names under its suffix.
+                    _ if whole(spec) => Some(format!("a route on port {port} ({})", r.display)),
                     (HostPattern::Exact(h), HostPattern::Exact(t)) if h == t => {
                         Some(format!("host {h} on port {port}"))
                     }
@@ -206,14 +212,19 @@ impl Core {
         }
         let limits = &self.config.limits;
         let held = self.sessions.get(&session).map_or(&[][..], |s| &s.routes[..]);
-        if held.len() + routes.len() > limits.routes_per_session {
+        // Checked on what is asked before anything is parsed (a long list costs
+        // nothing to refuse), and then on the distinct routes it makes.
+        let too_many = |more: usize| {
             self.config.hits.hit(Limit::RoutesPerSession);
-            return Err(ControlError::Limit {
+            ControlError::Limit {
                 route: String::new(),
                 limit: Limit::RoutesPerSession,
-                what: format!("a session with {} routes asked for {} more", held.len(), routes.len()),
+                what: format!("a session with {} routes asked for {more} more", held.len()),
                 most: limits.routes_per_session,
-            });
+            }
+        };
+        if routes.len() > limits.routes_per_session {
+            return Err(too_many(routes.len()));
         }
         let mut plan: Vec<(RouteKey, RouteSpec)> = Vec::new();
         for text in routes {
@@ -253,6 +264,10 @@ impl Core {
                 plan.push((key, spec));
             }
         }
+        let new = plan.iter().filter(|(k, _)| !held.contains(k)).count();
+        if held.len() + new > limits.routes_per_session {
+            return Err(too_many(new));
+        }
         let mut addrs: Vec<SocketAddr> = held.iter().map(|k| k.0).chain(plan.iter().map(|(k, _)| k.0)).collect();
         addrs.sort();
         addrs.dedup();
@@ -287,6 +302,9 @@ impl Core {
                     if let RouteTarget::Service(s) = &mut r.target {
                         if !s.sessions.contains(&session) {
                             s.sessions.push(session);
+                        }
+                        if s.uid == portmux_wire::UNKNOWN_OWNER {
+                            s.uid = uid;
                         }
                         s.reserved_until = None;
                         // A new instance: whatever waited for a backoff may go to it now.

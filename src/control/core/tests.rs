@@ -613,13 +613,18 @@ fn another_uid_never_gets_what_one_uid_holds_or_reserves() {
     // A privileged port, by the default policy.
     let e = refused(&mut c, other, "tcp://:444");
     assert!(e.contains("refused by the default policy") && e.contains("not 444 (a privileged port)"), "{e}");
-    // Another host on the same port, and a catch-all for what nobody matches, are its own.
-    assert!(register(&mut c, t0, other, &["http://mine.test:8000", "http://:8000"]).0.is_ok());
-    // Then the port is partly the other uid's: root's service still may add hosts, but
-    // a third uid may not take the other uid's catch-all's port.
+    // A catch-all would get root's host's other paths: refused. Another host is its own.
+    let e = refused(&mut c, other, "http://:8000");
+    assert!(e.contains("a route on port 8000 (http://held.test:8000)"), "{e}");
+    assert!(register(&mut c, t0, other, &["http://mine.test:8000"]).0.is_ok());
+    // A third uid gets neither that host nor a path under it; a session that
+    // only said Hello with a name owns nothing.
     let third = c.open_session("third".into(), Peer::known(30, 4000));
-    let e = refused(&mut c, third, "http://new.test:8000");
-    assert!(e.contains("port 8000 (all of it, by route http://:8000)"), "{e}");
+    let e = refused(&mut c, third, "http://mine.test:8000/x");
+    assert!(e.contains("host mine.test on port 8000 is held by service 'login'"), "{e}");
+    let _squatter = c.open_session("fourth".into(), Peer::known(40, 5000));
+    let fourth = c.open_session("fourth".into(), Peer::known(41, 4000));
+    assert!(register(&mut c, t0, fourth, &["http://fourth.test:8001"]).0.is_ok(), "the name is not the squatter's");
     // While root's service is away its routes stay reserved: still not the other uid's.
     c.session_ended(t0, root);
     run(&mut c, t0, &[]);
@@ -629,4 +634,24 @@ fn another_uid_never_gets_what_one_uid_holds_or_reserves() {
     c.timeout(t0 + LINGER);
     run(&mut c, t0 + LINGER, &[]);
     assert!(register(&mut c, t0 + LINGER, same, &["http://held.test:8000"]).0.is_ok());
+}
+
+#[test]
+fn a_route_from_an_older_release_is_taken_back_by_its_own_service() {
+    let t0 = Instant::now();
+    let mut c = core(16);
+    c.begin_import();
+    c.import_service_route("http://old.test:8000", "web".into(), portmux_wire::UNKNOWN_OWNER, None).unwrap();
+    c.end_import(t0);
+    run(&mut c, t0, &[]);
+    // Another service of an unprivileged uid may not have its host…
+    let other = c.open_session("other".into(), Peer::known(20, 65534));
+    let e = register(&mut c, t0, other, &["http://old.test:8000/x"]).0.unwrap_err();
+    assert!(e.contains("host old.test on port 8000"), "{e}");
+    // …but the service itself, whatever its uid, comes back to it and owns it from then on.
+    let web = c.open_session("web".into(), Peer::known(21, 4000));
+    assert!(register(&mut c, t0, web, &["http://old.test:8000"]).0.is_ok());
+    let same_name = c.open_session("web".into(), Peer::known(22, 65534));
+    let e = register(&mut c, t0, same_name, &["http://old.test:8000"]).0.unwrap_err();
+    assert!(e.contains("the service name 'web'") && e.contains("uid 4000"), "{e}");
 }
