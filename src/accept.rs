@@ -174,17 +174,23 @@ async fn serve(fd: OwnedFd, listener: ListenerId, shared: &Shared) {
                 return;
             }
         }
-    } else if !shared.settings.accept_proxy.is_empty()
-        && shared.table.load().port(listener).is_some_and(|p| p.routes.needs_peek())
-        && forward::proxy::sent_unasked(fd.as_fd(), deadline).await
-    {
-        tracing::warn!(%peer, port = local.port(), "refused a PROXY header from outside --accept-proxy's networks");
-        return reply::send(fd, reply::Reply::Close).await;
     }
     let _permit = match shared.admit(peer.ip()) {
         Ok(permit) => permit,
         Err(limit) => return refuse(fd, listener, peer, limit, shared).await,
     };
+    if !trusted
+        && !shared.settings.accept_proxy.is_empty()
+        && shared.table.load().port(listener).is_some_and(|p| p.routes.needs_peek())
+    {
+        let peeking = shared.peeking();
+        let sent = forward::proxy::sent_unasked(fd.as_fd(), deadline).await;
+        drop(peeking);
+        if sent {
+            tracing::warn!(%peer, port = local.port(), "refused a PROXY header from outside --accept-proxy's networks");
+            return reply::send(fd, reply::Reply::Close).await;
+        }
+    }
     route(fd, listener, peer, local, arrived, false, shared).await;
 }
 

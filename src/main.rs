@@ -319,6 +319,12 @@ fn settings(control: Option<PathBuf>, common: &Common) -> Settings {
     s.admin_public = common.admin_public;
     s.sandbox = !common.no_sandbox;
     s.user = common.user.clone();
+    // Started as root with --user, portmux's own uid (trusted like root's) is that user's.
+    if let Some((uid, _)) =
+        common.user.as_deref().filter(|_| rustix::process::geteuid().is_root()).and_then(portmux::sandbox::lookup_user)
+    {
+        s.policy = std::sync::Arc::new(portmux::config::policy::Policy::builtin(uid));
+    }
     s.drain = common.drain;
     s.upgrade_timeout = common.upgrade_timeout;
     s.handoff_patience = common.handoff_patience;
@@ -355,8 +361,7 @@ fn run(args: RunArgs) -> Result<(), String> {
     s.keepalive_timeout = args.keepalive_timeout;
     s.park_limit = args.park_limit;
     if let Some(path) = &args.config {
-        let policy =
-            portmux::config::file::load(path, rustix::process::getuid().as_raw()).map_err(|e| report(e.to_string()))?;
+        let policy = portmux::config::file::load(path, s.policy.own_uid()).map_err(|e| report(e.to_string()))?;
         s.policy = std::sync::Arc::new(policy);
         s.config_file = Some(path.clone());
     }

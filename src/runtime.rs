@@ -160,28 +160,25 @@ fn start(mut settings: Settings, handover: Option<OwnedFd>) -> Result<(), StartE
         },
         _ => None,
     };
-    let admin_from_systemd = systemd.admin.take();
-    let admin_bound = admin_from_systemd.is_none();
-    sockets.admin_unix = match &settings.admin_socket {
+    sockets.admin_unix = match (&settings.admin_socket, systemd.admin.take()) {
         _ if upgraded => None,
-        Some(_) if admin_from_systemd.is_some() => {
-            let fd = admin_from_systemd.expect("checked");
-            net::set_nonblocking(fd.as_fd(), true).map_err(StartError::ControlSocket)?;
-            Some(std::os::unix::net::UnixListener::from(fd))
-        }
-        Some(path) => match bind_admin(path) {
-            Ok(l) => Some(l),
+        (Some(path), Some(fd)) => match net::set_nonblocking(fd.as_fd(), true) {
+            Ok(()) => Some(std::os::unix::net::UnixListener::from(fd)),
             Err(source) => return Err(undo(StartError::AdminSocket { path: path.clone(), source })),
         },
-        _ => None,
+        (Some(path), None) => match bind_admin(path) {
+            Ok(l) => {
+                sockets.admin_owned = true;
+                Some(l)
+            }
+            Err(e) => return Err(undo(e)),
+        },
+        (None, _) => None,
     };
-    // Removed on a clean stop if portmux bound it (a socket unit's stays).
-    let admin_identity = settings
-        .admin_socket
-        .as_ref()
-        .filter(|_| admin_bound)
-        .and_then(|p| std::fs::symlink_metadata(p).ok())
-        .map(|m| (m.dev(), m.ino()));
+    // Removed on a clean stop if portmux bound it (a socket unit's stays; after
+    // an upgrade the new process knows whether it is portmux's).
+    let admin_identity =
+        settings.admin_socket.as_ref().and_then(|p| std::fs::symlink_metadata(p).ok()).map(|m| (m.dev(), m.ino()));
     let admin_path = settings.admin_socket.clone();
     let inherited = handover.as_ref().and(std::env::var(crate::sandbox::INHERITED_ENV).ok());
     if let (true, Some(report)) = (settings.sandbox, inherited) {
@@ -200,12 +197,12 @@ fn start(mut settings: Settings, handover: Option<OwnedFd>) -> Result<(), StartE
         tracing::warn!("running without the sandbox (--no-sandbox)");
     }
     let begin = Begin { sockets, routes, handover, systemd };
-    let (exit, owned) = serve(settings, begin).map_err(undo)?;
+    let (exit, (control_owned, admin_owned)) = serve(settings, begin).map_err(undo)?;
     // After an upgrade the socket files belong to the new process.
-    if let (Exit::Stopped, true, Some(path), Some(identity)) = (exit, owned, &control_path, identity) {
+    if let (Exit::Stopped, true, Some(path), Some(identity)) = (exit, control_owned, &control_path, identity) {
         remove_if_ours(path, identity);
     }
-    if let (Exit::Stopped, Some(path), Some(identity)) = (exit, &admin_path, admin_identity) {
+    if let (Exit::Stopped, true, Some(path), Some(identity)) = (exit, admin_owned, &admin_path, admin_identity) {
         remove_if_ours(path, identity);
     }
     Ok(())
@@ -240,7 +237,7 @@ struct Begin {
     systemd: systemd::Inherited,
 }
 
-fn serve(settings: Settings, begin: Begin) -> Result<(Exit, bool), StartError> {
+fn serve(settings: Settings, begin: Begin) -> Result<(Exit, (bool, bool)), StartError> {
     let workers = settings.workers.max(1);
     let (shared, intake, mut inboxes) = Shared::new(settings, workers);
     let control_rt = tokio_uring::Runtime::new(&uring_builder()).map_err(StartError::Runtime)?;
@@ -275,7 +272,7 @@ fn serve(settings: Settings, begin: Begin) -> Result<(Exit, bool), StartError> {
         if outcome.is_err() {
             shared.stopping.send_replace(true);
         }
-        outcome.map(|exit| (exit, control.control_owned()))
+        outcome.map(|exit| (exit, control.sockets_owned()))
     });
     drop(control_rt);
     for t in threads {
@@ -390,17 +387,24 @@ fn bind_control(path: &Path) -> Result<OwnedFd, StartError> {
     net::seqpacket_listener(path).map_err(|source| StartError::Bind { path: path.to_path_buf(), source })
 }
 
-/// Binds the admin socket, replacing a stale file (the control socket's
-/// check already showed no other portmux serves this directory).
-fn bind_admin(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
+/// Binds the admin socket in a checked directory, replacing a stale file,
+/// refusing one another process serves.
+fn bind_admin(path: &Path) -> Result<std::os::unix::net::UnixListener, StartError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        prepare_dir(dir)?;
+    }
+    let failed = |source: io::Error| StartError::AdminSocket { path: path.to_path_buf(), source };
     match std::fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_socket() => {
-            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "exists and is not a socket"));
+            return Err(failed(io::Error::new(io::ErrorKind::AlreadyExists, "it exists and is not a socket")));
         }
-        Ok(_) => std::fs::remove_file(path)?,
+        Ok(_) if std::os::unix::net::UnixStream::connect(path).is_ok() => {
+            return Err(failed(io::Error::new(io::ErrorKind::AddrInUse, "another process serves it")));
+        }
+        Ok(_) => std::fs::remove_file(path).map_err(failed)?,
         Err(_) => {}
     }
-    Ok(std::os::unix::net::UnixListener::from(net::stream_listener(path)?))
+    net::stream_listener(path).map(std::os::unix::net::UnixListener::from).map_err(failed)
 }
 
 /// The control socket's directory: created if missing, and checked when it

@@ -106,10 +106,23 @@ impl Guard {
                 ),
             ));
         }
-        if text(hyper::header::HeaderName::from_static("sec-fetch-site"))
-            .is_some_and(|v| v.eq_ignore_ascii_case("cross-site"))
+        // A browser says where a request comes from: only one typed into the
+        // address bar (Sec-Fetch-Site: none) is a person's; a page's (an
+        // <img>, a form, a script), from any site (ports do not count), is not.
+        if let Some(site) = text(hyper::header::HeaderName::from_static("sec-fetch-site"))
+            && !site.eq_ignore_ascii_case("none")
         {
-            return Err(denied(StatusCode::FORBIDDEN, "cross-site requests (Sec-Fetch-Site: cross-site) are refused"));
+            return Err(denied(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "requests made by web pages (Sec-Fetch-Site: {}) are refused",
+                    site.chars().take(20).collect::<String>()
+                ),
+            ));
+        }
+        // Browsers without Sec-Fetch-* still name the page that made a request.
+        if changes && text(hyper::header::REFERER).is_some() {
+            return Err(denied(StatusCode::FORBIDDEN, "changes requested from a web page (Referer) are refused"));
         }
         if !changes || (self.seamless && matches!(path, "/set" | "/add" | "/remove")) {
             return Ok(());
@@ -206,6 +219,15 @@ mod tests {
         assert_eq!(g.check(&Transport::Tcp, &Method::GET, "/get", &page).unwrap_err().status, 403);
         let cross = headers(&[("host", "127.0.0.1"), ("sec-fetch-site", "cross-site")]);
         assert_eq!(g.check(&Transport::Tcp, &Method::GET, "/set", &cross).unwrap_err().status, 403);
+        // An <img> on a page of another port of this host is "same-site"; an old browser sends a Referer.
+        let img =
+            headers(&[("host", "127.0.0.1:6777"), ("sec-fetch-site", "same-site"), ("sec-fetch-mode", "no-cors")]);
+        assert_eq!(g.check(&Transport::Tcp, &Method::GET, "/set", &img).unwrap_err().status, 403);
+        let old = headers(&[("host", "127.0.0.1:6777"), ("referer", "http://127.0.0.1:8080/")]);
+        assert_eq!(g.check(&Transport::Tcp, &Method::GET, "/set", &old).unwrap_err().status, 403);
+        assert_eq!(g.check(&Transport::Tcp, &Method::GET, "/get", &old), Ok(()), "reading is harmless");
+        let typed = headers(&[("host", "localhost:6777"), ("sec-fetch-site", "none")]);
+        assert_eq!(g.check(&Transport::Tcp, &Method::GET, "/set", &typed), Ok(()), "a person at the address bar");
         // seamless's verbs stay GET, without a token.
         assert_eq!(g.check(&Transport::Tcp, &Method::GET, "/set", &headers(&[("host", "127.0.0.1:6777")])), Ok(()));
         let public = Guard { public: true, ..guard(None, false) };

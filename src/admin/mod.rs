@@ -101,14 +101,16 @@ pub async fn serve(control: Rc<Control>, listeners: Listeners) {
         seamless: s.seamless,
         public: s.admin_public,
     });
-    let open = Rc::new(std::cell::Cell::new(0usize));
+    // Each transport has its own --max-admin-conns: TCP clients (anyone, a
+    // browser) cannot keep root off the socket.
+    let open = || Rc::new(std::cell::Cell::new(0usize));
     if let Some(l) = listeners.unix {
         let accept = match l.set_nonblocking(true).and_then(|()| tokio::net::UnixListener::from_std(l)) {
             Ok(l) => Rc::new(l),
             Err(e) => return tracing::error!("admin socket: {e}"),
         };
-        let (control, guard, open) = (control.clone(), guard.clone(), open.clone());
-        tokio_uring::spawn(accept_loop(control, guard, open, move || {
+        let (control, guard) = (control.clone(), guard.clone());
+        tokio_uring::spawn(accept_loop(control, guard, open(), move || {
             let accept = accept.clone();
             async move {
                 let (stream, _) = accept.accept().await?;
@@ -123,7 +125,7 @@ pub async fn serve(control: Rc<Control>, listeners: Listeners) {
             Ok(l) => Rc::new(l),
             Err(e) => return tracing::error!("admin API: {e}"),
         };
-        tokio_uring::spawn(accept_loop(control, guard, open, move || {
+        tokio_uring::spawn(accept_loop(control, guard, open(), move || {
             let accept = accept.clone();
             async move {
                 let (stream, _) = accept.accept().await?;

@@ -68,6 +68,8 @@ pub struct Sockets {
     /// The admin API's listening sockets: TCP, and the Unix socket.
     pub admin: Option<std::net::TcpListener>,
     pub admin_unix: Option<std::os::unix::net::UnixListener>,
+    /// portmux bound the admin socket's file (not a socket unit).
+    pub admin_owned: bool,
 }
 
 /// The control plane: one per process, on the main thread.
@@ -738,9 +740,10 @@ impl Control {
         self.state_file.borrow().is_some()
     }
 
-    /// Whether portmux created the control socket's file (it removes it on a clean stop).
-    pub fn control_owned(&self) -> bool {
-        self.sockets.borrow().control_owned
+    /// Whether portmux created the control and admin sockets' files (it removes them on a clean stop).
+    pub fn sockets_owned(&self) -> (bool, bool) {
+        let s = self.sockets.borrow();
+        (s.control_owned, s.admin_owned)
     }
 
     /// Copies of the admin API's listening sockets (Unix, TCP), to serve them.

@@ -142,7 +142,8 @@ impl Control {
             send(Handover::AdminSocket, vec![dup(&|| "the admin API's socket".into(), l.as_fd())?])?;
         }
         if let Some(l) = sockets.admin_unix.as_ref() {
-            send(Handover::AdminUnixSocket, vec![dup(&|| "the admin socket".into(), l.as_fd())?])?;
+            let msg = Handover::AdminUnixSocket { owned: sockets.admin_owned };
+            send(msg, vec![dup(&|| "the admin socket".into(), l.as_fd())?])?;
         }
         for msg in core.route_messages(now) {
             send(msg, vec![])?;
@@ -207,6 +208,7 @@ impl Control {
         sockets.control.take();
         sockets.admin.take();
         sockets.admin_unix.take();
+        sockets.admin_owned = false;
         // The control socket's file is the new process's now.
         sockets.control_owned = false;
         self.lifecycle.send_replace(Lifecycle::HandedOver);
@@ -263,8 +265,10 @@ impl Control {
                 sockets.control_owned = owned;
             }
             Handover::AdminSocket => self.sockets.borrow_mut().admin = Some(std::net::TcpListener::from(fd()?)),
-            Handover::AdminUnixSocket => {
-                self.sockets.borrow_mut().admin_unix = Some(std::os::unix::net::UnixListener::from(fd()?));
+            Handover::AdminUnixSocket { owned } => {
+                let mut sockets = self.sockets.borrow_mut();
+                sockets.admin_unix = Some(std::os::unix::net::UnixListener::from(fd()?));
+                sockets.admin_owned = owned;
             }
             Handover::StateFile => *self.state_file.borrow_mut() = Some(crate::systemd::StateFile::adopt(fd()?)),
             Handover::BackendRoute { route, backends } => {

@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
+/// How long a session refused by a limit may take to read why.
+const REFUSAL_LINGER: Duration = Duration::from_millis(300);
 /// A new session must say Hello within this time.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// A reply that cannot be written for this long ends the session.
@@ -182,11 +184,13 @@ impl Counts {
             settings.limit_hits.hit(limit);
             Err(SessionError::TooMany { whose, most, flag: limit.flag() })
         };
-        if counts.all.get() >= limits.sessions {
+        // Root's and portmux's own services always get in: others cannot lock them out.
+        let privileged = settings.policy.privileged(peer);
+        if counts.all.get() >= limits.sessions && !privileged {
             return refuse(Limit::Sessions, limits.sessions, "portmux has".into());
         }
         let mine = counts.by_uid.borrow().get(&peer.uid).copied().unwrap_or(0);
-        if mine >= limits.sessions_per_uid && !settings.policy.privileged(peer) {
+        if mine >= limits.sessions_per_uid && !privileged {
             return refuse(Limit::SessionsPerUid, limits.sessions_per_uid, format!("uid {} has", peer.uid));
         }
         counts.all.set(counts.all.get() + 1);
@@ -389,7 +393,7 @@ async fn wait_for_close(
 /// `portmux upgrade` asked for a new process: only root or portmux's own user may.
 async fn upgrade_requested(control: &Rc<Control>, afd: &AsyncFd<OwnedFd>, peer: &Peer, binary: Option<String>) {
     let (pid, uid) = (peer.pid, peer.uid);
-    let ours = rustix::process::getuid().as_raw();
+    let ours = control.shared.settings.policy.own_uid();
     let answer = if !control.shared.settings.policy.privileged(peer) {
         tracing::warn!(pid, uid, "refused an upgrade request from another user");
         Message::Error { reason: format!("uid {uid} may not upgrade portmux; run it as root or as uid {ours}") }
@@ -408,11 +412,13 @@ async fn upgrade_requested(control: &Rc<Control>, afd: &AsyncFd<OwnedFd>, peer: 
 async fn refuse_early(afd: &AsyncFd<OwnedFd>, pid: i32, reason: SessionError) {
     tracing::warn!(pid, "control session refused: {reason}");
     let _ = send(afd, &Message::Error { reason: reason.to_string() }).await;
+    // Over a session limit the refusal is not counted: it lingers only briefly.
+    let linger = if matches!(reason, SessionError::TooMany { .. }) { REFUSAL_LINGER } else { CLOSE_TIMEOUT };
     // Linger until the service has read why and closed: its own opening
     // messages may still be on their way, and closing under them would reset
     // its socket before it reads the Error.
     let mut buf = vec![0u8; MAX_MESSAGE];
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+    let _ = tokio::time::timeout(linger, async {
         while let Ok(Some(_)) | Err(RecvError::Protocol(_)) = recv(afd, &mut buf).await {}
     })
     .await;

@@ -88,7 +88,7 @@ fn threads() -> usize {
 }
 
 /// A user's uid and gid, from `/etc/passwd`.
-fn lookup_user(name: &str) -> Option<(u32, u32)> {
+pub fn lookup_user(name: &str) -> Option<(u32, u32)> {
     let text = std::fs::read_to_string("/etc/passwd").ok()?;
     text.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();

@@ -144,14 +144,16 @@ fn sessions_are_bounded_in_all_and_per_user() {
     let _root2 = Service::hello(&pm, &format!("http://:{}", free_port()), "root", &[]);
     let _root3 = RawSession::connect(pm.control());
     let _root4 = RawSession::connect(pm.control());
-    let over = RawSession::connect(pm.control());
-    match over.recv() {
-        Some((Message::Error { reason }, _)) => {
-            assert!(reason.contains("portmux has 6 control sessions open, the limit (--max-sessions)"), "{reason}")
-        }
-        other => panic!("{other:?}"),
-    }
+    // Six are open: a third user is refused…
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--reuid=65533", &format!("--regid={NOBODY}"), "--clear-groups", "--"]).arg(example("hello"));
+    cmd.args([&format!("http://third.test:{}", free_port()), "x", "--name", "third"]);
+    let e = Service::spawn(cmd, pm.control(), "registered").err().expect("refused");
+    assert!(e.contains("portmux has 6 control sessions open, the limit (--max-sessions)"), "{e}");
+    // …while root's services still get in: others cannot lock them out.
+    let root5 = RawSession::register(pm.control(), "root5", &[&format!("http://:{}", free_port())]);
     assert_eq!((hits(&pm, "sessions-per-uid"), hits(&pm, "sessions")), (1, 1));
+    drop(root5);
 }
 
 #[test]
@@ -252,7 +254,7 @@ fn three_thousand_slow_clients_do_not_stop_others_being_served() {
         }
         let t = Instant::now();
         assert_eq!(get(port, "x", "/").unwrap().body, "served");
-        assert!(t.elapsed() < Duration::from_secs(2), "served in {:?}", t.elapsed());
+        assert!(t.elapsed() < Duration::from_secs(5), "served in {:?}", t.elapsed());
         served += 1;
     }
     assert_eq!(served, 8);

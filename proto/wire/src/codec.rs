@@ -170,7 +170,7 @@ mod tests {
                 },
                 "11007f00000150007f000001fb8813007f0000015003",
             ),
-            (Handover::AdminUnixSocket, "12"),
+            (Handover::AdminUnixSocket { owned: true }, "1201"),
             (
                 Handover::OwnedServiceRoute {
                     route: "tcp://:1".into(),

@@ -170,8 +170,9 @@ pub enum Handover {
     /// A connection a service gave back, waiting for its next request (+ its
     /// fd), idle for `idle_ms` already; `peer` and `local` as it was given back.
     Idle { listener: SocketAddr, peer: SocketAddr, local: SocketAddr, idle_ms: u64 },
-    /// The admin API's listening Unix socket (+ its fd).
-    AdminUnixSocket,
+    /// The admin API's listening Unix socket (+ its fd); `owned`: portmux
+    /// bound its file (and removes it on a clean stop), rather than a socket unit.
+    AdminUnixSocket { owned: bool },
     /// A service's route, owned by `uid` (who claimed it: while the route
     /// exists, no other unprivileged uid takes it or its service's name);
     /// `reserved_ms` left if no session holds it now.
@@ -203,7 +204,7 @@ impl Handover {
             Handover::PinnedListener { .. } => "PinnedListener",
             Handover::Commit => "Commit",
             Handover::Idle { .. } => "Idle",
-            Handover::AdminUnixSocket => "AdminUnixSocket",
+            Handover::AdminUnixSocket { .. } => "AdminUnixSocket",
             Handover::OwnedServiceRoute { .. } => "OwnedServiceRoute",
         }
     }

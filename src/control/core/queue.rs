@@ -94,6 +94,14 @@ impl Core {
             RouteTarget::Service(s) => s,
         };
         let shown = r.display.clone();
+        let most = self.config.limits.parked;
+        if self.conns.len() >= most {
+            self.config.hits.hit(Limit::Parked);
+            tracing::warn!(route = %shown, most, "refusing a connection: portmux holds as many queued as --max-parked");
+            let detail = format!("portmux holds {most} queued connections, its limit (--max-parked)");
+            let reply = if desc.returned { Reply::Close } else { unavailable(&desc.meta, &detail) };
+            return self.effects.push_back(Effect::Answer { conn: id, reply });
+        }
         if s.queue.len() >= limit {
             // A client that stopped sending gives its place up first.
             let conns = &self.conns;
@@ -113,14 +121,6 @@ impl Core {
                     return self.effects.push_back(Effect::Answer { conn: id, reply });
                 }
             }
-        }
-        let most = self.config.limits.parked;
-        if self.conns.len() >= most {
-            self.config.hits.hit(Limit::Parked);
-            tracing::warn!(route = %shown, most, "refusing a connection: portmux holds as many queued as --max-parked");
-            let detail = format!("portmux holds {most} queued connections, its limit (--max-parked)");
-            let reply = if desc.returned { Reply::Close } else { unavailable(&desc.meta, &detail) };
-            return self.effects.push_back(Effect::Answer { conn: id, reply });
         }
         desc.meta.route = shown.to_string();
         tracing::debug!(route = %shown, conn = %id, depth = s.queue.len() + 1, "queued");
