@@ -253,6 +253,7 @@ fn sigterm_stops_portmux_gracefully() {
     assert_eq!(exit_text(pm.terminate(Duration::from_secs(10))), "exit code 0");
     assert!(started.elapsed() < Duration::from_secs(5), "stopping took {:?}", started.elapsed());
     assert!(!control.exists(), "the control socket is removed");
+    assert!(!control.with_file_name("admin.sock").exists(), "so is the admin socket");
     assert!(pm.log().contains("SIGTERM: stopping") && pm.log().contains("stopped"), "{}", pm.log());
     assert_eq!(kept.get("x", "/after").unwrap().body, "served", "handed-over connections belong to the service");
     assert_eq!(

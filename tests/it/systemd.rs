@@ -372,6 +372,9 @@ fn socket_activated_listeners_stay_pinned_across_an_upgrade() {
     assert_eq!(get(activated.port, "x", "/").unwrap().body, "activated", "the new process serves the route");
     assert!(activated.listeners().contains(&(activated.port, true)), "{:?}", activated.listeners());
     activated.check_the_activated_listener_outlives_its_routes();
+    // The new process knows the admin socket is the socket unit's: it leaves it.
+    activated.stop();
+    assert!(activated.control.with_file_name("admin.sock").exists());
 }
 
 #[test]

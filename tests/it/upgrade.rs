@@ -294,6 +294,16 @@ fn sigusr2_upgrades_too() {
     }
     assert!(alive(pid));
     assert_eq!(get(port, "x", "/").unwrap().body, "served");
+    // The sockets' files are the new process's now: it removes them when it stops.
+    let control = pm.control().to_path_buf();
+    pm.signal(rustix::process::Signal::TERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "the new process stops");
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!control.exists(), "the control socket is removed");
+    assert!(!control.with_file_name("admin.sock").exists(), "the admin socket is removed");
 }
 
 /// A stand-in "new binary" (python) that says Start, as a portmux would,
