@@ -217,6 +217,24 @@ fn admin_connections_are_bounded_in_number_time_and_size() {
     let hit = |name| hits(&pm, name);
     assert_eq!((hit("admin-conns"), hit("admin-body")), (1, 1));
     assert!(hit("admin-header-timeout") >= 1);
+
+    // TCP clients (anyone on the host, a browser) have their own share: the socket stays free.
+    let dir = TempDir::new();
+    let control = dir.path().join("control.sock");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_portmux"));
+    cmd.args(["run", "--bind", "127.0.0.1", "--admin", "127.0.0.1:0", "--max-admin-conns", "2", "--control"]);
+    cmd.arg(&control);
+    let pm = Portmux::spawn(cmd, &control, None).unwrap();
+    let tcp = tcp_admin_from_ready(pm.ready_line()).unwrap();
+    let _hogs: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(tcp).unwrap()).collect();
+    pm.wait_for("the TCP share taken", |pm| {
+        let mut s = TcpStream::connect(tcp).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let _ = s.write_all(b"GET /status HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        let mut b = [0u8; 1];
+        !matches!(s.read(&mut b), Ok(1)) && pm.status().state == "serving"
+    });
+    assert_eq!(pm.status().state, "serving", "the socket answers");
 }
 
 #[test]
