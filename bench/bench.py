@@ -261,7 +261,8 @@ class Bench:
         if system.startswith("portmux"):
             control, admin = os.path.join(d, "control.sock"), os.path.join(d, "admin.sock")
             p, _ = self.procs.start([PORTMUX, "run", "--bind", "127.0.0.1", "--workers", str(THREADS), "--control",
-                                     control, "--log", "warn", "--max-conns-per-ip", "1000000"], ready=" ready: ")
+                                     control, "--log", "warn", "--max-conns-per-ip", "1000000",
+                                     "--max-conns", str(MAXCONN)], ready=" ready: ")
             port = free_port()
             if idle:
                 spec = f"tcp://:{port}"
