@@ -118,6 +118,8 @@ fn drop_privileges(plan: &Plan) -> Result<String, SandboxError> {
     let Some(name) = plan.user.as_deref().filter(|_| euid.is_root()) else {
         if euid.is_root() {
             tracing::info!("running as root with CAP_NET_BIND_SERVICE only; --user NAME would leave uid 0 too");
+        } else if plan.user.is_some() {
+            tracing::warn!("--user applies only when portmux starts as root; it runs as uid {}", euid.as_raw());
         }
         return Ok(format!("uid {}", euid.as_raw()));
     };
