@@ -72,9 +72,16 @@ pub fn request(to: &AdminAddr, method: &str, path: &str, body: Option<&str>) -> 
         *auth,
         body.len()
     ));
-    s.write_all(head.as_bytes()).and_then(|()| s.write_all(body.as_bytes())).map_err(|e| e.to_string())?;
+    let mut request = zeroize::Zeroizing::new(head.as_bytes().to_vec());
+    request.extend_from_slice(body.as_bytes());
+    // An answer may come before the whole request is written (a refusal): it is read all the same.
+    let sent = s.write_all(&request);
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| format!("reading the admin API's answer: {e}"))?;
+    let read = s.read_to_end(&mut raw);
+    if raw.is_empty() {
+        sent.map_err(|e| e.to_string())?;
+        read.map_err(|e| format!("reading the admin API's answer: {e}"))?;
+    }
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text.split_once("\r\n\r\n").ok_or("malformed answer from the admin API")?;
     let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or("malformed status from the admin API")?;

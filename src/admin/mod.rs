@@ -268,12 +268,16 @@ async fn handle(
     let (parts, body) = req.into_parts();
     let method = parts.method;
     let path = parts.uri.path();
-    if let Err(d) = guard.check(via, &method, path, &parts.headers) {
+    let refused = guard.check(via, &method, path, &parts.headers).err();
+    // The body is read (up to the cap) even for a refusal: closing on unread
+    // bytes would reset the connection under the answer.
+    let body = Limited::new(body, body_max).collect().await;
+    if let Some(d) = refused {
         tracing::warn!(%method, path, via = ?via, "admin API refused a request: {}", d.message);
         return error(d.status, d.message);
     }
     let q = query(parts.uri.query());
-    let body = match Limited::new(body, body_max).collect().await {
+    let body = match body {
         Ok(b) => b.to_bytes(),
         Err(e) => {
             hits.hit(Limit::AdminBody);
