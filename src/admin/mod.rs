@@ -115,7 +115,8 @@ pub async fn serve(control: Rc<Control>, listeners: Listeners) {
             async move {
                 let (stream, _) = accept.accept().await?;
                 let cred = stream.peer_cred()?;
-                let peer = Peer::from_cred(cred.pid().unwrap_or(0), cred.uid(), cred.gid());
+                let fd = std::os::fd::AsFd::as_fd(&stream);
+                let peer = Peer::from_socket(fd, cred.pid().unwrap_or(0), cred.uid(), cred.gid());
                 Ok((Io::Unix(stream), Transport::Unix(peer)))
             }
         }));

@@ -36,6 +36,25 @@ impl Peer {
         Peer { pid, uid, gid, groups, unit: unit_of(&cgroup) }
     }
 
+    /// A peer on a connected Unix socket: its groups as the kernel recorded
+    /// them when it connected; its unit from `/proc`, kept only if its pidfd
+    /// shows the process still alive after the read (so the pid was not reused
+    /// by another process meanwhile). Kernels without `SO_PEERPIDFD` (before
+    /// 6.5) get the `/proc` reading as it is.
+    pub fn from_socket(fd: std::os::fd::BorrowedFd<'_>, pid: i32, uid: u32, gid: u32) -> Peer {
+        use portmux_sys::net;
+        let mut peer = Peer::from_cred(pid, uid, gid);
+        if let Ok(groups) = net::peer_groups(fd) {
+            peer.groups = groups;
+        }
+        if let Ok(pidfd) = net::peer_pidfd(fd)
+            && !net::pidfd_alive(std::os::fd::AsFd::as_fd(&pidfd))
+        {
+            peer.unit = None;
+        }
+        peer
+    }
+
     /// A peer known by pid and uid (a session handed over by an upgrade): its
     /// gid, groups and unit are read from `/proc`.
     pub fn from_pid(pid: i32, uid: u32) -> Peer {

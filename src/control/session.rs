@@ -54,7 +54,7 @@ pub(super) async fn accept_sessions(control: Rc<Control>, fd: OwnedFd) {
             match net::seqpacket_accept(listener.get_ref().as_fd()) {
                 Ok(Some((fd, cred))) => {
                     let pid = cred.pid.as_raw_nonzero().get();
-                    let peer = Peer::from_cred(pid, cred.uid.as_raw(), cred.gid.as_raw());
+                    let peer = Peer::from_socket(fd.as_fd(), pid, cred.uid.as_raw(), cred.gid.as_raw());
                     let admitted = Counts::admit(&control, &peer);
                     tokio_uring::spawn(serve(control.clone(), fd, peer, admitted));
                 }

@@ -266,3 +266,59 @@ pub fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     let flags = if on { rustix::io::FdFlags::CLOEXEC } else { rustix::io::FdFlags::empty() };
     Ok(rustix::io::fcntl_setfd(fd, flags)?)
 }
+
+/// The supplementary groups of a Unix socket's peer, as the kernel recorded
+/// them when it connected (`SO_PEERGROUPS`): no `/proc` read, no pid race.
+pub fn peer_groups(fd: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = (groups.len() * size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: `fd` is a valid open socket for the borrow's lifetime; the
+        // buffer is `len` bytes of live, writable gid_t storage, and the kernel
+        // writes at most `len` bytes and stores the size it needs in `len`.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &raw mut len,
+            )
+        };
+        let needed = len as usize / size_of::<libc::gid_t>();
+        match rc {
+            0 => {
+                groups.truncate(needed);
+                return Ok(groups);
+            }
+            _ if io::Error::last_os_error().raw_os_error() == Some(libc::ERANGE) && needed > groups.len() => {
+                groups.resize(needed, 0);
+            }
+            _ => return Err(io::Error::last_os_error()),
+        }
+    }
+}
+
+/// A pidfd for a Unix socket's peer process (`SO_PEERPIDFD`, Linux 6.5):
+/// while it shows the process alive, the peer's pid names that process.
+pub fn peer_pidfd(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let mut pidfd: libc::c_int = -1;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `fd` is a valid open socket for the borrow's lifetime; the value
+    // points to a live c_int whose size we pass exactly.
+    let rc = unsafe {
+        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERPIDFD, (&raw mut pidfd).cast(), &raw mut len)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: on success the kernel installed a new fd that nothing else owns.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(pidfd) })
+}
+
+/// Whether the process of a pidfd is still running (its pidfd becomes
+/// readable when it exits).
+pub fn pidfd_alive(pidfd: BorrowedFd<'_>) -> bool {
+    let mut fds = [rustix::event::PollFd::new(&pidfd, rustix::event::PollFlags::IN)];
+    matches!(rustix::event::poll(&mut fds, Some(&rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 })), Ok(0))
+}

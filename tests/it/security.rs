@@ -342,3 +342,24 @@ fn started_as_root_with_a_user_it_becomes_that_user() {
         Portmux::start_at(&TempDir::new().path().join("c.sock"), &["--user", "no-such-user-x"], None).err().unwrap();
     assert!(e.contains("no user 'no-such-user-x' in /etc/passwd"), "{e}");
 }
+
+#[test]
+fn a_rule_for_a_group_applies_to_its_members_as_the_kernel_records_them() {
+    let dir = TempDir::new();
+    let port = free_port();
+    let policy = dir.path().join("portmux.toml");
+    // Members of group 4242 (a supplementary group) may claim this port; nobody else may claim anything.
+    std::fs::write(&policy, format!("[[policy.rule]]\ngid = 4242\nports = [{port}]\n")).unwrap();
+    let pm = Portmux::start(&["--config", policy.to_str().unwrap()]);
+    admit_nobody(&pm);
+    let hello = |groups: &str, name: &str| {
+        let mut cmd = Command::new("setpriv");
+        cmd.args([&format!("--reuid={NOBODY}"), &format!("--regid={NOBODY}"), groups, "--"]).arg(example("hello"));
+        cmd.args([&format!("http://{name}.test:{port}"), name, "--name", name]);
+        Service::spawn(cmd, pm.control(), "registered")
+    };
+    let _member = hello("--groups=4242", "member").unwrap();
+    assert_eq!(get(port, "member.test", "/").unwrap().body, "member");
+    let e = hello("--clear-groups", "outsider").err().expect("refused");
+    assert!(e.contains(&format!("no [[policy.rule]] applies to uid {NOBODY}")), "{e}");
+}
