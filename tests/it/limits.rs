@@ -249,6 +249,21 @@ fn a_proxy_header_from_outside_the_trusted_networks_is_refused() {
 }
 
 #[test]
+fn behind_trusted_proxies_silent_clients_still_count_against_the_limits() {
+    // Clients outside --accept-proxy's networks are peeked at for a header
+    // they must not send: they are admitted (and counted) first.
+    let pm = Portmux::start(&["--accept-proxy", "10.0.0.0/8", "--max-conns-per-ip", "5"]);
+    let port = free_port();
+    let _svc = Service::hello(&pm, &format!("http://:{port}"), "served", &[]);
+    let _silent: Vec<TcpStream> = (0..5).map(|_| connect_from([127, 0, 0, 2], port)).collect();
+    pm.wait_for("5 silent clients peeked at", |pm| pm.status().peeking == 5);
+    let mut over = connect_from([127, 0, 0, 2], port);
+    over.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut over).unwrap().status, 429);
+    assert_eq!(get(port, "x", "/").unwrap().body, "served", "another address is served");
+}
+
+#[test]
 fn three_thousand_slow_clients_do_not_stop_others_being_served() {
     let pm = Portmux::start(&[]);
     let port = free_port();
