@@ -3,7 +3,7 @@
 //! neither portmux nor the services drop a connection when they restart.
 //!
 //! Modules in dependency order (each uses only those before it):
-//! leaves `ids`, `config`, `systemd`, `sandbox` (and the `portmux-sys` and `portmux-wire`
+//! leaves `ids`, `config`, `systemd`, then `sandbox` (it reads users through `config`) (and the `portmux-sys` and `portmux-wire`
 //! crates); mechanisms `reply`, `classify`, `forward`, `handoff`, `route`;
 //! `shared` (what workers and the control plane share); `accept` (the
 //! workers) and `control` (the control plane's core and driver); `admin` and

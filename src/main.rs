@@ -320,8 +320,11 @@ fn settings(control: Option<PathBuf>, common: &Common) -> Settings {
     s.sandbox = !common.no_sandbox;
     s.user = common.user.clone();
     // Started as root with --user, portmux's own uid (trusted like root's) is that user's.
-    if let Some((uid, _)) =
-        common.user.as_deref().filter(|_| rustix::process::geteuid().is_root()).and_then(portmux::sandbox::lookup_user)
+    if let Some((uid, _)) = common
+        .user
+        .as_deref()
+        .filter(|_| rustix::process::geteuid().is_root())
+        .and_then(portmux::config::policy::user_ids)
     {
         s.policy = std::sync::Arc::new(portmux::config::policy::Policy::builtin(uid));
     }

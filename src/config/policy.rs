@@ -23,30 +23,31 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// A peer from its kernel credentials; its groups and unit are read from
-    /// `/proc` (a process that is already gone has neither).
-    pub fn from_cred(pid: i32, uid: u32, gid: u32) -> Peer {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let groups = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Groups:"))
-            .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
-            .unwrap_or_default();
+    /// A peer from what is known of it, the rest read from `/proc/PID` (a
+    /// process already gone has no groups, unit or, unless given, gid).
+    fn read(pid: i32, uid: u32, gid: Option<u32>, groups: Option<Vec<u32>>) -> Peer {
+        let status = match (gid, &groups) {
+            (Some(_), Some(_)) => String::new(),
+            _ => std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default(),
+        };
+        let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).unwrap_or_default();
+        let gid = gid.unwrap_or_else(|| {
+            field("Gid:").split_whitespace().next().and_then(|g| g.parse().ok()).unwrap_or(u32::MAX)
+        });
+        let groups =
+            groups.unwrap_or_else(|| field("Groups:").split_whitespace().filter_map(|n| n.parse().ok()).collect());
         let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
         Peer { pid, uid, gid, groups, unit: unit_of(&cgroup) }
     }
 
     /// A peer on a connected Unix socket: its groups as the kernel recorded
-    /// them when it connected; its unit from `/proc`, kept only if its pidfd
-    /// shows the process still alive after the read (so the pid was not reused
-    /// by another process meanwhile). Kernels without `SO_PEERPIDFD` (before
-    /// 6.5) get the `/proc` reading as it is.
+    /// them when it connected (`SO_PEERGROUPS`); its unit from `/proc`, kept
+    /// only if its pidfd shows the process still alive after the read (so the
+    /// pid was not reused by another process meanwhile). Kernels without
+    /// `SO_PEERPIDFD` (before 6.5) get the `/proc` reading as it is.
     pub fn from_socket(fd: std::os::fd::BorrowedFd<'_>, pid: i32, uid: u32, gid: u32) -> Peer {
         use portmux_sys::net;
-        let mut peer = Peer::from_cred(pid, uid, gid);
-        if let Ok(groups) = net::peer_groups(fd) {
-            peer.groups = groups;
-        }
+        let mut peer = Peer::read(pid, uid, Some(gid), net::peer_groups(fd).ok());
         if let Ok(pidfd) = net::peer_pidfd(fd)
             && !net::pidfd_alive(std::os::fd::AsFd::as_fd(&pidfd))
         {
@@ -58,16 +59,11 @@ impl Peer {
     /// A peer known by pid and uid (a session handed over by an upgrade): its
     /// gid, groups and unit are read from `/proc`.
     pub fn from_pid(pid: i32, uid: u32) -> Peer {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let gid = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Gid:"))
-            .and_then(|g| g.split_whitespace().next()?.parse().ok())
-            .unwrap_or(u32::MAX);
-        Peer::from_cred(pid, uid, gid)
+        Peer::read(pid, uid, None, None)
     }
 
     /// A peer known only by pid and uid (in tests).
+    #[cfg(test)]
     pub fn known(pid: i32, uid: u32) -> Peer {
         Peer { pid, uid, gid: u32::MAX, groups: Vec::new(), unit: None }
     }
@@ -348,13 +344,24 @@ struct RuleEntry {
     admin: bool,
 }
 
-/// Looks a name up in `/etc/passwd` or `/etc/group` (field 3 is the id).
-fn lookup_id(file: &str, name: &str) -> Option<u32> {
+/// The numeric fields 3 and 4 of `name`'s line in `/etc/passwd` or
+/// `/etc/group` (a user's uid and gid; a group's gid).
+fn lookup(file: &str, name: &str) -> Option<(u32, Option<u32>)> {
     let text = std::fs::read_to_string(file).ok()?;
     text.lines().find_map(|l| {
-        let mut f = l.split(':');
-        (f.next() == Some(name)).then(|| f.nth(1)?.parse().ok()).flatten()
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() > 2 && f[0] == name).then(|| Some((f[2].parse().ok()?, f.get(3).and_then(|g| g.parse().ok()))))?
     })
+}
+
+/// A user's uid and primary gid, from `/etc/passwd`.
+pub fn user_ids(name: &str) -> Option<(u32, u32)> {
+    lookup("/etc/passwd", name).and_then(|(uid, gid)| Some((uid, gid?)))
+}
+
+/// A group's gid, from `/etc/group`.
+fn group_id(name: &str) -> Option<u32> {
+    lookup("/etc/group", name).map(|(gid, _)| gid)
 }
 
 impl PolicySection {
@@ -366,14 +373,15 @@ impl PolicySection {
             let mut uids: Vec<u32> = r.uid.map(OneOrMany::into_vec).unwrap_or_default();
             for user in r.user.map(OneOrMany::into_vec).unwrap_or_default() {
                 uids.push(
-                    lookup_id("/etc/passwd", &user)
+                    user_ids(&user)
+                        .map(|(uid, _)| uid)
                         .ok_or_else(|| format!("policy rule {n}: no user '{user}' in /etc/passwd; use uid = N"))?,
                 );
             }
             let mut gids: Vec<u32> = r.gid.map(OneOrMany::into_vec).unwrap_or_default();
             for group in r.group.map(OneOrMany::into_vec).unwrap_or_default() {
                 gids.push(
-                    lookup_id("/etc/group", &group)
+                    group_id(&group)
                         .ok_or_else(|| format!("policy rule {n}: no group '{group}' in /etc/group; use gid = N"))?,
                 );
             }
@@ -477,6 +485,13 @@ mod tests {
         assert!(p.may_claim(&staff, &spec("http://:2000"), "x").is_ok(), "defaults for ports, hosts, names");
         let e = p.may_claim(&Peer::known(3, 1003), &spec("http://:2000"), "x").unwrap_err();
         assert!(e.reason.contains("no [[policy.rule]] applies to uid 1003"), "{e}");
+    }
+
+    #[test]
+    fn users_and_groups_are_looked_up_by_name() {
+        assert_eq!(user_ids("root"), Some((0, 0)));
+        assert_eq!(group_id("root"), Some(0));
+        assert_eq!((user_ids("no-such-user-here"), group_id("no-such-group-here")), (None, None));
     }
 
     #[test]

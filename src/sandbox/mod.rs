@@ -87,15 +87,6 @@ fn threads() -> usize {
         .unwrap_or(1)
 }
 
-/// A user's uid and gid, from `/etc/passwd`.
-pub fn lookup_user(name: &str) -> Option<(u32, u32)> {
-    let text = std::fs::read_to_string("/etc/passwd").ok()?;
-    text.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.len() > 3 && f[0] == name).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?))).flatten()
-    })
-}
-
 /// Applies the sandbox to this (single-threaded) process.
 pub fn apply(plan: &Plan) -> Result<Report, SandboxError> {
     let n = threads();
@@ -123,7 +114,7 @@ fn drop_privileges(plan: &Plan) -> Result<String, SandboxError> {
         }
         return Ok(format!("uid {}", euid.as_raw()));
     };
-    let (uid, gid) = lookup_user(name).ok_or_else(|| SandboxError::NoUser(name.to_string()))?;
+    let (uid, gid) = crate::config::policy::user_ids(name).ok_or_else(|| SandboxError::NoUser(name.to_string()))?;
     let (uid, gid) = (rustix::process::Uid::from_raw(uid), rustix::process::Gid::from_raw(gid));
     set_keep_capabilities(true).map_err(privileges("keep capabilities"))?;
     set_thread_groups(&[]).map_err(privileges("clear the supplementary groups"))?;
@@ -221,14 +212,3 @@ fn landlock(plan: &Plan) -> Result<String, SandboxError> {
 }
 
 mod seccomp;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn users_are_looked_up_in_passwd() {
-        assert_eq!(lookup_user("root"), Some((0, 0)));
-        assert_eq!(lookup_user("no-such-user-here"), None);
-    }
-}

@@ -116,30 +116,21 @@ pub fn local_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
 
 /// Binds the control socket (`SOCK_SEQPACKET`, non-blocking) at `path` with mode 0660.
 pub fn seqpacket_listener(path: &Path) -> io::Result<OwnedFd> {
-    let fd = net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
-        None,
-    )?;
-    let addr = SocketAddrUnix::new(path)?;
-    // The mode of a socket file comes from the umask at bind time. This runs at
-    // start-up, before any other thread exists, so changing the umask is safe.
-    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o117));
-    let bound = net::bind(&fd, &addr);
-    rustix::process::umask(old);
-    bound?;
-    net::listen(&fd, 128)?;
-    Ok(fd)
+    unix_listener(path, SocketType::SEQPACKET)
 }
 
 /// A listening Unix stream socket at `path` (mode 0660, like the control
 /// socket), non-blocking and close-on-exec: the admin API's socket.
 pub fn stream_listener(path: &Path) -> io::Result<OwnedFd> {
-    let fd =
-        net::socket_with(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK, None)?;
+    unix_listener(path, SocketType::STREAM)
+}
+
+/// A listening Unix socket of `kind` at `path`, mode 0660, non-blocking, close-on-exec.
+fn unix_listener(path: &Path, kind: SocketType) -> io::Result<OwnedFd> {
+    let fd = net::socket_with(AddressFamily::UNIX, kind, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK, None)?;
     let addr = SocketAddrUnix::new(path)?;
-    // As for the control socket: the umask gives the file its mode, at start-up.
+    // The mode of a socket file comes from the umask at bind time. This runs at
+    // start-up, before any other thread exists, so changing the umask is safe.
     let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o117));
     let bound = net::bind(&fd, &addr);
     rustix::process::umask(old);
