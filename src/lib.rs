@@ -24,4 +24,5 @@ pub mod runtime;
 pub mod sandbox;
 pub mod shared;
 pub mod systemd;
+pub mod tls;
 pub mod upgrade;

@@ -58,8 +58,9 @@ enum RouteAction {
         /// Route spec, e.g. http://api.example.com:80, tcp://:5432?lb=least_conn, tls://:443?proxy=v2
         spec: String,
         /// Comma-separated backends: host:port, [v6]:port, unix:/path; @WEIGHT for weights
-        #[arg(long, value_name = "LIST", required = true)]
-        backend: String,
+        /// (none for a redirect: http://HOST:80?redirect=https)
+        #[arg(long, value_name = "LIST")]
+        backend: Option<String>,
     },
     /// List every route: services' and those with backends, with health and counts.
     List {
@@ -237,6 +238,13 @@ struct RunArgs {
     /// Most connections queued per route while its service is away
     #[arg(long, value_name = "N", default_value_t = 1024)]
     park_limit: usize,
+    /// A directory certificate files (cert=, key=, client_ca=) may be read from under the
+    /// sandbox; repeatable [default: /etc/portmux /etc/ssl /etc/letsencrypt /etc/pki]
+    #[arg(long, value_name = "DIR")]
+    cert_dir: Vec<PathBuf>,
+    /// How often the TLS session-ticket key is replaced (tickets of the previous key still resume)
+    #[arg(long, value_name = "DURATION", default_value = "12h", value_parser = humantime::parse_duration)]
+    ticket_rotation: Duration,
     /// Config file (TOML): the [policy] that says which users may claim which ports,
     /// hosts and service names [default: root and portmux's own uid claim anything,
     /// other users unprivileged ports and nothing another user holds]
@@ -363,6 +371,8 @@ fn run(args: RunArgs) -> Result<(), String> {
     s.peek_max = args.peek_max as usize;
     s.keepalive_timeout = args.keepalive_timeout;
     s.park_limit = args.park_limit;
+    s.cert_dirs.extend(args.cert_dir.iter().cloned());
+    s.ticket_rotation = args.ticket_rotation;
     if let Some(path) = &args.config {
         let policy = portmux::config::file::load(path, s.policy.own_uid()).map_err(|e| report(e.to_string()))?;
         s.policy = std::sync::Arc::new(policy);
@@ -440,7 +450,13 @@ fn route(action: RouteAction, admin: Option<String>, token_file: Option<PathBuf>
     let addr = &addr;
     let answer = match &action {
         RouteAction::Add { spec, backend } => {
-            let backends: Vec<String> = BackendSpec::parse_list(backend)?.iter().map(ToString::to_string).collect();
+            let backends: Vec<String> = match backend {
+                Some(list) => BackendSpec::parse_list(list)?.iter().map(ToString::to_string).collect(),
+                None if spec.contains("redirect=") => Vec::new(),
+                None => {
+                    return Err("--backend LIST is needed (a route with no backends must be ?redirect=https)".into());
+                }
+            };
             let body = serde_json::json!({ "route": spec, "backends": backends }).to_string();
             admin::request(addr, "POST", "/routes", Some(&body))?
         }

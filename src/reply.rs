@@ -15,6 +15,8 @@ use tokio::time::Instant;
 pub const ALERT_UNRECOGNIZED_NAME: u8 = 112;
 /// TLS alert: the ClientHello could not be parsed.
 pub const ALERT_DECODE_ERROR: u8 = 50;
+/// TLS alert: portmux cannot serve this route now (its certificate is missing).
+pub const ALERT_INTERNAL_ERROR: u8 = 80;
 
 /// How long a refused client may take to read the answer and close.
 const LINGER: Duration = Duration::from_secs(2);
@@ -26,6 +28,8 @@ const DRAIN_LIMIT: usize = 256 * 1024;
 pub enum Reply {
     /// A complete HTTP/1.1 response with `Connection: close`.
     Http { status: u16, body: String },
+    /// A permanent redirect (308) to `location`, with `Connection: close`.
+    Redirect { location: String },
     /// A fatal TLS alert record.
     TlsAlert(u8),
     /// Nothing to say: FIN after draining.
@@ -75,6 +79,28 @@ impl Reply {
         Reply::Http { status: 502, body: format!("portmux: bad gateway: {detail}\n") }
     }
 
+    /// The request's Host is not the server name its TLS connection asked for.
+    pub fn misdirected(host: &str, sni: &str) -> Reply {
+        Reply::Http {
+            status: 421,
+            body: format!(
+                "portmux: misdirected request: Host \"{}\" is not the server name \"{}\" this connection was made for; open a new connection\n",
+                printable(host),
+                printable(sni)
+            ),
+        }
+    }
+
+    pub fn forbidden(detail: &str) -> Reply {
+        Reply::Http { status: 403, body: format!("portmux: forbidden: {detail}\n") }
+    }
+
+    /// `https://` on the default port, same host and target.
+    pub fn to_https(host: &str, target: &str) -> Reply {
+        let target = if target.starts_with('/') { target } else { "/" };
+        Reply::Redirect { location: format!("https://{host}{target}") }
+    }
+
     pub fn tls_alert(description: u8) -> Reply {
         Reply::TlsAlert(description)
     }
@@ -85,7 +111,9 @@ impl Reply {
             Reply::Http { status, body } => {
                 let reason = match status {
                     400 => "Bad Request",
+                    403 => "Forbidden",
                     404 => "Not Found",
+                    421 => "Misdirected Request",
                     429 => "Too Many Requests",
                     431 => "Request Header Fields Too Large",
                     502 => "Bad Gateway",
@@ -96,6 +124,17 @@ impl Reply {
                     format!(
                         "HTTP/1.1 {status} {reason}\r\nServer: portmux\r\nContent-Type: text/plain; charset=utf-8\r\n\
                          X-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n{retry}\r\n{body}",
+                        body.len()
+                    )
+                    .into_bytes(),
+                )
+            }
+            Reply::Redirect { location } => {
+                let body = format!("portmux: moved to {location}\n");
+                Some(
+                    format!(
+                        "HTTP/1.1 308 Permanent Redirect\r\nServer: portmux\r\nLocation: {location}\r\n\
+                         Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                         body.len()
                     )
                     .into_bytes(),

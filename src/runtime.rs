@@ -222,7 +222,7 @@ fn sandbox_plan(settings: &Settings) -> crate::sandbox::Plan {
     crate::sandbox::Plan {
         user: settings.user.clone(),
         writable,
-        readable: settings.config_file.iter().cloned().collect(),
+        readable: settings.config_file.iter().chain(&settings.cert_dirs).cloned().collect(),
     }
 }
 

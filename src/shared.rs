@@ -53,6 +53,8 @@ pub struct Shared {
     pub idle_held: AtomicUsize,
     /// What the connection limits count.
     pub admission: Admission,
+    /// What every terminated TLS connection shares (the session-ticket keys).
+    pub tls: crate::tls::Context,
 }
 
 /// What the connection limits count: connections admitted (all, and per
@@ -163,6 +165,7 @@ impl Shared {
         settings: Settings,
         workers: usize,
     ) -> (Arc<Shared>, mpsc::UnboundedReceiver<ToControl>, Vec<mpsc::UnboundedReceiver<Queued>>) {
+        let tls = crate::tls::Context::new(settings.ticket_rotation);
         let (to_control, intake) = mpsc::unbounded_channel();
         let (inboxes, receivers): (Vec<_>, Vec<_>) = (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
         let shared = Arc::new(Shared {
@@ -183,6 +186,7 @@ impl Shared {
             next_conn_id: AtomicU64::new(1),
             idle_held: AtomicUsize::new(0),
             admission: Admission::default(),
+            tls,
         });
         (shared, intake, receivers)
     }

@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use portmux_wire::RouteSpec;
 use serde::{Deserialize, Serialize};
 use std::convert::Infallible;
 use std::future::Future;
@@ -325,7 +326,8 @@ async fn add_route(control: &Rc<Control>, body: &[u8]) -> Result<Response<Full<B
         };
         backends.push(parsed.map_err(AdminError::Backend)?);
     }
-    if backends.is_empty() {
+    let redirect = RouteSpec::parse(&req.route).is_ok_and(|s| s.redirect.is_some());
+    if backends.is_empty() && !redirect {
         return Err(AdminError::NoBackends);
     }
     let view = set_backends(control, &req.route, backends).await?;
@@ -335,8 +337,7 @@ async fn add_route(control: &Rc<Control>, body: &[u8]) -> Result<Response<Full<B
 /// Resolves the backends (host names may need the resolver, off this thread)
 /// and gives the route to the control plane.
 async fn set_backends(control: &Rc<Control>, route: &str, backends: Vec<BackendSpec>) -> Result<RouteView, AdminError> {
-    let spec = portmux_wire::RouteSpec::parse(route)
-        .map_err(|source| ControlError::Spec { route: route.to_string(), source })?;
+    let spec = RouteSpec::parse(route).map_err(|source| ControlError::Spec { route: route.to_string(), source })?;
     let resolved = tokio::task::spawn_blocking(move || {
         backends.into_iter().map(|b| b.resolve().map(|e| (b, e))).collect::<Result<Vec<_>, _>>()
     })

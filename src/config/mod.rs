@@ -92,7 +92,14 @@ pub struct Settings {
     pub user: Option<String>,
     /// What the sandbox put in force, once applied (for `/status`).
     pub sandboxed: Option<String>,
+    /// Where certificate files may be read (the sandbox allows these only).
+    pub cert_dirs: Vec<PathBuf>,
+    /// How often the session-ticket key is replaced (the previous one still opens tickets).
+    pub ticket_rotation: Duration,
 }
+
+/// Where certificates usually live: readable under the sandbox unless `--cert-dir` says otherwise.
+pub const CERT_DIRS: [&str; 4] = ["/etc/portmux", "/etc/ssl", "/etc/letsencrypt", "/etc/pki"];
 
 impl Settings {
     /// Whether `peer` may send a PROXY protocol header (it is in `--accept-proxy`).
@@ -136,6 +143,8 @@ impl Settings {
             sandbox: true,
             user: None,
             sandboxed: None,
+            cert_dirs: CERT_DIRS.iter().map(PathBuf::from).collect(),
+            ticket_rotation: Duration::from_secs(12 * 3600),
         }
     }
 }

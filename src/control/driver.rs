@@ -19,7 +19,7 @@ use crate::route::{Listener, Pool, PortRoutes, Route, Table, Target};
 use crate::shared::{Job, Shared, TaskGuard, ToControl};
 use crate::systemd;
 use portmux_sys::net;
-use portmux_wire::spec::RouteSpec;
+use portmux_wire::spec::{RouteSpec, Scheme};
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, OwnedFd};
@@ -106,6 +106,8 @@ pub struct Control {
     started: Instant,
     /// Control connections open, by uid (for the session limits).
     pub(super) session_counts: super::session::Counts,
+    /// The `https://` routes' certificates.
+    pub(super) tls: RefCell<super::certs::TlsRoutes>,
 }
 
 /// Marks a session's reader as running.
@@ -158,6 +160,7 @@ impl Control {
             exit: watch::Sender::new(None),
             started: Instant::now(),
             session_counts: super::session::Counts::default(),
+            tls: RefCell::default(),
         })
     }
 
@@ -272,6 +275,7 @@ impl Control {
             Effect::Publish => self.publish_due.set(true),
             Effect::Persist => self.persist_due.set(true),
             Effect::Done { op, result } => {
+                self.tls.borrow_mut().settle(op, result.is_ok());
                 self.outcomes.borrow_mut().insert(op, result);
             }
             Effect::Watch { conn } => {
@@ -314,6 +318,8 @@ impl Control {
         let plan = self.core.borrow().plan();
         let listeners = self.listeners.borrow();
         let sessions = self.sessions.borrow();
+        let mut tls = self.tls.borrow_mut();
+        tls.retain(&self.core.borrow());
         let mut ports = HashMap::new();
         for port in plan.ports {
             let Some(listener) = listeners.get(&port.listener) else { continue };
@@ -328,7 +334,9 @@ impl Control {
                         PlanTarget::Queue => Target::Queue,
                         PlanTarget::Forward(pool) => Target::Forward(pool),
                     };
-                    Arc::new(Route { key: r.display, ident: r.key, spec: r.spec, target })
+                    let tls =
+                        (r.spec.scheme == Scheme::Https).then(|| tls.get(&r.key, &r.spec, &self.shared)).flatten();
+                    Arc::new(Route { key: r.display, ident: r.key, spec: r.spec, target, tls })
                 })
                 .collect();
             let routes = PortRoutes::new(listener.clone(), routes);
@@ -522,8 +530,13 @@ impl Control {
         self: &Rc<Self>,
         session: SessionId,
         routes: &[String],
+        cert: Option<Arc<crate::tls::certs::CertSlot>>,
     ) -> Result<Vec<portmux_wire::Bound>, ControlError> {
+        let specs: Vec<RouteSpec> = routes.iter().filter_map(|r| RouteSpec::parse(r).ok()).collect();
+        let bind = self.shared.settings.bind;
+        let prepared = self.tls.borrow_mut().prepare(&specs, cert.as_ref(), bind, &self.shared)?;
         let op = self.core.borrow_mut().register(Instant::now(), session, routes);
+        self.tls.borrow_mut().pending(op, prepared);
         self.apply();
         match self.outcome(op)? {
             Outcome::Registered(bound) => Ok(bound),
@@ -546,7 +559,9 @@ impl Control {
 
     /// Creates or replaces a route that forwards to `backends`.
     pub fn set_backends(self: &Rc<Self>, spec: RouteSpec, backends: Resolved) -> Result<RouteView, ControlError> {
+        let prepared = self.tls.borrow_mut().prepare([&spec], None, self.shared.settings.bind, &self.shared)?;
         let op = self.core.borrow_mut().set_backends(Instant::now(), spec, backends);
+        self.tls.borrow_mut().pending(op, prepared);
         self.apply();
         match self.outcome(op)? {
             Outcome::RouteSet(key) => {
@@ -615,6 +630,7 @@ impl Control {
     /// acceptor; returns when SIGTERM/SIGINT or a completed upgrade ends it.
     pub async fn serve(self: &Rc<Self>, mut intake: mpsc::UnboundedReceiver<ToControl>) -> Exit {
         let timer = tokio_uring::spawn(timer(self.clone()));
+        let certs = tokio_uring::spawn(super::certs::watch(self.clone()));
         let intake = tokio_uring::spawn({
             let me = self.clone();
             async move {
@@ -656,6 +672,7 @@ impl Control {
             }
         }
         timer.abort();
+        certs.abort();
         if let Some(a) = acceptor {
             a.abort();
         }

@@ -44,8 +44,8 @@ pub enum ControlError {
     NoRoutes,
     #[error("the session is closing")]
     SessionClosing,
-    #[error("https:// (TLS termination in portmux) is not available in this version{hint}")]
-    HttpsUnavailable { route: String, hint: &'static str },
+    #[error("route {route}: {reason}")]
+    Certificate { route: String, reason: String },
     #[error("the spec names service '{spec}' but this session said Hello as '{hello}'; use one name")]
     NameMismatch { route: String, spec: String, hello: String },
     #[error("lb= and proxy= apply to routes with backends (portmux route add), not to services")]
@@ -99,7 +99,7 @@ impl ControlError {
     pub fn route(&self) -> &str {
         match self {
             ControlError::Spec { route, .. }
-            | ControlError::HttpsUnavailable { route, .. }
+            | ControlError::Certificate { route, .. }
             | ControlError::NameMismatch { route, .. }
             | ControlError::BackendOptions { route }
             | ControlError::ServiceName { route }
@@ -136,7 +136,7 @@ impl ControlError {
         match self {
             ControlError::Spec { .. }
             | ControlError::NoRoutes
-            | ControlError::HttpsUnavailable { .. }
+            | ControlError::Certificate { .. }
             | ControlError::NameMismatch { .. }
             | ControlError::BackendOptions { .. }
             | ControlError::ServiceName { .. }
@@ -283,7 +283,9 @@ mod tests {
         assert!(e.to_string().contains("permission denied (ports below 1024"), "{e}");
         assert_eq!(e.side(), Side::Host);
         assert!(std::error::Error::source(&e).is_some(), "the io::Error is kept");
-        let e = ControlError::HttpsUnavailable { route: "https://a".into(), hint: "" };
-        assert_eq!(e.to_string(), "https:// (TLS termination in portmux) is not available in this version");
+        let e =
+            ControlError::Certificate { route: "https://a:443".into(), reason: "cannot read /c.pem: denied".into() };
+        assert_eq!(e.to_string(), "route https://a:443: cannot read /c.pem: denied");
+        assert_eq!(e.side(), Side::Requester);
     }
 }

@@ -35,11 +35,10 @@ pub struct Frozen {
 
 /// The message that asks the new process to deliver a connection.
 pub(super) fn deliver_message(desc: &ConnDesc, listener: SocketAddr) -> Handover {
-    Handover::Deliver {
-        id: desc.id.0,
-        listener,
-        meta: desc.meta.clone(),
-        waited_ms: desc.arrived.elapsed().as_millis() as u64,
+    let (id, meta, waited_ms) = (desc.id.0, desc.meta.clone(), desc.arrived.elapsed().as_millis() as u64);
+    match &desc.tls {
+        None => Handover::Deliver { id, listener, meta, waited_ms },
+        Some(tls) => Handover::DeliverTls { id, listener, meta, tls: (**tls).clone(), waited_ms },
     }
 }
 
@@ -148,6 +147,9 @@ impl Control {
         for msg in core.route_messages(now) {
             send(msg, vec![])?;
         }
+        for msg in self.tls.borrow().handover_messages(&core, &self.shared) {
+            send(msg, vec![])?;
+        }
         if let Some(file) = self.state_file.borrow().as_ref() {
             send(Handover::StateFile, vec![dup(&|| "the route state file".into(), file.fd())?])?;
         }
@@ -168,11 +170,10 @@ impl Control {
             for conn in conns {
                 tracing::debug!(conn = %conn.id(), peer = %conn.desc.meta.peer, session = %session.id, "handing over an unacked connection");
                 let listener = addr_of(conn.desc.listener, conn.desc.meta.local);
-                let msg = Handover::Unacked {
-                    session: session.id.0,
-                    id: conn.id().0,
-                    listener,
-                    meta: conn.desc.meta.clone(),
+                let (session, id, meta) = (session.id.0, conn.id().0, conn.desc.meta.clone());
+                let msg = match &conn.desc.tls {
+                    None => Handover::Unacked { session, id, listener, meta },
+                    Some(tls) => Handover::UnackedTls { session, id, listener, meta, tls: (**tls).clone() },
                 };
                 send(msg, vec![dup(&|| format!("connection {}", conn.id()), conn.fd.as_fd())?])?;
             }
@@ -300,25 +301,34 @@ impl Control {
                 self.sessions.borrow_mut().insert(sid, session.clone());
                 importer.sessions.insert(sid, session);
             }
-            Handover::Unacked { session, id, listener, meta } => {
-                let listener = self.core.borrow().listener_for(listener).unwrap_or_default();
-                let desc = ConnDesc {
-                    id: ConnId(id),
-                    listener,
-                    meta,
-                    arrived: Instant::now(),
-                    rejected_by: None,
-                    returned: false,
-                };
-                let conn = Conn { fd: Arc::new(fd()?), desc };
-                tracing::debug!(conn = id, peer = %conn.desc.meta.peer, session, "adopted an unacked connection");
-                match importer.sessions.get(&SessionId(session)) {
-                    Some(s) => s.adopt(conn),
-                    None => importer.pending.push(conn),
+            Handover::TicketKeys { keys, age_ms } => {
+                if !self.shared.tls.tickets.import(&keys, Duration::from_millis(age_ms)) {
+                    tracing::warn!(
+                        "the previous portmux's session-ticket keys are malformed; clients make full handshakes"
+                    );
+                }
+                zeroize::Zeroize::zeroize(&mut { keys });
+            }
+            Handover::ServiceCert { route, chain, key } => {
+                let default_bind = self.core.borrow().config().default_bind;
+                let (chain, key) = (zeroize::Zeroizing::new(chain), zeroize::Zeroizing::new(key));
+                if let Err(e) = self.tls.borrow_mut().adopt_service_cert(&route, chain, key, default_bind, &self.shared)
+                {
+                    tracing::warn!(route = %route, "the certificate its service sent is unusable here: {e}");
                 }
             }
+            Handover::Unacked { session, id, listener, meta } => {
+                self.adopt_unacked(importer, session, id, listener, meta, None, fd()?)
+            }
+            Handover::UnackedTls { session, id, listener, meta, tls } => {
+                self.adopt_unacked(importer, session, id, listener, meta, Some(Box::new(tls)), fd()?)
+            }
             Handover::Deliver { id, listener, meta, waited_ms } => {
-                let conn = self.delivered_conn(id, listener, meta, waited_ms, fd()?);
+                let conn = self.delivered_conn(id, listener, meta, None, waited_ms, fd()?);
+                importer.pending.push(conn);
+            }
+            Handover::DeliverTls { id, listener, meta, tls, waited_ms } => {
+                let conn = self.delivered_conn(id, listener, meta, Some(Box::new(tls)), waited_ms, fd()?);
                 importer.pending.push(conn);
             }
             Handover::StateEnd { next_conn_id } => {
@@ -330,11 +340,43 @@ impl Control {
         Ok(false)
     }
 
+    #[allow(clippy::too_many_arguments)]
+    fn adopt_unacked(
+        &self,
+        importer: &mut Importer,
+        session: u64,
+        id: u64,
+        listener: SocketAddr,
+        meta: portmux_wire::ConnMeta,
+        tls: Option<Box<portmux_wire::TlsInfo>>,
+        fd: OwnedFd,
+    ) {
+        {
+            let listener = self.core.borrow().listener_for(listener).unwrap_or_default();
+            let desc = ConnDesc {
+                id: ConnId(id),
+                listener,
+                meta,
+                arrived: Instant::now(),
+                rejected_by: None,
+                returned: false,
+                tls,
+            };
+            let conn = Conn { fd: Arc::new(fd), desc };
+            tracing::debug!(conn = id, peer = %conn.desc.meta.peer, session, "adopted an unacked connection");
+            match importer.sessions.get(&SessionId(session)) {
+                Some(s) => s.adopt(conn),
+                None => importer.pending.push(conn),
+            }
+        }
+    }
+
     fn delivered_conn(
         &self,
         id: u64,
         listener: SocketAddr,
         meta: portmux_wire::ConnMeta,
+        tls: Option<Box<portmux_wire::TlsInfo>>,
         waited_ms: u64,
         fd: OwnedFd,
     ) -> Conn {
@@ -342,7 +384,7 @@ impl Control {
         let listener = self.core.borrow().listener_for(listener).unwrap_or_default();
         Conn {
             fd: Arc::new(fd),
-            desc: ConnDesc { id: ConnId(id), listener, meta, arrived, rejected_by: None, returned: false },
+            desc: ConnDesc { id: ConnId(id), listener, meta, arrived, rejected_by: None, returned: false, tls },
         }
     }
 
@@ -362,13 +404,11 @@ impl Control {
     pub fn take_late(self: &Rc<Self>, msg: Handover, mut fds: Vec<OwnedFd>) -> bool {
         match msg {
             Handover::Deliver { id, listener, meta, waited_ms } => {
-                let Some(fd) = fds.pop() else {
-                    tracing::warn!(conn = id, "the previous portmux sent a connection without its fd");
-                    return true;
-                };
-                tracing::debug!(conn = id, peer = %meta.peer, "received a connection to deliver");
-                let conn = self.delivered_conn(id, listener, meta, waited_ms, fd);
-                self.arrived(conn);
+                self.late_delivery(id, listener, meta, None, waited_ms, fds.pop());
+                true
+            }
+            Handover::DeliverTls { id, listener, meta, tls, waited_ms } => {
+                self.late_delivery(id, listener, meta, Some(Box::new(tls)), waited_ms, fds.pop());
                 true
             }
             Handover::Relay { route, backend, meta, client_closed, backend_closed } => {
@@ -397,6 +437,24 @@ impl Control {
             }
             _ => false,
         }
+    }
+
+    fn late_delivery(
+        self: &Rc<Self>,
+        id: u64,
+        listener: SocketAddr,
+        meta: portmux_wire::ConnMeta,
+        tls: Option<Box<portmux_wire::TlsInfo>>,
+        waited_ms: u64,
+        fd: Option<OwnedFd>,
+    ) {
+        let Some(fd) = fd else {
+            tracing::warn!(conn = id, "the previous portmux sent a connection without its fd");
+            return;
+        };
+        tracing::debug!(conn = id, peer = %meta.peer, "received a connection to deliver");
+        let conn = self.delivered_conn(id, listener, meta, tls, waited_ms, fd);
+        self.arrived(conn);
     }
 
     /// After a restart (a crash, systemd restarting portmux): recreates the

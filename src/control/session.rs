@@ -236,6 +236,29 @@ async fn serve(control: Rc<Control>, fd: OwnedFd, peer: Peer, admitted: Result<C
     run(control, session).await;
 }
 
+/// Claims `routes` for `session` (with the certificate it sent): the answer.
+fn registration(
+    control: &Rc<Control>,
+    session: &Session,
+    routes: &[String],
+    cert: Option<Arc<crate::tls::certs::CertSlot>>,
+) -> Message {
+    let sid = session.id;
+    match control.register(sid, routes, cert) {
+        Ok(bound) => {
+            for b in &bound {
+                tracing::info!(session = %sid, service = %session.name, route = %b.route, listen = %b.listen, "registered");
+            }
+            Message::Registered { routes: bound }
+        }
+        Err(e) => {
+            let route = e.route().to_string();
+            tracing::info!(session = %sid, service = %session.name, %route, "refused: {e}");
+            Message::Refused { route, reason: e.to_string() }
+        }
+    }
+}
+
 /// Reads a session's messages until it ends, or until an upgrade freezes the
 /// control plane (then only at the receive point, never mid-message).
 pub(super) async fn run(control: Rc<Control>, session: Arc<Session>) {
@@ -277,21 +300,26 @@ pub(super) async fn run(control: Rc<Control>, session: Arc<Session>) {
             Ok(Some((Message::GiveBack { peer, .. }, None))) => {
                 tracing::warn!(session = %sid, client = %peer, "a connection given back was lost: portmux has no file descriptor left for it (raise its open-file limit, LimitNOFILE=)");
             }
+            Ok(Some((Message::RegisterTls { routes, chain, key }, _))) => {
+                // The datagram held the key: zeroed now that it is decoded.
+                zeroize::Zeroize::zeroize(&mut buf[..]);
+                let (chain, key) = (zeroize::Zeroizing::new(chain), zeroize::Zeroizing::new(key));
+                let reply = match crate::tls::certs::CertSlot::from_service(chain, key) {
+                    Ok(slot) => registration(&control, &session, &routes, Some(slot)),
+                    Err(e) => {
+                        let route = routes.iter().find(|r| r.starts_with("https")).cloned().unwrap_or_default();
+                        tracing::info!(session = %sid, service = %session.name, %route, "refused: {e}");
+                        Message::Refused { route, reason: format!("the certificate sent is unusable: {e}") }
+                    }
+                };
+                if let Err(e) = send(&afd, &reply).await {
+                    tracing::info!(session = %sid, service = %session.name, "cannot reply: {e}");
+                    break End::Closed;
+                }
+            }
             Ok(Some((msg, _))) => match msg {
                 Message::Register { routes } => {
-                    let reply = match control.register(sid, &routes) {
-                        Ok(bound) => {
-                            for b in &bound {
-                                tracing::info!(session = %sid, service = %session.name, route = %b.route, listen = %b.listen, "registered");
-                            }
-                            Message::Registered { routes: bound }
-                        }
-                        Err(e) => {
-                            let route = e.route().to_string();
-                            tracing::info!(session = %sid, service = %session.name, %route, "refused: {e}");
-                            Message::Refused { route, reason: e.to_string() }
-                        }
-                    };
+                    let reply = registration(&control, &session, &routes, None);
                     if let Err(e) = send(&afd, &reply).await {
                         tracing::info!(session = %sid, service = %session.name, "cannot reply: {e}");
                         break End::Closed;

@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod proxy;
 pub mod relay;
+pub mod stream;
 
 use crate::config::Settings;
 use crate::reply::{self, Reply};
@@ -73,6 +74,25 @@ fn pause_handle() -> Rc<relay::Pause> {
 /// `pool`, until the relay ends, or pauses for an upgrade: then its sockets
 /// come back, to move to the new process.
 pub async fn serve(client: OwnedFd, meta: ConnMeta, pool: Arc<BackendPool>, settings: &Settings) -> Option<Paused> {
+    let (backend, server) = match Box::pin(open(&meta, &pool, settings)).await {
+        Ok(opened) => opened,
+        Err(answer) => {
+            Box::pin(reply::send(client, answer)).await;
+            return None;
+        }
+    };
+    let active = backend.connected();
+    if let Err(e) = net::set_nonblocking(client.as_fd(), true).and_then(|()| net::set_nodelay(client.as_fd())) {
+        tracing::debug!(client = %meta.peer, "client socket unusable: {e}");
+        return None;
+    }
+    relay_to(client, server, meta, &backend, active, relay::Closed::default(), settings).await
+}
+
+/// Connects to a backend of `pool` for the client `meta` describes (up to
+/// [`TRIES`] backends), and sends the PROXY header if the route asks: the
+/// backend and its socket, or the answer for the client.
+pub async fn open(meta: &ConnMeta, pool: &BackendPool, settings: &Settings) -> Result<(Arc<Backend>, OwnedFd), Reply> {
     let mut tried = Vec::new();
     let mut connected = None;
     while tried.len() < TRIES {
@@ -98,8 +118,7 @@ pub async fn serve(client: OwnedFd, meta: ConnMeta, pool: Arc<BackendPool>, sett
                     Proto::Http => Reply::unavailable("portmux is out of file descriptors; retry shortly"),
                     Proto::Tls | Proto::Tcp => Reply::Close,
                 };
-                Box::pin(reply::send(client, answer)).await;
-                return None;
+                return Err(answer);
             }
             Err(e) => {
                 backend.mark_failed(settings.backend_cooldown);
@@ -123,23 +142,20 @@ pub async fn serve(client: OwnedFd, meta: ConnMeta, pool: Arc<BackendPool>, sett
             )),
             Proto::Tls | Proto::Tcp => Reply::Close,
         };
-        Box::pin(reply::send(client, answer)).await;
-        return None;
+        return Err(answer);
     };
-    let active = backend.connected();
     if let Some(version) = pool.proxy {
         let header = proxy::header(version, meta.peer, meta.local);
         let deadline = Instant::now() + settings.connect_timeout;
         if !Box::pin(reply::write_all(server.as_fd(), &header, deadline)).await {
             tracing::warn!(route = %meta.route, backend = %backend.spec.name, "could not send the PROXY header");
-            return None;
+            return Err(match meta.proto {
+                Proto::Http => Reply::bad_gateway("the backend did not take the PROXY header"),
+                Proto::Tls | Proto::Tcp => Reply::Close,
+            });
         }
     }
-    if let Err(e) = net::set_nonblocking(client.as_fd(), true).and_then(|()| net::set_nodelay(client.as_fd())) {
-        tracing::debug!(client = %meta.peer, "client socket unusable: {e}");
-        return None;
-    }
-    relay_to(client, server, meta, &backend, active, relay::Closed::default(), settings).await
+    Ok((backend, server))
 }
 
 /// Resumes a relay that a previous portmux paused for an upgrade.

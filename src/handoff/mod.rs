@@ -26,6 +26,9 @@ pub struct ConnDesc {
     /// A service gave it back between requests: if it cannot be routed, it is
     /// closed (its client retries on a new connection) rather than answered.
     pub returned: bool,
+    /// portmux terminated its TLS: the socket is a plaintext socketpair end,
+    /// and the service learns these facts.
+    pub tls: Option<Box<portmux_wire::TlsInfo>>,
 }
 
 /// A client connection on its way to a service.
@@ -151,10 +154,23 @@ impl Session {
             return Err(Refusal::Dead(conn));
         }
         // The metadata moves into the message for encoding and back out, uncopied.
-        let msg = Message::Connection { id: conn.desc.id.0, meta: conn.desc.meta };
-        let encoded = portmux_wire::encode(&msg);
-        let Message::Connection { meta, .. } = msg else { unreachable!("built just above") };
+        let id = conn.desc.id.0;
+        let (encoded, meta, tls) = match conn.desc.tls.take() {
+            None => {
+                let msg = Message::Connection { id, meta: conn.desc.meta };
+                let encoded = portmux_wire::encode(&msg);
+                let Message::Connection { meta, .. } = msg else { unreachable!("built just above") };
+                (encoded, meta, None)
+            }
+            Some(tls) => {
+                let msg = Message::TlsConnection { id, meta: conn.desc.meta, tls: *tls };
+                let encoded = portmux_wire::encode(&msg);
+                let Message::TlsConnection { meta, tls, .. } = msg else { unreachable!("built just above") };
+                (encoded, meta, Some(Box::new(tls)))
+            }
+        };
         conn.desc.meta = meta;
+        conn.desc.tls = tls;
         let bytes = match encoded {
             Ok(b) => b,
             Err(e) => {

@@ -81,7 +81,8 @@ pub struct Matcher<T> {
     tcp: Option<T>,
     /// Most specific first (host rank, then path length).
     http: Vec<(RouteSpec, T)>,
-    /// Most specific first.
+    /// By SNI, most specific first: `tls://` (passed through) and `https://`
+    /// (terminated, then matched again by Host and path).
     tls: Vec<(RouteSpec, T)>,
 }
 
@@ -98,14 +99,23 @@ impl<T> Matcher<T> {
         for (spec, value) in routes {
             match spec.scheme {
                 Scheme::Tcp => m.tcp = Some(value),
-                Scheme::Http | Scheme::Https => m.http.push((spec, value)),
-                Scheme::Tls => m.tls.push((spec, value)),
+                Scheme::Http => m.http.push((spec, value)),
+                Scheme::Tls | Scheme::Https => m.tls.push((spec, value)),
             }
         }
         let specificity = |(s, _): &(RouteSpec, T)| (s.host.rank(), s.path.as_ref().map_or(0, String::len));
         m.http.sort_by_key(|r| std::cmp::Reverse(specificity(r)));
         m.tls.sort_by_key(|r| std::cmp::Reverse(specificity(r)));
         m
+    }
+
+    /// After termination: the `https://` route for the request's Host and
+    /// (normalised) path.
+    pub fn terminated(&self, host: Option<&str>, path: &str) -> Option<&T> {
+        self.tls
+            .iter()
+            .find(|(s, _)| s.scheme == Scheme::Https && s.host.matches(host) && s.matches_path(path))
+            .map(|(_, v)| v)
     }
 
     /// The whole-port route, if there is one.
@@ -139,7 +149,11 @@ impl<T> Matcher<T> {
     /// path for HTTP, the whole-port route otherwise or as a fallback).
     pub fn lookup(&self, meta: &ConnMeta) -> Option<&T> {
         let specific = match meta.proto {
-            Proto::Tls => self.tls.iter().find(|(s, _)| s.host.matches(meta.sni.as_deref())),
+            Proto::Tls => self.tls.iter().find(|(s, _)| s.host.matches(meta.sni.as_deref())).or_else(|| {
+                // A client that sends no server name gets the default
+                // certificate: the first (most specific) `https://` route's.
+                meta.sni.is_none().then(|| self.tls.iter().find(|(s, _)| s.scheme == Scheme::Https)).flatten()
+            }),
             Proto::Http => {
                 let path = normalize_path(meta.path.as_deref().unwrap_or("/"));
                 self.http.iter().find(|(s, _)| s.host.matches(meta.host.as_deref()) && s.matches_path(&path))
@@ -177,6 +191,8 @@ pub struct Route {
     pub ident: RouteKey,
     pub spec: RouteSpec,
     pub target: Target,
+    /// `https://`: the TLS server side (its certificate); `None` if it could not be loaded.
+    pub tls: Option<Arc<crate::tls::Terminator>>,
 }
 
 /// Where a route's connections go.
@@ -264,7 +280,7 @@ mod tests {
     fn route(spec: &str) -> Arc<Route> {
         let spec = RouteSpec::parse(spec).unwrap();
         let ident = ("127.0.0.1:8000".parse().unwrap(), spec.key().into());
-        Arc::new(Route { key: spec.key().into(), ident, spec, target: Target::Queue })
+        Arc::new(Route { key: spec.key().into(), ident, spec, target: Target::Queue, tls: None })
     }
 
     fn meta() -> ConnMeta {
@@ -338,6 +354,25 @@ mod tests {
 
         let tcp_only = PortRoutes::new(listener(), vec![route("tcp://:8000")]);
         assert!(!tcp_only.routes.needs_peek());
+
+        let shared = PortRoutes::new(
+            listener(),
+            vec![
+                route("tls://pass.test:8000"),
+                route("https://term.test:8000"),
+                route("https://term.test:8000/api"),
+                route("https://*.wild.test:8000"),
+            ],
+        );
+        assert_eq!(tls(&shared, Some("pass.test")).unwrap(), "tls://pass.test:8000");
+        assert_eq!(tls(&shared, Some("term.test")).unwrap(), "https://term.test:8000/api");
+        assert_eq!(tls(&shared, Some("a.wild.test")).unwrap(), "https://*.wild.test:8000");
+        assert_eq!(tls(&shared, None).unwrap(), "https://term.test:8000/api", "the default certificate");
+        assert!(matches!(tls(&shared, Some("z.test")), Err(Reply::TlsAlert(_))));
+        let after = |host, path| shared.routes.terminated(Some(host), path).map(|r| r.key.to_string());
+        assert_eq!(after("term.test", "/").as_deref(), Some("https://term.test:8000"));
+        assert_eq!(after("term.test", "/api/x").as_deref(), Some("https://term.test:8000/api"));
+        assert_eq!(after("pass.test", "/"), None, "a passthrough route is not one to terminate");
 
         let tls_only = PortRoutes::new(listener(), vec![route("tls://b.test:8000")]);
         assert!(tls_only.routes.want().http, "plain HTTP on a TLS port is parsed to answer 400");

@@ -11,6 +11,7 @@ mod protocol;
 mod restart;
 mod security;
 mod systemd;
+mod tls;
 mod upgrade;
 mod util;
 mod walkthrough;

@@ -97,9 +97,10 @@ fn refused_registrations_say_why_and_the_session_carries_on() {
         other => panic!("expected Refused, got {other:?}"),
     };
     assert!(refused(register(&["nonsense"])).contains("has no scheme"));
-    assert!(
-        refused(register(&[&format!("https://x.test:{port}?cert=a&key=b")])).contains("not available in this version")
-    );
+    let text = refused(register(&[&format!("https://x.test:{port}?cert=/nonexistent.pem&key=b")]));
+    assert!(text.contains("cannot read /nonexistent.pem"), "{text}");
+    let text = refused(register(&[&format!("https://x.test:{port}")]));
+    assert!(text.contains("needs a certificate") && text.contains("RegisterTls"), "{text}");
     assert!(refused(register(&[&format!("http://:{port}?name=other")])).contains("names service 'other'"));
     let _blocker = std::net::TcpListener::bind(("127.0.0.1", busy_port)).unwrap();
     assert!(refused(register(&[&format!("tcp://:{busy_port}")])).contains("another process uses this address"));

@@ -611,6 +611,11 @@ impl Pki {
         (c.to_string_lossy().into_owned(), k.to_string_lossy().into_owned())
     }
 
+    /// The CA certificate (DER).
+    pub fn ca_der(&self) -> rustls::pki_types::CertificateDer<'static> {
+        self.ca.der().clone()
+    }
+
     /// A rustls client configuration trusting only this CA.
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();

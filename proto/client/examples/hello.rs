@@ -1,7 +1,10 @@
 //! A tiny service built on portmux: claims a route and answers every HTTP/1.1
 //! request on every connection it is handed with the same body (keep-alive
 //! honoured). With `--tls-cert/--tls-key` it terminates TLS itself on the
-//! handed-off connection (a `tls://` route: portmux never sees plaintext).
+//! handed-off connection (a `tls://` route: portmux never sees plaintext);
+//! on an `https://` route it sends the certificate to portmux, which
+//! terminates TLS, and answers with an `X-Portmux-Tls` header saying what the
+//! handshake settled (version, cipher, SNI, ALPN, client certificates).
 //!
 //! With `--listen ADDR` it listens on ADDR itself instead (no portmux): the
 //! same server as a plain backend, or as the "direct" baseline of a benchmark.
@@ -108,7 +111,9 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let portmux_terminates = args.spec.starts_with("https:");
     let tls = match (&args.cert, &args.key) {
+        _ if portmux_terminates => None,
         (Some(c), Some(k)) => match tls_acceptor(c, k) {
             Ok(a) => Some(a),
             Err(e) => {
@@ -142,6 +147,15 @@ async fn main() -> ExitCode {
     if let Some(c) = &args.control {
         builder = builder.control(c);
     }
+    if let (true, Some(cert), Some(key)) = (portmux_terminates, &args.cert, &args.key) {
+        match (std::fs::read_to_string(cert), std::fs::read_to_string(key)) {
+            (Ok(chain), Ok(key)) => builder = builder.certificate(chain, key),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("hello: cannot read the certificate or key: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let mut listener = match builder.bind_async().await {
         Ok(l) => l,
         Err(e) => {
@@ -157,9 +171,19 @@ async fn main() -> ExitCode {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _info)) => {
+                Ok((stream, info)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(serve(stream, tls.clone(), body.clone()));
+                    let facts = info.tls.as_ref().map(|t| {
+                        format!(
+                            "version={}; cipher={}; sni={}; alpn={}; client-certs={}",
+                            t.version,
+                            t.cipher,
+                            t.sni.as_deref().unwrap_or("-"),
+                            t.alpn.as_deref().unwrap_or("-"),
+                            t.client_certs.len()
+                        )
+                    });
+                    tokio::spawn(serve(stream, tls.clone(), body.clone(), facts));
                 }
                 Err(e) => {
                     eprintln!("hello: accept: {e}");
@@ -210,7 +234,7 @@ async fn listen_directly(addr: &str, tls: Option<TlsAcceptor>, body: Bytes) -> E
         match listener.accept().await {
             Ok((stream, _)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve(stream, tls.clone(), body.clone()));
+                tokio::spawn(serve(stream, tls.clone(), body.clone(), None));
             }
             Err(e) => {
                 eprintln!("hello: accept: {e}");
@@ -220,12 +244,13 @@ async fn listen_directly(addr: &str, tls: Option<TlsAcceptor>, body: Bytes) -> E
     }
 }
 
-async fn serve<S>(stream: S, tls: Option<TlsAcceptor>, body: Bytes)
+async fn serve<S>(stream: S, tls: Option<TlsAcceptor>, body: Bytes, facts: Option<String>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req: Request<Incoming>| {
         let body = body.clone();
+        let facts = facts.clone();
         async move {
             // Read the request body to the end so the connection can be reused.
             let mut incoming = req.into_body();
@@ -234,7 +259,11 @@ where
                     break;
                 }
             }
-            Ok::<_, Infallible>(Response::new(Full::new(body)))
+            let mut response = Response::new(Full::new(body));
+            if let Some(v) = facts.and_then(|f| hyper::header::HeaderValue::from_str(&f).ok()) {
+                response.headers_mut().insert("x-portmux-tls", v);
+            }
+            Ok::<_, Infallible>(response)
         }
     });
     // A client may shut down its sending side once its request is out and

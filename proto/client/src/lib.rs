@@ -29,7 +29,7 @@ pub mod tokio;
 
 pub use stream::Stream;
 
-pub use portmux_wire::{Bound, ConnMeta, Proto};
+pub use portmux_wire::{Bound, ConnMeta, Proto, TlsInfo};
 
 use portmux_sys::scm::Wait;
 use proto::{Config, Incoming};
@@ -62,6 +62,9 @@ pub struct ConnInfo {
     /// portmux's id for this connection.
     pub id: u64,
     pub meta: ConnMeta,
+    /// On an `https://` route, portmux terminated TLS: the stream carries the
+    /// plaintext, and this is what the handshake settled.
+    pub tls: Option<TlsInfo>,
 }
 
 impl std::ops::Deref for ConnInfo {
@@ -140,6 +143,7 @@ pub struct Builder {
     name: Option<String>,
     control: Option<PathBuf>,
     reconnect: Option<Option<Duration>>,
+    cert: Option<Arc<(String, String)>>,
 }
 
 impl Builder {
@@ -164,6 +168,15 @@ impl Builder {
     /// The control socket. Default: `$PORTMUX_CONTROL`, else portmux's default path.
     pub fn control(mut self, path: impl Into<PathBuf>) -> Builder {
         self.control = Some(path.into());
+        self
+    }
+
+    /// The certificate for this service's `https://` routes that name none
+    /// (`cert=`): a PEM chain (leaf first) and its PEM private key. portmux
+    /// terminates TLS with it and hands over the plaintext; it is sent again
+    /// when the session reconnects.
+    pub fn certificate(mut self, chain_pem: impl Into<String>, key_pem: impl Into<String>) -> Builder {
+        self.cert = Some(Arc::new((chain_pem.into(), key_pem.into())));
         self
     }
 
@@ -202,7 +215,7 @@ impl Builder {
             .unwrap_or_else(executable_name);
         portmux_wire::spec::validate_service_name(&name).map_err(Error::Name)?;
         let control = self.control.unwrap_or_else(default_control);
-        Ok(Config { routes: self.routes, name, control, reconnect: self.reconnect.unwrap_or(None) })
+        Ok(Config { routes: self.routes, name, control, reconnect: self.reconnect.unwrap_or(None), cert: self.cert })
     }
 }
 
@@ -497,7 +510,7 @@ impl Listener {
                 // connection is ours all the same.
                 let _ = proto::send(&*sock, &proto::ack(id), Wait::Block);
                 stream.set_nonblocking(false)?;
-                Ok(Some(track(&self.handle, stream, info)))
+                Ok(Some(track(&self.handle, stream, *info)))
             }
             Incoming::Lost(id, reason) => {
                 let _ = proto::send(&*sock, &proto::reject(id, &reason), Wait::Block);
@@ -719,7 +732,7 @@ fn handshake(cfg: &Config, buf: &mut [u8]) -> Result<Opened<OwnedFd>, Error> {
             Ok(Incoming::Conn(id, stream, info)) => {
                 proto::send(&sock, &proto::ack(id), Wait::Block)?;
                 stream.set_nonblocking(false)?;
-                early.push((stream, info));
+                early.push((stream, *info));
             }
             Ok(Incoming::Lost(id, why)) => proto::send(&sock, &proto::reject(id, &why), Wait::Block)?,
             Ok(Incoming::Nothing) => {}

@@ -18,13 +18,19 @@ pub(crate) struct Config {
     pub control: PathBuf,
     /// How long to keep trying to reconnect after portmux goes away; `None`: forever.
     pub reconnect: Option<Duration>,
+    /// The certificate (PEM chain, PEM key) for `https://` routes that name none.
+    pub cert: Option<std::sync::Arc<(String, String)>>,
 }
 
 impl Config {
     /// The two messages that open a session: Hello, then Register.
     pub fn opening(&self) -> Result<[Vec<u8>; 2], Error> {
         let hello = Message::Hello { version: PROTOCOL_VERSION, service: self.name.clone() };
-        let register = Message::Register { routes: self.routes.clone() };
+        let routes = self.routes.clone();
+        let register = match &self.cert {
+            None => Message::Register { routes },
+            Some(cert) => Message::RegisterTls { routes, chain: cert.0.clone(), key: cert.1.clone() },
+        };
         let enc = |m: &Message| portmux_wire::encode(m).map_err(|e| Error::Protocol(e.to_string()));
         Ok([enc(&hello)?, enc(&register)?])
     }
@@ -34,7 +40,7 @@ impl Config {
 #[derive(Debug)]
 pub(crate) enum Incoming {
     /// A connection; the caller acks it with `id` right away.
-    Conn(u64, TcpStream, ConnInfo),
+    Conn(u64, TcpStream, Box<ConnInfo>),
     /// A connection that arrived without its fd (the fd table is full:
     /// MSG_CTRUNC); the caller rejects it so portmux gives it to someone else.
     Lost(u64, String),
@@ -78,18 +84,23 @@ pub(crate) fn receive(sock: impl AsFd, buf: &mut [u8], wait: Wait) -> io::Result
     let decoded = portmux_wire::decode(&buf[..dg.len])
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("portmux sent a bad message: {e}")))?;
     Ok(match decoded {
-        Message::Connection { id, meta } => {
-            if ctrunc || fds.len() != 1 {
-                let why = if ctrunc {
-                    "the connection's fd was dropped by the kernel (MSG_CTRUNC): this process is out of file \
-                     descriptors (raise its RLIMIT_NOFILE); portmux gives the connection to another instance"
-                } else {
-                    "a connection message arrived without exactly one fd"
-                };
-                return Ok(Incoming::Lost(id, why.into()));
-            }
+        Message::Connection { id, .. } | Message::TlsConnection { id, .. } if ctrunc || fds.len() != 1 => {
+            let why = if ctrunc {
+                "the connection's fd was dropped by the kernel (MSG_CTRUNC): this process is out of file \
+                 descriptors (raise its RLIMIT_NOFILE); portmux gives the connection to another instance"
+            } else {
+                "a connection message arrived without exactly one fd"
+            };
+            return Ok(Incoming::Lost(id, why.into()));
+        }
+        Message::TlsConnection { id, meta, tls } => {
+            // The plaintext end of a socketpair: reads and writes as a TCP stream does.
             let stream = TcpStream::from(fds.remove(0));
-            Incoming::Conn(id, stream, ConnInfo { id, meta })
+            Incoming::Conn(id, stream, Box::new(ConnInfo { id, meta, tls: Some(tls) }))
+        }
+        Message::Connection { id, meta } => {
+            let stream = TcpStream::from(fds.remove(0));
+            Incoming::Conn(id, stream, Box::new(ConnInfo { id, meta, tls: None }))
         }
         Message::Registered { routes } => Incoming::Registered(routes),
         Message::Refused { route, reason } => Incoming::Refused { route, reason },

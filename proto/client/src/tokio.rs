@@ -96,7 +96,7 @@ impl Listener {
                 Incoming::Conn(id, stream, info) => {
                     let _ = send(&self.sock, &proto::ack(id)).await;
                     stream.set_nonblocking(true)?;
-                    return Ok(self.track(TcpStream::from_std(stream)?, info));
+                    return Ok(self.track(TcpStream::from_std(stream)?, *info));
                 }
                 Incoming::Lost(id, why) => {
                     let _ = send(&self.sock, &proto::reject(id, &why)).await;
@@ -416,7 +416,7 @@ async fn handshake(cfg: &Config, buf: &mut [u8]) -> Result<Opened<UnixDatagram>,
                 }
                 Incoming::Conn(id, stream, info) => {
                     send(&sock, &proto::ack(id)).await?;
-                    early.push((stream, info));
+                    early.push((stream, *info));
                 }
                 Incoming::Lost(id, why) => send(&sock, &proto::reject(id, &why)).await?,
                 Incoming::Nothing => {}
@@ -471,7 +471,7 @@ impl axum::serve::Listener for Listener {
             path: None,
             peeked: 0,
         };
-        Ok(ConnInfo { id: 0, meta })
+        Ok(ConnInfo { id: 0, meta, tls: None })
     }
 }
 

@@ -113,7 +113,7 @@ mod tests {
             path: Some(format!("/{}", "é".repeat(3000))),
             peeked: 77,
         };
-        let info = ConnInfo { id: 42, meta };
+        let info = ConnInfo { id: 42, meta, tls: None };
         let c = portmux_conn_info::from_info(&info);
         assert_eq!((c.id, c.proto, c.peeked), (42, PORTMUX_PROTO_HTTP, 77));
         assert_eq!(text(&c.peer), "[::1]:5000");

@@ -101,6 +101,16 @@ mod tests {
 
     /// Every variant, with the bytes it must encode to. Changing any of these
     /// breaks deployed services: bump PROTOCOL_VERSION instead of editing them.
+    fn tls() -> crate::TlsInfo {
+        crate::TlsInfo {
+            sni: Some("a.test".into()),
+            alpn: Some("http/1.1".into()),
+            version: "TLSv1.3".into(),
+            cipher: "TLS13_AES_128_GCM_SHA256".into(),
+            client_certs: vec![vec![0x30, 0x01]],
+        }
+    }
+
     fn golden() -> Vec<(Message, &'static str)> {
         vec![
             (Message::Hello { version: PROTOCOL_VERSION, service: "web".into() }, "000103776562"),
@@ -132,6 +142,14 @@ mod tests {
                     local: "127.0.0.1:80".parse().unwrap(),
                 },
                 "0c0a687474703a2f2f3a3830007f000001fb8813007f00000150",
+            ),
+            (
+                Message::TlsConnection { id: 7, meta: meta(), tls: tls() },
+                "0d070e687474703a2f2f3a383030302f6101007f000001fb409c0100000000000000000000000000000001fb401f00010268320106612e7465737401032f612ffb2c010106612e746573740108687474702f312e3107544c5376312e3318544c5331335f4145535f3132385f47434d5f53484132353601023001",
+            ),
+            (
+                Message::RegisterTls { routes: vec!["https://a".into()], chain: "C".into(), key: "K".into() },
+                "0e010968747470733a2f2f610143014b",
             ),
         ]
     }
@@ -180,6 +198,28 @@ mod tests {
                 },
                 "13087463703a2f2f3a310173070105",
             ),
+            (
+                Handover::UnackedTls {
+                    session: 1,
+                    id: 2,
+                    listener: "127.0.0.1:80".parse().unwrap(),
+                    meta: meta(),
+                    tls: tls(),
+                },
+                "140102007f000001500e687474703a2f2f3a383030302f6101007f000001fb409c0100000000000000000000000000000001fb401f00010268320106612e7465737401032f612ffb2c010106612e746573740108687474702f312e3107544c5376312e3318544c5331335f4145535f3132385f47434d5f53484132353601023001",
+            ),
+            (
+                Handover::DeliverTls {
+                    id: 2,
+                    listener: "127.0.0.1:80".parse().unwrap(),
+                    meta: meta(),
+                    tls: tls(),
+                    waited_ms: 3,
+                },
+                "1502007f000001500e687474703a2f2f3a383030302f6101007f000001fb409c0100000000000000000000000000000001fb401f00010268320106612e7465737401032f612ffb2c010106612e746573740108687474702f312e3107544c5376312e3318544c5331335f4145535f3132385f47434d5f5348413235360102300103",
+            ),
+            (Handover::TicketKeys { keys: vec![vec![1, 2]], age_ms: 4 }, "160102010204"),
+            (Handover::ServiceCert { route: "r".into(), chain: "C".into(), key: "K".into() }, "1701720143014b"),
         ]
     }
 

@@ -54,6 +54,33 @@ pub enum Message {
     /// balancer, with `--accept-proxy`). Only plain HTTP and raw TCP
     /// connections can move; a TLS session's state stays with its service.
     GiveBack { route: String, peer: SocketAddr, local: SocketAddr },
+    /// portmux → service: a client connection of an `https://` route, whose
+    /// TLS portmux terminated. The fd (in the same datagram) is one end of a
+    /// socketpair carrying the plaintext: the first request (`meta.peeked`
+    /// bytes) is already in it.
+    TlsConnection { id: u64, meta: ConnMeta, tls: TlsInfo },
+    /// Service → portmux: like [`Message::Register`], and the `https://`
+    /// routes among `routes` that name no certificate of their own are
+    /// served with this one: `chain` (PEM, leaf first) and `key` (PEM). Only
+    /// over the Unix control socket; portmux never logs it and forgets it
+    /// when the service's routes are gone.
+    RegisterTls { routes: Vec<String>, chain: String, key: String },
+}
+
+/// What portmux learned from a TLS handshake it terminated.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TlsInfo {
+    /// The server name the client asked for (lower case), if it sent one.
+    pub sni: Option<String>,
+    /// The application protocol negotiated by ALPN (`http/1.1`), if any.
+    pub alpn: Option<String>,
+    /// `TLSv1.3` or `TLSv1.2`.
+    pub version: String,
+    /// The cipher suite's IANA name, e.g. `TLS13_AES_128_GCM_SHA256`.
+    pub cipher: String,
+    /// The client's certificate chain (DER, leaf first), verified against
+    /// the route's `client_ca`; empty when the route asks for none.
+    pub client_certs: Vec<Vec<u8>>,
 }
 
 impl Message {
@@ -73,6 +100,8 @@ impl Message {
             Message::Upgrade { .. } => "Upgrade",
             Message::Upgraded { .. } => "Upgraded",
             Message::GiveBack { .. } => "GiveBack",
+            Message::TlsConnection { .. } => "TlsConnection",
+            Message::RegisterTls { .. } => "RegisterTls",
         }
     }
 }
@@ -177,6 +206,18 @@ pub enum Handover {
     /// exists, no other unprivileged uid takes it or its service's name);
     /// `reserved_ms` left if no session holds it now.
     OwnedServiceRoute { route: String, service: String, uid: u32, reserved_ms: Option<u64> },
+    /// Like `Unacked`, for a connection whose TLS the old process terminated
+    /// (+ the plaintext socketpair end; the old process relays the TLS side
+    /// until it ends).
+    UnackedTls { session: u64, id: u64, listener: SocketAddr, meta: ConnMeta, tls: TlsInfo },
+    /// Like `Deliver`, for a connection whose TLS the old process terminated.
+    DeliverTls { id: u64, listener: SocketAddr, meta: ConnMeta, tls: TlsInfo, waited_ms: u64 },
+    /// The session-ticket keys, newest first (each a 16-byte name and a
+    /// 32-byte key), the newest made `age_ms` ago: tickets issued by the old
+    /// process resume in the new one.
+    TicketKeys { keys: Vec<Vec<u8>>, age_ms: u64 },
+    /// The certificate a service sent for `route` with its registration.
+    ServiceCert { route: String, chain: String, key: String },
 }
 
 /// The owner of a route whose owner was not handed over (older releases):
@@ -206,6 +247,10 @@ impl Handover {
             Handover::Idle { .. } => "Idle",
             Handover::AdminUnixSocket { .. } => "AdminUnixSocket",
             Handover::OwnedServiceRoute { .. } => "OwnedServiceRoute",
+            Handover::UnackedTls { .. } => "UnackedTls",
+            Handover::DeliverTls { .. } => "DeliverTls",
+            Handover::TicketKeys { .. } => "TicketKeys",
+            Handover::ServiceCert { .. } => "ServiceCert",
         }
     }
 }

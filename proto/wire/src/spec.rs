@@ -9,9 +9,13 @@
 //! ```
 //!
 //! Options go in the query string: `name=SERVICE`, `bind=ADDR` (the listening
-//! address for http/tls/https; tcp names it before the port), `cert=`/`key=`,
-//! and for routes with backends `lb=round_robin|least_conn` and `proxy=v1|v2`
-//! (the PROXY protocol header sent to backends).
+//! address for http/tls/https; tcp names it before the port), for routes with
+//! backends `lb=round_robin|least_conn` and `proxy=v1|v2` (the PROXY protocol
+//! header sent to backends). `https://` takes its certificate from
+//! `cert=FILE&key=FILE`, from the service that registers it (sent with the
+//! registration), or from ACME (`acme`), and asks clients for a certificate
+//! signed by `client_ca=FILE`. `redirect=https` makes an `http://` route
+//! answer every request with a redirect to the same URL on https.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -107,6 +111,13 @@ pub struct RouteSpec {
     /// Certificate and key files for `https://`.
     pub cert: Option<String>,
     pub key: Option<String>,
+    /// `https://`: clients must present a certificate that this CA file's
+    /// certificates sign.
+    pub client_ca: Option<String>,
+    /// `https://`: the certificate comes from ACME.
+    pub acme: bool,
+    /// `http://`: every request is redirected; the only value is `https`.
+    pub redirect: Option<String>,
     /// Load-balancing policy among backends: `round_robin` (default) or `least_conn`.
     pub lb: Option<String>,
     /// PROXY protocol header sent to backends: `v1` or `v2`.
@@ -146,11 +157,13 @@ impl RouteSpec {
     }
 
     /// What the route matches, independent of its listening address and of the
-    /// options that do not change matching (name, lb, proxy). Two routes with
-    /// the same identity on one listener are the same route (a pool, or a conflict).
+    /// options that do not change matching (name, lb, proxy, certificates,
+    /// redirects). Two routes with the same identity on one listener are the
+    /// same route (a pool, a conflict, or a replacement).
     pub fn identity(&self) -> String {
         let mut s = self.clone();
         (s.bind, s.name, s.lb, s.proxy) = (None, None, None, None);
+        (s.cert, s.key, s.client_ca, s.acme, s.redirect) = (None, None, None, false, None);
         s.to_string()
     }
 
@@ -199,12 +212,22 @@ impl fmt::Display for RouteSpec {
         {
             opt(f, "bind", &b.to_string())?;
         }
-        let options =
-            [("name", &self.name), ("lb", &self.lb), ("proxy", &self.proxy), ("cert", &self.cert), ("key", &self.key)];
+        let options = [
+            ("name", &self.name),
+            ("lb", &self.lb),
+            ("proxy", &self.proxy),
+            ("cert", &self.cert),
+            ("key", &self.key),
+            ("client_ca", &self.client_ca),
+            ("redirect", &self.redirect),
+        ];
         for (k, v) in options {
             if let Some(v) = v {
                 opt(f, k, v)?;
             }
+        }
+        if self.acme {
+            write!(f, "{sep}acme")?;
         }
         Ok(())
     }
@@ -258,6 +281,9 @@ fn parse(spec: &str) -> Result<RouteSpec, String> {
         name: None,
         cert: None,
         key: None,
+        client_ca: None,
+        acme: false,
+        redirect: None,
         lb: None,
         proxy: None,
     };
@@ -292,15 +318,22 @@ fn parse(spec: &str) -> Result<RouteSpec, String> {
 
     parse_query(query, &mut out)?;
 
+    let tls_options = out.cert.is_some() || out.key.is_some() || out.client_ca.is_some() || out.acme;
     match scheme {
-        Scheme::Https if out.cert.is_none() || out.key.is_none() => Err(
-            "https:// terminates TLS in portmux and needs ?cert=FILE&key=FILE; to let the service terminate TLS itself, use tls://"
-                .into(),
-        ),
-        Scheme::Http | Scheme::Tls | Scheme::Tcp if out.cert.is_some() || out.key.is_some() => Err(format!(
-            "cert= and key= belong to https:// routes; {}:// does not terminate TLS",
-            scheme.as_str()
+        Scheme::Https if out.cert.is_some() != out.key.is_some() => {
+            Err("cert= and key= come together: ?cert=CHAIN.pem&key=KEY.pem".into())
+        }
+        Scheme::Https if out.acme && out.cert.is_some() => {
+            Err("the certificate comes from cert=/key= or from acme, not both".into())
+        }
+        Scheme::Http | Scheme::Tls | Scheme::Tcp if tls_options => Err(format!(
+            "cert=, key=, client_ca= and acme belong to https:// routes; {}:// does not terminate TLS{}",
+            scheme.as_str(),
+            if scheme == Scheme::Tls { " (tls:// passes it through to the service)" } else { "" }
         )),
+        Scheme::Https | Scheme::Tls | Scheme::Tcp if out.redirect.is_some() => {
+            Err("redirect=https belongs to http:// routes (http://HOST:80?redirect=https)".into())
+        }
         _ => Ok(out),
     }
 }
@@ -356,6 +389,16 @@ fn parse_query(query: &str, out: &mut RouteSpec) -> Result<(), String> {
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let v = decode_percent(v).ok_or_else(|| format!("option '{k}' has a malformed %-escape"))?;
+        if k == "acme" {
+            if !pair.ends_with("acme") && !matches!(v.as_str(), "1" | "true" | "on") {
+                return Err(format!("acme takes no value (acme, or acme=on); '{v}' is not one"));
+            }
+            if out.acme {
+                return Err("option 'acme' is given twice".into());
+            }
+            out.acme = true;
+            continue;
+        }
         if v.is_empty() {
             return Err(format!("option '{k}' needs a value, e.g. {k}=…"));
         }
@@ -366,6 +409,13 @@ fn parse_query(query: &str, out: &mut RouteSpec) -> Result<(), String> {
             }
             "cert" => &mut out.cert,
             "key" => &mut out.key,
+            "client_ca" => &mut out.client_ca,
+            "redirect" => {
+                if v != "https" {
+                    return Err(format!("redirect='{v}' is not supported; the only redirect is redirect=https"));
+                }
+                &mut out.redirect
+            }
             "lb" => {
                 if !matches!(v.as_str(), "round_robin" | "least_conn") {
                     return Err(format!("lb='{v}' is not a policy; use lb=round_robin or lb=least_conn"));
@@ -386,7 +436,11 @@ fn parse_query(query: &str, out: &mut RouteSpec) -> Result<(), String> {
                 out.bind = Some(addr.parse().map_err(|_| format!("bind='{v}' is not an IP address"))?);
                 continue;
             }
-            _ => return Err(format!("unknown option '{k}'; known options are name, bind, lb, proxy, cert and key")),
+            _ => {
+                return Err(format!(
+                    "unknown option '{k}'; known options are name, bind, lb, proxy, cert, key, client_ca, acme and redirect"
+                ));
+            }
         };
         if slot.is_some() {
             return Err(format!("option '{k}' is given twice"));
@@ -612,8 +666,22 @@ mod tests {
         assert!(err("http://:80?name=a&name=b").contains("twice"));
         assert!(err("http://:80?name=a/b").contains("service name"));
         assert!(err("http://:80?name=").contains("needs a value"));
-        assert!(err("https://x.test").contains("cert=FILE&key=FILE"));
+        assert!(err("https://x.test?cert=/c").contains("come together"));
+        assert!(err("https://x.test?cert=/c&key=/k&acme").contains("not both"));
         assert!(err("tls://x.test?cert=a&key=b").contains("belong to https://"));
+        assert!(err("http://x.test?client_ca=/ca").contains("belong to https://"));
+        assert!(err("https://x.test?redirect=https").contains("belongs to http://"));
+        assert!(err("http://x.test?redirect=ftp").contains("only redirect"));
+        assert!(err("https://x.test?acme=maybe").contains("takes no value"));
+        let acme = p("https://x.test?acme");
+        assert!(acme.acme && acme.to_string() == "https://x.test:443?acme");
+        assert_eq!(p("https://x.test?acme=on").to_string(), "https://x.test:443?acme");
+        assert_eq!(p("https://x.test").to_string(), "https://x.test:443", "the certificate may come from the service");
+        let ca = p("https://x.test/a?client_ca=/ca.pem&cert=/c&key=/k");
+        assert_eq!(ca.to_string(), "https://x.test:443/a?cert=/c&key=/k&client_ca=/ca.pem");
+        assert_eq!(ca.identity(), "https://x.test:443/a", "certificates do not change what a route matches");
+        assert_eq!(p("http://x.test?redirect=https").to_string(), "http://x.test:80?redirect=https");
+        assert_eq!(p("http://x.test?redirect=https").identity(), p("http://x.test").identity());
         assert!(err("tcp://127.0.0.1:80?bind=::1").contains("twice"));
         assert!(err("http://:80/a b").contains("no spaces"));
         assert!(err("http://[::1:80").contains("unclosed"));

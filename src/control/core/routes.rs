@@ -230,10 +230,11 @@ impl Core {
         for text in routes {
             let route = || text.clone();
             let spec = RouteSpec::parse(text).map_err(|source| ControlError::Spec { route: route(), source })?;
-            if spec.scheme == Scheme::Https {
-                return Err(ControlError::HttpsUnavailable {
+            if spec.redirect.is_some() {
+                return Err(ControlError::BadOption {
                     route: route(),
-                    hint: "; use tls:// and terminate TLS in the service",
+                    reason: "a service does not claim a redirect; add it with portmux route add 'http://HOST?redirect=https'"
+                        .into(),
                 });
             }
             if let Some(n) = &spec.name
@@ -452,8 +453,19 @@ impl Core {
         backends: Resolved,
     ) -> Result<(RouteKey, RouteSpec, Arc<BackendPool>), ControlError> {
         let route = spec.key();
-        if spec.scheme == Scheme::Https {
-            return Err(ControlError::HttpsUnavailable { route, hint: "" });
+        if spec.redirect.is_some() != backends.is_empty() {
+            let reason = if backends.is_empty() {
+                "a route with no backends must be a redirect (?redirect=https)"
+            } else {
+                "a redirect route answers every request itself and takes no backends"
+            };
+            return Err(ControlError::BadOption { route, reason: reason.into() });
+        }
+        if spec.scheme == Scheme::Https && spec.cert.is_none() && !spec.acme {
+            return Err(ControlError::Certificate {
+                route,
+                reason: "https:// with backends needs its certificate: ?cert=CHAIN.pem&key=KEY.pem (or ?acme)".into(),
+            });
         }
         if spec.name.is_some() {
             return Err(ControlError::ServiceName { route });

@@ -77,6 +77,7 @@ fn conn(c: &Core, id: u64, port: u16, path: &str, arrived: Instant) -> ConnDesc 
         arrived,
         rejected_by: None,
         returned: false,
+        tls: None,
     }
 }
 
@@ -472,6 +473,7 @@ fn conn_at(t: Instant) -> ConnDesc {
         arrived: t,
         rejected_by: None,
         returned: false,
+        tls: None,
     }
 }
 

@@ -2,6 +2,8 @@
 //! table, and the life of a new connection up to its delivery (handoff) or
 //! its relay (forward).
 
+mod tls;
+
 use crate::classify;
 use crate::config::limits::Limit;
 use crate::forward;
@@ -11,6 +13,7 @@ use crate::reply;
 use crate::route::{Listener, Route, Target};
 use crate::shared::{Idle, Job, Queued, Shared, TaskGuard, ToControl};
 use portmux_sys::{net, uring};
+use portmux_wire::spec::Scheme;
 use portmux_wire::{ConnMeta, Proto};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -333,13 +336,23 @@ async fn route(
             None => return,
         }
     };
+    if route.spec.scheme == Scheme::Https {
+        return Box::pin(tls::terminate(fd, listener, meta, route, port, arrived, shared)).await;
+    }
+    if route.spec.redirect.is_some() {
+        let answer = match (&meta.host, &meta.path) {
+            (Some(host), Some(path)) => reply::Reply::to_https(host, path),
+            _ => reply::Reply::bad_request("a redirect to https needs the Host header"),
+        };
+        return Box::pin(reply::send(fd, answer)).await;
+    }
     if let Target::Forward(pool) = &route.target {
         if let Some(paused) = forward::serve(fd, meta, pool.clone(), &shared.settings).await {
             let _ = shared.to_control.send(ToControl::Relay(paused));
         }
         return;
     }
-    let desc = ConnDesc { id: shared.conn_id(), listener, meta, arrived, rejected_by: None, returned };
+    let desc = ConnDesc { id: shared.conn_id(), listener, meta, arrived, rejected_by: None, returned, tls: None };
     // Boxed, like every phase that ends before a relay does: a task's state is
     // as large as its largest phase, for as long as the task lives.
     Box::pin(deliver(Conn { fd: Arc::new(fd), desc }, &route, shared)).await;

@@ -1,0 +1,168 @@
+//! Connections of `https://` routes: the handshake (the route the SNI chose
+//! gives the certificate), the first request read through TLS and routed by
+//! its Host and path (a Host that is not the SNI gets 421), then the relay:
+//! to a backend, or to a service over a socketpair carrying the plaintext.
+
+use crate::forward::{self, stream};
+use crate::handoff::{Conn, ConnDesc};
+use crate::ids::ListenerId;
+use crate::reply::{self, Reply};
+use crate::route::{PortRoutes, Route, Target};
+use crate::shared::Shared;
+use crate::tls;
+use portmux_wire::spec::normalize_path;
+use portmux_wire::{ConnMeta, Proto};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// How long a client answered by portmux itself may take to read the answer.
+const ANSWER_LINGER: Duration = Duration::from_secs(2);
+
+/// Terminates TLS for `route` (the one the ClientHello chose), then routes
+/// and relays the plaintext.
+pub(super) async fn terminate(
+    fd: OwnedFd,
+    listener: ListenerId,
+    mut meta: ConnMeta,
+    route: Arc<Route>,
+    port: Arc<PortRoutes>,
+    arrived: Instant,
+    shared: &Shared,
+) {
+    let settings = &shared.settings;
+    let Some(terminator) = route.tls.clone() else {
+        tracing::warn!(route = %route.key, client = %meta.peer, "no certificate is loaded for this route; handshake refused");
+        return reply::send(fd, Reply::tls_alert(reply::ALERT_INTERNAL_ERROR)).await;
+    };
+    let deadline = tokio::time::Instant::from_std(arrived + settings.peek_timeout);
+    let mut client = match tls::handshake(fd, terminator.config.clone(), deadline).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(route = %route.key, client = %meta.peer, "TLS not terminated: {e}");
+            return;
+        }
+    };
+    let info = tls::info(client.get_ref().1);
+    let head_by = tokio::time::Instant::now() + settings.peek_timeout;
+    let (buf, head) = match read_head(&mut client, settings.peek_max, head_by).await {
+        Ok(read) => read,
+        Err(Some(answer)) => return say(client, answer).await,
+        Err(None) => return,
+    };
+    let sni = info.sni.clone();
+    if let (Some(host), Some(sni)) = (&head.host, &sni)
+        && host != sni
+    {
+        tracing::debug!(client = %meta.peer, %host, %sni, "misdirected request");
+        return say(client, Reply::misdirected(host, sni)).await;
+    }
+    let host = head.host.or(sni);
+    let Some(found) = port.routes.terminated(host.as_deref(), &normalize_path(&head.target)).cloned() else {
+        return say(client, Reply::not_found(host.as_deref(), Some(&head.target), meta.local.port())).await;
+    };
+    if found.spec.client_ca != route.spec.client_ca {
+        let why = "this path asks for a client certificate from another CA than the one this connection was made with";
+        return say(client, Reply::forbidden(why)).await;
+    }
+    meta.proto = Proto::Http;
+    meta.host = host;
+    meta.path = Some(head.target);
+    meta.route = found.key.to_string();
+    meta.peeked = u32::try_from(buf.len()).unwrap_or(u32::MAX);
+    let idle = settings.idle_timeout;
+    match &found.target {
+        Target::Forward(pool) => {
+            let (backend, server) = match Box::pin(forward::open(&meta, pool, settings)).await {
+                Ok(opened) => opened,
+                Err(answer) => return say(client, answer).await,
+            };
+            let _active = backend.connected();
+            let std = std::net::TcpStream::from(server);
+            let server = std.set_nonblocking(true).and_then(|()| std.set_nodelay(true)).and_then(|()| {
+                let mut s = tokio::net::TcpStream::from_std(std)?;
+                Ok(async move { s.write_all(&buf).await.map(|()| s) })
+            });
+            let server = match server {
+                Ok(sending) => sending.await,
+                Err(e) => Err(e),
+            };
+            match server {
+                Ok(server) => log_end(&meta, stream::relay(client, server, idle).await),
+                Err(e) => {
+                    tracing::warn!(route = %meta.route, backend = %backend.spec.name, "backend failed: {e}");
+                    say(client, Reply::bad_gateway("the backend closed the connection")).await;
+                }
+            }
+        }
+        Target::Pool(_) | Target::Queue => {
+            let (ours, theirs) = match std::os::unix::net::UnixStream::pair() {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(client = %meta.peer, "cannot make a socketpair for the service: {e}");
+                    return say(client, Reply::unavailable("portmux is out of file descriptors; retry shortly")).await;
+                }
+            };
+            let ours = ours.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(ours));
+            let mut ours = match ours {
+                Ok(s) => s,
+                Err(e) => return tracing::warn!(client = %meta.peer, "cannot watch a socketpair: {e}"),
+            };
+            // The request read so far waits in the socket for the service.
+            if let Err(e) = ours.write_all(&buf).await {
+                return tracing::warn!(client = %meta.peer, "cannot write to a socketpair: {e}");
+            }
+            let log = meta.clone();
+            let tls = Some(Box::new(info));
+            let desc =
+                ConnDesc { id: shared.conn_id(), listener, meta, arrived, rejected_by: None, returned: false, tls };
+            Box::pin(super::deliver(Conn { fd: Arc::new(OwnedFd::from(theirs)), desc }, &found, shared)).await;
+            log_end(&log, stream::relay(client, ours, idle).await);
+        }
+    }
+}
+
+fn log_end(meta: &ConnMeta, ended: stream::Ended) {
+    match ended {
+        stream::Ended::Done(..) => {}
+        stream::Ended::Idle => tracing::debug!(route = %meta.route, client = %meta.peer, "closed: idle"),
+        stream::Ended::Failed(e) => tracing::debug!(route = %meta.route, client = %meta.peer, "relay ended: {e}"),
+    }
+}
+
+/// Reads through TLS until a whole request head is there: the bytes read,
+/// and the head; or the answer (`None`: close without one).
+async fn read_head(
+    client: &mut tls::Stream,
+    max: usize,
+    deadline: tokio::time::Instant,
+) -> Result<(Vec<u8>, crate::classify::http::RequestHead), Option<Reply>> {
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, client.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(None),
+            Ok(Ok(n)) => n,
+            Err(_) => return Err(None),
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        match crate::classify::http::parse(&buf[..buf.len().min(max)]) {
+            Ok(head) => return Ok((buf, head)),
+            Err(crate::classify::ParseError::Incomplete) if buf.len() < max => {}
+            Err(crate::classify::ParseError::Incomplete) => return Err(Some(Reply::too_large())),
+            Err(crate::classify::ParseError::Invalid(reason)) => return Err(Some(Reply::bad_request(reason))),
+        }
+    }
+}
+
+/// Answers through TLS, then closes (close_notify), within a short linger.
+async fn say(mut client: tls::Stream, answer: Reply) {
+    let _ = tokio::time::timeout(ANSWER_LINGER, async {
+        if let Some(bytes) = answer.bytes() {
+            client.write_all(&bytes).await?;
+        }
+        client.shutdown().await
+    })
+    .await;
+}

@@ -1,0 +1,141 @@
+//! TLS termination with rustls: the server configuration of each `https://`
+//! route (its certificate, its client-certificate rule, the shared ticket
+//! keys), the handshake with its deadline, and what the handshake tells a
+//! service.
+
+pub mod certs;
+pub mod tickets;
+
+use certs::{CertError, CertSlot};
+use portmux_wire::TlsInfo;
+use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache, StoresServerSessions};
+use rustls::sign::CertifiedKey;
+use rustls::{ServerConfig, ServerConnection};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tickets::Tickets;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// A terminated client connection.
+pub type Stream = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// What every route's server configuration shares: the ticket keys and the
+/// session cache (for TLS 1.2 clients that resume by session id).
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub tickets: Arc<Tickets>,
+    cache: Arc<dyn StoresServerSessions>,
+}
+
+impl Context {
+    /// Fresh ticket keys rotated every `rotation`.
+    pub fn new(rotation: Duration) -> Context {
+        // The kernel's getrandom does not fail once the system has booted.
+        let tickets = Tickets::new(rotation).expect("the system's random number generator failed");
+        Context { tickets: Arc::new(tickets), cache: ServerSessionMemoryCache::new(4096) }
+    }
+
+    /// The server side of an `https://` route: `cert`, and when `client_ca`
+    /// names a file, a client certificate signed by one of its CAs is required.
+    pub fn terminator(&self, cert: Arc<CertSlot>, client_ca: Option<&Path>) -> Result<Terminator, CertError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| CertError::Invalid { what: "the TLS configuration".into(), reason: e.to_string() })?;
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|source| CertError::Read { path: path.into(), source })?;
+                let mut roots = rustls::RootCertStore::empty();
+                use rustls::pki_types::{CertificateDer, pem::PemObject};
+                for der in CertificateDer::pem_slice_iter(&pem) {
+                    let der = der.map_err(|e| invalid(path, format!("not a PEM certificate ({e})")))?;
+                    roots.add(der).map_err(|e| invalid(path, format!("not a usable CA certificate: {e}")))?;
+                }
+                if roots.is_empty() {
+                    return Err(invalid(path, "no CERTIFICATE block in it".into()));
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                    .build()
+                    .map_err(|e| invalid(path, format!("cannot verify clients with it: {e}")))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder.with_cert_resolver(Arc::new(Resolver(cert.clone())));
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.ticketer = self.tickets.clone();
+        config.session_storage = self.cache.clone();
+        config.ignore_client_order = true;
+        Ok(Terminator { config: Arc::new(config), cert })
+    }
+}
+
+fn invalid(path: &Path, reason: String) -> CertError {
+    CertError::Invalid { what: path.display().to_string(), reason }
+}
+
+/// The server side of one `https://` route.
+#[derive(Debug)]
+pub struct Terminator {
+    pub config: Arc<ServerConfig>,
+    pub cert: Arc<CertSlot>,
+}
+
+/// Serves the route's certificate (reloaded in place when its files change).
+#[derive(Debug)]
+struct Resolver(Arc<CertSlot>);
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current())
+    }
+}
+
+/// Why a handshake did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("the handshake did not complete within the deadline")]
+    TimedOut,
+    #[error("handshake failed: {0}")]
+    Failed(io::Error),
+}
+
+/// Runs the server handshake on the client's socket (its ClientHello only
+/// peeked so far), by `deadline`. On a failure rustls has sent its alert.
+pub async fn handshake(fd: OwnedFd, config: Arc<ServerConfig>, deadline: Instant) -> Result<Stream, HandshakeError> {
+    let std = std::net::TcpStream::from(fd);
+    let prepared =
+        std.set_nonblocking(true).and_then(|()| std.set_nodelay(true)).and_then(|()| TcpStream::from_std(std));
+    let tcp = prepared.map_err(HandshakeError::Failed)?;
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+    match tokio::time::timeout_at(deadline, accept).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(HandshakeError::Failed(e)),
+        Err(_) => Err(HandshakeError::TimedOut),
+    }
+}
+
+/// The TLS facts of a completed handshake, for the service.
+pub fn info(conn: &ServerConnection) -> TlsInfo {
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
+        Some(other) => format!("{other:?}"),
+        None => String::new(),
+    };
+    let cipher = conn
+        .negotiated_cipher_suite()
+        .map(|s| s.suite().as_str().map_or_else(|| format!("{:?}", s.suite()), str::to_string))
+        .unwrap_or_default();
+    TlsInfo {
+        sni: conn.server_name().map(str::to_ascii_lowercase),
+        alpn: conn.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned()),
+        version,
+        cipher,
+        client_certs: conn.peer_certificates().map(|c| c.iter().map(|d| d.to_vec()).collect()).unwrap_or_default(),
+    }
+}
