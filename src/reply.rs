@@ -15,6 +15,8 @@ use tokio::time::Instant;
 pub const ALERT_UNRECOGNIZED_NAME: u8 = 112;
 /// TLS alert: the ClientHello could not be parsed.
 pub const ALERT_DECODE_ERROR: u8 = 50;
+/// TLS alert: the client offers no protocol version portmux terminates (TLS 1.2, 1.3).
+pub const ALERT_PROTOCOL_VERSION: u8 = 70;
 /// TLS alert: portmux cannot serve this route now (its certificate is missing).
 pub const ALERT_INTERNAL_ERROR: u8 = 80;
 

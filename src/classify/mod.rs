@@ -161,13 +161,16 @@ pub async fn peek_with<T>(
 /// Peeks at `fd` until the head is complete, malformed, over `max` bytes, the
 /// client hangs up, or `deadline` passes. Never consumes a byte.
 pub async fn peek(fd: BorrowedFd<'_>, want: Want, deadline: Instant, max: usize) -> Peek {
-    let parse = |b: &[u8]| match (b[0] == 0x16, want.tls, want.http) {
+    // A handshake record, or an SSLv2-style hello (high bit set: no HTTP
+    // method starts so) on a port with TLS routes.
+    let tls_like = |b: u8| b == 0x16 || (b & 0x80 != 0 && want.tls);
+    let parse = |b: &[u8]| match (tls_like(b[0]), want.tls, want.http) {
         (true, true, _) => tls::parse(b).map(Peeked::Tls),
         (false, _, true) => http::parse(b).map(Peeked::Http),
         (tls, _, _) => Ok(Peeked::Other { tls }),
     };
     let (end, bytes, first) = peek_with(fd, deadline, max, parse).await;
-    let tls = first == Some(0x16);
+    let tls = first.is_some_and(tls_like);
     let outcome = match end {
         PeekEnd::Parsed(p) => p,
         PeekEnd::Invalid(reason) => Peeked::Invalid { tls, reason },

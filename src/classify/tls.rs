@@ -11,6 +11,9 @@ pub struct ClientHello {
     pub sni: Option<String>,
     /// ALPN protocol names in the client's order.
     pub alpn: Vec<String>,
+    /// The client offers TLS 1.2 or later (its version field, or its
+    /// supported_versions extension); portmux terminates nothing older.
+    pub tls12: bool,
 }
 
 const CONTENT_HANDSHAKE: u8 = 22;
@@ -20,6 +23,8 @@ const MAX_RECORD: usize = (1 << 14) + 256;
 pub const MAX_HELLO: usize = 64 * 1024;
 const EXT_SERVER_NAME: u16 = 0;
 const EXT_ALPN: u16 = 16;
+const EXT_SUPPORTED_VERSIONS: u16 = 43;
+const TLS12: u16 = 0x0303;
 
 /// Parses the records at the start of `buf`. `Incomplete` means a longer
 /// prefix of the same stream could still parse; `Invalid` means none can.
@@ -132,7 +137,7 @@ fn parse_body(body: &[u8]) -> Result<ClientHello, ParseError> {
     if r.vec8("truncated compression methods")?.is_empty() {
         return Err(ParseError::Invalid("empty compression method list"));
     }
-    let mut hello = ClientHello { sni: None, alpn: Vec::new() };
+    let mut hello = ClientHello { sni: None, alpn: Vec::new(), tls12: version >= TLS12 };
     if r.0.is_empty() {
         return Ok(hello); // No extensions at all (old clients).
     }
@@ -151,6 +156,10 @@ fn parse_body(body: &[u8]) -> Result<ClientHello, ParseError> {
         match ty {
             EXT_SERVER_NAME => hello.sni = parse_sni(data)?,
             EXT_ALPN => hello.alpn = parse_alpn(data)?,
+            EXT_SUPPORTED_VERSIONS => {
+                let list = Reader(data).vec8("truncated supported_versions")?;
+                hello.tls12 |= list.chunks_exact(2).any(|v| u16::from_be_bytes([v[0], v[1]]) >= TLS12);
+            }
             _ => {}
         }
     }
@@ -331,6 +340,20 @@ mod tests {
         assert!(invalid(&hello_with(&[0, 16, 0, 9])).contains("truncated"));
         // A well-formed synthetic hello with one name parses.
         assert_eq!(parse(&hello_with(&sni_ext(&[b"A.Test."]))).unwrap().sni.as_deref(), Some("a.test"));
+    }
+
+    #[test]
+    fn the_versions_offered_are_read_from_the_version_and_supported_versions() {
+        assert!(parse(&hello_with(&[])).unwrap().tls12, "version 3.3");
+        let mut ssl3 = hello_with(&[]);
+        ssl3[9..11].copy_from_slice(&[3, 0]);
+        assert!(!parse(&ssl3).unwrap().tls12, "version 3.0 and no supported_versions");
+        let mut tls13 = hello_with(&[0, 43, 0, 3, 2, 3, 4]);
+        tls13[9..11].copy_from_slice(&[3, 1]);
+        assert!(parse(&tls13).unwrap().tls12, "supported_versions offers TLS 1.3");
+        let mut old = hello_with(&[0, 43, 0, 3, 2, 3, 1]);
+        old[9..11].copy_from_slice(&[3, 1]);
+        assert!(!parse(&old).unwrap().tls12, "supported_versions offers TLS 1.0 only");
     }
 
     #[test]

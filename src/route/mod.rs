@@ -237,11 +237,13 @@ impl PortRoutes {
     /// (with `meta` completed), or the answer portmux gives itself.
     pub fn decide(&self, peek: Peeked, meta: &mut ConnMeta) -> Result<Arc<Route>, Reply> {
         let fallback = |reply: Reply| self.routes.tcp().cloned().ok_or(reply);
+        let mut tls12 = true;
         match peek {
             Peeked::Tls(hello) => {
                 meta.proto = Proto::Tls;
                 meta.sni = hello.sni;
                 meta.alpn = hello.alpn;
+                tls12 = hello.tls12;
             }
             Peeked::Http(head) => {
                 meta.proto = Proto::Http;
@@ -260,6 +262,10 @@ impl PortRoutes {
             Peeked::Failed(_) => return Err(Reply::Abort),
         }
         if let Some(route) = self.routes.lookup(meta) {
+            if route.spec.scheme == Scheme::Https && !tls12 {
+                // portmux terminates TLS 1.2 and 1.3 only (tls:// leaves it to the service).
+                return Err(Reply::tls_alert(crate::reply::ALERT_PROTOCOL_VERSION));
+            }
             meta.route = route.key.to_string();
             return Ok(route.clone());
         }
@@ -303,7 +309,7 @@ mod tests {
     }
 
     fn tls(port: &PortRoutes, sni: Option<&str>) -> Result<String, Reply> {
-        let hello = ClientHello { sni: sni.map(Into::into), alpn: vec![] };
+        let hello = ClientHello { sni: sni.map(Into::into), alpn: vec![], tls12: true };
         port.decide(Peeked::Tls(hello), &mut meta()).map(|r| r.key.to_string())
     }
 

@@ -22,6 +22,8 @@ pub fn tls_request(
 ) -> Result<(Response, String, Vec<u8>), String> {
     let mut cfg = (*cfg).clone();
     cfg.enable_sni = sni.is_some();
+    // A full handshake every time: the certificate served now is the one seen.
+    cfg.resumption = rustls::client::Resumption::disabled();
     let name = rustls::pki_types::ServerName::try_from(sni.unwrap_or(verify_as).to_string()).unwrap();
     let mut conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
     let mut sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -182,4 +184,249 @@ fn certificate_problems_are_refused_with_the_file_and_the_reason() {
     .unwrap_or_default();
     assert!(err.contains("the certificate sent is unusable"), "{err}");
     assert!(!pm.listens_on(port), "nothing was claimed");
+}
+
+/// A client configuration that presents `cert`/`key` (PEM files) when asked.
+fn with_client_cert(pki: &Pki, cert: &str, key: &str) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(cert).unwrap().collect::<Result<_, _>>().unwrap();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca_der()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut c = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(c)
+}
+
+#[test]
+fn client_certificates_are_required_and_verified_and_the_service_sees_the_chain() {
+    let dir = TempDir::new();
+    let pki = Pki::new(dir.path());
+    let other_dir = TempDir::new();
+    let stranger = Pki::new(other_dir.path());
+    let pm = Portmux::start(&["--cert-dir", &dir.path().to_string_lossy()]);
+    let port = free_port();
+    let (cert, key) = pki.leaf("m.example.test");
+    let (client_cert, client_key) = pki.leaf("client.example.test");
+    let (bad_cert, bad_key) = stranger.leaf("client.example.test");
+    let spec = format!("https://m.example.test:{port}?client_ca={}", pki.ca_pem.display());
+    let _svc = Service::hello(&pm, &spec, "mutual", &["--tls-cert", &cert, "--tls-key", &key]);
+
+    let ok = with_client_cert(&pki, &client_cert, &client_key);
+    let (r, ..) = tls_request(ok, port, Some("m.example.test"), "", "m.example.test", "/").unwrap();
+    assert_eq!(r.body, "mutual");
+    assert!(facts(&r).contains("client-certs=1"), "the service sees the client's chain: {}", facts(&r));
+
+    let none = tls_request(pki.client_config(), port, Some("m.example.test"), "", "m.example.test", "/");
+    assert!(none.is_err(), "no client certificate: refused (an alert, then the close)");
+    let wrong = with_client_cert(&pki, &bad_cert, &bad_key);
+    let wrong = tls_request(wrong, port, Some("m.example.test"), "", "m.example.test", "/").unwrap_err();
+    assert!(!wrong.is_empty(), "a certificate from another CA is refused");
+    let (r, ..) = tls_request(
+        with_client_cert(&pki, &client_cert, &client_key),
+        port,
+        Some("m.example.test"),
+        "",
+        "m.example.test",
+        "/",
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "other clients are served all along");
+}
+
+#[test]
+fn hostile_and_stalled_handshakes_get_an_alert_or_a_close_within_the_deadline() {
+    let dir = TempDir::new();
+    let pki = Pki::new(dir.path());
+    let pm = Portmux::start(&["--cert-dir", &dir.path().to_string_lossy(), "--peek-timeout", "1s"]);
+    let port = free_port();
+    let (cert, key) = pki.leaf("h.example.test");
+    let (_b, b) = Service::backend("fine", &[]);
+    add_route(&pm, &format!("https://h.example.test:{port}?cert={cert}&key={key}"), Some(&b.to_string())).unwrap();
+    let hello_for = |sni: &str| {
+        let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+        let mut conn = rustls::ClientConnection::new(pki.client_config(), name).unwrap();
+        let mut bytes = Vec::new();
+        conn.write_tls(&mut bytes).unwrap();
+        bytes
+    };
+    let unknown = raw_exchange(port, &hello_for("nobody.example.test"));
+    assert_eq!(unknown, [21, 3, 3, 0, 2, 2, 112], "an SNI no route knows: unrecognized_name");
+
+    // A ClientHello cut into records of 7 bytes, sent a byte at a time.
+    let r = tls_get(pki.client_config(), port, "h.example.test", "/", Some((7, 1))).unwrap();
+    assert_eq!(r.body, "fine");
+
+    // An SSLv3 client gets protocol_version.
+    let answer = raw_exchange(port, &sslv3_hello("h.example.test"));
+    assert_eq!(answer, [21, 3, 3, 0, 2, 2, 70], "SSLv3 gets protocol_version");
+    let sslv2 = [0x80, 0x2e, 0x01, 0x00, 0x02, 0x00, 0x15, 0x00, 0x00, 0x00, 0x10];
+    let answer = raw_exchange(port, &sslv2);
+    assert!(answer.is_empty() || answer[0] == 21, "SSLv2 gets an alert or a close: {answer:?}");
+
+    // A client that stops after its ClientHello is closed at the deadline.
+    let started = std::time::Instant::now();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&hello_for("h.example.test")).unwrap();
+    let mut sink = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut sink);
+    assert!(started.elapsed() < Duration::from_secs(5), "closed after {:?}", started.elapsed());
+    assert!(sink.first() == Some(&22), "the server's flight was sent before the close");
+    // And one that never sends a request after the handshake.
+    let name = rustls::pki_types::ServerName::try_from("h.example.test").unwrap();
+    let mut conn = rustls::ClientConnection::new(pki.client_config(), name).unwrap();
+    let mut sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let started = std::time::Instant::now();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).unwrap();
+    }
+    let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+    let mut buf = [0u8; 64];
+    let n = std::io::Read::read(&mut tls, &mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "a silent client is closed");
+    assert!(started.elapsed() < Duration::from_secs(5), "closed after {:?}", started.elapsed());
+    assert_eq!(tls_get(pki.client_config(), port, "h.example.test", "/", None).unwrap().body, "fine");
+}
+
+/// A ClientHello as an SSLv3 client sends it: version 3.0 in the record and
+/// the hello, one cipher suite, the server name, no supported_versions.
+fn sslv3_hello(sni: &str) -> Vec<u8> {
+    let mut name = vec![0];
+    name.extend_from_slice(&(sni.len() as u16).to_be_bytes());
+    name.extend_from_slice(sni.as_bytes());
+    let mut ext = vec![0, 0];
+    ext.extend_from_slice(&(name.len() as u16 + 2).to_be_bytes());
+    ext.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    ext.extend_from_slice(&name);
+    let mut body = vec![3, 0];
+    body.extend_from_slice(&[7; 32]);
+    body.extend_from_slice(&[0, 0, 2, 0x00, 0x2f, 1, 0]);
+    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+    body.extend_from_slice(&ext);
+    let mut out = vec![22, 3, 0];
+    out.extend_from_slice(&(body.len() as u16 + 4).to_be_bytes());
+    out.push(1);
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    out.extend_from_slice(&body);
+    out
+}
+
+#[test]
+fn certificate_files_reload_under_load_without_a_failed_request() {
+    let dir = TempDir::new();
+    let pki = Pki::new(dir.path());
+    let pm = Portmux::start(&["--cert-dir", &dir.path().to_string_lossy()]);
+    let port = free_port();
+    let (cert, key) = pki.leaf("reload.example.test");
+    let (live_cert, live_key) = (dir.path().join("live.crt"), dir.path().join("live.key"));
+    std::fs::copy(&cert, &live_cert).unwrap();
+    std::fs::copy(&key, &live_key).unwrap();
+    let (_b, b) = Service::backend("reloaded", &[]);
+    let spec = format!("https://reload.example.test:{port}?cert={}&key={}", live_cert.display(), live_key.display());
+    add_route(&pm, &spec, Some(&b.to_string())).unwrap();
+    let cfg = pki.client_config();
+    let served =
+        || tls_request(cfg.clone(), port, Some("reload.example.test"), "", "reload.example.test", "/").unwrap().2;
+    let first = served();
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let (cfg, stop) = (cfg.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0, Vec::new());
+                let until = std::time::Instant::now() + Duration::from_secs(30);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && std::time::Instant::now() < until {
+                    match tls_request(cfg.clone(), port, Some("reload.example.test"), "", "reload.example.test", "/") {
+                        Ok((r, ..)) if r.body == "reloaded" => ok += 1,
+                        other => failed.push(format!("{:?}", other.map(|(r, ..)| r.status))),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+
+    // A broken file is refused; the certificate in use stays.
+    std::fs::write(&live_cert, "not a certificate").unwrap();
+    pm.wait_for("the broken certificate to be refused", |pm| pm.log().contains("refused, the previous one stays"));
+    assert_eq!(served(), first, "the previous certificate is still served");
+
+    // A renewed certificate (a new key too), moved into place as certbot does.
+    let (new_cert, new_key) = pki.leaf("reload.example.test");
+    let (tmp_cert, tmp_key) = (dir.path().join("tmp.crt"), dir.path().join("tmp.key"));
+    std::fs::copy(&new_key, &tmp_key).unwrap();
+    std::fs::rename(&tmp_key, &live_key).unwrap();
+    std::fs::copy(&new_cert, &tmp_cert).unwrap();
+    std::fs::rename(&tmp_cert, &live_cert).unwrap();
+    use rustls::pki_types::pem::PemObject;
+    let renewed = rustls::pki_types::CertificateDer::from_pem_file(&new_cert).unwrap();
+    pm.wait_for("the renewed certificate to be served", |_| served() != first);
+    assert_eq!(served(), renewed.to_vec(), "the renewed certificate is the one served");
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in clients {
+        let (ok, failed) = c.join().unwrap();
+        assert!(ok > 0, "the clients made requests");
+        assert!(failed.is_empty(), "no request failed during the reloads: {failed:?}");
+    }
+}
+
+#[test]
+fn sessions_resume_across_an_upgrade_and_service_certificates_move() {
+    let dir = TempDir::new();
+    let pki = Pki::new(dir.path());
+    let mut pm = Portmux::start(&["--cert-dir", &dir.path().to_string_lossy()]);
+    let port = free_port();
+    let (cert, key) = pki.leaf("resume.example.test");
+    let (s_cert, s_key) = pki.leaf("svc.example.test");
+    let (_b, b) = Service::backend("resumed", &[]);
+    add_route(&pm, &format!("https://resume.example.test:{port}?cert={cert}&key={key}"), Some(&b.to_string())).unwrap();
+    let svc_spec = format!("https://svc.example.test:{port}");
+    let _svc = Service::hello(&pm, &svc_spec, "service", &["--tls-cert", &s_cert, "--tls-key", &s_key]);
+    let session = dir.path().join("session.pem");
+    let s_client = |extra: &[&str]| -> String {
+        let mut cmd = std::process::Command::new("openssl");
+        cmd.args(["s_client", "-connect", &format!("127.0.0.1:{port}"), "-servername", "resume.example.test"]);
+        cmd.args(["-CAfile", &pki.ca_pem.to_string_lossy(), "-verify_return_error", "-ign_eof"]).args(extra);
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("openssl is installed");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"GET / HTTP/1.1\r\nHost: resume.example.test\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for version in ["-tls1_3", "-tls1_2"] {
+        let first = s_client(&[version, "-sess_out", &session.to_string_lossy()]);
+        assert!(first.contains("New, TLSv1.") && first.contains("resumed"), "{first}");
+        let again = s_client(&[version, "-sess_in", &session.to_string_lossy()]);
+        assert!(again.contains("Reused, TLSv1."), "resumed before the upgrade ({version}): {again}");
+        let old = pm.pid();
+        let new = pm.upgrade(&[]).unwrap();
+        assert_ne!(old, new);
+        let after = s_client(&[version, "-sess_in", &session.to_string_lossy()]);
+        assert!(
+            after.contains("Reused, TLSv1.") && after.contains("resumed"),
+            "resumed after the upgrade ({version}): {after}"
+        );
+    }
+    let cfg = pki.client_config();
+    let (r, ..) = tls_request(cfg, port, Some("svc.example.test"), "", "svc.example.test", "/").unwrap();
+    assert_eq!(r.body, "service", "the certificate the service sent moved with the upgrade");
 }
