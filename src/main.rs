@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run portmux. No configuration is needed: services claim routes over the control socket.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Manage routes that forward to backend addresses, on a running portmux.
     Route {
         #[command(subcommand)]
@@ -48,7 +48,7 @@ enum Command {
     },
     /// seamless mode: a TCP proxy on LISTEN_PORT to BACKENDS (round robin), switched
     /// with HTTP verbs on --http-port: /set?backends=, /add?backend=, /remove?backend=, /get.
-    Tcp(TcpArgs),
+    Tcp(Box<TcpArgs>),
 }
 
 #[derive(Subcommand, Debug)]
@@ -245,6 +245,29 @@ struct RunArgs {
     /// How often the TLS session-ticket key is replaced (tickets of the previous key still resume)
     #[arg(long, value_name = "DURATION", default_value = "12h", value_parser = humantime::parse_duration)]
     ticket_rotation: Duration,
+    /// Where portmux keeps ACME's account and certificates (mode 0700)
+    /// [default: /var/lib/portmux as root, else $XDG_STATE_HOME/portmux]
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// The ACME server's directory, for https://HOST?acme routes
+    #[arg(long, value_name = "URL", default_value = portmux::config::LETS_ENCRYPT)]
+    acme_directory: String,
+    /// The ACME account's contact address
+    #[arg(long, value_name = "ADDR")]
+    acme_email: Option<String>,
+    /// A CA certificate (PEM) to trust for the ACME server's own HTTPS, for a private ACME server
+    #[arg(long, value_name = "FILE")]
+    acme_ca: Option<PathBuf>,
+    /// The ACME challenges to answer, in order of preference
+    #[arg(long, value_name = "LIST", default_value = "tls-alpn-01,http-01", value_delimiter = ',',
+          value_parser = portmux::config::AcmeChallenge::parse)]
+    acme_challenge: Vec<portmux::config::AcmeChallenge>,
+    /// The port ACME's HTTP-01 validation connects to (portmux answers it there)
+    #[arg(long, value_name = "PORT", default_value_t = 80)]
+    acme_http_port: u16,
+    /// Renew an ACME certificate this long before it expires (or with a third of its life left)
+    #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = humantime::parse_duration)]
+    acme_renew_before: Duration,
     /// Config file (TOML): the [policy] that says which users may claim which ports,
     /// hosts and service names [default: root and portmux's own uid claim anything,
     /// other users unprivileged ports and nothing another user holds]
@@ -293,8 +316,8 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Run(args) => run(args),
-        Command::Tcp(args) => seamless(args),
+        Command::Run(args) => run(*args),
+        Command::Tcp(args) => seamless(*args),
         Command::Route { action, admin, admin_token_file } => route(action, admin, admin_token_file),
         Command::Upgrade { control, binary } => upgrade(control, binary),
     };
@@ -373,6 +396,17 @@ fn run(args: RunArgs) -> Result<(), String> {
     s.park_limit = args.park_limit;
     s.cert_dirs.extend(args.cert_dir.iter().cloned());
     s.ticket_rotation = args.ticket_rotation;
+    if let Some(dir) = &args.state_dir {
+        s.state_dir = dir.clone();
+    }
+    s.acme = portmux::config::AcmeSettings {
+        directory: args.acme_directory.clone(),
+        email: args.acme_email.clone(),
+        ca: args.acme_ca.clone(),
+        challenges: args.acme_challenge.clone(),
+        http_port: args.acme_http_port,
+        renew_before: args.acme_renew_before,
+    };
     if let Some(path) = &args.config {
         let policy = portmux::config::file::load(path, s.policy.own_uid()).map_err(|e| report(e.to_string()))?;
         s.policy = std::sync::Arc::new(policy);

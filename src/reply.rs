@@ -112,6 +112,7 @@ impl Reply {
         match self {
             Reply::Http { status, body } => {
                 let reason = match status {
+                    200 => "OK",
                     400 => "Bad Request",
                     403 => "Forbidden",
                     404 => "Not Found",

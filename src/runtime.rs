@@ -180,6 +180,7 @@ fn start(mut settings: Settings, handover: Option<OwnedFd>) -> Result<(), StartE
     let admin_identity =
         settings.admin_socket.as_ref().and_then(|p| std::fs::symlink_metadata(p).ok()).map(|m| (m.dev(), m.ino()));
     let admin_path = settings.admin_socket.clone();
+    prepare_state_dir(&settings);
     let inherited = handover.as_ref().and(std::env::var(crate::sandbox::INHERITED_ENV).ok());
     if let (true, Some(report)) = (settings.sandbox, inherited) {
         let report = format!("{}{}", report.trim_end_matches(crate::sandbox::INHERITED), crate::sandbox::INHERITED);
@@ -218,11 +219,12 @@ fn sandbox_plan(settings: &Settings) -> crate::sandbox::Plan {
     };
     let mut writable: Vec<PathBuf> =
         [dir(&settings.control), dir(&settings.admin_socket)].into_iter().flatten().collect();
+    writable.push(settings.state_dir.clone());
     writable.dedup();
     crate::sandbox::Plan {
         user: settings.user.clone(),
         writable,
-        readable: settings.config_file.iter().chain(&settings.cert_dirs).cloned().collect(),
+        readable: settings.config_file.iter().chain(&settings.cert_dirs).chain(&settings.acme.ca).cloned().collect(),
     }
 }
 
@@ -405,6 +407,27 @@ fn bind_admin(path: &Path) -> Result<std::os::unix::net::UnixListener, StartErro
         Err(_) => {}
     }
     net::stream_listener(path).map(std::os::unix::net::UnixListener::from).map_err(failed)
+}
+
+/// The state directory (ACME's account and certificates), created 0700 before
+/// the sandbox limits writing to it, when ACME is configured (`--acme-email`);
+/// owned by `--user` when portmux becomes that user. A failure is reported;
+/// only ACME needs it.
+fn prepare_state_dir(settings: &Settings) {
+    if settings.acme.email.is_none() {
+        return;
+    }
+    let dir = &settings.state_dir;
+    if let Err(e) = crate::tls::acme::create_private_dir(dir) {
+        tracing::warn!(dir = %dir.display(), "cannot create the state directory (--state-dir): {e}; ACME certificates cannot be kept");
+        return;
+    }
+    if let Some((uid, gid)) = settings.user.as_deref().and_then(crate::config::policy::user_ids)
+        && rustix::process::geteuid().is_root()
+        && let Err(e) = std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+    {
+        tracing::warn!(dir = %dir.display(), "cannot give the state directory to --user: {e}");
+    }
 }
 
 /// The control socket's directory: created if missing, and checked when it

@@ -314,6 +314,13 @@ async fn route(
         let peek = classify::peek(fd.as_fd(), port.routes.want(), deadline, shared.settings.peek_max).await;
         drop(peeking);
         meta.peeked = peek.bytes as u32;
+        // ACME's HTTP-01 validation, answered whoever holds the name on this port.
+        if let classify::Peeked::Http(head) = &peek.outcome
+            && let Some(key_authorization) = shared.tls.challenges.http_answer(&head.target)
+        {
+            tracing::info!(%peer, host = ?head.host, "answered an ACME HTTP-01 challenge");
+            return Box::pin(reply::send(fd, reply::Reply::Http { status: 200, body: key_authorization })).await;
+        }
         // Routes may have changed while the client was sending.
         if let Some(now) = shared.table.load().port(listener) {
             port = now.clone();
@@ -338,6 +345,11 @@ async fn route(
     };
     if route.spec.scheme == Scheme::Https {
         return Box::pin(tls::terminate(fd, listener, meta, route, port, arrived, shared)).await;
+    }
+    if route.spec.acme {
+        // An ACME challenge route: its pending tokens were answered above.
+        let answer = reply::Reply::Http { status: 404, body: "portmux: no such ACME challenge is pending\n".into() };
+        return Box::pin(reply::send(fd, answer)).await;
     }
     if route.spec.redirect.is_some() {
         let answer = match (&meta.host, &meta.path) {

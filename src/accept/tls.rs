@@ -45,6 +45,11 @@ pub(super) async fn terminate(
         }
     };
     let info = tls::info(client.get_ref().1);
+    if info.alpn.as_deref().map(str::as_bytes) == Some(tls::acme::ALPN) {
+        // ACME's TLS-ALPN-01 validation: the certificate was all it came for.
+        tracing::info!(client = %meta.peer, sni = ?info.sni, "answered an ACME TLS-ALPN-01 challenge");
+        return say(client, Reply::Close).await;
+    }
     let head_by = tokio::time::Instant::now() + settings.peek_timeout;
     let (buf, head) = match read_head(&mut client, settings.peek_max, head_by).await {
         Ok(read) => read,

@@ -96,6 +96,59 @@ pub struct Settings {
     pub cert_dirs: Vec<PathBuf>,
     /// How often the session-ticket key is replaced (the previous one still opens tickets).
     pub ticket_rotation: Duration,
+    /// Where portmux keeps what must survive it (ACME's account and certificates).
+    pub state_dir: PathBuf,
+    /// Certificates from ACME (`https://HOST?acme`).
+    pub acme: AcmeSettings,
+}
+
+/// How portmux gets certificates from ACME.
+#[derive(Debug, Clone)]
+pub struct AcmeSettings {
+    /// The ACME server's directory URL.
+    pub directory: String,
+    /// The account's contact address.
+    pub email: Option<String>,
+    /// A CA to trust for the ACME server's own HTTPS (a private or test server).
+    pub ca: Option<PathBuf>,
+    /// The challenge types to use, in order of preference.
+    pub challenges: Vec<AcmeChallenge>,
+    /// The port HTTP-01 validation connects to.
+    pub http_port: u16,
+    /// Renew this long before a certificate expires (or with a third of its life left).
+    pub renew_before: Duration,
+}
+
+/// An ACME challenge type portmux answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcmeChallenge {
+    Http01,
+    TlsAlpn01,
+}
+
+impl AcmeChallenge {
+    /// Parses `http-01` or `tls-alpn-01`.
+    pub fn parse(s: &str) -> Result<AcmeChallenge, String> {
+        match s {
+            "http-01" => Ok(AcmeChallenge::Http01),
+            "tls-alpn-01" => Ok(AcmeChallenge::TlsAlpn01),
+            other => Err(format!("'{other}' is not a challenge portmux answers; use http-01 or tls-alpn-01")),
+        }
+    }
+}
+
+/// Let's Encrypt's production directory.
+pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+/// Where state lives: `/var/lib/portmux` for root, else
+/// `$XDG_STATE_HOME/portmux` (or `~/.local/state/portmux`).
+pub fn default_state_dir() -> PathBuf {
+    if rustix::process::geteuid().is_root() {
+        return PathBuf::from("/var/lib/portmux");
+    }
+    let xdg = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()).map(PathBuf::from);
+    let home = || std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state"));
+    xdg.or_else(home).unwrap_or_else(std::env::temp_dir).join("portmux")
 }
 
 /// Where certificates usually live: readable under the sandbox unless `--cert-dir` says otherwise.
@@ -145,6 +198,15 @@ impl Settings {
             sandboxed: None,
             cert_dirs: CERT_DIRS.iter().map(PathBuf::from).collect(),
             ticket_rotation: Duration::from_secs(12 * 3600),
+            state_dir: default_state_dir(),
+            acme: AcmeSettings {
+                directory: LETS_ENCRYPT.into(),
+                email: None,
+                ca: None,
+                challenges: vec![AcmeChallenge::TlsAlpn01, AcmeChallenge::Http01],
+                http_port: 80,
+                renew_before: Duration::from_secs(30 * 86_400),
+            },
         }
     }
 }

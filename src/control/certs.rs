@@ -10,11 +10,11 @@ use crate::shared::Shared;
 use crate::tls::Terminator;
 use crate::tls::certs::{CertError, CertSlot, FileCerts};
 use portmux_wire::Handover;
-use portmux_wire::spec::{RouteSpec, Scheme};
+use portmux_wire::spec::{HostPattern, RouteSpec, Scheme};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use zeroize::Zeroizing;
 
 /// The server sides of the `https://` routes; see the module documentation.
@@ -24,6 +24,10 @@ pub struct TlsRoutes {
     terminators: HashMap<RouteKey, Arc<Terminator>>,
     /// Made for claims not yet decided.
     pending: HashMap<OpId, Prepared>,
+    /// The names whose certificates ACME issues, each slot shared by its routes.
+    acme: HashMap<String, Weak<CertSlot>>,
+    /// Wakes the ACME task when a name is added.
+    pub acme_wake: Arc<tokio::sync::Notify>,
 }
 
 /// Terminators made for a claim, installed once the claim succeeds.
@@ -45,12 +49,7 @@ impl TlsRoutes {
             let refuse = |e: CertError| ControlError::Certificate { route: spec.key(), reason: hint(e, shared) };
             let cert = match (&spec.cert, &spec.key, service) {
                 (Some(cert), Some(key), _) => self.files.get(Path::new(cert), Path::new(key)).map_err(refuse)?,
-                (None, None, _) if spec.acme => {
-                    return Err(ControlError::Certificate {
-                        route: spec.key(),
-                        reason: "?acme needs portmux started with --acme-directory and --acme-email".into(),
-                    });
-                }
+                (None, None, _) if spec.acme => self.acme_slot(spec, shared)?,
                 (None, None, Some(slot)) => slot.clone(),
                 _ => {
                     return Err(ControlError::Certificate {
@@ -66,6 +65,36 @@ impl TlsRoutes {
             out.push((route_key(spec, default_bind), Arc::new(terminator)));
         }
         Ok(out)
+    }
+
+    /// The slot ACME fills for the route's name.
+    fn acme_slot(&mut self, spec: &RouteSpec, shared: &Shared) -> Result<Arc<CertSlot>, ControlError> {
+        let refuse = |reason: &str| ControlError::Certificate { route: spec.key(), reason: reason.into() };
+        if shared.settings.acme.email.is_none() {
+            return Err(refuse(
+                "?acme needs portmux started with --acme-email ADDR (and --acme-directory URL unless Let's \
+                 Encrypt's is meant)",
+            ));
+        }
+        let HostPattern::Exact(host) = &spec.host else {
+            return Err(refuse(
+                "?acme needs one host name: a wildcard is issued only through DNS-01, which portmux does not \
+                 answer; use cert=/key= for *.suffix",
+            ));
+        };
+        if let Some(slot) = self.acme.get(host).and_then(Weak::upgrade) {
+            return Ok(slot);
+        }
+        let slot = CertSlot::acme(host);
+        self.acme.insert(host.clone(), Arc::downgrade(&slot));
+        self.acme_wake.notify_one();
+        Ok(slot)
+    }
+
+    /// The names ACME issues certificates for now, with their slots.
+    pub fn acme_names(&mut self) -> Vec<(String, Arc<CertSlot>)> {
+        self.acme.retain(|_, w| w.strong_count() > 0);
+        self.acme.iter().filter_map(|(h, w)| Some((h.clone(), w.upgrade()?))).collect()
     }
 
     /// Serves these from now on (the newest claim's certificate wins).

@@ -631,6 +631,7 @@ impl Control {
     pub async fn serve(self: &Rc<Self>, mut intake: mpsc::UnboundedReceiver<ToControl>) -> Exit {
         let timer = tokio_uring::spawn(timer(self.clone()));
         let certs = tokio_uring::spawn(super::certs::watch(self.clone()));
+        let acme = tokio_uring::spawn(super::acme::run(self.clone()));
         let intake = tokio_uring::spawn({
             let me = self.clone();
             async move {
@@ -673,6 +674,7 @@ impl Control {
         }
         timer.abort();
         certs.abort();
+        acme.abort();
         if let Some(a) = acceptor {
             a.abort();
         }

@@ -11,6 +11,7 @@
 //!   the fd store (crashes);
 //! - [`error`]: why something was refused, typed.
 
+pub mod acme;
 pub mod certs;
 pub mod core;
 pub mod driver;

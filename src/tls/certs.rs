@@ -2,7 +2,7 @@
 //! they change on disk) or sent by a service with its registration, each kept
 //! in a slot that handshakes read without locks.
 
-use arc_swap::ArcSwap;
+use arc_swap::ArcSwapOption;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
@@ -41,34 +41,59 @@ enum Source {
         chain: Zeroizing<String>,
         key: Zeroizing<String>,
     },
+    /// ACME, for this name: empty until the first certificate is issued.
+    Acme {
+        host: String,
+    },
 }
 
 /// A certificate chain with its key, replaced whole when its files change.
 #[derive(Debug)]
 pub struct CertSlot {
-    current: ArcSwap<CertifiedKey>,
+    current: ArcSwapOption<CertifiedKey>,
     source: Source,
 }
 
 impl CertSlot {
-    /// What handshakes use now.
-    pub fn current(&self) -> Arc<CertifiedKey> {
+    /// What handshakes use now; `None` until ACME has issued one.
+    pub fn current(&self) -> Option<Arc<CertifiedKey>> {
         self.current.load_full()
+    }
+
+    /// An empty slot for a name whose certificate ACME will issue.
+    pub fn acme(host: &str) -> Arc<CertSlot> {
+        Arc::new(CertSlot { current: ArcSwapOption::empty(), source: Source::Acme { host: host.into() } })
+    }
+
+    /// Serves `certified` from now on.
+    pub fn install(&self, certified: CertifiedKey) {
+        self.current.store(Some(Arc::new(certified)));
+    }
+
+    /// Parses a PEM chain and key (what ACME issued) into what rustls serves.
+    pub fn parse(chain: &str, key: &str, name: &str) -> Result<CertifiedKey, CertError> {
+        certified(chain.as_bytes(), name, key.as_bytes(), name, None)
     }
 
     /// A certificate a service sent (PEM chain, leaf first, and PEM key).
     pub fn from_service(chain: Zeroizing<String>, key: Zeroizing<String>) -> Result<Arc<CertSlot>, CertError> {
         let certified =
             certified(chain.as_bytes(), "the certificate chain sent", key.as_bytes(), "the key sent", None)?;
-        Ok(Arc::new(CertSlot { current: ArcSwap::from_pointee(certified), source: Source::Service { chain, key } }))
+        let current = ArcSwapOption::from_pointee(certified);
+        Ok(Arc::new(CertSlot { current, source: Source::Service { chain, key } }))
     }
 
     /// The PEM a service sent, for an upgrade's handover.
     pub fn service_pem(&self) -> Option<(&str, &str)> {
         match &self.source {
             Source::Service { chain, key } => Some((chain.as_str(), key.as_str())),
-            Source::Files { .. } => None,
+            Source::Files { .. } | Source::Acme { .. } => None,
         }
+    }
+
+    /// Whether ACME issues this one.
+    pub fn is_acme(&self) -> bool {
+        matches!(self.source, Source::Acme { .. })
     }
 
     /// The files, for messages.
@@ -76,6 +101,7 @@ impl CertSlot {
         match &self.source {
             Source::Files { cert, .. } => cert.display().to_string(),
             Source::Service { .. } => "sent by the service".into(),
+            Source::Acme { host } => format!("from ACME for {host}"),
         }
     }
 
@@ -162,7 +188,7 @@ impl FileCerts {
         }
         let (certified, stamp) = CertSlot::load_files(cert, key)?;
         let slot = Arc::new(CertSlot {
-            current: ArcSwap::from_pointee(certified),
+            current: ArcSwapOption::from_pointee(certified),
             source: Source::Files { cert: id.0.clone(), key: id.1.clone(), seen: Mutex::new(stamp) },
         });
         self.slots.insert(id, Arc::downgrade(&slot));
@@ -184,7 +210,7 @@ impl FileCerts {
             match CertSlot::load_files(cert, key) {
                 Ok((certified, stamp)) => {
                     *seen = stamp;
-                    slot.current.store(Arc::new(certified));
+                    slot.current.store(Some(Arc::new(certified)));
                     tracing::info!(cert = %cert.display(), "certificate reloaded");
                 }
                 Err(e) => {

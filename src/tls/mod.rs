@@ -3,6 +3,7 @@
 //! keys), the handshake with its deadline, and what the handshake tells a
 //! service.
 
+pub mod acme;
 pub mod certs;
 pub mod tickets;
 
@@ -29,6 +30,8 @@ pub type Stream = tokio_rustls::server::TlsStream<TcpStream>;
 pub struct Context {
     pub tickets: Arc<Tickets>,
     cache: Arc<dyn StoresServerSessions>,
+    /// The ACME challenges being validated now.
+    pub challenges: Arc<acme::Challenges>,
 }
 
 impl Context {
@@ -36,7 +39,7 @@ impl Context {
     pub fn new(rotation: Duration) -> Context {
         // The kernel's getrandom does not fail once the system has booted.
         let tickets = Tickets::new(rotation).expect("the system's random number generator failed");
-        Context { tickets: Arc::new(tickets), cache: ServerSessionMemoryCache::new(4096) }
+        Context { tickets: Arc::new(tickets), cache: ServerSessionMemoryCache::new(4096), challenges: Arc::default() }
     }
 
     /// The server side of an `https://` route: `cert`, and when `client_ca`
@@ -65,8 +68,16 @@ impl Context {
                 builder.with_client_cert_verifier(verifier)
             }
         };
-        let mut config = builder.with_cert_resolver(Arc::new(Resolver(cert.clone())));
+        let mut config = if cert.is_acme() {
+            let challenges = self.challenges.clone();
+            builder.with_cert_resolver(Arc::new(AcmeResolver { slot: cert.clone(), challenges }))
+        } else {
+            builder.with_cert_resolver(Arc::new(Resolver(cert.clone())))
+        };
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        if cert.is_acme() {
+            config.alpn_protocols.push(acme::ALPN.to_vec());
+        }
         config.ticketer = self.tickets.clone();
         config.session_storage = self.cache.clone();
         config.ignore_client_order = true;
@@ -91,7 +102,25 @@ struct Resolver(Arc<CertSlot>);
 
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.current())
+        self.0.current()
+    }
+}
+
+/// An ACME route's certificate, or the TLS-ALPN-01 challenge's when the
+/// validator asks for `acme-tls/1` (RFC 8737).
+#[derive(Debug)]
+struct AcmeResolver {
+    slot: Arc<CertSlot>,
+    challenges: Arc<acme::Challenges>,
+}
+
+impl ResolvesServerCert for AcmeResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let only_acme = hello.alpn().is_some_and(|mut a| a.next() == Some(acme::ALPN) && a.next().is_none());
+        if only_acme {
+            return self.challenges.tls_alpn(hello.server_name()?);
+        }
+        self.slot.current()
     }
 }
 

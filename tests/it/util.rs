@@ -187,6 +187,10 @@ impl Portmux {
     pub fn start_at(control: &Path, extra: &[&str], dir: Option<TempDir>) -> Result<Portmux, String> {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_portmux"));
         cmd.args(["run", "--bind", "127.0.0.1", "--control"]).arg(control).args(extra).env_remove("PORTMUX_CONTROL");
+        if !extra.contains(&"--state-dir") {
+            // Tests keep their state beside their control socket, never in /var/lib.
+            cmd.arg("--state-dir").arg(control.with_file_name("state"));
+        }
         Portmux::spawn(cmd, control, dir)
     }
 

@@ -114,7 +114,8 @@ pub struct RouteSpec {
     /// `https://`: clients must present a certificate that this CA file's
     /// certificates sign.
     pub client_ca: Option<String>,
-    /// `https://`: the certificate comes from ACME.
+    /// `https://`: the certificate comes from ACME. `http://` (with no
+    /// backends): portmux answers ACME's HTTP-01 challenges there.
     pub acme: bool,
     /// `http://`: every request is redirected; the only value is `https`.
     pub redirect: Option<String>,
@@ -319,6 +320,7 @@ fn parse(spec: &str) -> Result<RouteSpec, String> {
     parse_query(query, &mut out)?;
 
     let tls_options = out.cert.is_some() || out.key.is_some() || out.client_ca.is_some() || out.acme;
+    let http_acme = scheme == Scheme::Http && out.acme && out.cert.is_none() && out.key.is_none();
     match scheme {
         Scheme::Https if out.cert.is_some() != out.key.is_some() => {
             Err("cert= and key= come together: ?cert=CHAIN.pem&key=KEY.pem".into())
@@ -326,6 +328,7 @@ fn parse(spec: &str) -> Result<RouteSpec, String> {
         Scheme::Https if out.acme && out.cert.is_some() => {
             Err("the certificate comes from cert=/key= or from acme, not both".into())
         }
+        Scheme::Http if http_acme && out.client_ca.is_none() && out.redirect.is_none() => Ok(out),
         Scheme::Http | Scheme::Tls | Scheme::Tcp if tls_options => Err(format!(
             "cert=, key=, client_ca= and acme belong to https:// routes; {}:// does not terminate TLS{}",
             scheme.as_str(),
@@ -670,6 +673,7 @@ mod tests {
         assert!(err("https://x.test?cert=/c&key=/k&acme").contains("not both"));
         assert!(err("tls://x.test?cert=a&key=b").contains("belong to https://"));
         assert!(err("http://x.test?client_ca=/ca").contains("belong to https://"));
+        assert!(p("http://:80/.well-known/acme-challenge?acme").acme, "where portmux answers HTTP-01");
         assert!(err("https://x.test?redirect=https").contains("belongs to http://"));
         assert!(err("http://x.test?redirect=ftp").contains("only redirect"));
         assert!(err("https://x.test?acme=maybe").contains("takes no value"));

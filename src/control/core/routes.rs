@@ -230,7 +230,7 @@ impl Core {
         for text in routes {
             let route = || text.clone();
             let spec = RouteSpec::parse(text).map_err(|source| ControlError::Spec { route: route(), source })?;
-            if spec.redirect.is_some() {
+            if spec.redirect.is_some() || (spec.scheme == Scheme::Http && spec.acme) {
                 return Err(ControlError::BadOption {
                     route: route(),
                     reason: "a service does not claim a redirect; add it with portmux route add 'http://HOST?redirect=https'"
@@ -453,11 +453,12 @@ impl Core {
         backends: Resolved,
     ) -> Result<(RouteKey, RouteSpec, Arc<BackendPool>), ControlError> {
         let route = spec.key();
-        if spec.redirect.is_some() != backends.is_empty() {
+        let answered = spec.redirect.is_some() || (spec.scheme == Scheme::Http && spec.acme);
+        if answered != backends.is_empty() {
             let reason = if backends.is_empty() {
                 "a route with no backends must be a redirect (?redirect=https)"
             } else {
-                "a redirect route answers every request itself and takes no backends"
+                "a redirect (or ACME challenge) route answers every request itself and takes no backends"
             };
             return Err(ControlError::BadOption { route, reason: reason.into() });
         }

@@ -1,0 +1,210 @@
+//! Certificates from ACME against a real ACME server: Debian's `pebble` on
+//! loopback (with `pebble-challtestsrv` as its DNS, answering 127.0.0.1 for
+//! every name), validating portmux's own HTTP-01 and TLS-ALPN-01 answers.
+
+use crate::tls::tls_request;
+use crate::util::*;
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A pebble ACME server and its DNS, ended when dropped.
+struct Pebble {
+    children: Vec<Child>,
+    /// The directory URL.
+    directory: String,
+    /// The CA file that verifies pebble's own HTTPS.
+    ca: PathBuf,
+    management: u16,
+}
+
+impl Pebble {
+    /// Validates HTTP-01 on `http_port` and TLS-ALPN-01 on `tls_port`;
+    /// certificates live `validity` seconds (0: pebble's default).
+    fn start(dir: &Path, http_port: u16, tls_port: u16, validity: u64) -> Pebble {
+        let pki = Pki::new(dir);
+        let (cert, key) = pki.leaf("localhost");
+        let (listen, management, dns) = (free_port(), free_port(), free_port());
+        let mut config = serde_json::json!({"pebble": {
+            "listenAddress": format!("127.0.0.1:{listen}"),
+            "managementListenAddress": format!("127.0.0.1:{management}"),
+            "certificate": cert, "privateKey": key,
+            "httpPort": http_port, "tlsPort": tls_port,
+            "ocspResponderURL": "", "externalAccountBindingRequired": false,
+        }});
+        if validity > 0 {
+            config["pebble"]["certificateValidityPeriod"] = validity.into();
+        }
+        let config_path = dir.join("pebble.json");
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let quiet = |c: &mut Command| {
+            c.stdout(Stdio::null()).stderr(Stdio::null());
+        };
+        let mut srv = Command::new("pebble-challtestsrv");
+        srv.args(["-dns01", &format!("127.0.0.1:{dns}"), "-http01", "", "-https01", "", "-tlsalpn01", ""]);
+        srv.args([
+            "-management",
+            &format!("127.0.0.1:{}", free_port()),
+            "-defaultIPv4",
+            "127.0.0.1",
+            "-defaultIPv6",
+            "",
+        ]);
+        quiet(&mut srv);
+        let mut pebble = Command::new("pebble");
+        pebble.args(["-config", &config_path.to_string_lossy(), "-dnsserver", &format!("127.0.0.1:{dns}")]);
+        pebble.env("PEBBLE_VA_NOSLEEP", "1").env("PEBBLE_WFE_NONCEREJECT", "0").env("PEBBLE_AUTHZREUSE", "0");
+        quiet(&mut pebble);
+        let children =
+            vec![srv.spawn().expect("pebble-challtestsrv is installed"), pebble.spawn().expect("pebble is installed")];
+        let up = Instant::now();
+        while TcpStream::connect(("127.0.0.1", listen)).is_err()
+            || TcpStream::connect(("127.0.0.1", management)).is_err()
+        {
+            assert!(up.elapsed() < Duration::from_secs(20), "pebble did not start listening");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Pebble { children, directory: format!("https://localhost:{listen}/dir"), ca: pki.ca_pem.clone(), management }
+    }
+
+    /// A client configuration trusting what pebble issues (its root now).
+    fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        use rustls::pki_types::{CertificateDer, pem::PemObject};
+        let url = format!("https://localhost:{}/roots/0", self.management);
+        let pem = curl(&["--cacert", &self.ca.to_string_lossy(), &url]);
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(cfg)
+    }
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn acme_args<'a>(pebble: &'a Pebble, state: &'a str, challenge: &'a str, http_port: &'a str) -> Vec<&'a str> {
+    vec![
+        "--acme-directory",
+        &pebble.directory,
+        "--acme-email",
+        "ops@example.test",
+        "--acme-ca",
+        pebble.ca.to_str().unwrap(),
+        "--acme-challenge",
+        challenge,
+        "--acme-http-port",
+        http_port,
+        "--state-dir",
+        state,
+    ]
+}
+
+/// Waits (bounded) until `host` on `port` is served with a certificate
+/// `cfg` trusts, other than `not`; returns it.
+fn wait_issued(cfg: &Arc<rustls::ClientConfig>, port: u16, host: &str, not: Option<&[u8]>, pm: &Portmux) -> Vec<u8> {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok((r, _, cert)) = tls_request(cfg.clone(), port, Some(host), "", host, "/")
+            && r.status == 200
+            && Some(cert.as_slice()) != not
+        {
+            return cert;
+        }
+        assert!(Instant::now() < until, "no certificate for {host} within 60 s:\n{}", pm.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn acme_http01_issues_beside_a_service_on_port_80_and_renews_a_short_lived_certificate() {
+    let dir = TempDir::new();
+    let (http, https) = (free_port(), free_port());
+    let pebble = Pebble::start(dir.path(), http, https, 30);
+    let state = dir.path().join("state");
+    let http_arg = http.to_string();
+    let pm = Portmux::start(&acme_args(&pebble, &state.to_string_lossy(), "http-01", &http_arg));
+    // A service holds plain HTTP for the very name: the challenge is answered all the same.
+    let _site = Service::hello(&pm, &format!("http://a.acme.test:{http}"), "plain site", &[]);
+    let (_b, b) = Service::backend("issued", &[]);
+    let (ok, _, err) =
+        portmux_cli(&pm, &["route", "add", &format!("https://a.acme.test:{https}?acme"), "--backend", &b.to_string()]);
+    assert!(ok, "{err}");
+
+    let cfg = pebble.client_config();
+    let first = wait_issued(&cfg, https, "a.acme.test", None, &pm);
+    assert_eq!(get(http, "a.acme.test", "/").unwrap().body, "plain site", "the service keeps its port");
+    let kept = state.join("acme/certs/a.acme.test");
+    assert_eq!(mode(&kept.join("key.pem")), 0o600);
+    assert_eq!(mode(&kept.join("cert.pem")), 0o600);
+    assert_eq!(mode(&state.join("acme")), 0o700);
+    let account = std::fs::read_dir(state.join("acme"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("account-"));
+    assert_eq!(mode(&account.expect("the account is kept").path()), 0o600);
+
+    // A 30-second certificate is renewed with a third of its life left.
+    let renewed = wait_issued(&cfg, https, "a.acme.test", Some(&first), &pm);
+    assert_ne!(renewed, first);
+    assert!(pm.count("certificate issued") >= 2, "{}", pm.log());
+}
+
+#[test]
+fn acme_tls_alpn01_issues_and_the_kept_certificate_serves_after_a_restart() {
+    let dir = TempDir::new();
+    let https = free_port();
+    let pebble = Pebble::start(dir.path(), free_port(), https, 0);
+    let state = dir.path().join("state");
+    let state_arg = state.to_string_lossy().into_owned();
+    let args = acme_args(&pebble, &state_arg, "tls-alpn-01", "1");
+    let mut pm = Portmux::start(&args);
+    let (_b, b) = Service::backend("alpn", &[]);
+    let spec = format!("https://b.acme.test:{https}?acme");
+    let (ok, _, err) = portmux_cli(&pm, &["route", "add", &spec, "--backend", &b.to_string()]);
+    assert!(ok, "{err}");
+    let cfg = pebble.client_config();
+    let issued = wait_issued(&cfg, https, "b.acme.test", None, &pm);
+    assert!(pm.log().contains("answered an ACME TLS-ALPN-01 challenge"), "{}", pm.log());
+    pm.terminate(Duration::from_secs(10));
+
+    let pm = Portmux::start(&args);
+    let (ok, _, err) = portmux_cli(&pm, &["route", "add", &spec, "--backend", &b.to_string()]);
+    assert!(ok, "{err}");
+    let (r, _, served) = tls_request(cfg, https, Some("b.acme.test"), "", "b.acme.test", "/").unwrap();
+    assert_eq!((r.body.as_str(), served), ("alpn", issued), "the kept certificate is served at once");
+    assert_eq!(pm.count("ordering a certificate"), 0, "no new order: {}", pm.log());
+}
+
+#[test]
+fn acme_routes_are_refused_without_an_account_or_for_a_wildcard() {
+    let pm = Portmux::start(&[]);
+    let port = free_port();
+    let (ok, _, err) =
+        portmux_cli(&pm, &["route", "add", &format!("https://x.test:{port}?acme"), "--backend", "127.0.0.1:1"]);
+    assert!(!ok && err.contains("--acme-email"), "{err}");
+    let dir = TempDir::new();
+    let state = dir.path().join("state");
+    let pm = Portmux::start(&["--acme-email", "ops@example.test", "--state-dir", &state.to_string_lossy()]);
+    let (ok, _, err) =
+        portmux_cli(&pm, &["route", "add", &format!("https://*.x.test:{port}?acme"), "--backend", "127.0.0.1:1"]);
+    assert!(!ok && err.contains("DNS-01"), "{err}");
+}
