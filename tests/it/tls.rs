@@ -6,6 +6,7 @@
 use crate::util::*;
 use std::io::Write;
 use std::net::TcpStream;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -395,23 +396,8 @@ fn sessions_resume_across_an_upgrade_and_service_certificates_move() {
     let svc_spec = format!("https://svc.example.test:{port}");
     let _svc = Service::hello(&pm, &svc_spec, "service", &["--tls-cert", &s_cert, "--tls-key", &s_key]);
     let session = dir.path().join("session.pem");
-    let s_client = |extra: &[&str]| -> String {
-        let mut cmd = std::process::Command::new("openssl");
-        cmd.args(["s_client", "-connect", &format!("127.0.0.1:{port}"), "-servername", "resume.example.test"]);
-        cmd.args(["-CAfile", &pki.ca_pem.to_string_lossy(), "-verify_return_error", "-ign_eof"]).args(extra);
-        cmd.stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let mut child = cmd.spawn().expect("openssl is installed");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(b"GET / HTTP/1.1\r\nHost: resume.example.test\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let request = "GET / HTTP/1.1\r\nHost: resume.example.test\r\nConnection: close\r\n\r\n";
+    let s_client = |extra: &[&str]| s_client(port, "resume.example.test", &pki.ca_pem, extra, request);
     for version in ["-tls1_3", "-tls1_2"] {
         let first = s_client(&[version, "-sess_out", &session.to_string_lossy()]);
         assert!(first.contains("New, TLSv1.") && first.contains("resumed"), "{first}");
@@ -429,4 +415,62 @@ fn sessions_resume_across_an_upgrade_and_service_certificates_move() {
     let cfg = pki.client_config();
     let (r, ..) = tls_request(cfg, port, Some("svc.example.test"), "", "svc.example.test", "/").unwrap();
     assert_eq!(r.body, "service", "the certificate the service sent moved with the upgrade");
+}
+
+/// `openssl s_client` to `port` with `sni`, sending `request`: its output.
+fn s_client(port: u16, sni: &str, ca: &Path, extra: &[&str], request: &str) -> String {
+    let mut cmd = std::process::Command::new("openssl");
+    cmd.args(["s_client", "-connect", &format!("127.0.0.1:{port}"), "-servername", sni]);
+    cmd.args(["-CAfile", &ca.to_string_lossy(), "-verify_return_error", "-ign_eof"]).args(extra);
+    cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("openssl is installed");
+    child.stdin.take().unwrap().write_all(request.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn an_ocsp_response_beside_the_certificate_is_stapled() {
+    let dir = TempDir::new();
+    let pki = Pki::new(dir.path());
+    let pm = Portmux::start(&["--cert-dir", &dir.path().to_string_lossy()]);
+    let port = free_port();
+    let (cert, key) = pki.leaf("o.example.test");
+    let (plain_cert, plain_key) = pki.leaf("p.example.test");
+    // A real OCSP response for the certificate, signed by its CA (openssl's responder, one shot).
+    let d = dir.path();
+    std::fs::write(d.join("index.txt"), "").unwrap();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).current_dir(d).output().unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    openssl(&["ocsp", "-issuer", "ca.pem", "-cert", &cert, "-reqout", "req.der", "-no_nonce"]);
+    let staple = format!("{cert}.ocsp");
+    openssl(&[
+        "ocsp",
+        "-index",
+        "index.txt",
+        "-rsigner",
+        "ca.pem",
+        "-rkey",
+        "ca.key",
+        "-CA",
+        "ca.pem",
+        "-reqin",
+        "req.der",
+        "-respout",
+        &staple,
+        "-ndays",
+        "1",
+    ]);
+    let (_b, b) = Service::backend("stapled", &[]);
+    add_route(&pm, &format!("https://o.example.test:{port}?cert={cert}&key={key}"), Some(&b.to_string())).unwrap();
+    add_route(&pm, &format!("https://p.example.test:{port}?cert={plain_cert}&key={plain_key}"), Some(&b.to_string()))
+        .unwrap();
+    let request = "GET / HTTP/1.1\r\nHost: o.example.test\r\nConnection: close\r\n\r\n";
+    let out = s_client(port, "o.example.test", &pki.ca_pem, &["-status"], request);
+    assert!(out.contains("OCSP Response Status: successful"), "the staple is sent: {out}");
+    let request = "GET / HTTP/1.1\r\nHost: p.example.test\r\nConnection: close\r\n\r\n";
+    let out = s_client(port, "p.example.test", &pki.ca_pem, &["-status"], request);
+    assert!(out.contains("OCSP response: no response sent"), "no staple without a file: {out}");
 }
