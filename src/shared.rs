@@ -55,6 +55,8 @@ pub struct Shared {
     pub admission: Admission,
     /// What every terminated TLS connection shares (the session-ticket keys).
     pub tls: crate::tls::Context,
+    /// The socketpair ends services hold for terminated connections, by inode.
+    pub terminated: Mutex<HashMap<u64, Terminated>>,
 }
 
 /// What the connection limits count: connections admitted (all, and per
@@ -143,6 +145,20 @@ pub struct Idle {
     pub peer: std::net::SocketAddr,
     pub local: std::net::SocketAddr,
     pub since: std::time::Instant,
+    /// portmux terminated its TLS: the socket is the plaintext socketpair
+    /// end, and its next request is routed among the `https://` routes.
+    pub tls: Option<Box<portmux_wire::TlsInfo>>,
+}
+
+/// A connection whose TLS a worker terminates, as a service has it: the
+/// plaintext socketpair end the service got, known by its inode while the
+/// worker relays, so that the service may give it back.
+#[derive(Debug, Clone)]
+pub struct Terminated {
+    pub listener: crate::ids::ListenerId,
+    pub peer: std::net::SocketAddr,
+    pub local: std::net::SocketAddr,
+    pub tls: portmux_wire::TlsInfo,
 }
 
 /// What reaches the control plane from the workers.
@@ -187,6 +203,7 @@ impl Shared {
             idle_held: AtomicUsize::new(0),
             admission: Admission::default(),
             tls,
+            terminated: Mutex::default(),
         });
         (shared, intake, receivers)
     }
@@ -199,6 +216,12 @@ impl Shared {
         }
         let i = self.next_inbox.fetch_add(1, Ordering::Relaxed) % self.inboxes.len();
         let _ = self.inboxes[i].send(Queued { job, guard: TaskGuard::new(self) });
+    }
+
+    /// The terminated connection whose service end is `fd`, if it is one.
+    pub fn terminated(&self, fd: std::os::fd::BorrowedFd<'_>) -> Option<Terminated> {
+        let ino = rustix::fs::fstat(fd).ok()?.st_ino;
+        self.terminated.lock().unwrap_or_else(|p| p.into_inner()).get(&ino).cloned()
     }
 
     /// A new connection id, unique for the life of the process (and across upgrades).

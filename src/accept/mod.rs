@@ -237,10 +237,17 @@ async fn hold(idle: Idle, shared: &Shared) {
     shared.idle_held.fetch_sub(1, Ordering::Relaxed);
     match woken {
         Woken::Request => {
-            let Idle { fd, listener, peer, local, .. } = idle;
-            route(fd, listener, peer, local, Instant::now(), true, shared).await;
+            let Idle { fd, listener, peer, local, tls, .. } = idle;
+            match tls {
+                None => route(fd, listener, peer, local, Instant::now(), true, shared).await,
+                Some(tls) => Box::pin(tls::returned(fd, listener, (peer, local), tls, shared)).await,
+            }
         }
         Woken::Done => reply::send(idle.fd, reply::Reply::Close).await,
+        // Its TLS session stays in this process, which relays it until the
+        // client closes: the client makes its next request on a new
+        // connection, to the new process.
+        Woken::Moving if idle.tls.is_some() => reply::send(idle.fd, reply::Reply::Close).await,
         Woken::Moving => {
             let _ = shared.to_control.send(ToControl::Idle(idle));
         }

@@ -3,16 +3,17 @@
 //! its Host and path (a Host that is not the SNI gets 421), then the relay:
 //! to a backend, or to a service over a socketpair carrying the plaintext.
 
+use crate::classify::Peeked;
 use crate::forward::{self, stream};
 use crate::handoff::{Conn, ConnDesc};
 use crate::ids::ListenerId;
 use crate::reply::{self, Reply};
 use crate::route::{PortRoutes, Route, Target};
-use crate::shared::Shared;
+use crate::shared::{Shared, Terminated};
 use crate::tls;
 use portmux_wire::spec::normalize_path;
 use portmux_wire::{ConnMeta, Proto};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -119,11 +120,96 @@ pub(super) async fn terminate(
                 return tracing::warn!(client = %meta.peer, "cannot write to a socketpair: {e}");
             }
             let log = meta.clone();
+            // Known while relayed, so that the service may give it back.
+            let ino = rustix::fs::fstat(&theirs).map(|s| s.st_ino).ok();
+            let registered = Registered(shared, ino);
+            if let Some(ino) = ino {
+                let t = Terminated { listener, peer: meta.peer, local: meta.local, tls: info.clone() };
+                shared.terminated.lock().unwrap_or_else(|p| p.into_inner()).insert(ino, t);
+            }
             let tls = Some(Box::new(info));
             let desc =
                 ConnDesc { id: shared.conn_id(), listener, meta, arrived, rejected_by: None, returned: false, tls };
             Box::pin(super::deliver(Conn { fd: Arc::new(OwnedFd::from(theirs)), desc }, &found, shared)).await;
             log_end(&log, stream::relay(client, ours, idle).await);
+            drop(registered);
+        }
+    }
+}
+
+/// Forgets a terminated connection's service end when its relay ends.
+struct Registered<'a>(&'a Shared, Option<u64>);
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        if let Some(ino) = self.1 {
+            self.0.terminated.lock().unwrap_or_else(|p| p.into_inner()).remove(&ino);
+        }
+    }
+}
+
+/// The next request of a terminated connection a service gave back (on
+/// the socketpair end; TLS is still relayed by the task that terminated it):
+/// routed among the `https://` routes as the first one was, and delivered
+/// with the same TLS facts.
+pub(super) async fn returned(
+    fd: OwnedFd,
+    listener: ListenerId,
+    (peer, local): (std::net::SocketAddr, std::net::SocketAddr),
+    tls: Box<portmux_wire::TlsInfo>,
+    shared: &Shared,
+) {
+    let Some(port) = shared.table.load().port(listener).cloned() else {
+        return reply::send(fd, Reply::Close).await;
+    };
+    let deadline = tokio::time::Instant::now() + shared.settings.peek_timeout;
+    let want = crate::classify::Want { tls: false, http: true };
+    let peek = crate::classify::peek(fd.as_fd(), want, deadline, shared.settings.peek_max).await;
+    let head = match peek.outcome {
+        Peeked::Http(head) => head,
+        Peeked::Invalid { reason, .. } => return reply::send(fd, Reply::bad_request(reason)).await,
+        Peeked::TooLarge { .. } => return reply::send(fd, Reply::too_large()).await,
+        _ => return reply::send(fd, Reply::Close).await,
+    };
+    if let (Some(host), Some(sni)) = (&head.host, &tls.sni)
+        && host != sni
+    {
+        return reply::send(fd, Reply::misdirected(host, sni)).await;
+    }
+    let host = head.host.or_else(|| tls.sni.clone());
+    let Some(found) = port.routes.terminated(host.as_deref(), &normalize_path(&head.target)).cloned() else {
+        // Gone meanwhile: the client retries on a new connection.
+        return reply::send(fd, Reply::Close).await;
+    };
+    let meta = ConnMeta {
+        route: found.key.to_string(),
+        proto: Proto::Http,
+        peer,
+        local,
+        sni: tls.sni.clone(),
+        alpn: tls.alpn.iter().cloned().collect(),
+        host,
+        path: Some(head.target),
+        peeked: peek.bytes as u32,
+    };
+    match &found.target {
+        Target::Forward(pool) => {
+            if let Some(paused) = forward::serve(fd, meta, pool.clone(), &shared.settings).await {
+                // The plaintext side moves; the TLS relay stays here until it ends.
+                let _ = shared.to_control.send(crate::shared::ToControl::Relay(paused));
+            }
+        }
+        Target::Pool(_) | Target::Queue => {
+            let desc = ConnDesc {
+                id: shared.conn_id(),
+                listener,
+                meta,
+                arrived: Instant::now(),
+                rejected_by: None,
+                returned: true,
+                tls: Some(tls),
+            };
+            Box::pin(super::deliver(Conn { fd: Arc::new(fd), desc }, &found, shared)).await;
         }
     }
 }

@@ -432,7 +432,7 @@ impl Control {
                     return true;
                 };
                 let since = Instant::now().checked_sub(Duration::from_millis(idle_ms)).unwrap_or_else(Instant::now);
-                self.shared.to_worker(Job::Idle(Idle { fd, listener, peer, local, since }));
+                self.shared.to_worker(Job::Idle(Idle { fd, listener, peer, local, since, tls: None }));
                 true
             }
             _ => false,

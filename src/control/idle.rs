@@ -65,6 +65,13 @@ impl Control {
         if !holds.contains(&key) {
             return Err(not_ours());
         }
+        if let Some(t) = self.shared.terminated(fd.as_fd()) {
+            // A connection whose TLS portmux terminates: its addresses are the ones portmux gave.
+            tracing::debug!(session = %session, %route, client = %t.peer, "a terminated connection was given back; held until its next request");
+            let (listener, peer, local, tls) = (t.listener, t.peer, t.local, Some(Box::new(t.tls)));
+            self.shared.to_worker(Job::Idle(Idle { fd, listener, peer, local, since: Instant::now(), tls }));
+            return Ok(());
+        }
         let (peer, local) =
             net::tcp_addrs(fd.as_fd()).map_err(|e| SessionError::NotAClient { reason: e.to_string() })?;
         let on_route = local.port() == key.0.port() && (key.0.ip().is_unspecified() || key.0.ip() == local.ip());
@@ -75,7 +82,7 @@ impl Control {
         // the service gives back the ones portmux told it.
         let (peer, local) = if self.shared.settings.proxy_trusted(peer.ip()) { claimed } else { (peer, local) };
         tracing::debug!(session = %session, %route, client = %peer, "a connection was given back; held until its next request");
-        self.shared.to_worker(Job::Idle(Idle { fd, listener, peer, local, since: Instant::now() }));
+        self.shared.to_worker(Job::Idle(Idle { fd, listener, peer, local, since: Instant::now(), tls: None }));
         Ok(())
     }
 }

@@ -474,3 +474,33 @@ fn an_ocsp_response_beside_the_certificate_is_stapled() {
     let out = s_client(port, "p.example.test", &pki.ca_pem, &["-status"], request);
     assert!(out.contains("OCSP response: no response sent"), "no staple without a file: {out}");
 }
+
+#[test]
+fn a_keep_alive_tls_client_keeps_its_one_connection_across_service_restarts() {
+    let dir = TempDir::new();
+    let pki = Pki::new(dir.path());
+    let pm = Portmux::start(&[]);
+    let port = free_port();
+    let (cert, key) = pki.leaf("k.example.test");
+    let spec = format!("https://k.example.test:{port}");
+    let start =
+        |body: &str| Service::hello(&pm, &spec, body, &["--name", "web", "--tls-cert", &cert, "--tls-key", &key]);
+    let mut svc = start("v0");
+    let name = rustls::pki_types::ServerName::try_from("k.example.test").unwrap();
+    let conn = rustls::ClientConnection::new(pki.client_config(), name).unwrap();
+    let sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    let mut ask = || {
+        write!(tls, "GET / HTTP/1.1\r\nHost: k.example.test\r\n\r\n").unwrap();
+        let r = read_response(&mut tls).expect("the one connection keeps working");
+        assert!(facts(&r).contains("sni=k.example.test"), "each instance learns the TLS facts: {}", r.head);
+        r.body
+    };
+    assert_eq!(ask(), "v0");
+    for version in 1..=3 {
+        assert!(svc.terminate().is_some_and(|s| s.success()), "a graceful stop");
+        svc = start(&format!("v{version}"));
+        assert_eq!(ask(), format!("v{version}"), "the next instance answers on the same TLS connection");
+    }
+}

@@ -335,8 +335,11 @@ impl Handle {
 /// Whether a connection can go back to portmux between requests: HTTP/1 in
 /// the clear (a TLS session's state is the service's, and other protocols
 /// have no "between requests" portmux could know).
+/// Plain HTTP/1, and HTTP/1 whose TLS portmux terminates (`https://`: the
+/// stream is plaintext, and portmux keeps the TLS session while the next
+/// instance takes over); not a TLS session the service holds (`tls://`).
 pub(crate) fn movable(meta: &ConnMeta) -> bool {
-    meta.proto == Proto::Http && !meta.route.starts_with("https:") && !meta.route.starts_with("tls:")
+    meta.proto == Proto::Http && !meta.route.starts_with("tls:")
 }
 
 /// A handed-out connection's part in the tracking: counted open until
@@ -416,7 +419,8 @@ impl Tracked {
             "this connection is not between requests: a request is not answered in full yet, part of a next one \
              was read, or a side asked to close or switched protocols"
         } else {
-            "only plain HTTP/1 connections can be given back once used (a TLS session is the service's)"
+            "only HTTP/1 connections (plain, or with TLS terminated by portmux) can be given back once used (a \
+             tls:// session is the service's)"
         }
     }
 
