@@ -316,6 +316,7 @@ async fn route(
         path: None,
         peeked: 0,
     };
+    let mut chacha_first = false;
     let route = if port.routes.needs_peek() {
         let peeking = shared.peeking();
         let peek = classify::peek(fd.as_fd(), port.routes.want(), deadline, shared.settings.peek_max).await;
@@ -332,6 +333,7 @@ async fn route(
         if let Some(now) = shared.table.load().port(listener) {
             port = now.clone();
         }
+        chacha_first = matches!(&peek.outcome, classify::Peeked::Tls(h) if h.chacha_first);
         match port.decide(peek.outcome, &mut meta) {
             Ok(route) => route,
             Err(answer) => {
@@ -351,7 +353,8 @@ async fn route(
         }
     };
     if route.spec.scheme == Scheme::Https {
-        return Box::pin(tls::terminate(fd, listener, meta, route, port, arrived, shared)).await;
+        let at = (arrived, chacha_first);
+        return Box::pin(tls::terminate(fd, listener, meta, route, port, at, shared)).await;
     }
     if route.spec.acme {
         // An ACME challenge route: its pending tokens were answered above.

@@ -29,7 +29,7 @@ pub(super) async fn terminate(
     mut meta: ConnMeta,
     route: Arc<Route>,
     port: Arc<PortRoutes>,
-    arrived: Instant,
+    (arrived, chacha_first): (Instant, bool),
     shared: &Shared,
 ) {
     let settings = &shared.settings;
@@ -38,7 +38,7 @@ pub(super) async fn terminate(
         return reply::send(fd, Reply::tls_alert(reply::ALERT_INTERNAL_ERROR)).await;
     };
     let deadline = tokio::time::Instant::from_std(arrived + settings.peek_timeout);
-    let mut client = match tls::handshake(fd, terminator.config.clone(), deadline).await {
+    let mut client = match tls::handshake(fd, terminator.for_client(chacha_first), deadline).await {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(route = %route.key, client = %meta.peer, "TLS not terminated: {e}");
@@ -230,14 +230,15 @@ async fn read_head(
     deadline: tokio::time::Instant,
 ) -> Result<(Vec<u8>, crate::classify::http::RequestHead), Option<Reply>> {
     let mut buf = Vec::with_capacity(4096);
-    let mut chunk = vec![0u8; 16 * 1024];
     loop {
-        let n = match tokio::time::timeout_at(deadline, client.read(&mut chunk)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return Err(None),
-            Ok(Ok(n)) => n,
-            Err(_) => return Err(None),
-        };
-        buf.extend_from_slice(&chunk[..n]);
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096);
+        }
+        // Into the spare capacity: nothing is zeroed first.
+        match tokio::time::timeout_at(deadline, client.read_buf(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Err(None),
+            Ok(Ok(_)) => {}
+        }
         match crate::classify::http::parse(&buf[..buf.len().min(max)]) {
             Ok(head) => return Ok((buf, head)),
             Err(crate::classify::ParseError::Incomplete) if buf.len() < max => {}

@@ -14,6 +14,9 @@ pub struct ClientHello {
     /// The client offers TLS 1.2 or later (its version field, or its
     /// supported_versions extension); portmux terminates nothing older.
     pub tls12: bool,
+    /// The first AEAD suite the client lists is ChaCha20-Poly1305 (it has no
+    /// AES hardware): a terminating server then follows the client's order.
+    pub chacha_first: bool,
 }
 
 const CONTENT_HANDSHAKE: u8 = 22;
@@ -134,10 +137,15 @@ fn parse_body(body: &[u8]) -> Result<ClientHello, ParseError> {
     if suites.is_empty() || suites.len() % 2 != 0 {
         return Err(ParseError::Invalid("malformed cipher suite list"));
     }
+    let chacha_first = suites
+        .chunks_exact(2)
+        .map(|s| u16::from_be_bytes([s[0], s[1]]))
+        .find(|s| matches!(s, 0x1301..=0x1303 | 0xc02b | 0xc02c | 0xc02f | 0xc030 | 0xcca8 | 0xcca9))
+        .is_some_and(|s| matches!(s, 0x1303 | 0xcca8 | 0xcca9));
     if r.vec8("truncated compression methods")?.is_empty() {
         return Err(ParseError::Invalid("empty compression method list"));
     }
-    let mut hello = ClientHello { sni: None, alpn: Vec::new(), tls12: version >= TLS12 };
+    let mut hello = ClientHello { sni: None, alpn: Vec::new(), tls12: version >= TLS12, chacha_first };
     if r.0.is_empty() {
         return Ok(hello); // No extensions at all (old clients).
     }
@@ -354,6 +362,10 @@ mod tests {
         let mut old = hello_with(&[0, 43, 0, 3, 2, 3, 1]);
         old[9..11].copy_from_slice(&[3, 1]);
         assert!(!parse(&old).unwrap().tls12, "supported_versions offers TLS 1.0 only");
+        assert!(!parse(&hello_with(&[])).unwrap().chacha_first, "TLS_AES_128_GCM_SHA256 first");
+        let mut chacha = hello_with(&[]);
+        chacha[46..48].copy_from_slice(&[0x13, 0x03]);
+        assert!(parse(&chacha).unwrap().chacha_first, "TLS_CHACHA20_POLY1305_SHA256 first");
     }
 
     #[test]

@@ -31,7 +31,8 @@ where
     let last = Rc::new(Cell::new(Instant::now()));
     let mut a = Watched { inner: a, last: last.clone() };
     let mut b = Watched { inner: b, last: last.clone() };
-    let copy = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 64 * 1024, 64 * 1024);
+    // A TLS record carries at most 16 KiB: larger buffers would only cost memory per connection.
+    let copy = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 16 * 1024, 16 * 1024);
     tokio::pin!(copy);
     loop {
         let deadline = last.get() + idle;

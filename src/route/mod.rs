@@ -309,7 +309,7 @@ mod tests {
     }
 
     fn tls(port: &PortRoutes, sni: Option<&str>) -> Result<String, Reply> {
-        let hello = ClientHello { sni: sni.map(Into::into), alpn: vec![], tls12: true };
+        let hello = ClientHello { sni: sni.map(Into::into), alpn: vec![], tls12: true, chacha_first: false };
         port.decide(Peeked::Tls(hello), &mut meta()).map(|r| r.key.to_string())
     }
 

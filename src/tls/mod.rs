@@ -45,7 +45,28 @@ impl Context {
     /// The server side of an `https://` route: `cert`, and when `client_ca`
     /// names a file, a client certificate signed by one of its CAs is required.
     pub fn terminator(&self, cert: Arc<CertSlot>, client_ca: Option<&Path>) -> Result<Terminator, CertError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let ring = rustls::crypto::ring::default_provider();
+        // AES-128-GCM first, whatever the client's order: the same security as
+        // AES-256 here, and a SHA-256 key schedule instead of SHA-384.
+        let mut aes = ring.clone();
+        aes.cipher_suites.sort_by_key(|s| match s.suite() {
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
+            rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 => 1,
+            rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => 1,
+            _ => 2,
+        });
+        let config = self.config(Arc::new(aes), &cert, client_ca, true)?;
+        let chacha = self.config(Arc::new(ring), &cert, client_ca, false)?;
+        Ok(Terminator { config: Arc::new(config), chacha: Arc::new(chacha), cert })
+    }
+
+    fn config(
+        &self,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+        cert: &Arc<CertSlot>,
+        client_ca: Option<&Path>,
+        server_order: bool,
+    ) -> Result<ServerConfig, CertError> {
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| CertError::Invalid { what: "the TLS configuration".into(), reason: e.to_string() })?;
@@ -80,8 +101,8 @@ impl Context {
         }
         config.ticketer = self.tickets.clone();
         config.session_storage = self.cache.clone();
-        config.ignore_client_order = true;
-        Ok(Terminator { config: Arc::new(config), cert })
+        config.ignore_client_order = server_order;
+        Ok(config)
     }
 }
 
@@ -92,8 +113,19 @@ fn invalid(path: &Path, reason: String) -> CertError {
 /// The server side of one `https://` route.
 #[derive(Debug)]
 pub struct Terminator {
+    /// For clients that put an AES suite first: AES-128-GCM is chosen.
     pub config: Arc<ServerConfig>,
+    /// For clients that put ChaCha20-Poly1305 first (no AES hardware, as
+    /// Go's and BoringSSL's servers judge it): the client's order.
+    pub chacha: Arc<ServerConfig>,
     pub cert: Arc<CertSlot>,
+}
+
+impl Terminator {
+    /// The configuration for a client whose first cipher suite is ChaCha20 (`chacha_first`) or not.
+    pub fn for_client(&self, chacha_first: bool) -> Arc<ServerConfig> {
+        if chacha_first { self.chacha.clone() } else { self.config.clone() }
+    }
 }
 
 /// Serves the route's certificate (reloaded in place when its files change).
