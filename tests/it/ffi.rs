@@ -323,3 +323,25 @@ fn the_python_example_restarted_under_load_loses_no_request() {
     };
     crate::graceful::restarts_under_load(&pm, &start, port, 5);
 }
+
+#[test]
+fn a_c_service_behind_tls_termination_sees_the_handshake_and_the_client_certificate() {
+    let dir = TempDir::new();
+    let pki = Pki::new(dir.path());
+    let pm = Portmux::start(&["--cert-dir", &dir.path().to_string_lossy()]);
+    let port = free_port();
+    let (cert, key) = pki.leaf("c.example.test");
+    let (client_cert, client_key) = pki.leaf("client.example.test");
+    let ca = pki.ca_pem.to_string_lossy().into_owned();
+    // A C service claims an https:// route and sends the certificate itself.
+    let spec = format!("https://c.example.test:{port}?name=c-tls&client_ca={ca}");
+    let mut cmd = if has_valgrind() { under_valgrind(&c_hello()) } else { Command::new(c_hello()) };
+    cmd.args([spec.as_str(), "From C", &cert, &key]);
+    let _c = Service::spawn(cmd, pm.control(), "registered").unwrap_or_else(|e| panic!("hello.c {spec}: {e}"));
+    let cfg = crate::tls::with_client_cert(&pki, &client_cert, &client_key);
+    let (r, ..) = crate::tls::tls_request(cfg, port, Some("c.example.test"), "", "c.example.test", "/").unwrap();
+    assert_eq!(r.body, "From C");
+    let facts = r.head.lines().find_map(|l| l.strip_prefix("x-portmux-tls: ")).unwrap_or_default();
+    assert!(facts.starts_with("version=TLSv1.3; cipher=TLS13_AES_128_GCM_SHA256; sni=c.example.test"), "{facts}");
+    assert!(facts.ends_with("alpn=http/1.1; client-certs=1"), "{facts}");
+}

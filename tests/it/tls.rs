@@ -188,7 +188,7 @@ fn certificate_problems_are_refused_with_the_file_and_the_reason() {
 }
 
 /// A client configuration that presents `cert`/`key` (PEM files) when asked.
-fn with_client_cert(pki: &Pki, cert: &str, key: &str) -> Arc<rustls::ClientConfig> {
+pub fn with_client_cert(pki: &Pki, cert: &str, key: &str) -> Arc<rustls::ClientConfig> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let chain: Vec<CertificateDer<'static>> =

@@ -77,9 +77,16 @@ static void *serve(void *arg) {
     int fd = (int)(intptr_t)arg;
     char buf[16384];
     size_t have = 0;
-    char answer[256];
+    char answer[1024];
+    /* On an https:// route portmux terminated TLS: say what the handshake settled. */
+    char facts[600] = "";
+    portmux_tls_info tls;
+    if (portmux_conn_tls(l, fd, &tls) == 1)
+        snprintf(facts, sizeof facts, "x-portmux-tls: version=%s; cipher=%s; sni=%s; alpn=%s; client-certs=%u\r\n",
+                 tls.version, tls.cipher, tls.sni[0] ? tls.sni : "-", tls.alpn[0] ? tls.alpn : "-", tls.client_certs);
     int head_len = snprintf(answer, sizeof answer,
-                            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %zu\r\n", strlen(body));
+                            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %zu\r\n%s", strlen(body),
+                            facts);
     for (;;) {
         buf[have] = 0;
         char *end = strstr(buf, "\r\n\r\n");
@@ -129,9 +136,23 @@ done:
     return NULL;
 }
 
+/* The whole of a small file, NUL-terminated; NULL if unreadable. */
+static char *slurp(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    char *text = calloc(1, 65536);
+    size_t n = text ? fread(text, 1, 65535, f) : 0;
+    fclose(f);
+    if (text && n == 0) {
+        free(text);
+        return NULL;
+    }
+    return text;
+}
+
 int main(int argc, char **argv) {
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s SPEC BODY\n", argv[0]);
+    if (argc != 3 && argc != 5) {
+        fprintf(stderr, "usage: %s SPEC BODY [CHAIN.pem KEY.pem]\n", argv[0]);
         return 2;
     }
     body = argv[2];
@@ -144,7 +165,21 @@ int main(int argc, char **argv) {
     sigaddset(&stop, SIGINT);
     pthread_sigmask(SIG_BLOCK, &stop, NULL); /* inherited by every thread started later */
     int sfd = signalfd(-1, &stop, SFD_CLOEXEC);
-    int rc = portmux_listen(argv[1], &l);
+    int rc;
+    if (argc == 5) {
+        /* portmux terminates TLS for the https:// route with this certificate. */
+        char *chain = slurp(argv[3]), *key = slurp(argv[4]);
+        if (!chain || !key) {
+            fprintf(stderr, "hello.c: cannot read %s or %s\n", argv[3], argv[4]);
+            return 1;
+        }
+        rc = portmux_listen_tls(argv[1], chain, key, &l);
+        memset(key, 0, strlen(key));
+        free(chain);
+        free(key);
+    } else {
+        rc = portmux_listen(argv[1], &l);
+    }
     if (rc != PORTMUX_OK) {
         fprintf(stderr, "hello.c: cannot claim %s: %s\n", argv[1], portmux_last_error());
         return 1;

@@ -79,6 +79,12 @@
 // nor this process's uid, nor the uid PORTMUX_DAEMON_UID names): not trusted.
 #define PORTMUX_ERR_UNTRUSTED -13
 
+// The buffer given is too small; the length stored says how large it must be.
+#define PORTMUX_ERR_BUFFER -14
+
+// There is no such item (a client certificate index past the last one).
+#define PORTMUX_ERR_NOT_FOUND -15
+
 // Raw TCP: not inspected (a `tcp://` route), or not recognised.
 #define PORTMUX_PROTO_TCP 0
 
@@ -123,6 +129,25 @@ typedef struct portmux_conn_info {
   char route[512];
 } portmux_conn_info;
 
+// What portmux's TLS handshake settled for a connection of an `https://`
+// route (portmux terminated TLS; the fd carries the plaintext). Strings as in
+// portmux_conn_info. The caller owns the struct; nothing in it needs freeing.
+typedef struct portmux_tls_info {
+  // "TLSv1.3" or "TLSv1.2".
+  char version[16];
+  // The cipher suite's IANA name, "TLS13_AES_128_GCM_SHA256".
+  char cipher[64];
+  // The server name the client asked for (lower case), empty if none.
+  char sni[256];
+  // The protocol ALPN negotiated ("http/1.1"), empty if none.
+  char alpn[64];
+  // How many certificates the client presented (the route asked with
+  // client_ca=); portmux_conn_client_cert() gives each (DER).
+  uint32_t client_certs;
+  // Nonzero when a string above was cut to fit.
+  int truncated;
+} portmux_tls_info;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -146,6 +171,22 @@ extern "C" {
 // `route_spec` is NULL or a NUL-terminated string; `out` is NULL or valid for
 // writing one pointer.
 int portmux_listen(const char *route_spec, struct portmux_listener **out);
+
+// Like portmux_listen, and the `https://` routes among them that name no
+// certificate of their own (no `cert=`) are served with this one: portmux
+// terminates TLS and hands over the plaintext (portmux_conn_tls says what the
+// handshake settled). `chain_pem` is the PEM chain, leaf first; `key_pem` its
+// PEM private key. Both are copied (the caller may free them at once); they
+// are sent only over the control socket, again whenever the library
+// reconnects. Returns as portmux_listen does; a certificate portmux cannot
+// use is PORTMUX_ERR_REFUSED with the reason in portmux_last_error().
+//
+// # Safety
+// As for portmux_listen; `chain_pem` and `key_pem` are NULL or NUL-terminated.
+int portmux_listen_tls(const char *route_spec,
+                       const char *chain_pem,
+                       const char *key_pem,
+                       struct portmux_listener **out);
 
 // Waits for the next connection portmux hands over and returns its fd
 // (>= 0): a connected TCP socket in blocking mode, close-on-exec, owned by the
@@ -188,6 +229,34 @@ int portmux_accept_nonblocking(struct portmux_listener *listener, struct portmux
 // # Safety
 // `listener` is NULL or a live listener from portmux_listen.
 int portmux_listener_fd(const struct portmux_listener *listener);
+
+// The TLS facts of connection `fd` (one this listener handed out): returns 1
+// and fills `*out` when portmux terminated its TLS (an `https://` route),
+// 0 when it did not (`*out` untouched), or PORTMUX_ERR_NULL or
+// PORTMUX_ERR_UNKNOWN_FD.
+//
+// # Safety
+// `listener` is NULL or a live listener from portmux_listen; `out` is NULL
+// or valid for writing one portmux_tls_info.
+int portmux_conn_tls(const struct portmux_listener *listener, int fd, struct portmux_tls_info *out);
+
+// Certificate `index` (0: the client's own, then its chain) that the client
+// of connection `fd` presented, DER-encoded: its length is stored in `*len`,
+// and when `buf` is not NULL and `cap` is at least that length, the bytes
+// are copied there. Returns PORTMUX_OK; PORTMUX_ERR_BUFFER when `buf` is
+// NULL or `cap` too small (call again with `*len` bytes); PORTMUX_ERR_NULL,
+// PORTMUX_ERR_UNKNOWN_FD, or PORTMUX_ERR_NOT_FOUND when there is no such
+// certificate (see portmux_conn_tls's client_certs).
+//
+// # Safety
+// `listener` is NULL or a live listener; `buf` is NULL or valid for writing
+// `cap` bytes; `len` is NULL or valid for writing one size_t.
+int portmux_conn_client_cert(const struct portmux_listener *listener,
+                             int fd,
+                             unsigned int index,
+                             uint8_t *buf,
+                             uintptr_t cap,
+                             uintptr_t *len);
 
 // Ends the session (portmux keeps the route's new connections for the
 // service's next instance during its linger period) and frees the listener.

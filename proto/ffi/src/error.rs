@@ -43,6 +43,10 @@ pub const PORTMUX_ERR_TIMEOUT: c_int = -12;
 /// The control socket is served by a process of another user (neither root
 /// nor this process's uid, nor the uid PORTMUX_DAEMON_UID names): not trusted.
 pub const PORTMUX_ERR_UNTRUSTED: c_int = -13;
+/// The buffer given is too small; the length stored says how large it must be.
+pub const PORTMUX_ERR_BUFFER: c_int = -14;
+/// There is no such item (a client certificate index past the last one).
+pub const PORTMUX_ERR_NOT_FOUND: c_int = -15;
 
 /// The fixed text of a result code.
 pub(crate) fn describe(code: c_int) -> &'static CStr {
@@ -71,6 +75,8 @@ pub(crate) fn describe(code: c_int) -> &'static CStr {
         PORTMUX_ERR_UNTRUSTED => {
             c"the control socket is served by another user's process (set PORTMUX_DAEMON_UID to trust that uid)"
         }
+        PORTMUX_ERR_BUFFER => c"the buffer is too small; call again with the length stored",
+        PORTMUX_ERR_NOT_FOUND => c"there is no such item (portmux_last_error() says which)",
         _ => c"unknown portmux result code",
     }
 }

@@ -76,6 +76,47 @@ impl portmux_conn_info {
     }
 }
 
+/// What portmux's TLS handshake settled for a connection of an `https://`
+/// route (portmux terminated TLS; the fd carries the plaintext). Strings as in
+/// portmux_conn_info. The caller owns the struct; nothing in it needs freeing.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct portmux_tls_info {
+    /// "TLSv1.3" or "TLSv1.2".
+    pub version: [c_char; 16],
+    /// The cipher suite's IANA name, "TLS13_AES_128_GCM_SHA256".
+    pub cipher: [c_char; 64],
+    /// The server name the client asked for (lower case), empty if none.
+    pub sni: [c_char; 256],
+    /// The protocol ALPN negotiated ("http/1.1"), empty if none.
+    pub alpn: [c_char; 64],
+    /// How many certificates the client presented (the route asked with
+    /// client_ca=); portmux_conn_client_cert() gives each (DER).
+    pub client_certs: u32,
+    /// Nonzero when a string above was cut to fit.
+    pub truncated: c_int,
+}
+
+impl portmux_tls_info {
+    pub(crate) fn from_tls(tls: &portmux_client::TlsInfo) -> portmux_tls_info {
+        let mut out = portmux_tls_info {
+            version: [0; 16],
+            cipher: [0; 64],
+            sni: [0; 256],
+            alpn: [0; 64],
+            client_certs: 0,
+            truncated: 0,
+        };
+        let mut cut = copy(&mut out.version, &tls.version);
+        cut |= copy(&mut out.cipher, &tls.cipher);
+        cut |= copy(&mut out.sni, tls.sni.as_deref().unwrap_or(""));
+        cut |= copy(&mut out.alpn, tls.alpn.as_deref().unwrap_or(""));
+        out.client_certs = u32::try_from(tls.client_certs.len()).unwrap_or(u32::MAX);
+        out.truncated = c_int::from(cut);
+        out
+    }
+}
+
 /// Copies `text` into `field` with a terminating NUL (NULs inside become
 /// spaces), cut at a character boundary if it does not fit; true if cut.
 fn copy(field: &mut [c_char], text: &str) -> bool {

@@ -7,10 +7,10 @@
 //! on the same listener. Error details are per thread.
 
 use crate::error::{
-    self, Failure, PORTMUX_ERR_INTERNAL, PORTMUX_ERR_SPEC, PORTMUX_ERR_TIMEOUT, PORTMUX_ERR_UNKNOWN_FD,
-    PORTMUX_ERR_WOULD_BLOCK, PORTMUX_OK,
+    self, Failure, PORTMUX_ERR_BUFFER, PORTMUX_ERR_INTERNAL, PORTMUX_ERR_NOT_FOUND, PORTMUX_ERR_SPEC,
+    PORTMUX_ERR_TIMEOUT, PORTMUX_ERR_UNKNOWN_FD, PORTMUX_ERR_WOULD_BLOCK, PORTMUX_OK,
 };
-use crate::info::portmux_conn_info;
+use crate::info::{portmux_conn_info, portmux_tls_info};
 use portmux_client::{ConnInfo, Stream};
 use std::collections::HashMap;
 use std::ffi::{CStr, c_char, c_int, c_uint};
@@ -132,6 +132,51 @@ pub unsafe extern "C" fn portmux_listen(route_spec: *const c_char, out: *mut *mu
     })
 }
 
+/// Like portmux_listen, and the `https://` routes among them that name no
+/// certificate of their own (no `cert=`) are served with this one: portmux
+/// terminates TLS and hands over the plaintext (portmux_conn_tls says what the
+/// handshake settled). `chain_pem` is the PEM chain, leaf first; `key_pem` its
+/// PEM private key. Both are copied (the caller may free them at once); they
+/// are sent only over the control socket, again whenever the library
+/// reconnects. Returns as portmux_listen does; a certificate portmux cannot
+/// use is PORTMUX_ERR_REFUSED with the reason in portmux_last_error().
+///
+/// # Safety
+/// As for portmux_listen; `chain_pem` and `key_pem` are NULL or NUL-terminated.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn portmux_listen_tls(
+    route_spec: *const c_char,
+    chain_pem: *const c_char,
+    key_pem: *const c_char,
+    out: *mut *mut portmux_listener,
+) -> c_int {
+    fenced(|| {
+        if out.is_null() {
+            return Err(Failure::null("out (where to store the listener)"));
+        }
+        // SAFETY: `out` is non-null and valid for writing a pointer (contract).
+        unsafe { out.write(std::ptr::null_mut()) };
+        let text = |p: *const c_char, what: &'static str| -> Result<String, Failure> {
+            if p.is_null() {
+                return Err(Failure::null(what));
+            }
+            // SAFETY: non-null and NUL-terminated (contract); copied before returning.
+            let s = unsafe { CStr::from_ptr(p) };
+            s.to_str()
+                .map(str::to_string)
+                .map_err(|_| Failure::new(PORTMUX_ERR_SPEC, format!("{what} is not valid UTF-8")))
+        };
+        let (spec, chain, key) =
+            (text(route_spec, "route_spec")?, text(chain_pem, "chain_pem")?, text(key_pem, "key_pem")?);
+        let inner = portmux_client::Builder::new().route(spec).certificate(chain, key).bind()?;
+        let handed = Mutex::new(HashMap::new());
+        let listener = Box::into_raw(Box::new(portmux_listener { inner, handed, returned: Condvar::new() }));
+        // SAFETY: as above.
+        unsafe { out.write(listener) };
+        Ok(PORTMUX_OK)
+    })
+}
+
 /// Waits for the next connection portmux hands over and returns its fd
 /// (>= 0): a connected TCP socket in blocking mode, close-on-exec, owned by the
 /// caller (close it when done), whose first bytes (those portmux looked at)
@@ -200,6 +245,75 @@ pub unsafe extern "C" fn portmux_listener_fd(listener: *const portmux_listener) 
         // SAFETY: NULL or a live listener (contract); shared access only.
         let l = unsafe { listener.as_ref() }.ok_or_else(|| Failure::null("listener"))?;
         Ok(l.inner.poll_fd()?.as_raw_fd())
+    })
+}
+
+/// The TLS facts of connection `fd` (one this listener handed out): returns 1
+/// and fills `*out` when portmux terminated its TLS (an `https://` route),
+/// 0 when it did not (`*out` untouched), or PORTMUX_ERR_NULL or
+/// PORTMUX_ERR_UNKNOWN_FD.
+///
+/// # Safety
+/// `listener` is NULL or a live listener from portmux_listen; `out` is NULL
+/// or valid for writing one portmux_tls_info.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn portmux_conn_tls(
+    listener: *const portmux_listener,
+    fd: c_int,
+    out: *mut portmux_tls_info,
+) -> c_int {
+    fenced(|| {
+        // SAFETY: NULL or a live listener (contract); shared access only.
+        let l = unsafe { listener.as_ref() }.ok_or_else(|| Failure::null("listener"))?;
+        if out.is_null() {
+            return Err(Failure::null("out"));
+        }
+        let Some(tls) = l.info(fd)?.tls else { return Ok(0) };
+        // SAFETY: non-null and, per the contract, valid for writing one portmux_tls_info.
+        unsafe { out.write(portmux_tls_info::from_tls(&tls)) };
+        Ok(1)
+    })
+}
+
+/// Certificate `index` (0: the client's own, then its chain) that the client
+/// of connection `fd` presented, DER-encoded: its length is stored in `*len`,
+/// and when `buf` is not NULL and `cap` is at least that length, the bytes
+/// are copied there. Returns PORTMUX_OK; PORTMUX_ERR_BUFFER when `buf` is
+/// NULL or `cap` too small (call again with `*len` bytes); PORTMUX_ERR_NULL,
+/// PORTMUX_ERR_UNKNOWN_FD, or PORTMUX_ERR_NOT_FOUND when there is no such
+/// certificate (see portmux_conn_tls's client_certs).
+///
+/// # Safety
+/// `listener` is NULL or a live listener; `buf` is NULL or valid for writing
+/// `cap` bytes; `len` is NULL or valid for writing one size_t.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn portmux_conn_client_cert(
+    listener: *const portmux_listener,
+    fd: c_int,
+    index: c_uint,
+    buf: *mut u8,
+    cap: usize,
+    len: *mut usize,
+) -> c_int {
+    fenced(|| {
+        // SAFETY: NULL or a live listener (contract); shared access only.
+        let l = unsafe { listener.as_ref() }.ok_or_else(|| Failure::null("listener"))?;
+        if len.is_null() {
+            return Err(Failure::null("len"));
+        }
+        let info = l.info(fd)?;
+        let der = info.tls.as_ref().and_then(|t| t.client_certs.get(index as usize)).ok_or_else(|| {
+            Failure::new(PORTMUX_ERR_NOT_FOUND, format!("connection {fd} has no client certificate {index}"))
+        })?;
+        // SAFETY: non-null and valid for writing one size_t (contract).
+        unsafe { len.write(der.len()) };
+        if buf.is_null() || cap < der.len() {
+            return Err(Failure::new(PORTMUX_ERR_BUFFER, format!("the certificate takes {} bytes", der.len())));
+        }
+        // SAFETY: `buf` is valid for writing `cap` >= der.len() bytes (contract),
+        // and cannot overlap `der`, which this library owns.
+        unsafe { std::ptr::copy_nonoverlapping(der.as_ptr(), buf, der.len()) };
+        Ok(PORTMUX_OK)
     })
 }
 
