@@ -43,9 +43,10 @@ if NOFILE == resource.RLIM_INFINITY:
 MAXCONN = (NOFILE - 1000) // 2
 IDLE = min(10_000, MAXCONN)
 
-PEER_SYSTEMS = ("haproxy-tcp", "haproxy-http", "nginx-stream", "nginx-http", "sniproxy", "haproxy-terminate",
-                "nginx-terminate")
+PEER_SYSTEMS = ("haproxy-tcp", "haproxy-http", "nginx-stream", "nginx-http", "sniproxy")
 TERMINATING = ("portmux-terminate", "haproxy-terminate", "nginx-terminate")
+# Every peer, for the "× best peer" column: in a scenario only those it runs count.
+ALL_PEERS = PEER_SYSTEMS + TERMINATING[1:]
 
 SCENARIOS = [
     dict(key="ka", short="keep-alive", title="keep-alive, small responses", body="hello", size=None, conns=50, close=False, tls=False,
@@ -537,7 +538,7 @@ def write_report(bench, all_results, elapsed):
             lines.append("")
             continue
         direct = s.get("direct", {}).get("rps")
-        best_peer = max((v["rps"] for k, v in s.items() if k in PEER_SYSTEMS), default=None)
+        best_peer = max((v["rps"] for k, v in s.items() if k in ALL_PEERS), default=None)
         lines += ["| system | req/s | × direct | × best peer | p50 | p99 | MiB/s | proxy CPU ms / 1000 req | "
                   "proxy peak RSS | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
         for system, v in s.items():
@@ -650,7 +651,7 @@ def write_report(bench, all_results, elapsed):
 def plot(summary):
     """latest.png: req/s relative to direct, and p99 latency, per scenario and system."""
     keys = [sc for sc in SCENARIOS if sc["key"] in summary and not sc.get("idle")]
-    systems = ["direct", "portmux-handoff", "portmux-forward", "portmux-terminate"] + list(PEER_SYSTEMS)
+    systems = ["direct", "portmux-handoff", "portmux-forward", "portmux-terminate"] + list(ALL_PEERS)
     data = os.path.join(RESULTS, "latest.dat")
     with open(data, "w") as f:
         f.write("scenario " + " ".join(systems) + " " + " ".join(systems) + "\n")

@@ -3,7 +3,6 @@
 //! its Host and path (a Host that is not the SNI gets 421), then the relay:
 //! to a backend, or to a service over a socketpair carrying the plaintext.
 
-use crate::classify::Peeked;
 use crate::forward::{self, stream};
 use crate::handoff::{Conn, ConnDesc};
 use crate::ids::ListenerId;
@@ -115,10 +114,6 @@ pub(super) async fn terminate(
                 Ok(s) => s,
                 Err(e) => return tracing::warn!(client = %meta.peer, "cannot watch a socketpair: {e}"),
             };
-            // The request read so far waits in the socket for the service.
-            if let Err(e) = ours.write_all(&buf).await {
-                return tracing::warn!(client = %meta.peer, "cannot write to a socketpair: {e}");
-            }
             let log = meta.clone();
             // Known while relayed, so that the service may give it back.
             let ino = rustix::fs::fstat(&theirs).map(|s| s.st_ino).ok();
@@ -131,6 +126,11 @@ pub(super) async fn terminate(
             let desc =
                 ConnDesc { id: shared.conn_id(), listener, meta, arrived, rejected_by: None, returned: false, tls };
             Box::pin(super::deliver(Conn { fd: Arc::new(OwnedFd::from(theirs)), desc }, &found, shared)).await;
+            // The request read so far, for the service (after the delivery: a
+            // head larger than the socket's buffer waits for it to read).
+            if let Err(e) = ours.write_all(&buf).await {
+                return tracing::debug!(client = %log.peer, "the service end closed before the request: {e}");
+            }
             log_end(&log, stream::relay(client, ours, idle).await);
             drop(registered);
         }
@@ -163,13 +163,9 @@ pub(super) async fn returned(
         return reply::send(fd, Reply::Close).await;
     };
     let deadline = tokio::time::Instant::now() + shared.settings.peek_timeout;
-    let want = crate::classify::Want { tls: false, http: true };
-    let peek = crate::classify::peek(fd.as_fd(), want, deadline, shared.settings.peek_max).await;
-    let head = match peek.outcome {
-        Peeked::Http(head) => head,
-        Peeked::Invalid { reason, .. } => return reply::send(fd, Reply::bad_request(reason)).await,
-        Peeked::TooLarge { .. } => return reply::send(fd, Reply::too_large()).await,
-        _ => return reply::send(fd, Reply::Close).await,
+    let (head, peeked) = match peek_head(fd.as_fd(), shared.settings.peek_max, deadline).await {
+        Ok(read) => read,
+        Err(answer) => return reply::send(fd, answer).await,
     };
     if let (Some(host), Some(sni)) = (&head.host, &tls.sni)
         && host != sni
@@ -190,7 +186,7 @@ pub(super) async fn returned(
         alpn: tls.alpn.iter().cloned().collect(),
         host,
         path: Some(head.target),
-        peeked: peek.bytes as u32,
+        peeked: peeked as u32,
     };
     match &found.target {
         Target::Forward(pool) => {
@@ -245,6 +241,37 @@ async fn read_head(
             Err(crate::classify::ParseError::Incomplete) => return Err(Some(Reply::too_large())),
             Err(crate::classify::ParseError::Invalid(reason)) => return Err(Some(Reply::bad_request(reason))),
         }
+    }
+}
+
+/// Peeks at a socketpair end until a whole request head is there (the
+/// terminating task writes it as the client's bytes arrive). A Unix socket's
+/// readiness ignores SO_RCVLOWAT, so the wait between looks grows from 1 ms
+/// to 50 ms instead: a client that dribbles its head costs no busy loop.
+async fn peek_head(
+    fd: std::os::fd::BorrowedFd<'_>,
+    max: usize,
+    deadline: tokio::time::Instant,
+) -> Result<(crate::classify::http::RequestHead, usize), Reply> {
+    let mut buf = vec![0u8; max];
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match portmux_sys::net::peek(fd, &mut buf) {
+            Ok(0) => return Err(Reply::Close),
+            Ok(n) => match crate::classify::http::parse(&buf[..n]) {
+                Ok(head) => return Ok((head, n)),
+                Err(crate::classify::ParseError::Invalid(reason)) => return Err(Reply::bad_request(reason)),
+                Err(crate::classify::ParseError::Incomplete) if n >= max => return Err(Reply::too_large()),
+                Err(crate::classify::ParseError::Incomplete) => {}
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return Err(Reply::Close),
+        }
+        if tokio::time::Instant::now() + pause > deadline {
+            return Err(Reply::Close);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
     }
 }
 

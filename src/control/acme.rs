@@ -26,6 +26,8 @@ struct Name {
     renew_at: Option<SystemTime>,
     retry_at: Option<SystemTime>,
     failures: u32,
+    /// When to fetch the next OCSP staple (`None`: now).
+    ocsp_at: Option<SystemTime>,
 }
 
 /// Why an order failed.
@@ -74,6 +76,7 @@ pub(super) async fn run(control: Rc<Control>) {
                         name.renew_at = renew_at;
                         name.retry_at = None;
                         name.failures = 0;
+                        name.ocsp_at = None;
                         if let Some(Ok(certified)) =
                             store.load(&host).ok().flatten().map(|(c, k)| CertSlot::parse(&c, &k, &host))
                         {
@@ -94,7 +97,10 @@ pub(super) async fn run(control: Rc<Control>) {
                     }
                 }
             }
-            for t in [name.renew_at, name.retry_at].into_iter().flatten() {
+            if slot.current().is_some() && name.ocsp_at.is_none_or(|t| t <= SystemTime::now()) {
+                name.ocsp_at = Some(staple(&store, &host, &slot, name.renew_at).await);
+            }
+            for t in [name.renew_at, name.retry_at, name.ocsp_at].into_iter().flatten() {
                 next = Some(next.map_or(t, |n| n.min(t)));
             }
         }
@@ -132,6 +138,51 @@ fn load(store: &Store, host: &str, slot: &CertSlot, renew_before: Duration) -> O
         Err(e) => {
             tracing::warn!(host, "cannot read the kept ACME certificate: {e}");
             None
+        }
+    }
+}
+
+/// Fetches and staples an OCSP response for `host`'s certificate when it
+/// names a responder (one kept from before is used while still fresh):
+/// when to look again.
+async fn staple(store: &Store, host: &str, slot: &CertSlot, renew_at: Option<SystemTime>) -> SystemTime {
+    let later = || SystemTime::now() + Duration::from_secs(3600);
+    let Ok(Some((chain, key))) = store.load(host) else { return later() };
+    let query = match crate::tls::ocsp::query(&chain) {
+        Ok(Some(q)) => q,
+        // No responder named (Let's Encrypt's certificates since 2025): until the next certificate.
+        Ok(None) => return renew_at.unwrap_or_else(later),
+        Err(e) => {
+            tracing::warn!(host, "cannot make an OCSP request for the certificate: {e}");
+            return later();
+        }
+    };
+    let install = |der: Vec<u8>| {
+        if let Ok(mut certified) = CertSlot::parse(&chain, &key, host) {
+            certified.ocsp = Some(der);
+            slot.install(certified);
+        }
+    };
+    if let Some(kept) = store.load_ocsp(host)
+        && let Ok(next) = crate::tls::ocsp::check(&query, &kept)
+        && next > SystemTime::now() + Duration::from_secs(3600)
+    {
+        install(kept);
+        return next;
+    }
+    let fetched = crate::tls::ocsp::fetch(&query, Duration::from_secs(20)).await;
+    match fetched.and_then(|der| crate::tls::ocsp::check(&query, &der).map(|next| (der, next))) {
+        Ok((der, next)) => {
+            if let Err(e) = store.save_ocsp(host, &der) {
+                tracing::warn!(host, "cannot keep the OCSP response: {e}");
+            }
+            install(der);
+            tracing::info!(host, responder = %query.url, "OCSP response stapled");
+            next
+        }
+        Err(e) => {
+            tracing::warn!(host, responder = %query.url, "no OCSP staple: {e}; trying again in an hour");
+            later()
         }
     }
 }

@@ -86,6 +86,14 @@ impl TlsRoutes {
             return Ok(slot);
         }
         let slot = CertSlot::acme(host);
+        // The certificate kept from before (a restart, an upgrade) serves at once.
+        let store = crate::tls::acme::Store::new(&shared.settings.state_dir);
+        if let Ok(Some((chain, key))) = store.load(host)
+            && crate::tls::acme::validity(&chain).is_some_and(|(_, until)| until > std::time::SystemTime::now())
+            && let Ok(certified) = CertSlot::parse(&chain, &key, host)
+        {
+            slot.install(certified);
+        }
         self.acme.insert(host.clone(), Arc::downgrade(&slot));
         self.acme_wake.notify_one();
         Ok(slot)
@@ -124,7 +132,9 @@ impl TlsRoutes {
         if let Some(t) = self.terminators.get(key) {
             return Some(t.clone());
         }
-        spec.cert.as_ref()?;
+        if spec.cert.is_none() && !spec.acme {
+            return None; // A service's certificate comes with its registration (or its ServiceCert).
+        }
         match self.prepare([spec], None, key.0.ip(), shared) {
             Ok(mut made) => {
                 let (key, t) = made.pop()?;

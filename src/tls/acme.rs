@@ -118,6 +118,16 @@ impl Store {
         }
     }
 
+    /// The OCSP response kept for `host`'s certificate, if any.
+    pub fn load_ocsp(&self, host: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.cert_dir(host).join("ocsp.der")).ok()
+    }
+
+    /// Keeps the OCSP response for `host`'s certificate.
+    pub fn save_ocsp(&self, host: &str, der: &[u8]) -> io::Result<()> {
+        write_private(&self.cert_dir(host).join("ocsp.der"), der)
+    }
+
     /// Keeps a new certificate for `host` (the key first: a crash between
     /// the two leaves the old certificate with a key it does not match,
     /// which is refused at load, and then a new order is made).
@@ -125,7 +135,12 @@ impl Store {
         let dir = self.cert_dir(host);
         create_private_dir(&dir)?;
         write_private(&dir.join("key.pem"), key.as_bytes())?;
-        write_private(&dir.join("cert.pem"), chain.as_bytes())
+        write_private(&dir.join("cert.pem"), chain.as_bytes())?;
+        // A staple of the previous certificate is not this one's.
+        match std::fs::remove_file(dir.join("ocsp.der")) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod acme;
 pub mod certs;
+pub mod ocsp;
 pub mod tickets;
 
 use certs::{CertError, CertSlot};

@@ -25,6 +25,11 @@ impl Pebble {
     /// Validates HTTP-01 on `http_port` and TLS-ALPN-01 on `tls_port`;
     /// certificates live `validity` seconds (0: pebble's default).
     fn start(dir: &Path, http_port: u16, tls_port: u16, validity: u64) -> Pebble {
+        Pebble::start_with(dir, http_port, tls_port, validity, None)
+    }
+
+    /// Like `start`; certificates name `ocsp` as their OCSP responder.
+    fn start_with(dir: &Path, http_port: u16, tls_port: u16, validity: u64, ocsp: Option<u16>) -> Pebble {
         let pki = Pki::new(dir);
         let (cert, key) = pki.leaf("localhost");
         let (listen, management, dns) = (free_port(), free_port(), free_port());
@@ -37,6 +42,9 @@ impl Pebble {
         }});
         if validity > 0 {
             config["pebble"]["certificateValidityPeriod"] = validity.into();
+        }
+        if let Some(port) = ocsp {
+            config["pebble"]["ocspResponderURL"] = format!("http://127.0.0.1:{port}").into();
         }
         let config_path = dir.join("pebble.json");
         std::fs::write(&config_path, config.to_string()).unwrap();
@@ -70,11 +78,15 @@ impl Pebble {
         Pebble { children, directory: format!("https://localhost:{listen}/dir"), ca: pki.ca_pem.clone(), management }
     }
 
+    /// What pebble's management interface serves at `path` (its CA certificates and keys).
+    fn management(&self, path: &str) -> String {
+        curl(&["--cacert", &self.ca.to_string_lossy(), &format!("https://localhost:{}{path}", self.management)])
+    }
+
     /// A client configuration trusting what pebble issues (its root now).
     fn client_config(&self) -> Arc<rustls::ClientConfig> {
         use rustls::pki_types::{CertificateDer, pem::PemObject};
-        let url = format!("https://localhost:{}/roots/0", self.management);
-        let pem = curl(&["--cacert", &self.ca.to_string_lossy(), &url]);
+        let pem = self.management("/roots/0");
         let mut roots = rustls::RootCertStore::empty();
         roots.add(CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()).unwrap();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -186,11 +198,14 @@ fn acme_tls_alpn01_issues_and_the_kept_certificate_serves_after_a_restart() {
     assert!(pm.log().contains("answered an ACME TLS-ALPN-01 challenge"), "{}", pm.log());
     pm.terminate(Duration::from_secs(10));
 
-    let pm = Portmux::start(&args);
+    let mut pm = Portmux::start(&args);
     let (ok, _, err) = portmux_cli(&pm, &["route", "add", &spec, "--backend", &b.to_string()]);
     assert!(ok, "{err}");
+    let (r, _, served) = tls_request(cfg.clone(), https, Some("b.acme.test"), "", "b.acme.test", "/").unwrap();
+    assert_eq!((r.body.as_str(), served), ("alpn", issued.clone()), "the kept certificate is served at once");
+    pm.upgrade(&[]).unwrap();
     let (r, _, served) = tls_request(cfg, https, Some("b.acme.test"), "", "b.acme.test", "/").unwrap();
-    assert_eq!((r.body.as_str(), served), ("alpn", issued), "the kept certificate is served at once");
+    assert_eq!((r.body.as_str(), served), ("alpn", issued), "and by the new process after an upgrade");
     assert_eq!(pm.count("ordering a certificate"), 0, "no new order: {}", pm.log());
 }
 
@@ -207,4 +222,98 @@ fn acme_routes_are_refused_without_an_account_or_for_a_wildcard() {
     let (ok, _, err) =
         portmux_cli(&pm, &["route", "add", &format!("https://*.x.test:{port}?acme"), "--backend", "127.0.0.1:1"]);
     assert!(!ok && err.contains("DNS-01"), "{err}");
+}
+
+#[test]
+fn an_acme_certificate_gets_an_ocsp_staple_from_the_responder_it_names() {
+    let dir = TempDir::new();
+    let (https, ocsp) = (free_port(), free_port());
+    let pebble = Pebble::start_with(dir.path(), free_port(), https, 0, Some(ocsp));
+    let state = dir.path().join("state");
+    let state_arg = state.to_string_lossy().into_owned();
+    let mut pm = Portmux::start(&acme_args(&pebble, &state_arg, "tls-alpn-01", "1"));
+    let (_b, b) = Service::backend("stapled", &[]);
+    let spec = format!("https://o.acme.test:{https}?acme");
+    let (ok, _, err) = portmux_cli(&pm, &["route", "add", &spec, "--backend", &b.to_string()]);
+    assert!(ok, "{err}");
+    let cfg = pebble.client_config();
+    wait_issued(&cfg, https, "o.acme.test", None, &pm);
+
+    // An OCSP response for the issued certificate, "good", signed with
+    // pebble's intermediate key by openssl's responder (one shot), and an
+    // HTTP responder on loopback that answers every POST with it.
+    let d = dir.path();
+    std::fs::write(d.join("issuer.pem"), pebble.management("/intermediates/0")).unwrap();
+    std::fs::write(d.join("issuer.key"), pebble.management("/intermediate-keys/0")).unwrap();
+    let cert = state.join("acme/certs/o.acme.test/cert.pem");
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(d).output().unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let cert_arg = cert.to_string_lossy();
+    let serial =
+        openssl(&["x509", "-noout", "-serial", "-in", &cert_arg]).trim().trim_start_matches("serial=").to_string();
+    std::fs::write(d.join("index.txt"), format!("V\t391231235959Z\t\t{serial}\tunknown\t/CN=o.acme.test\n")).unwrap();
+    openssl(&["ocsp", "-issuer", "issuer.pem", "-cert", &cert_arg, "-reqout", "req.der", "-no_nonce"]);
+    openssl(
+        &["ocsp", "-index", "index.txt", "-rsigner", "issuer.pem", "-rkey", "issuer.key", "-CA", "issuer.pem"]
+            .into_iter()
+            .chain(["-reqin", "req.der", "-respout", "resp.der", "-ndays", "1"])
+            .collect::<Vec<_>>(),
+    );
+    let answer = std::fs::read(d.join("resp.der")).unwrap();
+    let responder = std::net::TcpListener::bind(("127.0.0.1", ocsp)).unwrap();
+    std::thread::spawn(move || {
+        for mut s in responder.incoming().flatten().take(20) {
+            let _ = read_request(&mut s);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/ocsp-response\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                answer.len()
+            );
+            let _ = std::io::Write::write_all(&mut s, head.as_bytes());
+            let _ = std::io::Write::write_all(&mut s, &answer);
+        }
+    });
+    // The first attempt (at issuance) found no responder; the new process of
+    // an upgrade looks again at start.
+    pm.upgrade(&[]).unwrap();
+    let roots = d.join("roots.pem");
+    std::fs::write(&roots, pebble.management("/roots/0") + &pebble.management("/intermediates/0")).unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new("openssl")
+            .args(["s_client", "-connect", &format!("127.0.0.1:{https}"), "-servername", "o.acme.test", "-status"])
+            .arg("-CAfile")
+            .arg(&roots)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("OCSP Response Status: successful") {
+            assert!(text.contains("Cert Status: good"), "{text}");
+            break;
+        }
+        assert!(Instant::now() < until, "no staple within 30 s:\n{text}\n{}", pm.log());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(state.join("acme/certs/o.acme.test/ocsp.der").exists(), "the staple is kept");
+}
+
+/// Reads an HTTP request's head and its Content-Length body.
+fn read_request(s: &mut TcpStream) -> std::io::Result<()> {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte)? == 0 {
+            return Ok(());
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    let len = head.lines().find_map(|l| l.strip_prefix("content-length:")?.trim().parse::<usize>().ok()).unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body)
 }

@@ -1,0 +1,120 @@
+//! OCSP staples for certificates portmux gets from ACME: the request for a
+//! certificate (RFC 6960, with x509-ocsp) to the responder its Authority
+//! Information Access names, the POST (RFC 6960 appendix A), and the check
+//! of what came back (a successful response about this certificate, and
+//! when to fetch the next one).
+
+use der::{Decode, Encode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use std::time::{Duration, SystemTime};
+use x509_cert::Certificate;
+use x509_ocsp::builder::OcspRequestBuilder;
+use x509_ocsp::{BasicOcspResponse, CertStatus, OcspResponse, OcspResponseStatus, Request};
+
+/// What to ask, and where.
+#[derive(Debug, Clone)]
+pub struct Query {
+    /// The responder's URL (http).
+    pub url: String,
+    /// The DER-encoded OCSPRequest.
+    pub request: Vec<u8>,
+}
+
+/// The query for the leaf of `chain` (PEM, leaf then issuer), if the leaf
+/// names an OCSP responder.
+pub fn query(chain: &str) -> Result<Option<Query>, String> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let ders: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(chain.as_bytes()).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+    let (Some(leaf), Some(issuer)) = (ders.first(), ders.get(1)) else {
+        return Ok(None); // No issuer in the chain: nothing to ask about.
+    };
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf).map_err(|e| e.to_string())?;
+    let url = parsed.extensions().iter().find_map(|ext| match ext.parsed_extension() {
+        x509_parser::extensions::ParsedExtension::AuthorityInfoAccess(aia) => aia
+            .accessdescs
+            .iter()
+            .filter(|d| d.access_method == x509_parser::oid_registry::OID_PKIX_ACCESS_DESCRIPTOR_OCSP)
+            .find_map(|d| match &d.access_location {
+                x509_parser::extensions::GeneralName::URI(u) if u.starts_with("http://") => Some(u.to_string()),
+                _ => None,
+            }),
+        _ => None,
+    });
+    let Some(url) = url else { return Ok(None) };
+    let leaf = Certificate::from_der(leaf).map_err(|e| e.to_string())?;
+    let issuer = Certificate::from_der(issuer).map_err(|e| e.to_string())?;
+    let request = Request::from_cert::<sha1::Sha1>(&issuer, &leaf).map_err(|e| e.to_string())?;
+    let request = OcspRequestBuilder::default().with_request(request).build().to_der().map_err(|e| e.to_string())?;
+    Ok(Some(Query { url, request }))
+}
+
+/// Checks a response to `query`: a successful one whose status for the
+/// certificate is good (a revoked or unknown one is not stapled); when to
+/// fetch the next (halfway to its nextUpdate, at least an hour from now, at
+/// most a day without one).
+pub fn check(query: &Query, response: &[u8]) -> Result<SystemTime, String> {
+    let r = OcspResponse::from_der(response).map_err(|e| format!("not an OCSP response: {e}"))?;
+    if r.response_status != OcspResponseStatus::Successful {
+        return Err(format!("the responder answered {:?}", r.response_status));
+    }
+    let bytes = r.response_bytes.ok_or("a successful response without a body")?;
+    let basic =
+        BasicOcspResponse::from_der(bytes.response.as_bytes()).map_err(|e| format!("bad basic response: {e}"))?;
+    let asked = x509_ocsp::OcspRequest::from_der(&query.request).map_err(|e| e.to_string())?;
+    let id = &asked.tbs_request.request_list[0].req_cert;
+    let single = basic
+        .tbs_response_data
+        .responses
+        .iter()
+        .find(|s| s.cert_id.serial_number == id.serial_number)
+        .ok_or("the response is about another certificate")?;
+    match single.cert_status {
+        CertStatus::Good(_) => {}
+        CertStatus::Revoked(_) => return Err("the certificate is revoked".into()),
+        CertStatus::Unknown(_) => return Err("the responder does not know the certificate".into()),
+    }
+    let now = SystemTime::now();
+    let this = single.this_update.0.to_system_time();
+    let refresh = match &single.next_update {
+        Some(next) => {
+            let next = next.0.to_system_time();
+            if next <= now {
+                return Err("the response has expired".into());
+            }
+            this + next.duration_since(this).unwrap_or_default() / 2
+        }
+        None => now + Duration::from_secs(86_400),
+    };
+    Ok(refresh.max(now + Duration::from_secs(3600)))
+}
+
+/// POSTs the request to the responder (plain HTTP, as OCSP is) within `within`.
+pub async fn fetch(query: &Query, within: Duration) -> Result<Vec<u8>, String> {
+    let uri: hyper::Uri = query.url.parse().map_err(|e| format!("bad OCSP URL {}: {e}", query.url))?;
+    let host = uri.host().ok_or("an OCSP URL without a host")?.to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let body = Bytes::from(query.request.clone());
+    let exchange = async move {
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(|e| e.to_string())?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .map_err(|e| e.to_string())?;
+        let driving = tokio::spawn(conn);
+        let request = hyper::Request::post(path)
+            .header(hyper::header::HOST, &host)
+            .header(hyper::header::CONTENT_TYPE, "application/ocsp-request")
+            .body(Full::new(body))
+            .map_err(|e| e.to_string())?;
+        let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("the responder answered HTTP {}", response.status()));
+        }
+        let body = Limited::new(response.into_body(), 64 * 1024).collect().await.map_err(|e| e.to_string())?;
+        driving.abort();
+        Ok(body.to_bytes().to_vec())
+    };
+    tokio::time::timeout(within, exchange).await.map_err(|_| "the OCSP responder did not answer in time".to_string())?
+}
