@@ -82,13 +82,14 @@ impl Reply {
     }
 
     /// The request's Host is not the server name its TLS connection asked for.
-    pub fn misdirected(host: &str, sni: &str) -> Reply {
+    /// `made_for`: what the connection was made for (`server name "a.test"`).
+    pub fn misdirected(host: &str, made_for: &str) -> Reply {
         Reply::Http {
             status: 421,
             body: format!(
-                "portmux: misdirected request: Host \"{}\" is not the server name \"{}\" this connection was made for; open a new connection\n",
+                "portmux: misdirected request: Host \"{}\" is not what this connection was made for ({}); open a new connection with it as the TLS server name\n",
                 printable(host),
-                printable(sni)
+                printable(made_for)
             ),
         }
     }

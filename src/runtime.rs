@@ -418,6 +418,21 @@ fn prepare_state_dir(settings: &Settings) {
         return;
     }
     let dir = &settings.state_dir;
+    // Another user's directory, or one others may write to, could hold
+    // certificates and keys planted there: not used.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(dir) {
+        let owner = settings
+            .user
+            .as_deref()
+            .and_then(crate::config::policy::user_ids)
+            .map_or_else(|| rustix::process::geteuid().as_raw(), |(uid, _)| uid);
+        let mode = meta.permissions().mode();
+        if !meta.is_dir() || (meta.uid() != owner && meta.uid() != 0) || mode & 0o022 != 0 {
+            tracing::warn!(dir = %dir.display(), "the state directory (--state-dir) is not a directory of portmux's user that only it may write to (mode {:o}, owner uid {}); ACME certificates cannot be kept", mode & 0o7777, meta.uid());
+            return;
+        }
+    }
     if let Err(e) = crate::tls::acme::create_private_dir(dir) {
         tracing::warn!(dir = %dir.display(), "cannot create the state directory (--state-dir): {e}; ACME certificates cannot be kept");
         return;

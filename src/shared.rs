@@ -55,8 +55,8 @@ pub struct Shared {
     pub admission: Admission,
     /// What every terminated TLS connection shares (the session-ticket keys).
     pub tls: crate::tls::Context,
-    /// The socketpair ends services hold for terminated connections, by inode.
-    pub terminated: Mutex<HashMap<u64, Terminated>>,
+    /// The socketpair ends services hold for terminated connections, by (device, inode).
+    pub terminated: Mutex<HashMap<(u64, u64), Terminated>>,
 }
 
 /// What the connection limits count: connections admitted (all, and per
@@ -150,6 +150,14 @@ pub struct Idle {
     pub tls: Option<Box<portmux_wire::TlsInfo>>,
 }
 
+/// A socket's (device, inode): what identifies it for as long as it is open.
+/// `None` for anything but a socket.
+pub fn socket_id(fd: std::os::fd::BorrowedFd<'_>) -> Option<(u64, u64)> {
+    let st = rustix::fs::fstat(fd).ok()?;
+    let socket = rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Socket;
+    socket.then_some((st.st_dev, st.st_ino))
+}
+
 /// A connection whose TLS a worker terminates, as a service has it: the
 /// plaintext socketpair end the service got, known by its inode while the
 /// worker relays, so that the service may give it back.
@@ -220,8 +228,8 @@ impl Shared {
 
     /// The terminated connection whose service end is `fd`, if it is one.
     pub fn terminated(&self, fd: std::os::fd::BorrowedFd<'_>) -> Option<Terminated> {
-        let ino = rustix::fs::fstat(fd).ok()?.st_ino;
-        self.terminated.lock().unwrap_or_else(|p| p.into_inner()).get(&ino).cloned()
+        let id = socket_id(fd)?;
+        self.terminated.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
     }
 
     /// A new connection id, unique for the life of the process (and across upgrades).

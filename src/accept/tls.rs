@@ -61,7 +61,14 @@ pub(super) async fn terminate(
         && host != sni
     {
         tracing::debug!(client = %meta.peer, %host, %sni, "misdirected request");
-        return say(client, Reply::misdirected(host, sni)).await;
+        return say(client, Reply::misdirected(host, &format!("server name \"{sni}\""))).await;
+    }
+    // Without SNI the handshake used the default route's certificate: its host only.
+    if let (Some(host), None) = (&head.host, &sni)
+        && !route.spec.host.matches(Some(host))
+    {
+        let what = format!("no server name: the default certificate, of {}", route.key);
+        return say(client, Reply::misdirected(host, &what)).await;
     }
     let host = head.host.or(sni);
     let Some(found) = port.routes.terminated(host.as_deref(), &normalize_path(&head.target)).cloned() else {
@@ -116,34 +123,39 @@ pub(super) async fn terminate(
             };
             let log = meta.clone();
             // Known while relayed, so that the service may give it back.
-            let ino = rustix::fs::fstat(&theirs).map(|s| s.st_ino).ok();
-            let registered = Registered(shared, ino);
-            if let Some(ino) = ino {
+            let id = crate::shared::socket_id(theirs.as_fd());
+            let registered = Registered(shared, id);
+            if let Some(id) = id {
                 let t = Terminated { listener, peer: meta.peer, local: meta.local, tls: info.clone() };
-                shared.terminated.lock().unwrap_or_else(|p| p.into_inner()).insert(ino, t);
+                shared.terminated.lock().unwrap_or_else(|p| p.into_inner()).insert(id, t);
             }
             let tls = Some(Box::new(info));
             let desc =
                 ConnDesc { id: shared.conn_id(), listener, meta, arrived, rejected_by: None, returned: false, tls };
-            Box::pin(super::deliver(Conn { fd: Arc::new(OwnedFd::from(theirs)), desc }, &found, shared)).await;
-            // The request read so far, for the service (after the delivery: a
-            // head larger than the socket's buffer waits for it to read).
-            if let Err(e) = ours.write_all(&buf).await {
-                return tracing::debug!(client = %log.peer, "the service end closed before the request: {e}");
-            }
-            log_end(&log, stream::relay(client, ours, idle).await);
+            let delivery = Box::pin(super::deliver(Conn { fd: Arc::new(OwnedFd::from(theirs)), desc }, &found, shared));
+            // The request read so far goes first, then the relay; alongside
+            // the delivery, so that a head larger than the socket's buffer
+            // waits for the service to read, and an answer portmux gives on
+            // the service's end (a refusal) reaches the client.
+            let relaying = async {
+                if let Err(e) = ours.write_all(&buf).await {
+                    return tracing::debug!(client = %log.peer, "the service end closed before the request: {e}");
+                }
+                log_end(&log, stream::relay(client, ours, idle).await);
+            };
+            tokio::join!(delivery, relaying);
             drop(registered);
         }
     }
 }
 
 /// Forgets a terminated connection's service end when its relay ends.
-struct Registered<'a>(&'a Shared, Option<u64>);
+struct Registered<'a>(&'a Shared, Option<(u64, u64)>);
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        if let Some(ino) = self.1 {
-            self.0.terminated.lock().unwrap_or_else(|p| p.into_inner()).remove(&ino);
+        if let Some(id) = self.1 {
+            self.0.terminated.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         }
     }
 }
@@ -170,7 +182,7 @@ pub(super) async fn returned(
     if let (Some(host), Some(sni)) = (&head.host, &tls.sni)
         && host != sni
     {
-        return reply::send(fd, Reply::misdirected(host, sni)).await;
+        return reply::send(fd, Reply::misdirected(host, &format!("server name \"{sni}\""))).await;
     }
     let host = head.host.or_else(|| tls.sni.clone());
     let Some(found) = port.routes.terminated(host.as_deref(), &normalize_path(&head.target)).cloned() else {

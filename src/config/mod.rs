@@ -141,14 +141,15 @@ impl AcmeChallenge {
 pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
 
 /// Where state lives: `/var/lib/portmux` for root, else
-/// `$XDG_STATE_HOME/portmux` (or `~/.local/state/portmux`).
+/// `$XDG_STATE_HOME/portmux` (or `~/.local/state/portmux`; without a home,
+/// `/var/lib/portmux` too, which such a user must name with --state-dir).
 pub fn default_state_dir() -> PathBuf {
     if rustix::process::geteuid().is_root() {
         return PathBuf::from("/var/lib/portmux");
     }
     let xdg = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()).map(PathBuf::from);
-    let home = || std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state"));
-    xdg.or_else(home).unwrap_or_else(std::env::temp_dir).join("portmux")
+    let home = || std::env::var_os("HOME").filter(|v| !v.is_empty()).map(|h| PathBuf::from(h).join(".local/state"));
+    xdg.or_else(home).map_or_else(|| PathBuf::from("/var/lib/portmux"), |d| d.join("portmux"))
 }
 
 /// Where certificates usually live: readable under the sandbox unless `--cert-dir` says otherwise.

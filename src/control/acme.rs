@@ -18,6 +18,9 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
+/// The most one order may take, from the account to the certificate.
+const ISSUE_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// What is known about one name.
 #[derive(Debug, Default)]
 struct Name {
@@ -71,7 +74,13 @@ pub(super) async fn run(control: Rc<Control>) {
             let now = SystemTime::now();
             let due = slot.current().is_none() || name.renew_at.is_some_and(|t| t <= now);
             if due && name.retry_at.is_none_or(|t| t <= now) {
-                match issue(&control, &settings, &store, &mut account, &host).await {
+                // Bounded: a stalled ACME server must not hold up the other names.
+                let ordered =
+                    tokio::time::timeout(ISSUE_TIMEOUT, issue(&control, &settings, &store, &mut account, &host));
+                let ordered = ordered.await.unwrap_or_else(|_| {
+                    Err(format!("the order took longer than {}", humantime::format_duration(ISSUE_TIMEOUT)).into())
+                });
+                match ordered {
                     Ok(renew_at) => {
                         name.renew_at = renew_at;
                         name.retry_at = None;
@@ -325,9 +334,7 @@ fn http_route(control: &Rc<Control>, port: u16) -> Result<(), String> {
     let text = format!("http://:{port}/.well-known/acme-challenge?acme");
     let spec = portmux_wire::RouteSpec::parse(&text).map_err(|e| e.to_string())?;
     let key = crate::route::route_key(&spec, control.shared().settings.bind);
-    let exists = control.core.borrow().routes().contains_key(&key);
-    let listening = control.core.borrow().listeners().values().any(|l| l.addr.port() == port);
-    if exists || listening {
+    if control.core.borrow().routes().contains_key(&key) {
         return Ok(());
     }
     control.set_backends(spec, Vec::new()).map(|_| ()).map_err(|e| e.to_string())

@@ -72,6 +72,13 @@ impl Control {
             self.shared.to_worker(Job::Idle(Idle { fd, listener, peer, local, since: Instant::now(), tls }));
             return Ok(());
         }
+        if rustix::net::getsockname(&fd).is_ok_and(|a| a.address_family() == rustix::net::AddressFamily::UNIX) {
+            // The plaintext end of a terminated connection whose TLS another
+            // process relays (it was handed over by an upgrade): it cannot be
+            // routed again here; closed, so its client reconnects.
+            tracing::debug!(session = %session, %route, "a terminated connection this process does not relay was given back; closed");
+            return Ok(());
+        }
         let (peer, local) =
             net::tcp_addrs(fd.as_fd()).map_err(|e| SessionError::NotAClient { reason: e.to_string() })?;
         let on_route = local.port() == key.0.port() && (key.0.ip().is_unspecified() || key.0.ip() == local.ip());

@@ -279,7 +279,8 @@ pub(super) async fn run(control: Rc<Control>, session: Arc<Session>) {
             return;
         }
     };
-    let mut buf = vec![0u8; MAX_MESSAGE];
+    // Zeroed when dropped: a RegisterTls that did not decode held a key.
+    let mut buf = zeroize::Zeroizing::new(vec![0u8; MAX_MESSAGE]);
     let mut lifecycle = control.lifecycle();
     let end = loop {
         let next = tokio::select! {

@@ -82,10 +82,12 @@ pub async fn serve(client: OwnedFd, meta: ConnMeta, pool: Arc<BackendPool>, sett
         }
     };
     let active = backend.connected();
-    if let Err(e) = net::set_nonblocking(client.as_fd(), true).and_then(|()| net::set_nodelay(client.as_fd())) {
+    if let Err(e) = net::set_nonblocking(client.as_fd(), true) {
         tracing::debug!(client = %meta.peer, "client socket unusable: {e}");
         return None;
     }
+    // Not on the plaintext end of a terminated connection (a Unix socket).
+    let _ = net::set_nodelay(client.as_fd());
     relay_to(client, server, meta, &backend, active, relay::Closed::default(), settings).await
 }
 

@@ -100,8 +100,13 @@ impl Context {
         if cert.is_acme() {
             config.alpn_protocols.push(acme::ALPN.to_vec());
         }
-        config.ticketer = self.tickets.clone();
-        config.session_storage = self.cache.clone();
+        if client_ca.is_none() {
+            config.ticketer = self.tickets.clone();
+            config.session_storage = self.cache.clone();
+        }
+        // A route that asks for client certificates keeps its sessions to
+        // itself (rustls's own cache, no shared tickets): a session made
+        // anywhere else, without a client certificate, cannot resume here.
         config.ignore_client_order = server_order;
         Ok(config)
     }

@@ -256,32 +256,50 @@ fn an_acme_certificate_gets_an_ocsp_staple_from_the_responder_it_names() {
         openssl(&["x509", "-noout", "-serial", "-in", &cert_arg]).trim().trim_start_matches("serial=").to_string();
     std::fs::write(d.join("index.txt"), format!("V\t391231235959Z\t\t{serial}\tunknown\t/CN=o.acme.test\n")).unwrap();
     openssl(&["ocsp", "-issuer", "issuer.pem", "-cert", &cert_arg, "-reqout", "req.der", "-no_nonce"]);
-    openssl(
-        &["ocsp", "-index", "index.txt", "-rsigner", "issuer.pem", "-rkey", "issuer.key", "-CA", "issuer.pem"]
+    let sign = |signer: &str, key: &str, out: &str| {
+        openssl(
+            &[
+                "ocsp",
+                "-index",
+                "index.txt",
+                "-rsigner",
+                signer,
+                "-rkey",
+                key,
+                "-CA",
+                "issuer.pem",
+                "-reqin",
+                "req.der",
+            ]
             .into_iter()
-            .chain(["-reqin", "req.der", "-respout", "resp.der", "-ndays", "1"])
+            .chain(["-respout", out, "-ndays", "1"])
             .collect::<Vec<_>>(),
-    );
-    let answer = std::fs::read(d.join("resp.der")).unwrap();
+        );
+        std::fs::read(d.join(out)).unwrap()
+    };
+    let good = sign("issuer.pem", "issuer.key", "good.der");
+    // The same "good" answer signed with another CA's key (the one that made pebble's HTTPS certificate).
+    let forged = sign("ca.pem", "ca.key", "forged.der");
+    let answer = Arc::new(std::sync::Mutex::new(forged));
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let responder = std::net::TcpListener::bind(("127.0.0.1", ocsp)).unwrap();
+    let (serving, counting) = (answer.clone(), asked.clone());
     std::thread::spawn(move || {
         for mut s in responder.incoming().flatten().take(20) {
             let _ = read_request(&mut s);
+            let body = serving.lock().unwrap().clone();
             let head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: application/ocsp-response\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                answer.len()
+                body.len()
             );
             let _ = std::io::Write::write_all(&mut s, head.as_bytes());
-            let _ = std::io::Write::write_all(&mut s, &answer);
+            let _ = std::io::Write::write_all(&mut s, &body);
+            counting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
     });
-    // The first attempt (at issuance) found no responder; the new process of
-    // an upgrade looks again at start.
-    pm.upgrade(&[]).unwrap();
     let roots = d.join("roots.pem");
     std::fs::write(&roots, pebble.management("/roots/0") + &pebble.management("/intermediates/0")).unwrap();
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
+    let status = || {
         let out = Command::new("openssl")
             .args(["s_client", "-connect", &format!("127.0.0.1:{https}"), "-servername", "o.acme.test", "-status"])
             .arg("-CAfile")
@@ -289,7 +307,29 @@ fn an_acme_certificate_gets_an_ocsp_staple_from_the_responder_it_names() {
             .stdin(Stdio::null())
             .output()
             .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let kept = state.join("acme/certs/o.acme.test/ocsp.der");
+    // The first attempt (at issuance) found no responder; the new process of
+    // an upgrade asks again at start, and gets the forged answer: refused.
+    pm.upgrade(&[]).unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    while asked.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < until, "portmux did not ask the responder:\n{}", pm.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..5 {
+        let text = status();
+        assert!(text.contains("OCSP response: no response sent"), "a forged answer is not stapled: {text}");
+        assert!(!kept.exists(), "nor kept");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The issuer's own answer is stapled, by the next process, which asks at start.
+    *answer.lock().unwrap() = good;
+    pm.upgrade(&[]).unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = status();
         if text.contains("OCSP Response Status: successful") {
             assert!(text.contains("Cert Status: good"), "{text}");
             break;
@@ -297,7 +337,7 @@ fn an_acme_certificate_gets_an_ocsp_staple_from_the_responder_it_names() {
         assert!(Instant::now() < until, "no staple within 30 s:\n{text}\n{}", pm.log());
         std::thread::sleep(Duration::from_millis(300));
     }
-    assert!(state.join("acme/certs/o.acme.test/ocsp.der").exists(), "the staple is kept");
+    assert!(kept.exists(), "the staple is kept");
 }
 
 /// Reads an HTTP request's head and its Content-Length body.

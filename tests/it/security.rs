@@ -363,3 +363,33 @@ fn a_rule_for_a_group_applies_to_its_members_as_the_kernel_records_them() {
     let e = hello("--clear-groups", "outsider").err().expect("refused");
     assert!(e.contains(&format!("no [[policy.rule]] applies to uid {NOBODY}")), "{e}");
 }
+
+#[test]
+fn another_uid_sends_its_certificate_and_may_not_make_portmux_read_files() {
+    let dir = TempDir::new();
+    let pki = Pki::new(dir.path());
+    let pm = Portmux::start(&["--cert-dir", &dir.path().to_string_lossy()]);
+    admit_nobody(&pm);
+    let port = free_port();
+    let spec = format!("https://n.example.test:{port}?cert=/etc/shadow&key=/etc/shadow");
+    let e = hello_as_nobody(&pm, &spec, "x", "nb-tls").err().unwrap_or_default();
+    assert!(e.contains("only root or portmux's own user may name them") && e.contains(&format!("uid {NOBODY}")), "{e}");
+    assert!(!e.contains("PEM") && !e.contains("No such file"), "nothing about the file is told: {e}");
+    let (cert, key) = pki.leaf("n.example.test");
+    let mut cmd = as_nobody(&example("hello"));
+    cmd.args([
+        &format!("https://n.example.test:{port}"),
+        "from nobody",
+        "--name",
+        "nb-tls",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ]);
+    let _svc =
+        Service::spawn(cmd, pm.control(), "registered").expect("its own certificate, sent with the registration");
+    let (r, ..) =
+        crate::tls::tls_request(pki.client_config(), port, Some("n.example.test"), "", "n.example.test", "/").unwrap();
+    assert_eq!(r.body, "from nobody");
+}

@@ -185,6 +185,27 @@ fn certificate_problems_are_refused_with_the_file_and_the_reason() {
     .unwrap_or_default();
     assert!(err.contains("the certificate sent is unusable"), "{err}");
     assert!(!pm.listens_on(port), "nothing was claimed");
+
+    // One host, one client-certificate rule, on a port.
+    let ca = pki.ca_pem.display().to_string();
+    add_route(
+        &pm,
+        &format!("https://c.example.test:{port}/a?cert={cert}&key={key}&client_ca={ca}"),
+        Some("127.0.0.1:1"),
+    )
+    .unwrap();
+    let err = add_route(&pm, &format!("https://c.example.test:{port}/b?cert={cert}&key={key}"), Some("127.0.0.1:1"))
+        .unwrap_err();
+    assert!(err.contains("asks for the same client") && err.contains("client_ca="), "{err}");
+    // An instance joining a route claims it with the route's TLS options.
+    let joined = format!("https://j.example.test:{port}");
+    let (j_cert, j_key) = pki.leaf("j.example.test");
+    let _first = Service::hello(&pm, &format!("{joined}?cert={j_cert}&key={j_key}"), "1", &["--name", "j"]);
+    let err =
+        Service::try_hello(pm.control(), &joined, "2", &["--name", "j", "--tls-cert", &j_cert, "--tls-key", &j_key])
+            .err()
+            .unwrap_or_default();
+    assert!(err.contains("claims it with the same cert=, key=, client_ca= and acme"), "{err}");
 }
 
 /// A client configuration that presents `cert`/`key` (PEM files) when asked.
@@ -503,4 +524,48 @@ fn a_keep_alive_tls_client_keeps_its_one_connection_across_service_restarts() {
         svc = start(&format!("v{version}"));
         assert_eq!(ask(), format!("v{version}"), "the next instance answers on the same TLS connection");
     }
+}
+
+/// One request on a new connection with `cfg` as it is (resumption on): the
+/// response, and whether the handshake was a resumed one.
+fn resuming_request(cfg: Arc<rustls::ClientConfig>, port: u16, sni: &str) -> Result<(Response, bool), String> {
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+    let mut conn = rustls::ClientConnection::new(cfg, name).unwrap();
+    let mut sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+    write!(tls, "GET / HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    let r = read_response(&mut tls).map_err(|e| e.to_string())?;
+    Ok((r, conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)))
+}
+
+#[test]
+fn a_session_from_elsewhere_does_not_resume_past_a_client_certificate_requirement() {
+    let dir = TempDir::new();
+    let pki = Pki::new(dir.path());
+    let pm = Portmux::start(&["--cert-dir", &dir.path().to_string_lossy()]);
+    let (open, mutual) = (free_port(), free_port());
+    // The same name on two ports, one of them asking for client certificates:
+    // the client offers the session it got on one to the other (rustls keys
+    // sessions by name, and so may an attacker).
+    let (cert, key) = pki.leaf("m.example.test");
+    let (_b, b) = Service::backend("behind", &[]);
+    let ca = pki.ca_pem.display().to_string();
+    add_route(&pm, &format!("https://m.example.test:{open}?cert={cert}&key={key}"), Some(&b.to_string())).unwrap();
+    add_route(
+        &pm,
+        &format!("https://m.example.test:{mutual}?cert={cert}&key={key}&client_ca={ca}"),
+        Some(&b.to_string()),
+    )
+    .unwrap();
+    let cfg = pki.client_config();
+    let (r, _) = resuming_request(cfg.clone(), open, "m.example.test").unwrap();
+    assert_eq!(r.body, "behind");
+    let (_, resumed) = resuming_request(cfg.clone(), open, "m.example.test").unwrap();
+    assert!(resumed, "sessions resume where no client certificate is asked for");
+    let bypass = resuming_request(cfg, mutual, "m.example.test");
+    assert!(
+        bypass.is_err(),
+        "a session made without a client certificate must not resume on a client_ca route: {bypass:?}"
+    );
 }

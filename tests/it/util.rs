@@ -609,8 +609,15 @@ impl Pki {
 
     /// Issues a certificate for `name`; returns (cert.pem, key.pem).
     pub fn leaf(&self, name: &str) -> (String, String) {
+        self.leaf_for(&[name])
+    }
+
+    /// Issues one certificate for all of `names`; returns (cert.pem, key.pem).
+    pub fn leaf_for(&self, names: &[&str]) -> (String, String) {
+        let name = names[0];
         let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap().signed_by(&key, &self.ca).unwrap();
+        let sans: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let cert = rcgen::CertificateParams::new(sans).unwrap().signed_by(&key, &self.ca).unwrap();
         let (c, k) = (self.dir.join(format!("{name}.crt")), self.dir.join(format!("{name}.key")));
         std::fs::write(&c, cert.pem()).unwrap();
         std::fs::write(&k, key.serialize_pem()).unwrap();

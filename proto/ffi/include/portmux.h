@@ -189,7 +189,9 @@ int portmux_listen_tls(const char *route_spec,
                        struct portmux_listener **out);
 
 // Waits for the next connection portmux hands over and returns its fd
-// (>= 0): a connected TCP socket in blocking mode, close-on-exec, owned by the
+// (>= 0): a connected TCP socket (on an https:// route, where portmux
+// terminated TLS, one end of a Unix socketpair carrying the plaintext; see
+// portmux_conn_tls) in blocking mode, close-on-exec, owned by the
 // caller (close it when done), whose first bytes (those portmux looked at)
 // are still unread. When `info` is not NULL it receives what portmux saw.
 //

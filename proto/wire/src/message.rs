@@ -56,8 +56,8 @@ pub enum Message {
     GiveBack { route: String, peer: SocketAddr, local: SocketAddr },
     /// portmux → service: a client connection of an `https://` route, whose
     /// TLS portmux terminated. The fd (in the same datagram) is one end of a
-    /// socketpair carrying the plaintext: the first request (`meta.peeked`
-    /// bytes) is already in it.
+    /// Unix socketpair carrying the plaintext; the first request
+    /// (`meta.peeked` bytes) comes first on it, as the client sent it.
     TlsConnection { id: u64, meta: ConnMeta, tls: TlsInfo },
     /// Service → portmux: like [`Message::Register`], and the `https://`
     /// routes among `routes` that name no certificate of their own are

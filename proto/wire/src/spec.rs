@@ -393,7 +393,7 @@ fn parse_query(query: &str, out: &mut RouteSpec) -> Result<(), String> {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let v = decode_percent(v).ok_or_else(|| format!("option '{k}' has a malformed %-escape"))?;
         if k == "acme" {
-            if !pair.ends_with("acme") && !matches!(v.as_str(), "1" | "true" | "on") {
+            if pair != "acme" && !matches!(v.as_str(), "1" | "true" | "on") {
                 return Err(format!("acme takes no value (acme, or acme=on); '{v}' is not one"));
             }
             if out.acme {
@@ -677,6 +677,7 @@ mod tests {
         assert!(err("https://x.test?redirect=https").contains("belongs to http://"));
         assert!(err("http://x.test?redirect=ftp").contains("only redirect"));
         assert!(err("https://x.test?acme=maybe").contains("takes no value"));
+        assert!(err("https://x.test?acme=fooacme").contains("takes no value"));
         let acme = p("https://x.test?acme");
         assert!(acme.acme && acme.to_string() == "https://x.test:443?acme");
         assert_eq!(p("https://x.test?acme=on").to_string(), "https://x.test:443?acme");

@@ -165,6 +165,56 @@ impl Core {
         Ok(())
     }
 
+    /// The TLS rules of an `https://` claim: file options only from root or
+    /// portmux's own uid (portmux reads them itself); an instance joining a
+    /// route claims it with the route's TLS options; and the `https://`
+    /// routes of one host on one listener ask for the same client
+    /// certificate (the handshake, made before the path is known, asks for
+    /// the most specific route's).
+    fn check_tls(&self, peer: Option<&Peer>, key: &RouteKey, spec: &RouteSpec) -> Result<(), ControlError> {
+        if spec.scheme != Scheme::Https {
+            return Ok(());
+        }
+        let refuse = |reason: String| ControlError::Certificate { route: spec.key(), reason };
+        if let Some(peer) = peer
+            && (spec.cert.is_some() || spec.client_ca.is_some())
+            && !self.config.policy.privileged(peer)
+        {
+            return Err(refuse(format!(
+                "portmux reads cert=, key= and client_ca= files itself, so only root or portmux's own user may name \
+                 them (this is uid {}); send the certificate with the registration (RegisterTls, \
+                 Builder::certificate) instead",
+                peer.uid
+            )));
+        }
+        let options = |s: &RouteSpec| (s.cert.clone(), s.key.clone(), s.client_ca.clone(), s.acme);
+        if let Some(r) = self.routes.get(key)
+            && peer.is_some()
+            && options(&r.spec) != options(spec)
+        {
+            return Err(refuse(format!(
+                "it is served as {} now; an instance joining it claims it with the same cert=, key=, client_ca= and acme",
+                r.display
+            )));
+        }
+        let other = self.routes.iter().find(|(k, r)| {
+            k.0 == key.0
+                && *k != key
+                && r.spec.scheme == Scheme::Https
+                && r.spec.host == spec.host
+                && r.spec.client_ca != spec.client_ca
+        });
+        if let Some((_, r)) = other {
+            return Err(refuse(format!(
+                "{} on the same host asks for {}: every https:// route of a host on one port asks for the same client \
+                 certificate, since the handshake comes before the path",
+                r.display,
+                r.spec.client_ca.as_deref().map_or("no client certificate".to_string(), |ca| format!("client_ca={ca}"))
+            )));
+        }
+        Ok(())
+    }
+
     /// Refuses a listening address that overlaps an existing or planned one on the same port.
     fn check_clash(&self, route: &str, addr: SocketAddr, planned: &[SocketAddr]) -> Result<(), ControlError> {
         let existing = self.listeners.values().map(|l| l.addr);
@@ -191,6 +241,12 @@ impl Core {
         };
         self.settle();
         op
+    }
+
+    /// What `register` would refuse, without doing anything (the driver asks
+    /// before it reads the certificate files the routes name).
+    pub fn check_claim(&self, now: Instant, session: SessionId, routes: &[String]) -> Result<(), ControlError> {
+        self.plan_registration(now, session, routes).map(drop)
     }
 
     fn plan_registration(
@@ -259,6 +315,7 @@ impl Core {
                 }
             }
             self.check_ownership(now, &peer, &name, &spec, key.0.port())?;
+            self.check_tls(Some(&peer), &key, &spec)?;
             let planned: Vec<SocketAddr> = plan.iter().map(|(k, _)| k.0).collect();
             self.check_clash(text, key.0, &planned)?;
             if !plan.iter().any(|(k, _)| *k == key) {
@@ -487,6 +544,7 @@ impl Core {
         let policy = Policy::parse(spec.lb.as_deref().unwrap_or("round_robin")).map_err(bad)?;
         let proxy = ProxyVersion::parse(spec.proxy.as_deref().unwrap_or("")).map_err(bad)?;
         let key = route_key(&spec, self.config.default_bind);
+        self.check_tls(None, &key, &spec)?;
         let previous: Vec<Arc<Backend>> = match self.routes.get(&key) {
             Some(RouteState { target: RouteTarget::Backends(pool), .. }) => pool.backends.clone(),
             Some(r) => {
