@@ -533,10 +533,9 @@ impl Control {
         cert: Option<Arc<crate::tls::certs::CertSlot>>,
     ) -> Result<Vec<portmux_wire::Bound>, ControlError> {
         let specs: Vec<RouteSpec> = routes.iter().filter_map(|r| RouteSpec::parse(r).ok()).collect();
-        let bind = self.shared.settings.bind;
         // The core's checks (the policy, file options) before portmux reads any file a spec names.
         self.core.borrow().check_claim(Instant::now(), session, routes)?;
-        let prepared = self.tls.borrow_mut().prepare(&specs, cert.as_ref(), bind, &self.shared)?;
+        let prepared = self.tls.borrow_mut().prepare(&specs, cert.as_ref(), self.shared.settings.bind, &self.shared)?;
         let op = self.core.borrow_mut().register(Instant::now(), session, routes);
         self.tls.borrow_mut().pending(op, prepared);
         self.apply();
