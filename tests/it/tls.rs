@@ -197,6 +197,19 @@ fn certificate_problems_are_refused_with_the_file_and_the_reason() {
     let err = add_route(&pm, &format!("https://c.example.test:{port}/b?cert={cert}&key={key}"), Some("127.0.0.1:1"))
         .unwrap_err();
     assert!(err.contains("asks for the same client") && err.contains("client_ca="), "{err}");
+    let s = RawSession::connect(pm.control());
+    s.send(&portmux_wire::Message::Hello { version: portmux_wire::PROTOCOL_VERSION, service: "two".into() });
+    let routes = [
+        format!("https://t.example.test:{port}/a?cert={cert}&key={key}&client_ca={ca}"),
+        format!("https://t.example.test:{port}/b?cert={cert}&key={key}"),
+    ];
+    s.send(&portmux_wire::Message::Register { routes: routes.to_vec() });
+    match s.recv() {
+        Some((portmux_wire::Message::Refused { reason, .. }, _)) => {
+            assert!(reason.contains("in the same registration asks for another client certificate"), "{reason}")
+        }
+        other => panic!("expected Refused, got {other:?}"),
+    }
     // An instance joining a route claims it with the route's TLS options.
     let joined = format!("https://j.example.test:{port}");
     let (j_cert, j_key) = pki.leaf("j.example.test");

@@ -316,6 +316,18 @@ impl Core {
             }
             self.check_ownership(now, &peer, &name, &spec, key.0.port())?;
             self.check_tls(Some(&peer), &key, &spec)?;
+            let same_host =
+                |(k, s): &&(RouteKey, RouteSpec)| k.0 == key.0 && s.scheme == Scheme::Https && s.host == spec.host;
+            if spec.scheme == Scheme::Https
+                && let Some((_, s)) = plan.iter().find(|p| same_host(p) && p.1.client_ca != spec.client_ca)
+            {
+                return Err(ControlError::Certificate {
+                    route: spec.key(),
+                    reason: format!(
+                        "{s} in the same registration asks for another client certificate; every https:// route of a host on one port asks for the same"
+                    ),
+                });
+            }
             let planned: Vec<SocketAddr> = plan.iter().map(|(k, _)| k.0).collect();
             self.check_clash(text, key.0, &planned)?;
             if !plan.iter().any(|(k, _)| *k == key) {
