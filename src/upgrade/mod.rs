@@ -275,9 +275,14 @@ async fn send_all(
     shared: Arc<Shared>,
 ) {
     let mut broken: Option<String> = None;
-    while let Some((msg, fds)) = rx.recv().await {
-        if broken.is_none() {
-            match tokio::time::timeout(SEND_STALL, channel.send(&msg, &fds)).await {
+    while let Some((mut msg, fds)) = rx.recv().await {
+        let sent = match broken {
+            None => Some(tokio::time::timeout(SEND_STALL, channel.send(&msg, &fds)).await),
+            Some(_) => None,
+        };
+        channel::zero_secrets(&mut msg);
+        if let Some(sent) = sent {
+            match sent {
                 Ok(Ok(())) => continue,
                 Ok(Err(e)) => broken = Some(e.to_string()),
                 Err(_) => broken = Some(format!("the new process took no message for {}s", SEND_STALL.as_secs())),
