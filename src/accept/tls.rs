@@ -44,10 +44,11 @@ pub(super) async fn terminate(
             return;
         }
     };
-    let info = tls::info(client.get_ref().1);
-    if info.alpn.as_deref().map(str::as_bytes) == Some(tls::acme::ALPN) {
+    // The handshake's facts are collected only for a service (they copy the client's chain).
+    let sni = client.get_ref().1.server_name().map(str::to_ascii_lowercase);
+    if client.get_ref().1.alpn_protocol() == Some(tls::acme::ALPN) {
         // ACME's TLS-ALPN-01 validation: the certificate was all it came for.
-        tracing::info!(client = %meta.peer, sni = ?info.sni, "answered an ACME TLS-ALPN-01 challenge");
+        tracing::info!(client = %meta.peer, ?sni, "answered an ACME TLS-ALPN-01 challenge");
         return say(client, Reply::Close).await;
     }
     let head_by = tokio::time::Instant::now() + settings.peek_timeout;
@@ -56,12 +57,8 @@ pub(super) async fn terminate(
         Err(Some(answer)) => return say(client, answer).await,
         Err(None) => return,
     };
-    let sni = info.sni.clone();
-    if let (Some(host), Some(sni)) = (&head.host, &sni)
-        && host != sni
-    {
-        tracing::debug!(client = %meta.peer, %host, %sni, "misdirected request");
-        return say(client, Reply::misdirected(host, &format!("server name \"{sni}\""))).await;
+    if let Some(answer) = misdirected(head.host.as_deref(), sni.as_deref()) {
+        return say(client, answer).await;
     }
     // Without SNI the handshake used the default route's certificate: its host only.
     if let (Some(host), None) = (&head.host, &sni)
@@ -122,6 +119,7 @@ pub(super) async fn terminate(
                 Err(e) => return tracing::warn!(client = %meta.peer, "cannot watch a socketpair: {e}"),
             };
             let log = meta.clone();
+            let info = tls::info(client.get_ref().1);
             // Known while relayed, so that the service may give it back.
             let id = crate::shared::socket_id(theirs.as_fd());
             let registered = Registered(shared, id);
@@ -146,6 +144,18 @@ pub(super) async fn terminate(
             tokio::join!(delivery, relaying);
             drop(registered);
         }
+    }
+}
+
+/// The 421 for a request whose Host is not the server name its TLS
+/// connection was made for.
+fn misdirected(host: Option<&str>, sni: Option<&str>) -> Option<Reply> {
+    match (host, sni) {
+        (Some(host), Some(sni)) if host != sni => {
+            tracing::debug!(%host, %sni, "misdirected request");
+            Some(Reply::misdirected(host, &format!("server name \"{sni}\"")))
+        }
+        _ => None,
     }
 }
 
@@ -179,10 +189,8 @@ pub(super) async fn returned(
         Ok(read) => read,
         Err(answer) => return reply::send(fd, answer).await,
     };
-    if let (Some(host), Some(sni)) = (&head.host, &tls.sni)
-        && host != sni
-    {
-        return reply::send(fd, Reply::misdirected(host, &format!("server name \"{sni}\""))).await;
+    if let Some(answer) = misdirected(head.host.as_deref(), tls.sni.as_deref()) {
+        return reply::send(fd, answer).await;
     }
     let host = head.host.or_else(|| tls.sni.clone());
     let Some(found) = port.routes.terminated(host.as_deref(), &normalize_path(&head.target)).cloned() else {

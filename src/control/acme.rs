@@ -68,8 +68,9 @@ pub(super) async fn run(control: Rc<Control>) {
         for (host, slot) in wanted {
             let name = names.entry(host.clone()).or_default();
             if !name.loaded {
+                // The kept certificate, if any, was put in the slot when the route was claimed.
                 name.loaded = true;
-                name.renew_at = load(&store, &host, &slot, settings.renew_before);
+                name.renew_at = renewal(&slot, settings.renew_before);
             }
             let now = SystemTime::now();
             let due = slot.current().is_none() || name.renew_at.is_some_and(|t| t <= now);
@@ -81,16 +82,12 @@ pub(super) async fn run(control: Rc<Control>) {
                     Err(format!("the order took longer than {}", humantime::format_duration(ISSUE_TIMEOUT)).into())
                 });
                 match ordered {
-                    Ok(renew_at) => {
-                        name.renew_at = renew_at;
+                    Ok(certified) => {
+                        slot.install(certified);
+                        name.renew_at = renewal(&slot, settings.renew_before);
                         name.retry_at = None;
                         name.failures = 0;
                         name.ocsp_at = None;
-                        if let Some(Ok(certified)) =
-                            store.load(&host).ok().flatten().map(|(c, k)| CertSlot::parse(&c, &k, &host))
-                        {
-                            slot.install(certified);
-                        }
                     }
                     Err(f) => {
                         let wait = acme::backoff(name.failures, f.rate_limited, rand());
@@ -106,8 +103,10 @@ pub(super) async fn run(control: Rc<Control>) {
                     }
                 }
             }
-            if slot.current().is_some() && name.ocsp_at.is_none_or(|t| t <= SystemTime::now()) {
-                name.ocsp_at = Some(staple(&store, &host, &slot, name.renew_at).await);
+            if let Some(certified) = slot.current()
+                && name.ocsp_at.is_none_or(|t| t <= SystemTime::now())
+            {
+                name.ocsp_at = Some(staple(&store, &host, &slot, &certified, name.renew_at).await);
             }
             for t in [name.renew_at, name.retry_at, name.ocsp_at].into_iter().flatten() {
                 next = Some(next.map_or(t, |n| n.min(t)));
@@ -124,40 +123,43 @@ pub(super) async fn run(control: Rc<Control>) {
     }
 }
 
-/// Serves the certificate kept for `host`, if there is a usable one: when to renew it.
-fn load(store: &Store, host: &str, slot: &CertSlot, renew_before: Duration) -> Option<SystemTime> {
+/// Puts the certificate kept for `host` in its slot, if there is a usable,
+/// unexpired one (called when a route claims the name).
+pub(super) fn load(store: &Store, host: &str, slot: &CertSlot) {
     match store.load(host) {
         Ok(Some((chain, key))) => match CertSlot::parse(&chain, &key, host) {
+            Ok(_) if acme::validity(&chain).is_none_or(|(_, until)| until <= SystemTime::now()) => {
+                tracing::info!(host, "the kept ACME certificate has expired; ordering a new one");
+            }
             Ok(certified) => {
-                let (from, until) = acme::validity(&chain)?;
-                if until <= SystemTime::now() {
-                    tracing::info!(host, "the kept ACME certificate has expired; ordering a new one");
-                    return None;
-                }
                 slot.install(certified);
                 tracing::info!(host, "serving the ACME certificate kept in {}", store.dir().display());
-                Some(acme::renew_at(from, until, renew_before))
             }
-            Err(e) => {
-                tracing::warn!(host, "the kept ACME certificate is unusable ({e}); ordering a new one");
-                None
-            }
+            Err(e) => tracing::warn!(host, "the kept ACME certificate is unusable ({e}); ordering a new one"),
         },
-        Ok(None) => None,
-        Err(e) => {
-            tracing::warn!(host, "cannot read the kept ACME certificate: {e}");
-            None
-        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(host, "cannot read the kept ACME certificate: {e}"),
     }
+}
+
+/// When the certificate in `slot` is due for renewal (`None`: there is none).
+fn renewal(slot: &CertSlot, renew_before: Duration) -> Option<SystemTime> {
+    let (from, until) = acme::validity_der(slot.current()?.cert.first()?)?;
+    Some(acme::renew_at(from, until, renew_before))
 }
 
 /// Fetches and staples an OCSP response for `host`'s certificate when it
 /// names a responder (one kept from before is used while still fresh):
 /// when to look again.
-async fn staple(store: &Store, host: &str, slot: &CertSlot, renew_at: Option<SystemTime>) -> SystemTime {
+async fn staple(
+    store: &Store,
+    host: &str,
+    slot: &CertSlot,
+    certified: &rustls::sign::CertifiedKey,
+    renew_at: Option<SystemTime>,
+) -> SystemTime {
     let later = || SystemTime::now() + Duration::from_secs(3600);
-    let Ok(Some((chain, key))) = store.load(host) else { return later() };
-    let query = match crate::tls::ocsp::query(&chain) {
+    let query = match crate::tls::ocsp::query(&certified.cert) {
         Ok(Some(q)) => q,
         // No responder named (Let's Encrypt's certificates since 2025): until the next certificate.
         Ok(None) => return renew_at.unwrap_or_else(later),
@@ -167,10 +169,9 @@ async fn staple(store: &Store, host: &str, slot: &CertSlot, renew_at: Option<Sys
         }
     };
     let install = |der: Vec<u8>| {
-        if let Ok(mut certified) = CertSlot::parse(&chain, &key, host) {
-            certified.ocsp = Some(der);
-            slot.install(certified);
-        }
+        let mut stapled = certified.clone();
+        stapled.ocsp = Some(der);
+        slot.install(stapled);
     };
     if let Some(kept) = store.load_ocsp(host)
         && let Ok(next) = crate::tls::ocsp::check(&query, &kept)
@@ -247,14 +248,14 @@ impl Drop for Cleanup<'_> {
     }
 }
 
-/// Orders a certificate for `host` and keeps it: when to renew it.
+/// Orders a certificate for `host` and keeps it: the certificate to serve.
 async fn issue(
     control: &Rc<Control>,
     settings: &AcmeSettings,
     store: &Store,
     account_slot: &mut Option<Account>,
     host: &str,
-) -> Result<Option<SystemTime>, Failure> {
+) -> Result<rustls::sign::CertifiedKey, Failure> {
     if account_slot.is_none() {
         *account_slot = Some(account(settings, store).await?);
     }
@@ -317,14 +318,15 @@ async fn issue(
     let key = zeroize::Zeroizing::new(order.finalize().await?);
     let chain = order.poll_certificate(&retries).await?;
     drop(cleanup);
-    CertSlot::parse(&chain, &key, host).map_err(|e| format!("the issued certificate is unusable: {e}"))?;
+    let certified =
+        CertSlot::parse(&chain, &key, host).map_err(|e| format!("the issued certificate is unusable: {e}"))?;
+    let (_, until) =
+        acme::validity(&chain).ok_or_else(|| "the issued certificate has no readable validity".to_string())?;
     store.save(host, &chain, &key).map_err(|e| {
         format!("cannot keep the certificate in {} ({e}); is --state-dir writable?", store.dir().display())
     })?;
-    let (from, until) =
-        acme::validity(&chain).ok_or_else(|| "the issued certificate has no readable validity".to_string())?;
     tracing::info!(host, until = %humantime::format_rfc3339_seconds(until), "certificate issued");
-    Ok(Some(acme::renew_at(from, until, settings.renew_before)))
+    Ok(certified)
 }
 
 /// Makes sure portmux listens for HTTP-01 on `port` (a route of its own,

@@ -87,13 +87,7 @@ impl TlsRoutes {
         }
         let slot = CertSlot::acme(host);
         // The certificate kept from before (a restart, an upgrade) serves at once.
-        let store = crate::tls::acme::Store::new(&shared.settings.state_dir);
-        if let Ok(Some((chain, key))) = store.load(host)
-            && crate::tls::acme::validity(&chain).is_some_and(|(_, until)| until > std::time::SystemTime::now())
-            && let Ok(certified) = CertSlot::parse(&chain, &key, host)
-        {
-            slot.install(certified);
-        }
+        super::acme::load(&crate::tls::acme::Store::new(&shared.settings.state_dir), host, &slot);
         self.acme.insert(host.clone(), Arc::downgrade(&slot));
         self.acme_wake.notify_one();
         Ok(slot)

@@ -169,8 +169,12 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// The validity of the first certificate of a PEM chain.
 pub fn validity(chain_pem: &str) -> Option<(SystemTime, SystemTime)> {
     use rustls::pki_types::{CertificateDer, pem::PemObject};
-    let der = CertificateDer::pem_slice_iter(chain_pem.as_bytes()).next()?.ok()?;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    validity_der(&CertificateDer::pem_slice_iter(chain_pem.as_bytes()).next()?.ok()?)
+}
+
+/// The validity of a certificate (DER).
+pub fn validity_der(der: &[u8]) -> Option<(SystemTime, SystemTime)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let at = |t: x509_parser::time::ASN1Time| {
         let secs = t.timestamp();
         u64::try_from(secs).ok().map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s))

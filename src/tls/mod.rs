@@ -56,16 +56,18 @@ impl Context {
             rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => 1,
             _ => 2,
         });
-        let config = self.config(Arc::new(aes), &cert, client_ca, true)?;
-        let chacha = self.config(Arc::new(ring), &cert, client_ca, false)?;
+        let roots = client_ca.map(|path| client_roots(path).map(|r| (path, r))).transpose()?;
+        let config = self.config(Arc::new(aes), &cert, roots.as_ref(), true)?;
+        let chacha = self.config(Arc::new(ring), &cert, roots.as_ref(), false)?;
         Ok(Terminator { config: Arc::new(config), chacha: Arc::new(chacha), cert })
     }
 
+    /// One of a terminator's configurations; `client_ca`: the CA file and its certificates.
     fn config(
         &self,
         provider: Arc<rustls::crypto::CryptoProvider>,
         cert: &Arc<CertSlot>,
-        client_ca: Option<&Path>,
+        client_ca: Option<&(&Path, Arc<rustls::RootCertStore>)>,
         server_order: bool,
     ) -> Result<ServerConfig, CertError> {
         let builder = ServerConfig::builder_with_provider(provider.clone())
@@ -73,18 +75,8 @@ impl Context {
             .map_err(|e| CertError::Invalid { what: "the TLS configuration".into(), reason: e.to_string() })?;
         let builder = match client_ca {
             None => builder.with_no_client_auth(),
-            Some(path) => {
-                let pem = std::fs::read(path).map_err(|source| CertError::Read { path: path.into(), source })?;
-                let mut roots = rustls::RootCertStore::empty();
-                use rustls::pki_types::{CertificateDer, pem::PemObject};
-                for der in CertificateDer::pem_slice_iter(&pem) {
-                    let der = der.map_err(|e| invalid(path, format!("not a PEM certificate ({e})")))?;
-                    roots.add(der).map_err(|e| invalid(path, format!("not a usable CA certificate: {e}")))?;
-                }
-                if roots.is_empty() {
-                    return Err(invalid(path, "no CERTIFICATE block in it".into()));
-                }
-                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            Some((path, roots)) => {
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider)
                     .build()
                     .map_err(|e| invalid(path, format!("cannot verify clients with it: {e}")))?;
                 builder.with_client_cert_verifier(verifier)
@@ -110,6 +102,21 @@ impl Context {
         config.ignore_client_order = server_order;
         Ok(config)
     }
+}
+
+/// The CA certificates of a `client_ca` file.
+fn client_roots(path: &Path) -> Result<Arc<rustls::RootCertStore>, CertError> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let pem = std::fs::read(path).map_err(|source| CertError::Read { path: path.into(), source })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for der in CertificateDer::pem_slice_iter(&pem) {
+        let der = der.map_err(|e| invalid(path, format!("not a PEM certificate ({e})")))?;
+        roots.add(der).map_err(|e| invalid(path, format!("not a usable CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(invalid(path, "no CERTIFICATE block in it".into()));
+    }
+    Ok(Arc::new(roots))
 }
 
 fn invalid(path: &Path, reason: String) -> CertError {

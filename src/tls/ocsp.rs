@@ -23,13 +23,10 @@ pub struct Query {
     pub issuer: Vec<u8>,
 }
 
-/// The query for the leaf of `chain` (PEM, leaf then issuer), if the leaf
+/// The query for the leaf of `chain` (DER, leaf then issuer), if the leaf
 /// names an OCSP responder.
-pub fn query(chain: &str) -> Result<Option<Query>, String> {
-    use rustls::pki_types::{CertificateDer, pem::PemObject};
-    let ders: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(chain.as_bytes()).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
-    let (Some(leaf), Some(issuer)) = (ders.first(), ders.get(1)) else {
+pub fn query(chain: &[rustls::pki_types::CertificateDer<'_>]) -> Result<Option<Query>, String> {
+    let (Some(leaf), Some(issuer)) = (chain.first(), chain.get(1)) else {
         return Ok(None); // No issuer in the chain: nothing to ask about.
     };
     let (_, parsed) = x509_parser::parse_x509_certificate(leaf).map_err(|e| e.to_string())?;

@@ -86,17 +86,8 @@ impl Pebble {
     /// A client configuration trusting what pebble issues (its root now).
     fn client_config(&self) -> Arc<rustls::ClientConfig> {
         use rustls::pki_types::{CertificateDer, pem::PemObject};
-        let pem = self.management("/roots/0");
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Arc::new(cfg)
+        let root = CertificateDer::from_pem_slice(self.management("/roots/0").as_bytes()).unwrap();
+        client_config(&[root], rustls::DEFAULT_VERSIONS, None)
     }
 }
 

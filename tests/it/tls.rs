@@ -42,19 +42,6 @@ fn facts(r: &Response) -> String {
     r.head.lines().find_map(|l| l.strip_prefix("x-portmux-tls: ")).unwrap_or("").to_string()
 }
 
-fn tls12_only(cfg: &rustls::ClientConfig, pki: &Pki) -> Arc<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca_der()).unwrap();
-    let mut c = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS12])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    c.alpn_protocols = cfg.alpn_protocols.clone();
-    Arc::new(c)
-}
-
 fn add_route(pm: &Portmux, spec: &str, backend: Option<&str>) -> Result<String, String> {
     let mut args = vec!["route", "add", spec];
     if let Some(b) = backend {
@@ -106,8 +93,15 @@ fn terminates_tls_by_sni_to_backends_and_services_beside_passthrough() {
     let f = facts(&r);
     assert!(f.contains("version=TLSv1.3") && f.contains("sni=svc.example.test"), "{f}");
     assert!(f.contains("alpn=http/1.1") && f.contains("cipher=TLS13_") && f.contains("client-certs=0"), "{f}");
-    let (r, version, _) =
-        tls_request(tls12_only(&cfg, &pki), port, Some("svc.example.test"), "", "svc.example.test", "/").unwrap();
+    let (r, version, _) = tls_request(
+        client_config(&[pki.ca_der()], &[&rustls::version::TLS12], None),
+        port,
+        Some("svc.example.test"),
+        "",
+        "svc.example.test",
+        "/",
+    )
+    .unwrap();
     assert_eq!(version, "TLSv1_2");
     assert!(facts(&r).contains("version=TLSv1.2; cipher=TLS_ECDHE_"), "{}", facts(&r));
 
@@ -228,17 +222,7 @@ pub fn with_client_cert(pki: &Pki, cert: &str, key: &str) -> Arc<rustls::ClientC
     let chain: Vec<CertificateDer<'static>> =
         CertificateDer::pem_file_iter(cert).unwrap().collect::<Result<_, _>>().unwrap();
     let key = PrivateKeyDer::from_pem_file(key).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca_der()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut c = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .unwrap();
-    c.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Arc::new(c)
+    client_config(&[pki.ca_der()], rustls::DEFAULT_VERSIONS, Some((chain, key)))
 }
 
 #[test]

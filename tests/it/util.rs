@@ -609,15 +609,8 @@ impl Pki {
 
     /// Issues a certificate for `name`; returns (cert.pem, key.pem).
     pub fn leaf(&self, name: &str) -> (String, String) {
-        self.leaf_for(&[name])
-    }
-
-    /// Issues one certificate for all of `names`; returns (cert.pem, key.pem).
-    pub fn leaf_for(&self, names: &[&str]) -> (String, String) {
-        let name = names[0];
         let key = rcgen::KeyPair::generate().unwrap();
-        let sans: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let cert = rcgen::CertificateParams::new(sans).unwrap().signed_by(&key, &self.ca).unwrap();
+        let cert = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap().signed_by(&key, &self.ca).unwrap();
         let (c, k) = (self.dir.join(format!("{name}.crt")), self.dir.join(format!("{name}.key")));
         std::fs::write(&c, cert.pem()).unwrap();
         std::fs::write(&k, key.serialize_pem()).unwrap();
@@ -631,17 +624,32 @@ impl Pki {
 
     /// A rustls client configuration trusting only this CA.
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.ca.der().clone()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Arc::new(cfg)
+        client_config(&[self.ca_der()], rustls::DEFAULT_VERSIONS, None)
     }
+}
+
+/// A rustls client configuration (ALPN `http/1.1`) trusting `roots`, offering
+/// `versions`, and presenting `client` (chain, key) when a server asks.
+pub fn client_config(
+    roots: &[rustls::pki_types::CertificateDer<'static>],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    client: Option<(Vec<rustls::pki_types::CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>)>,
+) -> Arc<rustls::ClientConfig> {
+    let mut store = rustls::RootCertStore::empty();
+    for root in roots {
+        store.add(root.clone()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(store);
+    let mut cfg = match client {
+        None => builder.with_no_client_auth(),
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
+    };
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(cfg)
 }
 
 /// GET over TLS with SNI `sni`, verifying the server's certificate for `sni`.

@@ -110,26 +110,8 @@ fn deliver(l: &portmux_listener, stream: Stream, conn: ConnInfo, info: *mut port
 /// writing one pointer.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn portmux_listen(route_spec: *const c_char, out: *mut *mut portmux_listener) -> c_int {
-    fenced(|| {
-        if out.is_null() {
-            return Err(Failure::null("out (where to store the listener)"));
-        }
-        // SAFETY: `out` is non-null and valid for writing a pointer (contract).
-        unsafe { out.write(std::ptr::null_mut()) };
-        if route_spec.is_null() {
-            return Err(Failure::null("route_spec"));
-        }
-        // SAFETY: non-null and NUL-terminated (contract); only read, and copied
-        // before returning.
-        let spec = unsafe { CStr::from_ptr(route_spec) };
-        let spec = spec.to_str().map_err(|_| Failure::new(PORTMUX_ERR_SPEC, "the route spec is not valid UTF-8"))?;
-        let inner = portmux_client::Listener::bind(spec)?;
-        let handed = Mutex::new(HashMap::new());
-        let listener = Box::into_raw(Box::new(portmux_listener { inner, handed, returned: Condvar::new() }));
-        // SAFETY: as above.
-        unsafe { out.write(listener) };
-        Ok(PORTMUX_OK)
-    })
+    // SAFETY: the same contract, with no certificate.
+    unsafe { listen(route_spec, None, out) }
 }
 
 /// Like portmux_listen, and the `https://` routes among them that name no
@@ -150,6 +132,20 @@ pub unsafe extern "C" fn portmux_listen_tls(
     key_pem: *const c_char,
     out: *mut *mut portmux_listener,
 ) -> c_int {
+    // SAFETY: the caller's contract is listen's.
+    unsafe { listen(route_spec, Some((chain_pem, key_pem)), out) }
+}
+
+/// portmux_listen and portmux_listen_tls: `cert`, the PEM chain and key.
+///
+/// # Safety
+/// `route_spec` and the `cert` pointers are NULL or NUL-terminated strings;
+/// `out` is NULL or valid for writing one pointer.
+unsafe fn listen(
+    route_spec: *const c_char,
+    cert: Option<(*const c_char, *const c_char)>,
+    out: *mut *mut portmux_listener,
+) -> c_int {
     fenced(|| {
         if out.is_null() {
             return Err(Failure::null("out (where to store the listener)"));
@@ -166,9 +162,11 @@ pub unsafe extern "C" fn portmux_listen_tls(
                 .map(str::to_string)
                 .map_err(|_| Failure::new(PORTMUX_ERR_SPEC, format!("{what} is not valid UTF-8")))
         };
-        let (spec, chain, key) =
-            (text(route_spec, "route_spec")?, text(chain_pem, "chain_pem")?, text(key_pem, "key_pem")?);
-        let inner = portmux_client::Builder::new().route(spec).certificate(chain, key).bind()?;
+        let mut builder = portmux_client::Builder::new().route(text(route_spec, "route_spec")?);
+        if let Some((chain, key)) = cert {
+            builder = builder.certificate(text(chain, "chain_pem")?, text(key, "key_pem")?);
+        }
+        let inner = builder.bind()?;
         let handed = Mutex::new(HashMap::new());
         let listener = Box::into_raw(Box::new(portmux_listener { inner, handed, returned: Condvar::new() }));
         // SAFETY: as above.
