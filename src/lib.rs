@@ -4,7 +4,8 @@
 //!
 //! Modules in dependency order (each uses only those before it):
 //! leaves `ids`, `config`, `systemd`, then `sandbox` (it reads users through `config`) (and the `portmux-sys` and `portmux-wire`
-//! crates); mechanisms `reply`, `classify`, `forward`, `handoff`, `route`;
+//! crates); mechanisms `reply`, `classify`, `forward`, `handoff`, `tls`,
+//! `route`, `l7` (the per-request engine's parts);
 //! `shared` (what workers and the control plane share); `accept` (the
 //! workers) and `control` (the control plane's core and driver); `admin` and
 //! `upgrade`; `runtime`, the one composition root. See `docs/ARCHITECTURE.md`.
@@ -18,6 +19,7 @@ pub mod control;
 pub mod forward;
 pub mod handoff;
 pub mod ids;
+pub mod l7;
 pub mod reply;
 pub mod route;
 pub mod runtime;

@@ -86,6 +86,29 @@ struct Common {
     /// How long a backend that failed to connect is skipped
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     backend_cooldown: Duration,
+    /// Per-request routes: a target that has not begun its response this long after the
+    /// request was sent gets the client a 504
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    response_timeout: Duration,
+    /// Per-request routes: request bodies longer than this get 413 [default: no limit]
+    #[arg(long, value_name = "BYTES")]
+    max_request_body: Option<u64>,
+    /// Per-request routes: idle keep-alive connections to a backend are closed after this long
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    pool_idle_timeout: Duration,
+    /// Per-request routes: most idle connections kept per backend (and worker thread)
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pool_max_idle: usize,
+    /// Proxies in front whose X-Forwarded-For/-Proto/-Host and Forwarded headers are kept
+    /// (and extended); from anyone else they are replaced. Comma-separated CIDRs [default: none]
+    #[arg(long, value_name = "CIDRS", value_parser = parse_networks)]
+    trusted_proxies: Option<Networks>,
+    /// Per-request routes: add "Via: 1.1 portmux" to requests and responses
+    #[arg(long)]
+    via: bool,
+    /// Most concurrent streams per HTTP/2 client connection
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    h2_max_streams: u32,
     /// Connections from these networks (load balancers in front) start with a PROXY protocol
     /// header (v1 or v2); a PROXY header from anyone else is refused. Comma-separated CIDRs,
     /// e.g. 10.0.0.0/8,192.0.2.7/32 [default: none]
@@ -345,6 +368,15 @@ fn settings(control: Option<PathBuf>, common: &Common) -> Settings {
     s.connect_timeout = common.connect_timeout;
     s.idle_timeout = common.idle_timeout;
     s.backend_cooldown = common.backend_cooldown;
+    s.http = portmux::config::HttpSettings {
+        response_timeout: common.response_timeout,
+        max_request_body: common.max_request_body,
+        pool_idle_timeout: common.pool_idle_timeout,
+        pool_max_idle: common.pool_max_idle.max(1),
+        trusted_proxies: common.trusted_proxies.clone().map(|n| n.0).unwrap_or_default(),
+        via: common.via,
+        h2_max_streams: common.h2_max_streams.max(1),
+    };
     s.accept_proxy = common.accept_proxy.clone().map(|n| n.0).unwrap_or_default();
     s.limits = common.limits.limits();
     s.admin_public = common.admin_public;

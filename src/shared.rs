@@ -57,6 +57,9 @@ pub struct Shared {
     pub tls: crate::tls::Context,
     /// The socketpair ends services hold for terminated connections, by (device, inode).
     pub terminated: Mutex<HashMap<(u64, u64), Terminated>>,
+    /// The socketpair ends services hold for the per-request engine's
+    /// streams, by (device, inode): given back, they are simply closed.
+    pub engine_ends: Mutex<std::collections::HashSet<(u64, u64)>>,
 }
 
 /// What the connection limits count: connections admitted (all, and per
@@ -212,6 +215,7 @@ impl Shared {
             admission: Admission::default(),
             tls,
             terminated: Mutex::default(),
+            engine_ends: Mutex::default(),
         });
         (shared, intake, receivers)
     }

@@ -2,6 +2,8 @@
 //! table, and the life of a new connection up to its delivery (handoff) or
 //! its relay (forward).
 
+mod engine;
+mod targets;
 mod tls;
 
 use crate::classify;
@@ -158,7 +160,7 @@ async fn accept_loop(listener: Arc<Listener>, shared: Arc<Shared>, stop: Rc<Noti
 
 /// A new connection: peek (unless its port has only a raw TCP route), decide,
 /// then deliver it or answer it.
-async fn serve(fd: OwnedFd, listener: ListenerId, shared: &Shared) {
+async fn serve(fd: OwnedFd, listener: ListenerId, shared: &Arc<Shared>) {
     let Ok((mut peer, mut local)) = net::tcp_addrs(fd.as_fd()) else {
         return; // Gone already.
     };
@@ -228,7 +230,7 @@ enum Woken {
 /// most `--keepalive-timeout` after it was given back), then routes that
 /// request like a new connection's. After an upgrade's commit the wait moves
 /// to the new process.
-async fn hold(idle: Idle, shared: &Shared) {
+async fn hold(idle: Idle, shared: &Arc<Shared>) {
     // A port with only raw TCP routes needs no bytes to route (and the
     // server may be the one to speak first): routed at once.
     let raw = shared.table.load().port(idle.listener).is_some_and(|p| !p.routes.needs_peek());
@@ -297,7 +299,7 @@ async fn route(
     local: SocketAddr,
     arrived: Instant,
     returned: bool,
-    shared: &Shared,
+    shared: &Arc<Shared>,
 ) {
     let Some(mut port) = shared.table.load().port(listener).cloned() else {
         // The listener was just closed: a clean end, the client retries.
@@ -367,6 +369,12 @@ async fn route(
             _ => reply::Reply::bad_request("a redirect to https needs the Host header"),
         };
         return Box::pin(reply::send(fd, answer)).await;
+    }
+    if meta.proto == Proto::Http
+        && route.spec.scheme == Scheme::Http
+        && route.per_request(&port.routes, meta.host.as_deref())
+    {
+        return Box::pin(engine::serve_plain(fd, listener, (meta.peer, meta.local), shared)).await;
     }
     if let Target::Forward(pool) = &route.target {
         if let Some(paused) = forward::serve(fd, meta, pool.clone(), &shared.settings).await {

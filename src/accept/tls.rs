@@ -29,7 +29,7 @@ pub(super) async fn terminate(
     route: Arc<Route>,
     port: Arc<PortRoutes>,
     (arrived, chacha_first): (Instant, bool),
-    shared: &Shared,
+    shared: &Arc<Shared>,
 ) {
     let settings = &shared.settings;
     let Some(terminator) = route.tls.clone() else {
@@ -51,6 +51,17 @@ pub(super) async fn terminate(
         tracing::info!(client = %meta.peer, ?sni, "answered an ACME TLS-ALPN-01 challenge");
         return say(client, Reply::Close).await;
     }
+    let tls_side = |client: &tls::Stream| super::engine::TlsSide {
+        sni: sni.clone(),
+        info: tls::info(client.get_ref().1),
+        host: route.spec.host.clone(),
+        client_ca: route.spec.client_ca.clone(),
+    };
+    let addrs = (meta.peer, meta.local);
+    if client.get_ref().1.alpn_protocol() == Some(b"h2") {
+        let side = tls_side(&client);
+        return Box::pin(super::engine::serve_tls(client, Vec::new(), true, side, listener, addrs, shared)).await;
+    }
     let head_by = tokio::time::Instant::now() + settings.peek_timeout;
     let (buf, head) = match read_head(&mut client, settings.peek_max, head_by).await {
         Ok(read) => read,
@@ -67,13 +78,17 @@ pub(super) async fn terminate(
         let what = format!("no server name: the default certificate, of {}", route.key);
         return say(client, Reply::misdirected(host, &what)).await;
     }
-    let host = head.host.or(sni);
+    let host = head.host.or_else(|| sni.clone());
     let Some(found) = port.routes.terminated(host.as_deref(), &normalize_path(&head.target)).cloned() else {
         return say(client, Reply::not_found(host.as_deref(), Some(&head.target), meta.local.port())).await;
     };
     if found.spec.client_ca != route.spec.client_ca {
         let why = "this path asks for a client certificate from another CA than the one this connection was made with";
         return say(client, Reply::forbidden(why)).await;
+    }
+    if found.per_request(&port.routes, host.as_deref()) {
+        let side = tls_side(&client);
+        return Box::pin(super::engine::serve_tls(client, buf, false, side, listener, addrs, shared)).await;
     }
     meta.proto = Proto::Http;
     meta.host = host;

@@ -11,6 +11,23 @@ pub struct RequestHead {
     pub host: Option<String>,
     /// The request target as sent, e.g. `/a/b?x=1` (`*` for `OPTIONS *`).
     pub target: String,
+    /// How long the head is, its final empty line included.
+    pub len: usize,
+    /// How the body that follows is framed.
+    pub body: Framing,
+    /// The client asks to switch protocols (an HTTP/1.1 `Upgrade` header).
+    pub upgrade: bool,
+}
+
+/// How a request's body is framed (RFC 9112 §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// Neither Content-Length nor Transfer-Encoding: no body.
+    None,
+    /// `Content-Length: N`.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
 }
 
 /// More headers than any legitimate client sends; nginx's default buffer holds fewer.
@@ -20,8 +37,8 @@ const MAX_HEADERS: usize = 128;
 pub fn parse(buf: &[u8]) -> Result<RequestHead, ParseError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
-    match req.parse(buf) {
-        Ok(httparse::Status::Complete(_)) => {}
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Err(ParseError::Incomplete),
         Err(httparse::Error::TooManyHeaders) => return Err(ParseError::Invalid("more than 128 header fields")),
         Err(httparse::Error::Version) if buf.starts_with(b"PRI * HTTP/2.0") => {
@@ -30,7 +47,9 @@ pub fn parse(buf: &[u8]) -> Result<RequestHead, ParseError> {
             ));
         }
         Err(e) => return Err(ParseError::Invalid(httparse_reason(e))),
-    }
+    };
+    // httparse takes a bare LF for a line end; a server behind may not.
+    check_line_ends(&buf[..len])?;
     let method = req.method.unwrap_or_default();
     let target = req.path.unwrap_or_default();
     let version = req.version.unwrap_or(1);
@@ -38,6 +57,7 @@ pub fn parse(buf: &[u8]) -> Result<RequestHead, ParseError> {
     let mut host_header: Option<&[u8]> = None;
     let mut content_length: Option<&[u8]> = None;
     let mut transfer_encoding: Option<&[u8]> = None;
+    let mut upgrade = false;
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("host") {
             if host_header.is_some() {
@@ -49,8 +69,8 @@ pub fn parse(buf: &[u8]) -> Result<RequestHead, ParseError> {
             if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
                 return Err(ParseError::Invalid("invalid Content-Length"));
             }
-            if content_length.is_some_and(|prev| prev != v) {
-                return Err(ParseError::Invalid("conflicting Content-Length headers"));
+            if content_length.is_some() {
+                return Err(ParseError::Invalid("more than one Content-Length header"));
             }
             content_length = Some(v);
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
@@ -58,6 +78,12 @@ pub fn parse(buf: &[u8]) -> Result<RequestHead, ParseError> {
                 return Err(ParseError::Invalid("more than one Transfer-Encoding header"));
             }
             transfer_encoding = Some(h.value);
+        } else if h.name.eq_ignore_ascii_case("upgrade") {
+            upgrade = version == 1;
+        } else if resembles_framing(h.name) {
+            return Err(ParseError::Invalid(
+                "a header name that looks like Content-Length or Transfer-Encoding but is not (a request-smuggling pattern)",
+            ));
         }
     }
     if let Some(te) = transfer_encoding {
@@ -67,11 +93,25 @@ pub fn parse(buf: &[u8]) -> Result<RequestHead, ParseError> {
         if version == 0 {
             return Err(ParseError::Invalid("Transfer-Encoding in an HTTP/1.0 request"));
         }
-        let last = te.rsplit(|&b| b == b',').next().map(trim).unwrap_or_default();
-        if !last.eq_ignore_ascii_case(b"chunked") {
-            return Err(ParseError::Invalid("Transfer-Encoding whose final coding is not chunked"));
+        // portmux decodes no other coding, so it cannot frame one: exactly `chunked`.
+        if !trim(te).eq_ignore_ascii_case(b"chunked") {
+            return Err(ParseError::Invalid("Transfer-Encoding other than exactly chunked"));
         }
     }
+    let bodyless = matches!(method, "GET" | "HEAD");
+    if bodyless && (transfer_encoding.is_some() || content_length.is_some_and(|n| n.iter().any(|&d| d != b'0'))) {
+        return Err(ParseError::Invalid("a GET or HEAD request with a body (a request-smuggling pattern)"));
+    }
+    let body = match (transfer_encoding, content_length) {
+        (Some(_), _) => Framing::Chunked,
+        (None, Some(n)) => Framing::Length(
+            std::str::from_utf8(n)
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .ok_or(ParseError::Invalid("Content-Length too large"))?,
+        ),
+        (None, None) => Framing::None,
+    };
 
     let header_host = match host_header {
         Some(v) => {
@@ -94,7 +134,11 @@ pub fn parse(buf: &[u8]) -> Result<RequestHead, ParseError> {
         if authority.contains('@') {
             return Err(ParseError::Invalid("userinfo in the request target"));
         }
-        Some(host_from_header(authority).ok_or(ParseError::Invalid("invalid host in the request target"))?)
+        let authority = host_from_header(authority).ok_or(ParseError::Invalid("invalid host in the request target"))?;
+        if header_host.as_ref().is_some_and(|h| *h != authority) {
+            return Err(ParseError::Invalid("the request target names another host than the Host header"));
+        }
+        Some(authority)
     } else {
         return Err(ParseError::Invalid("request target is neither a path nor an absolute URL"));
     };
@@ -106,7 +150,30 @@ pub fn parse(buf: &[u8]) -> Result<RequestHead, ParseError> {
         },
         None => target.to_string(),
     };
-    Ok(RequestHead { host, target })
+    Ok(RequestHead { host, target, len, body, upgrade })
+}
+
+/// A name other than Content-Length and Transfer-Encoding that a lenient
+/// server might take for one of them (`Content_Length`, `Transfer--Encoding`).
+fn resembles_framing(name: &str) -> bool {
+    let folded: String =
+        name.bytes().filter(|b| !matches!(b, b'-' | b'_')).map(|b| b.to_ascii_lowercase() as char).collect();
+    matches!(folded.as_str(), "contentlength" | "transferencoding")
+}
+
+/// Every line of a head ends in CRLF: no bare CR, no bare LF.
+fn check_line_ends(head: &[u8]) -> Result<(), ParseError> {
+    for (i, &b) in head.iter().enumerate() {
+        let bad = match b {
+            b'\n' => i == 0 || head[i - 1] != b'\r',
+            b'\r' => head.get(i + 1) != Some(&b'\n'),
+            _ => false,
+        };
+        if bad {
+            return Err(ParseError::Invalid("a line of the request head does not end in CRLF"));
+        }
+    }
+    Ok(())
 }
 
 fn strip_scheme(target: &str) -> Option<&str> {
@@ -178,11 +245,16 @@ mod tests {
     fn hosts_and_targets() {
         assert_eq!(ok("GET / HTTP/1.1\r\nHost: EXAMPLE.test.:8080\r\n\r\n").host.as_deref(), Some("example.test"));
         assert_eq!(ok("GET / HTTP/1.0\r\n\r\n").host, None);
-        let h = ok("GET HTTP://Other.test:81?q HTTP/1.1\r\nHost: example.test\r\n\r\n");
+        let h = ok("GET HTTP://Other.test:81?q HTTP/1.1\r\nHost: other.test:81\r\n\r\n");
         assert_eq!((h.host.as_deref(), h.target.as_str()), (Some("other.test"), "/?q"));
         assert_eq!(ok("OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n").target, "*");
-        assert_eq!(ok("POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n").target, "/x");
-        assert_eq!(ok("POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").target, "/x");
+        let h = ok("POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc");
+        assert_eq!((h.len, h.body, h.upgrade), (48, Framing::Length(3), false));
+        let h = ok("POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n");
+        assert_eq!(h.body, Framing::Chunked);
+        let h = ok("GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n");
+        assert_eq!((h.body, h.upgrade), (Framing::None, true));
+        assert_eq!(ok("GET http://a/x HTTP/1.1\r\nHost: A:80\r\n\r\n").host.as_deref(), Some("a"));
         assert_eq!(ok("GET /x HTTP/1.1\r\nhost:  [::1]:8000 \r\n\r\n").host.as_deref(), Some("[::1]"));
     }
 
@@ -193,15 +265,28 @@ mod tests {
         assert!(invalid("GET / HTTP/1.1\r\nHost: a b\r\n\r\n").contains("invalid Host"));
         assert!(
             invalid("GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
-                .contains("conflicting")
+                .contains("more than one Content-Length")
         );
+        assert!(
+            invalid("POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n")
+                .contains("more than one Content-Length")
+        );
+        assert!(
+            invalid("POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n")
+                .contains("too large")
+        );
+        assert!(invalid("POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").contains("exactly"));
+        assert!(invalid("GET / HTTP/1.1\nHost: a\r\n\r\n").contains("CRLF"));
+        assert!(invalid("GET / HTTP/1.1\r\nHost: a\n\n").contains("CRLF"));
+        assert!(invalid("GET http://b/ HTTP/1.1\r\nHost: a\r\n\r\n").contains("another host"));
         assert!(invalid("GET / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n").contains("invalid Content-Length"));
         assert!(
             invalid("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n")
                 .contains("smuggling")
         );
         assert!(
-            invalid("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n").contains("not chunked")
+            invalid("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n")
+                .contains("exactly chunked")
         );
         assert!(invalid("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n").contains("HTTP/1.0"));
         assert!(invalid("CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n").contains("CONNECT"));

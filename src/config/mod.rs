@@ -100,6 +100,41 @@ pub struct Settings {
     pub state_dir: PathBuf,
     /// Certificates from ACME (`https://HOST?acme`).
     pub acme: AcmeSettings,
+    /// The per-request engine's limits and habits.
+    pub http: HttpSettings,
+}
+
+/// How the per-request engine treats requests.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// A target that has not begun its response this long after the request was sent: 504.
+    pub response_timeout: Duration,
+    /// Request bodies longer than this get 413 (`None`: no limit).
+    pub max_request_body: Option<u64>,
+    /// Idle connections to backends are closed after this long.
+    pub pool_idle_timeout: Duration,
+    /// Most idle connections kept per backend and worker.
+    pub pool_max_idle: usize,
+    /// Clients whose X-Forwarded-*/Forwarded headers are kept (proxies in front).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Add `Via: 1.1 portmux` both ways.
+    pub via: bool,
+    /// Most concurrent streams per HTTP/2 client connection.
+    pub h2_max_streams: u32,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            response_timeout: Duration::from_secs(60),
+            max_request_body: None,
+            pool_idle_timeout: Duration::from_secs(60),
+            pool_max_idle: 64,
+            trusted_proxies: Vec::new(),
+            via: false,
+            h2_max_streams: 100,
+        }
+    }
 }
 
 /// How portmux gets certificates from ACME.
@@ -208,6 +243,7 @@ impl Settings {
                 http_port: 80,
                 renew_before: Duration::from_secs(30 * 86_400),
             },
+            http: HttpSettings::default(),
         }
     }
 }

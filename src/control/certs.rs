@@ -61,7 +61,8 @@ impl TlsRoutes {
                 }
             };
             let client_ca = spec.client_ca.as_deref().map(Path::new);
-            let terminator = shared.tls.terminator(cert, client_ca).map_err(refuse)?;
+            let h2 = spec.mode.as_deref() != Some("connection");
+            let terminator = shared.tls.terminator(cert, client_ca, h2).map_err(refuse)?;
             out.push((route_key(spec, default_bind), Arc::new(terminator)));
         }
         Ok(out)

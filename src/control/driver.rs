@@ -336,7 +336,7 @@ impl Control {
                     };
                     let tls =
                         (r.spec.scheme == Scheme::Https).then(|| tls.get(&r.key, &r.spec, &self.shared)).flatten();
-                    Arc::new(Route { key: r.display, ident: r.key, spec: r.spec, target, tls })
+                    Arc::new(Route { key: r.display, ident: r.key, spec: r.spec, target, tls, owner: r.owner })
                 })
                 .collect();
             let routes = PortRoutes::new(listener.clone(), routes);

@@ -65,6 +65,13 @@ impl Control {
         if !holds.contains(&key) {
             return Err(not_ours());
         }
+        let id = crate::shared::socket_id(fd.as_fd());
+        if id.is_some_and(|id| self.shared.engine_ends.lock().unwrap_or_else(|p| p.into_inner()).contains(&id)) {
+            // A stream of the per-request engine: closing it is all there is
+            // to do (the engine opens a new one for the next request).
+            tracing::debug!(session = %session, %route, "a per-request stream was given back; closed");
+            return Ok(());
+        }
         if let Some(t) = self.shared.terminated(fd.as_fd()) {
             // A connection whose TLS portmux terminates: its addresses are the ones portmux gave.
             tracing::debug!(session = %session, %route, client = %t.peer, "a terminated connection was given back; held until its next request");

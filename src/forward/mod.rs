@@ -222,12 +222,12 @@ async fn relay_to(
 }
 
 /// Whether a connect failed for lack of local resources (not the backend's fault).
-fn is_local_exhaustion(e: &io::Error) -> bool {
+pub fn is_local_exhaustion(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
 }
 
 /// Connects to one of the backend's addresses, each within the connect timeout.
-async fn connect(backend: &Backend, settings: &Settings) -> io::Result<OwnedFd> {
+pub async fn connect(backend: &Backend, settings: &Settings) -> io::Result<OwnedFd> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
     for endpoint in &backend.endpoints {
         let deadline = Instant::now() + settings.connect_timeout;

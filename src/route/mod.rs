@@ -118,6 +118,13 @@ impl<T> Matcher<T> {
             .map(|(_, v)| v)
     }
 
+    /// The HTTP routes (plain, or terminated) that a request with this Host may reach.
+    pub fn reachable<'a>(&'a self, host: Option<&'a str>, terminated: bool) -> impl Iterator<Item = &'a T> + 'a {
+        let list = if terminated { &self.tls } else { &self.http };
+        let scheme = if terminated { Scheme::Https } else { Scheme::Http };
+        list.iter().filter(move |(s, _)| s.scheme == scheme && s.host.matches(host)).map(|(_, v)| v)
+    }
+
     /// The whole-port route, if there is one.
     pub fn tcp(&self) -> Option<&T> {
         self.tcp.as_ref()
@@ -193,6 +200,35 @@ pub struct Route {
     pub target: Target,
     /// `https://`: the TLS server side (its certificate); `None` if it could not be loaded.
     pub tls: Option<Arc<crate::tls::Terminator>>,
+    /// Who serves it, whatever its target is now (while an upgrade has the
+    /// state frozen, every target is the queue).
+    pub owner: Owner,
+}
+
+/// Who serves a route.
+#[derive(Debug, Clone)]
+pub enum Owner {
+    /// The sessions of this service.
+    Service(Arc<str>),
+    /// These backends.
+    Backends(Arc<BackendPool>),
+}
+
+impl Route {
+    /// Whether the per-request engine serves this route's HTTP connections
+    /// (`host`: the first request's): a route to backends unless it asks for
+    /// `mode=connection`; a service's route when another owner has a route
+    /// the same Host can reach (a path route of another service, or
+    /// backends), so that each request must be routed by itself.
+    pub fn per_request(&self, routes: &Matcher<Arc<Route>>, host: Option<&str>) -> bool {
+        match &self.owner {
+            Owner::Backends(_) => self.spec.mode.as_deref() != Some("connection"),
+            Owner::Service(me) => routes.reachable(host, self.spec.scheme == Scheme::Https).any(|r| match &r.owner {
+                Owner::Service(other) => other != me,
+                Owner::Backends(_) => r.spec.mode.as_deref() != Some("connection"),
+            }),
+        }
+    }
 }
 
 /// Where a route's connections go.
@@ -286,7 +322,8 @@ mod tests {
     fn route(spec: &str) -> Arc<Route> {
         let spec = RouteSpec::parse(spec).unwrap();
         let ident = ("127.0.0.1:8000".parse().unwrap(), spec.key().into());
-        Arc::new(Route { key: spec.key().into(), ident, spec, target: Target::Queue, tls: None })
+        let owner = Owner::Service("a".into());
+        Arc::new(Route { key: spec.key().into(), ident, spec, target: Target::Queue, tls: None, owner })
     }
 
     fn meta() -> ConnMeta {
@@ -304,7 +341,13 @@ mod tests {
     }
 
     fn http(port: &PortRoutes, host: Option<&str>, target: &str) -> Result<String, Reply> {
-        let head = RequestHead { host: host.map(Into::into), target: target.into() };
+        let head = RequestHead {
+            host: host.map(Into::into),
+            target: target.into(),
+            len: 0,
+            body: crate::classify::http::Framing::None,
+            upgrade: false,
+        };
         port.decide(Peeked::Http(head), &mut meta()).map(|r| r.key.to_string())
     }
 

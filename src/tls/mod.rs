@@ -45,7 +45,9 @@ impl Context {
 
     /// The server side of an `https://` route: `cert`, and when `client_ca`
     /// names a file, a client certificate signed by one of its CAs is required.
-    pub fn terminator(&self, cert: Arc<CertSlot>, client_ca: Option<&Path>) -> Result<Terminator, CertError> {
+    /// `h2`: offer HTTP/2 (ALPN `h2`) besides HTTP/1.1, for routes whose
+    /// requests the engine serves one by one.
+    pub fn terminator(&self, cert: Arc<CertSlot>, client_ca: Option<&Path>, h2: bool) -> Result<Terminator, CertError> {
         let ring = rustls::crypto::ring::default_provider();
         // AES-128-GCM first, whatever the client's order: the same security as
         // AES-256 here, and a SHA-256 key schedule instead of SHA-384.
@@ -57,8 +59,8 @@ impl Context {
             _ => 2,
         });
         let roots = client_ca.map(|path| client_roots(path).map(|r| (path, r))).transpose()?;
-        let config = self.config(Arc::new(aes), &cert, roots.as_ref(), true)?;
-        let chacha = self.config(Arc::new(ring), &cert, roots.as_ref(), false)?;
+        let config = self.config(Arc::new(aes), &cert, roots.as_ref(), true, h2)?;
+        let chacha = self.config(Arc::new(ring), &cert, roots.as_ref(), false, h2)?;
         Ok(Terminator { config: Arc::new(config), chacha: Arc::new(chacha), cert })
     }
 
@@ -69,6 +71,7 @@ impl Context {
         cert: &Arc<CertSlot>,
         client_ca: Option<&(&Path, Arc<rustls::RootCertStore>)>,
         server_order: bool,
+        h2: bool,
     ) -> Result<ServerConfig, CertError> {
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -88,7 +91,8 @@ impl Context {
         } else {
             builder.with_cert_resolver(Arc::new(Resolver(cert.clone())))
         };
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols =
+            if h2 { vec![b"h2".to_vec(), b"http/1.1".to_vec()] } else { vec![b"http/1.1".to_vec()] };
         if cert.is_acme() {
             config.alpn_protocols.push(acme::ALPN.to_vec());
         }

@@ -215,8 +215,13 @@ fn services_keep_their_connections_and_register_again_when_portmux_restarts() {
     let port = free_port();
     let _svc = Service::hello(&pm, &format!("http://:{port}"), "still here", &[]);
     // A blocking-flavour service too: it must reconnect by itself as well.
-    let blocking =
-        portmux_client::Builder::new().route(format!("http://:{port}/blocking")).control(&control).bind().unwrap();
+    // (Under its own host: on a host two services share by path, portmux
+    // routes each request itself and stays in the data path.)
+    let blocking = portmux_client::Builder::new()
+        .route(format!("http://blocking.test:{port}/blocking"))
+        .control(&control)
+        .bind()
+        .unwrap();
     let served = thread::spawn(move || {
         let mut paths = Vec::new();
         for _ in 0..2 {
@@ -226,7 +231,7 @@ fn services_keep_their_connections_and_register_again_when_portmux_restarts() {
         }
         paths
     });
-    assert_eq!(get(port, "x", "/blocking/1").unwrap().body, "blocking");
+    assert_eq!(get(port, "blocking.test", "/blocking/1").unwrap().body, "blocking");
     let mut kept = Http::connect(port);
     assert_eq!(kept.get("x", "/").unwrap().body, "still here");
     pm.kill();
@@ -234,10 +239,10 @@ fn services_keep_their_connections_and_register_again_when_portmux_restarts() {
     assert_eq!(kept.get("x", "/again").unwrap().body, "still here");
     let pm2 = Portmux::start_at(&control, &[], None).unwrap();
     pm2.wait_instances(&format!("http://:{port}"), 1);
-    pm2.wait_instances(&format!("http://:{port}/blocking"), 1);
+    pm2.wait_instances(&format!("http://blocking.test:{port}/blocking"), 1);
     assert_eq!(get(port, "x", "/").unwrap().body, "still here");
     assert_eq!(kept.get("x", "/third").unwrap().body, "still here");
-    assert_eq!(get(port, "x", "/blocking/2").unwrap().body, "blocking");
+    assert_eq!(get(port, "blocking.test", "/blocking/2").unwrap().body, "blocking");
     assert_eq!(served.join().unwrap(), ["/blocking/1", "/blocking/2"]);
 }
 

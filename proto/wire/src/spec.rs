@@ -123,6 +123,14 @@ pub struct RouteSpec {
     pub lb: Option<String>,
     /// PROXY protocol header sent to backends: `v1` or `v2`.
     pub proxy: Option<String>,
+    /// `http://`, `https://` with backends: `request` (default: every
+    /// request is parsed and routed) or `connection` (the connection is
+    /// relayed whole after its first request).
+    pub mode: Option<String>,
+    /// What portmux speaks to backends: `http1` (default) or `h2`.
+    pub backend_proto: Option<String>,
+    /// `off`: no X-Forwarded-*/Forwarded headers are added.
+    pub forwarded: Option<String>,
 }
 
 /// A route spec that could not be parsed; the message says what to write instead.
@@ -164,6 +172,7 @@ impl RouteSpec {
     pub fn identity(&self) -> String {
         let mut s = self.clone();
         (s.bind, s.name, s.lb, s.proxy) = (None, None, None, None);
+        (s.mode, s.backend_proto, s.forwarded) = (None, None, None);
         (s.cert, s.key, s.client_ca, s.acme, s.redirect) = (None, None, None, false, None);
         s.to_string()
     }
@@ -221,6 +230,9 @@ impl fmt::Display for RouteSpec {
             ("key", &self.key),
             ("client_ca", &self.client_ca),
             ("redirect", &self.redirect),
+            ("mode", &self.mode),
+            ("backend_proto", &self.backend_proto),
+            ("forwarded", &self.forwarded),
         ];
         for (k, v) in options {
             if let Some(v) = v {
@@ -287,6 +299,9 @@ fn parse(spec: &str) -> Result<RouteSpec, String> {
         redirect: None,
         lb: None,
         proxy: None,
+        mode: None,
+        backend_proto: None,
+        forwarded: None,
     };
 
     if scheme == Scheme::Tcp {
@@ -334,6 +349,12 @@ fn parse(spec: &str) -> Result<RouteSpec, String> {
             scheme.as_str(),
             if scheme == Scheme::Tls { " (tls:// passes it through to the service)" } else { "" }
         )),
+        Scheme::Tls | Scheme::Tcp if out.mode.is_some() || out.backend_proto.is_some() || out.forwarded.is_some() => {
+            Err(format!(
+                "mode=, backend_proto= and forwarded= belong to http:// and https:// routes; {}:// relays whole connections",
+                scheme.as_str()
+            ))
+        }
         Scheme::Https | Scheme::Tls | Scheme::Tcp if out.redirect.is_some() => {
             Err("redirect=https belongs to http:// routes (http://HOST:80?redirect=https)".into())
         }
@@ -431,6 +452,28 @@ fn parse_query(query: &str, out: &mut RouteSpec) -> Result<(), String> {
                 }
                 &mut out.proxy
             }
+            "mode" => {
+                if !matches!(v.as_str(), "request" | "connection") {
+                    return Err(format!(
+                        "mode='{v}' is not a mode; use mode=request (every request routed) or mode=connection"
+                    ));
+                }
+                &mut out.mode
+            }
+            "backend_proto" => {
+                if !matches!(v.as_str(), "http1" | "h2") {
+                    return Err(format!(
+                        "backend_proto='{v}' is not a protocol; use backend_proto=http1 or backend_proto=h2"
+                    ));
+                }
+                &mut out.backend_proto
+            }
+            "forwarded" => {
+                if !matches!(v.as_str(), "on" | "off") {
+                    return Err(format!("forwarded='{v}' is not on or off"));
+                }
+                &mut out.forwarded
+            }
             "bind" => {
                 if out.bind.is_some() {
                     return Err("the listening address is given twice (before the port and as bind=)".into());
@@ -441,7 +484,7 @@ fn parse_query(query: &str, out: &mut RouteSpec) -> Result<(), String> {
             }
             _ => {
                 return Err(format!(
-                    "unknown option '{k}'; known options are name, bind, lb, proxy, cert, key, client_ca, acme and redirect"
+                    "unknown option '{k}'; known options are name, bind, lb, proxy, cert, key, client_ca, acme, redirect, mode, backend_proto and forwarded"
                 ));
             }
         };

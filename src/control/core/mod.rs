@@ -250,6 +250,7 @@ pub struct RoutePlan {
     pub display: Arc<str>,
     pub spec: RouteSpec,
     pub target: PlanTarget,
+    pub owner: crate::route::Owner,
 }
 
 #[derive(Debug)]
@@ -621,7 +622,12 @@ impl Core {
                                 }
                             }
                         };
-                        RoutePlan { key: key.clone(), display: r.display.clone(), spec: r.spec.clone(), target }
+                        let owner = match &r.target {
+                            RouteTarget::Backends(pool) => crate::route::Owner::Backends(pool.clone()),
+                            RouteTarget::Service(s) => crate::route::Owner::Service(s.service.as_str().into()),
+                        };
+                        let (display, spec) = (r.display.clone(), r.spec.clone());
+                        RoutePlan { key: key.clone(), display, spec, target, owner }
                     })
                     .collect();
                 PortPlan { listener: *id, routes }

@@ -1,0 +1,386 @@
+//! The per-request engine's client connections: hyper serves HTTP/1.1 (on
+//! plain and terminated connections, every request checked by
+//! `l7::guard`) and HTTP/2 (ALPN `h2`), and each request is routed by its
+//! own Host and path, to a backend (pooled connections) or to a service
+//! (a socketpair stream handed to it once per client connection and
+//! reused). `Upgrade` turns the connection into a relay after a 101. On an
+//! upgrade of portmux, a plain connection between requests moves to the new
+//! process; HTTP/2 connections get a GOAWAY.
+
+use super::targets;
+use crate::forward::stream;
+use crate::ids::ListenerId;
+use crate::l7::guard::{Control, Fault, Guarded};
+use crate::l7::{self, RespBody, pool};
+use crate::reply::{self, Reply};
+use crate::shared::{Idle, Shared, ToControl};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode, Version};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use portmux_wire::spec::{HostPattern, host_from_header, normalize_path};
+use portmux_wire::{ConnMeta, Proto, TlsInfo};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+/// What a terminated connection's requests are checked against.
+#[derive(Debug, Clone)]
+pub(super) struct TlsSide {
+    pub sni: Option<String>,
+    pub info: TlsInfo,
+    /// The route the handshake chose: its host (without SNI, requests must be
+    /// for it) and its client CA (every route used must ask for the same).
+    pub host: HostPattern,
+    pub client_ca: Option<String>,
+}
+
+/// One client connection of the engine.
+pub(super) struct Client {
+    pub shared: Arc<Shared>,
+    pub listener: ListenerId,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub tls: Option<TlsSide>,
+    /// HTTP/1: what the guard and the engine share.
+    pub ctl: Option<Rc<Control>>,
+    /// The target's side of a switch of protocols, once a 101 went out.
+    pub upgraded: RefCell<Option<targets::Switched>>,
+    /// Streams to services, by route, reused for this client's requests.
+    pub services: RefCell<HashMap<Arc<str>, Vec<targets::ServiceStream>>>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let mut ends = self.shared.engine_ends.lock().unwrap_or_else(|p| p.into_inner());
+        for stream in self.services.get_mut().values().flatten() {
+            if let Some(id) = stream.id {
+                ends.remove(&id);
+            }
+        }
+    }
+}
+
+impl Client {
+    fn new(shared: &Arc<Shared>, listener: ListenerId, (peer, local): (SocketAddr, SocketAddr)) -> Client {
+        pool::configure(pool::Limits {
+            idle_timeout: shared.settings.http.pool_idle_timeout,
+            max_idle: shared.settings.http.pool_max_idle,
+        });
+        Client {
+            shared: shared.clone(),
+            listener,
+            peer,
+            local,
+            tls: None,
+            ctl: None,
+            upgraded: RefCell::new(None),
+            services: RefCell::default(),
+        }
+    }
+
+    async fn handle(self: Rc<Self>, req: Request<Incoming>) -> Response<RespBody> {
+        let upgrade =
+            self.ctl.is_some() && req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
+        let resp = self.dispatch(req, upgrade).await;
+        if upgrade && let Some(ctl) = &self.ctl {
+            ctl.decide_upgrade(resp.status() == StatusCode::SWITCHING_PROTOCOLS);
+        }
+        resp
+    }
+
+    /// Routes one request and answers it.
+    async fn dispatch(&self, req: Request<Incoming>, upgrade: bool) -> Response<RespBody> {
+        let host = request_host(&req);
+        let target = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+        if let Some(tls) = &self.tls {
+            if let (Some(h), Some(sni)) = (&host, &tls.sni)
+                && h != sni
+            {
+                let why = format!("this connection was made for the server name \"{sni}\"");
+                return l7::answer(StatusCode::MISDIRECTED_REQUEST, &format!("\"{h}\" is not served here: {why}"));
+            }
+            if tls.sni.is_none() && !tls.host.matches(host.as_deref()) {
+                let why = "no server name was sent, and the default certificate is not for this host";
+                return l7::answer(StatusCode::MISDIRECTED_REQUEST, why);
+            }
+        } else if let Some(key_authorization) = self.shared.tls.challenges.http_answer(&target) {
+            tracing::info!(client = %self.peer, ?host, "answered an ACME HTTP-01 challenge");
+            return Response::new(RespBody::full(key_authorization));
+        }
+        let Some(port) = self.shared.table.load().port(self.listener).cloned() else {
+            return l7::answer(StatusCode::SERVICE_UNAVAILABLE, "this port is closing");
+        };
+        let path = normalize_path(&target);
+        let found = if let Some(tls) = &self.tls {
+            let found = port.routes.terminated(host.as_deref(), &path).cloned();
+            if let Some(r) = &found
+                && r.spec.client_ca != tls.client_ca
+            {
+                let why = "this path asks for a client certificate from another CA than the one this connection was made with";
+                return l7::answer(StatusCode::FORBIDDEN, why);
+            }
+            found
+        } else {
+            let meta = self.meta(host.clone(), target.clone(), String::new());
+            port.routes.lookup(&meta).filter(|r| r.spec.scheme == portmux_wire::spec::Scheme::Http).cloned()
+        };
+        let Some(route) = found else {
+            let text =
+                format!("no route for {}{} on port {}", host.as_deref().unwrap_or(""), target, self.local.port());
+            return l7::answer(StatusCode::NOT_FOUND, &text);
+        };
+        if route.spec.acme && self.tls.is_none() {
+            // An ACME challenge route (its pending tokens were answered above).
+            return l7::answer(StatusCode::NOT_FOUND, "no such ACME challenge is pending");
+        }
+        if route.spec.redirect.is_some() {
+            let Some(host) = &host else { return l7::answer(StatusCode::BAD_REQUEST, "a redirect needs a Host") };
+            let mut r = l7::answer(StatusCode::PERMANENT_REDIRECT, "moved to https");
+            if let Ok(location) = HeaderValue::from_str(&format!("https://{host}{target}")) {
+                r.headers_mut().insert(header::LOCATION, location);
+            }
+            return r;
+        }
+        let meta = self.meta(host, target, route.key.to_string());
+        targets::send(self, req, &route, meta, upgrade).await
+    }
+
+    /// The metadata a service would get for this request as a connection of its own.
+    pub fn meta(&self, host: Option<String>, target: String, route: String) -> ConnMeta {
+        let (sni, alpn) = match &self.tls {
+            Some(t) => (t.sni.clone(), t.info.alpn.iter().cloned().collect()),
+            None => (None, Vec::new()),
+        };
+        ConnMeta {
+            route,
+            proto: Proto::Http,
+            peer: self.peer,
+            local: self.local,
+            sni,
+            alpn,
+            host,
+            path: Some(target),
+            peeked: 0,
+        }
+    }
+}
+
+/// The request's Host: the absolute target's authority (HTTP/2's
+/// `:authority`), else the Host header; normalised like routes' hosts.
+fn request_host<B>(req: &Request<B>) -> Option<String> {
+    if let Some(a) = req.uri().authority() {
+        return host_from_header(a.as_str());
+    }
+    req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).and_then(|h| host_from_header(h.trim()))
+}
+
+/// How an HTTP/1 connection's service ended.
+enum Ended<T> {
+    /// hyper gave the socket back (the connection is done, or switched
+    /// protocols, or paused between requests); with what hyper read ahead.
+    Parts(Guarded<T>, bytes::Bytes),
+    Failed,
+}
+
+/// Serves HTTP/1.1 on `io` until the connection ends, is refused by the
+/// guard, switches protocols, or pauses for an upgrade (`pause`).
+async fn run_h1<T>(io: Guarded<T>, client: &Rc<Client>) -> Ended<T>
+where
+    T: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    let settings = &client.shared.settings;
+    let ctl = client.ctl.clone().expect("HTTP/1 clients have a guard");
+    let svc_client = client.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let c = svc_client.clone();
+        async move { Ok::<_, Infallible>(c.handle(req).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .half_close(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.keepalive_timeout)
+        .max_buf_size(settings.peek_max.max(8192) * 2);
+    let conn = builder.serve_connection(TokioIo::new(io), svc).without_shutdown();
+    tokio::pin!(conn);
+    let mut pause = client.shared.pause_relays.subscribe();
+    let mut stopping = client.shared.stopping.subscribe();
+    let mut asked = false;
+    loop {
+        tokio::select! {
+            r = &mut conn => return match r {
+                Ok(parts) => Ended::Parts(parts.io.into_inner(), parts.read_buf),
+                Err(e) => {
+                    tracing::debug!(client = %client.peer, "HTTP/1 connection ended: {e}");
+                    Ended::Failed
+                }
+            },
+            _ = pause.wait_for(|p| *p), if !asked => { asked = true; ctl.pause(); }
+            _ = stopping.wait_for(|s| *s), if !asked => { asked = true; ctl.pause(); }
+        }
+    }
+}
+
+/// A plain HTTP connection whose first request (peeked, still unread) the
+/// engine serves.
+pub(super) async fn serve_plain(
+    fd: OwnedFd,
+    listener: ListenerId,
+    (peer, local): (SocketAddr, SocketAddr),
+    shared: &Arc<Shared>,
+) {
+    let stream = match pool::Stream::new(fd) {
+        Ok(pool::Stream::Tcp(s)) => s,
+        Ok(pool::Stream::Unix(_)) => return,
+        Err(e) => return tracing::debug!(client = %peer, "client socket unusable: {e}"),
+    };
+    let ctl = Rc::new(Control::default());
+    let mut client = Client::new(shared, listener, (peer, local));
+    client.ctl = Some(ctl.clone());
+    let client = Rc::new(client);
+    let io = Guarded::new(stream, Vec::new(), shared.settings.peek_max, ctl.clone());
+    let Ended::Parts(io, read_ahead) = run_h1(io, &client).await else { return };
+    let (stream, rest) = io.into_inner();
+    if let Some(fault) = ctl.fault() {
+        let fd = match stream.into_std() {
+            Ok(s) => OwnedFd::from(s),
+            Err(_) => return,
+        };
+        tracing::debug!(client = %peer, ?fault, "request refused");
+        return reply::send(fd, refusal(fault)).await;
+    }
+    let switched = client.upgraded.borrow_mut().take();
+    if let Some(switched) = switched {
+        return relay(stream, [read_ahead.as_ref(), &rest].concat(), switched, &client).await;
+    }
+    let moving = *shared.pause_relays.borrow() && !*shared.stopping.borrow();
+    if ctl.paused_between_requests() && read_ahead.is_empty() && rest.is_empty() && moving {
+        // Between requests: the connection moves to the new process, which
+        // waits for its next request. The client notices nothing.
+        drop(client);
+        if let Ok(std) = stream.into_std() {
+            let fd = OwnedFd::from(std);
+            let idle = Idle { fd, listener, peer, local, since: Instant::now(), tls: None };
+            let _ = shared.to_control.send(ToControl::Idle(idle));
+        }
+    }
+}
+
+/// The answer to a request the guard refused.
+fn refusal(fault: Fault) -> Reply {
+    match fault {
+        Fault::Bad(why) => Reply::bad_request(why),
+        Fault::TooLarge => Reply::too_large(),
+    }
+}
+
+/// A terminated connection the engine serves: HTTP/2 (`h2`), or HTTP/1.1
+/// whose first bytes (`prefix`) were read already.
+pub(super) async fn serve_tls(
+    stream: crate::tls::Stream,
+    prefix: Vec<u8>,
+    h2: bool,
+    tls: TlsSide,
+    listener: ListenerId,
+    addrs: (SocketAddr, SocketAddr),
+    shared: &Arc<Shared>,
+) {
+    let mut client = Client::new(shared, listener, addrs);
+    client.tls = Some(tls);
+    if h2 {
+        return serve_h2(stream, Rc::new(client)).await;
+    }
+    let ctl = Rc::new(Control::default());
+    client.ctl = Some(ctl.clone());
+    let client = Rc::new(client);
+    let io = Guarded::new(stream, prefix, shared.settings.peek_max, ctl.clone());
+    let Ended::Parts(io, read_ahead) = run_h1(io, &client).await else { return };
+    let (mut stream, rest) = io.into_inner();
+    if let Some(fault) = ctl.fault() {
+        tracing::debug!(client = %addrs.0, ?fault, "request refused");
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            if let Some(bytes) = refusal(fault).bytes() {
+                stream.write_all(&bytes).await?;
+            }
+            stream.shutdown().await
+        })
+        .await;
+        return;
+    }
+    let switched = client.upgraded.borrow_mut().take();
+    if let Some(switched) = switched {
+        return relay(stream, [read_ahead.as_ref(), &rest].concat(), switched, &client).await;
+    }
+    // TLS cannot move to another process: a connection paused between
+    // requests is closed (close_notify); its client reconnects and resumes.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.shutdown()).await;
+}
+
+async fn serve_h2(stream: crate::tls::Stream, client: Rc<Client>) {
+    let settings = &client.shared.settings;
+    let svc_client = client.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let c = svc_client.clone();
+        async move { Ok::<_, Infallible>(c.handle(req).await) }
+    });
+    let max_head = u32::try_from(settings.peek_max).unwrap_or(u32::MAX);
+    let mut builder = hyper::server::conn::http2::Builder::new(l7::LocalExec);
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(settings.http.h2_max_streams)
+        .max_header_list_size(max_head)
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .max_send_buf_size(256 * 1024)
+        // CVE-2023-44487: streams the client opens and resets at once count
+        // against this; past it, the connection ends with ENHANCE_YOUR_CALM.
+        .max_pending_accept_reset_streams(Some(32))
+        .max_local_error_reset_streams(Some(256))
+        .keep_alive_interval(Some(settings.keepalive_timeout / 2))
+        .keep_alive_timeout(settings.peek_timeout);
+    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let mut pause = client.shared.pause_relays.subscribe();
+    let mut stopping = client.shared.stopping.subscribe();
+    let mut asked = false;
+    loop {
+        tokio::select! {
+            r = &mut conn => {
+                if let Err(e) = r {
+                    tracing::debug!(client = %client.peer, "HTTP/2 connection ended: {e}");
+                }
+                return;
+            }
+            _ = pause.wait_for(|p| *p), if !asked => { asked = true; conn.as_mut().graceful_shutdown(); }
+            _ = stopping.wait_for(|s| *s), if !asked => { asked = true; conn.as_mut().graceful_shutdown(); }
+        }
+    }
+}
+
+/// After a 101: relays the client's socket and the target's until both end.
+async fn relay<T>(client_io: T, read_ahead: Vec<u8>, switched: targets::Switched, client: &Client)
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let idle = client.shared.settings.idle_timeout;
+    let mut target = match switched.upgraded.await {
+        Ok(u) => TokioIo::new(u),
+        Err(e) => return tracing::debug!(client = %client.peer, "the target did not switch protocols: {e}"),
+    };
+    if !read_ahead.is_empty() && target.write_all(&read_ahead).await.is_err() {
+        return;
+    }
+    match stream::relay(client_io, target, idle).await {
+        stream::Ended::Failed(e) => tracing::debug!(client = %client.peer, "upgraded connection ended: {e}"),
+        stream::Ended::Idle => tracing::debug!(client = %client.peer, "upgraded connection closed: idle"),
+        stream::Ended::Done(..) => {}
+    }
+    drop(switched.lease);
+}
