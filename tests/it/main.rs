@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod acme;
+mod engine;
 mod ffi;
 mod forward;
 mod graceful;
