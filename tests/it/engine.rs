@@ -436,14 +436,15 @@ fn http2_over_tls_serves_several_streams_and_survives_floods() {
         (ended || sent.is_err(), goaway(&back))
     };
     // Rapid reset (CVE-2023-44487): streams opened and cancelled at once.
-    let (_, code) = flood(&|out| {
+    let (ended, code) = flood(&|out| {
         for i in 0..5000u32 {
             let id = 2 * i + 1;
             frame(out, 1, 0x5, id, &headers_block());
             frame(out, 3, 0, id, &8u32.to_be_bytes()); // RST_STREAM CANCEL
         }
     });
-    assert_eq!(code, Some(0xb), "ENHANCE_YOUR_CALM ends a rapid-reset flood");
+    // GOAWAY ENHANCE_YOUR_CALM, unless the close overtook it (we were still writing).
+    assert!(code == Some(0xb) || (code.is_none() && ended), "a rapid-reset flood ends its connection: {code:?}");
     // CONTINUATION flood: a header block that never ends.
     let (ended, _) = flood(&|out| {
         frame(out, 1, 0x0, 1, &headers_block());

@@ -371,7 +371,8 @@ fn behind_a_load_balancer_client_addresses_survive_both_ways() {
 
 #[test]
 fn faults_are_answered_and_fds_return_to_baseline() {
-    let pm = Portmux::start(&["--idle-timeout", "1s", "--peek-timeout", "1s"]);
+    // Pooled backend connections of the per-request engine expire within the wait too.
+    let pm = Portmux::start(&["--idle-timeout", "1s", "--peek-timeout", "1s", "--pool-idle-timeout", "1s"]);
     let (http_port, tcp_port, reset_port) = (free_port(), free_port(), free_port());
     let (_web, web) = Service::backend("web", &[]);
     let echo = TestBackend::start("echo", false);
