@@ -492,3 +492,73 @@ fn goaway(bytes: &[u8]) -> Option<u32> {
     }
     None
 }
+
+/// An HTTP/2 backend (prior knowledge) that answers with its name, the
+/// path and the version it was asked with; counts its connections.
+fn h2_backend(name: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let counted = conns.clone();
+    thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            while let Ok((s, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let body = format!("{name} {} {:?}", req.uri().path(), req.version());
+                        let body = http_body_util::Full::new(bytes::Bytes::from(body));
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                    });
+                    let exec = hyper_util::rt::TokioExecutor::new();
+                    let io = hyper_util::rt::TokioIo::new(s);
+                    let _ = hyper::server::conn::http2::Builder::new(exec).serve_connection(io, svc).await;
+                });
+            }
+        });
+    });
+    (addr, conns)
+}
+
+#[test]
+fn a_backend_that_asks_for_http2_gets_one_multiplexed_connection() {
+    let pm = Portmux::start(&["--workers", "1"]);
+    let port = free_port();
+    let (h2, conns) = h2_backend("H2");
+    route(&pm, &format!("http://:{port}/h2?backend_proto=h2"), &[h2]);
+    let mut s = connect(port);
+    for i in 0..5 {
+        assert_eq!(request(&mut s, &format!("/h2/{i}")).body, format!("H2 /h2/{i} HTTP/2.0"));
+    }
+    for _ in 0..5 {
+        assert_eq!(get(port, "x", "/h2/new").unwrap().body, "H2 /h2/new HTTP/2.0");
+    }
+    assert_eq!(conns.load(Ordering::Relaxed), 1, "every request shares one HTTP/2 connection");
+}
+
+#[test]
+fn services_sharing_an_https_host_by_path_get_each_request_after_termination() {
+    let dir = TempDir::new();
+    let pki = Pki::new(dir.path());
+    let (cert, key) = pki.leaf("s.test");
+    let pm = Portmux::start(&["--cert-dir", dir.path().to_str().unwrap()]);
+    let port = free_port();
+    let spec = |path: &str| format!("https://s.test:{port}{path}?cert={cert}&key={key}");
+    let _a = Service::hello(&pm, &spec("/a"), "service A", &["--name", "a"]);
+    let _b = Service::hello(&pm, &spec("/b"), "service B", &["--name", "b"]);
+    let name = rustls::pki_types::ServerName::try_from("s.test").unwrap();
+    let mut conn = rustls::ClientConnection::new(pki.client_config(), name).unwrap();
+    let mut sock = connect(port);
+    let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+    for (path, body) in [("/a/1", "service A"), ("/b/2", "service B"), ("/a/3", "service A")] {
+        write!(tls, "GET {path} HTTP/1.1\r\nHost: s.test\r\n\r\n").unwrap();
+        let r = read_response(&mut tls).unwrap();
+        assert_eq!(r.body, body, "{path}");
+        assert!(r.head.contains("x-portmux-tls: "), "the service learns the TLS facts: {}", r.head);
+    }
+    write!(tls, "GET /a/4 HTTP/1.1\r\nHost: other.test\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut tls).unwrap().status, 421, "a Host other than the SNI");
+}
