@@ -208,22 +208,14 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(settings.keepalive_timeout)
         .max_buf_size(settings.peek_max.max(8192) * 2);
-    let conn = builder.serve_connection(TokioIo::new(io), svc).without_shutdown();
-    tokio::pin!(conn);
-    let mut pause = client.shared.pause_relays.subscribe();
-    let mut stopping = client.shared.stopping.subscribe();
-    let mut asked = false;
-    loop {
-        tokio::select! {
-            r = &mut conn => return match r {
-                Ok(parts) => Ended::Parts(parts.io.into_inner(), parts.read_buf),
-                Err(e) => {
-                    tracing::debug!(client = %client.peer, "HTTP/1 connection ended: {e}");
-                    Ended::Failed
-                }
-            },
-            _ = pause.wait_for(|p| *p), if !asked => { asked = true; ctl.pause(); }
-            _ = stopping.wait_for(|s| *s), if !asked => { asked = true; ctl.pause(); }
+    // A pause (an upgrade, a stop) reaches the guard through this thread's
+    // registry: nothing shared is polled per request.
+    l7::register(&ctl);
+    match builder.serve_connection(TokioIo::new(io), svc).without_shutdown().await {
+        Ok(parts) => Ended::Parts(parts.io.into_inner(), parts.read_buf),
+        Err(e) => {
+            tracing::debug!(client = %client.peer, "HTTP/1 connection ended: {e}");
+            Ended::Failed
         }
     }
 }
@@ -347,8 +339,8 @@ async fn serve_h2(stream: crate::tls::Stream, client: Rc<Client>) {
         .keep_alive_timeout(settings.peek_timeout);
     let conn = builder.serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
-    let mut pause = client.shared.pause_relays.subscribe();
-    let mut stopping = client.shared.stopping.subscribe();
+    let ctl = Rc::new(Control::default());
+    l7::register(&ctl);
     let mut asked = false;
     loop {
         tokio::select! {
@@ -358,8 +350,7 @@ async fn serve_h2(stream: crate::tls::Stream, client: Rc<Client>) {
                 }
                 return;
             }
-            _ = pause.wait_for(|p| *p), if !asked => { asked = true; conn.as_mut().graceful_shutdown(); }
-            _ = stopping.wait_for(|s| *s), if !asked => { asked = true; conn.as_mut().graceful_shutdown(); }
+            () = ctl.paused(), if !asked => { asked = true; conn.as_mut().graceful_shutdown(); }
         }
     }
 }

@@ -49,6 +49,7 @@ pub async fn worker(shared: Arc<Shared>, index: usize, mut inbox: mpsc::Unbounde
         let accepting = !*handing_over.borrow_and_update();
         if *pause.borrow_and_update() {
             forward::pause_all();
+            crate::l7::pause_all();
         }
         let table = shared.table.load_full();
         loops.retain(|id, l| {
@@ -92,6 +93,8 @@ pub async fn worker(shared: Arc<Shared>, index: usize, mut inbox: mpsc::Unbounde
         l.stop.notify_one();
         let _ = l.done.await;
     }
+    // Engine connections between requests close; those in a request finish it.
+    crate::l7::pause_all();
     if shared.in_flight.load(Ordering::Relaxed) > 0 {
         let _ = tokio::time::timeout(STOP_GRACE, shared.idle.notified()).await;
     }

@@ -198,7 +198,8 @@ async fn backend(
         let backend = &pool.backends[i];
         let Some(request) = req.take().or_else(|| template.as_ref().map(Template::request)) else { break };
         let pooled = pool.proxy.is_none();
-        let (mut lease, reused) = match pooled.then(|| pool::checkout(backend)).flatten() {
+        let checked_out = if pooled { pool::checkout(backend).await } else { None };
+        let (mut lease, reused) = match checked_out {
             Some(lease) => (lease, true),
             None => {
                 let sender = match connect(backend, pool, meta, client).await {

@@ -16,6 +16,7 @@
 
 use crate::classify::{self, ParseError, http::Framing};
 use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -24,8 +25,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Longest chunk-size line (with extensions) or trailer line.
 const MAX_LINE: usize = 4096;
-/// How much is read from the socket at a time.
-const READ_SIZE: usize = 16 * 1024;
+/// How much is read from the socket at a time: little while heads come
+/// (most fit), more once a read fills it (a chunked upload).
+const READ_SIZE: usize = 4 * 1024;
+const READ_SIZE_BULK: usize = 32 * 1024;
 
 /// Why a request was refused before hyper saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +49,8 @@ pub struct Control {
     /// The guard ended the connection at a boundary between requests, with nothing buffered.
     at_boundary: Cell<bool>,
     waker: RefCell<Option<Waker>>,
+    /// Whoever waits for [`Control::paused`].
+    pause_waker: RefCell<Option<Waker>>,
 }
 
 impl Control {
@@ -59,6 +64,20 @@ impl Control {
     pub fn pause(&self) {
         self.pause.set(true);
         self.wake();
+        if let Some(w) = self.pause_waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Resolves once [`Control::pause`] was called.
+    pub fn paused(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.pause.get() {
+                return Poll::Ready(());
+            }
+            *self.pause_waker.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        })
     }
 
     /// Whether the connection ended between requests, on a pause, with nothing buffered.
@@ -391,11 +410,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
                 }
                 return Poll::Ready(Ok(()));
             }
-            if this.start == this.filled || this.start > READ_SIZE {
+            if this.start == this.filled || this.start > READ_SIZE_BULK {
                 this.compact();
             }
-            if this.buf.len() < this.filled + READ_SIZE {
-                this.buf.resize(this.filled + READ_SIZE, 0);
+            let want = if this.buf.len() > READ_SIZE { READ_SIZE_BULK } else { READ_SIZE };
+            if this.buf.len() < this.filled + want {
+                this.buf.resize(this.filled + want, 0);
             }
             let mut room = ReadBuf::new(&mut this.buf[this.filled..]);
             let polled = Pin::new(&mut this.inner).poll_read(cx, &mut room);

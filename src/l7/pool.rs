@@ -77,34 +77,43 @@ impl Lease {
         self.sender.as_mut().expect("a lease holds its sender until released")
     }
 
-    /// The exchange ended cleanly: the connection goes back to the pool once
-    /// hyper has it ready for the next request.
+    /// The exchange ended cleanly: the connection goes back to the pool
+    /// (hyper's side of it becomes ready for the next request as soon as
+    /// its task runs; [`checkout`] waits for that).
     pub fn release(mut self) {
-        let Some(mut sender) = self.sender.take().filter(|_| self.pooled) else { return };
-        let (key, backend) = (self.key, self.backend.clone());
-        tokio::task::spawn_local(async move {
-            if sender.ready().await.is_ok() {
-                checkin(key, backend, sender);
-            }
-        });
+        let Some(sender) = self.sender.take().filter(|_| self.pooled) else { return };
+        checkin(self.key, self.backend.clone(), sender);
     }
 }
 
+/// How long a connection given back may take to become ready for its next request.
+const READY_PATIENCE: Duration = Duration::from_secs(1);
+
 /// The most recently used idle HTTP/1.1 connection to `backend`, if one is open.
-pub fn checkout(backend: &Arc<Backend>) -> Option<Lease> {
+pub async fn checkout(backend: &Arc<Backend>) -> Option<Lease> {
     let key = Key::of(backend);
-    POOL.with(|p| {
-        let mut p = p.borrow_mut();
-        let timeout = p.limits.map_or(Duration::from_secs(60), |l| l.idle_timeout);
-        let list = p.h1.get_mut(&key)?;
-        while let Some(idle) = list.pop() {
-            let same = idle.backend.upgrade().is_some_and(|b| Arc::ptr_eq(&b, backend));
-            if same && idle.sender.is_ready() && idle.since.elapsed() < timeout {
-                return Some(Lease::new(backend, idle.sender, true));
+    loop {
+        let idle = POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            let timeout = p.limits.map_or(Duration::from_secs(60), |l| l.idle_timeout);
+            let list = p.h1.get_mut(&key)?;
+            while let Some(idle) = list.pop() {
+                let same = idle.backend.upgrade().is_some_and(|b| Arc::ptr_eq(&b, backend));
+                if same && !idle.sender.is_closed() && idle.since.elapsed() < timeout {
+                    return Some(idle);
+                }
             }
+            None
+        })?;
+        let mut sender = idle.sender;
+        if sender.is_ready() {
+            return Some(Lease::new(backend, sender, true));
         }
-        None
-    })
+        // Given back a moment ago: its task has yet to see the end of the last exchange.
+        if let Ok(Ok(())) = tokio::time::timeout(READY_PATIENCE, sender.ready()).await {
+            return Some(Lease::new(backend, sender, true));
+        }
+    }
 }
 
 fn checkin(key: Key, backend: Weak<Backend>, sender: http1::SendRequest<ReqBody>) {

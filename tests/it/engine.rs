@@ -508,11 +508,12 @@ fn h2_backend(name: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
             while let Ok((s, _)) = listener.accept().await {
                 counted.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| async move {
-                        let body = format!("{name} {} {:?}", req.uri().path(), req.version());
-                        let body = http_body_util::Full::new(bytes::Bytes::from(body));
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
-                    });
+                    let svc =
+                        hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| async move {
+                            let body = format!("{name} {} {:?}", req.uri().path(), req.version());
+                            let body = http_body_util::Full::new(bytes::Bytes::from(body));
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                        });
                     let exec = hyper_util::rt::TokioExecutor::new();
                     let io = hyper_util::rt::TokioIo::new(s);
                     let _ = hyper::server::conn::http2::Builder::new(exec).serve_connection(io, svc).await;
