@@ -10,6 +10,7 @@ loopback is used.
 """
 
 import argparse
+import http.client
 import json
 import os
 import platform
@@ -18,6 +19,7 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -30,6 +32,7 @@ PORTMUX = os.path.join(RELEASE, "portmux")
 HELLO = os.path.join(RELEASE, "examples", "hello")
 TLSLOAD = os.path.join(RELEASE, "examples", "tlsload")
 PEERS = os.path.join(ROOT, "bench", "peers")
+ALTERNATE = os.path.join(PEERS, "alternate.lua")  # wrk: /a/x and /b/x in turn
 RESULTS = os.path.join(ROOT, "bench", "results")
 TICK = os.sysconf("SC_CLK_TCK")
 THREADS = 2  # wrk threads, and every proxy's workers/threads
@@ -45,8 +48,11 @@ IDLE = min(10_000, MAXCONN)
 
 PEER_SYSTEMS = ("haproxy-tcp", "haproxy-http", "nginx-stream", "nginx-http", "sniproxy")
 TERMINATING = ("portmux-terminate", "haproxy-terminate", "nginx-terminate")
+# Per-request routing by path (/a to backend A, /b to backend B): plain HTTP/1.1,
+# or HTTP/2 over TLS in the l7-h2 scenario (bench/peers/*-l7.*).
+L7 = ("portmux-l7", "nginx-l7", "haproxy-l7")
 # Every peer, for the "× best peer" column: in a scenario only those it runs count.
-ALL_PEERS = PEER_SYSTEMS + TERMINATING[1:]
+ALL_PEERS = PEER_SYSTEMS + TERMINATING[1:] + L7[1:]
 
 SCENARIOS = [
     dict(key="ka", short="keep-alive", title="keep-alive, small responses", body="hello", size=None, conns=50, close=False, tls=False,
@@ -66,7 +72,14 @@ SCENARIOS = [
     dict(key="term-resume", short="TLS terminated, resumed", title="TLS terminated, a new connection per request, resumed (tickets)",
          body="hello", size=None, conns=50, close=True, term=True, loader="tlsload", resume=True,
          systems=("direct",) + TERMINATING),
-    dict(key="path", title="per-request path routing", na="portmux's per-request (L7) engine is not built yet"),
+    dict(key="l7-ka", short="per-request, keep-alive", title="per-request routing by path (/a, /b), keep-alive",
+         body="hello A", body_b="hello B", size=None, conns=50, close=False, l7=True, systems=("direct",) + L7),
+    dict(key="l7-close", short="per-request, new connection each",
+         title="per-request routing by path (/a, /b), a new connection per request", body="hello A", body_b="hello B",
+         size=None, conns=50, close=True, l7=True, systems=("direct",) + L7),
+    dict(key="l7-h2", short="per-request, HTTP/2 over TLS", title="per-request routing by path (/a, /b), HTTP/2 over TLS",
+         body="hello A", body_b="hello B", size=None, conns=16, streams=10, close=False, l7=True, h2=True,
+         loader="h2load", systems=L7),
     dict(key="idle", title=f"{IDLE:,} idle connections (memory)".replace(",", " "), idle=IDLE, body="hello",
          systems=("portmux-handoff", "portmux-forward", "haproxy-tcp", "nginx-stream")),
 ]
@@ -213,15 +226,17 @@ def tlsload(port, conns, duration, resume):
                 p50=r["p50"], p99=r["p99"], resumed=r["resumed"])
 
 
-def wrk(url, conns, duration, close):
+def wrk(url, conns, duration, close, script=None):
     cmd = ["wrk", "--latency", f"-t{THREADS}", f"-c{conns}", f"-d{duration}s", "--timeout", "10s"]
     if url.startswith("http://"):
         cmd += ["-H", "Host: localhost"]  # sniproxy routes by Host
     if close:
         cmd += ["-H", "Connection: close"]
+    if script:
+        cmd += ["-s", script]
     cmd.append(url)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60).stdout
-    result = dict(cmd=" ".join(cmd), errors=0, non2xx=0)
+    result = dict(cmd=" ".join(os.path.relpath(a, ROOT) if a == script else a for a in cmd), errors=0, non2xx=0)
     for line in out.splitlines():
         line = line.strip()
         if line.startswith("Requests/sec:"):
@@ -240,6 +255,38 @@ def wrk(url, conns, duration, close):
             result["non2xx"] = int(line.split()[-1])
     if "rps" not in result:
         raise RuntimeError(f"wrk failed: {' '.join(cmd)}\n{out}")
+    return result
+
+
+def h2load_cmd(port, conns, streams, duration):
+    """HTTP/2 over TLS, ALPN h2 only (no fallback to HTTP/1.1): `conns` connections with `streams`
+    concurrent streams each, asking for /a/x and /b/x in turn; SNI and :authority localhost, connected
+    to 127.0.0.1 (h2load does not verify the certificate)."""
+    return ["h2load", f"-t{THREADS}", f"-c{conns}", f"-m{streams}", f"-D{duration}", "--npn-list=h2",
+            f"--connect-to=127.0.0.1:{port}", f"https://localhost:{port}/a/x", f"https://localhost:{port}/b/x"]
+
+
+def h2load(port, conns, streams, duration):
+    cmd = h2load_cmd(port, conns, streams, duration)
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+    out = run.stdout
+    result = dict(cmd=" ".join(cmd), errors=0, non2xx=0)
+    for line in out.splitlines():
+        line = line.strip()
+        m = re.match(r"finished in [\d.]+\w+, ([\d.]+) req/s, ([\d.]+[KMG]?B)/s", line)
+        if m:
+            result["rps"], result["bps"] = float(m.group(1)), parse_size(m.group(2))
+        elif line.startswith("requests:"):
+            counts = {k: int(n) for n, k in re.findall(r"(\d+) (\w+)", line)}
+            # failed: every request that did not succeed; errored: those without an HTTP status
+            # (connection failures, resets), a subset of failed.
+            result["requests"] = counts.get("done", 0)
+            result["errors"] = counts.get("errored", 0)
+            result["non2xx"] = counts.get("failed", 0) - counts.get("errored", 0)
+        elif line.startswith("status codes:"):
+            result["status"] = line.split(":", 1)[1].strip()
+    if "rps" not in result or "requests" not in result:
+        raise RuntimeError(f"h2load failed: {' '.join(cmd)}\n{out}{run.stderr}")
     return result
 
 
@@ -265,21 +312,22 @@ class Bench:
                         "-keyout", key, "-out", cert], check=True, capture_output=True)
         return cert, key
 
-    def hello_args(self, sc):
-        args = [sc["body"]]
+    def hello_args(self, sc, body=None):
+        args = [body or sc["body"]]
         if sc.get("size"):
             args += ["--size", str(sc["size"])]
         if sc.get("tls"):
             args += ["--tls-cert", self.cert, "--tls-key", self.key]
         return args
 
-    def backend(self, sc):
+    def backend(self, sc, body=None):
         port = free_port()
-        self.procs.start([HELLO, "--listen", f"127.0.0.1:{port}"] + self.hello_args(sc), ready="listening on")
+        self.procs.start([HELLO, "--listen", f"127.0.0.1:{port}"] + self.hello_args(sc, body), ready="listening on")
         return port
 
-    def start_system(self, system, sc, backend):
-        """Starts `system` in front of `backend`; returns (port, pid whose tree to measure or None).
+    def start_system(self, system, sc, backend, backend_b=None):
+        """Starts `system` in front of `backend` (per-request scenarios: /a to `backend`, /b to
+        `backend_b`); returns (port, pid whose tree to measure or None).
         `self.holders[port]` counts the connections the server behind `port` holds."""
         d = tempfile.mkdtemp(dir=self.tmp)
         tls, idle = sc.get("tls"), sc.get("idle")
@@ -300,14 +348,29 @@ class Bench:
                                      control, "--log", "warn", "--max-conns-per-ip", "1000000",
                                      "--max-conns", str(MAXCONN), "--cert-dir", self.tmp], ready=" ready: ")
             port = free_port()
+            if sc.get("l7"):
+                # Two routes on one port, one per path prefix, each to its own backend.
+                for path, to in (("/a", b), ("/b", f"127.0.0.1:{backend_b}")):
+                    spec = (f"https://localhost:{port}{path}?cert={self.cert}&key={self.key}" if sc.get("h2")
+                            else f"http://:{port}{path}")
+                    subprocess.run([PORTMUX, "route", "add", spec, "--backend", to, "--admin", admin],
+                                   check=True, capture_output=True)
+                wait_port(port)
+                self.holders[port] = lambda: established(backend) - at_backend
+                return port, p.pid
+            # The peers here relay whole connections (TCP mode, or terminate
+            # and relay): so does portmux (mode=connection); the l7-*
+            # scenarios measure the per-request engine.
             if system == "portmux-terminate":
-                spec = f"https://localhost:{port}?cert={self.cert}&key={self.key}"
+                spec = f"https://localhost:{port}?cert={self.cert}&key={self.key}&mode=connection"
             elif idle:
                 spec = f"tcp://:{port}"
             elif tls:
                 spec = f"tls://localhost:{port}"
-            else:
+            elif system == "portmux-handoff":
                 spec = f"http://:{port}"
+            else:
+                spec = f"http://:{port}?mode=connection"
             if system == "portmux-handoff":
                 env = dict(os.environ, PORTMUX_CONTROL=control)
                 service, _ = self.procs.start([HELLO, spec] + self.hello_args(sc), ready="registered", env=env)
@@ -319,25 +382,15 @@ class Bench:
                 self.holders[port] = lambda: established(backend) - at_backend
             wait_port(port)
             return port, p.pid
+        if sc.get("l7"):
+            return self.start_l7_peer(system, sc, d, b, f"127.0.0.1:{backend_b}", at_backend, backend)
         ports = dict(tcp_port=free_port(), http_port=free_port(), tls_port=free_port())
         ports["term_port"] = free_port()
         fill = dict(ports, dir=d, cert=self.cert, key=self.key, pem=self.pem, nofile=NOFILE, maxconn=MAXCONN, worker_connections=NOFILE - 200, backend=b, tls_backend=b, backend_sp=b.replace(":", " "),
                     tls_backend_sp=b.replace(":", " "))
         kind = system.split("-")[0]
         template = {"haproxy": "haproxy.cfg", "nginx": "nginx.conf", "sniproxy": "sniproxy.conf"}[kind]
-        with open(os.path.join(PEERS, template)) as f:
-            config = f.read()
-        for k, v in fill.items():
-            config = config.replace("{" + k + "}", str(v))
-        path = os.path.join(d, template)
-        with open(path, "w") as f:
-            f.write(config)
-        if kind == "haproxy":
-            p, _ = self.procs.start(["haproxy", "-f", path])
-        elif kind == "nginx":
-            p, _ = self.procs.start(["nginx", "-c", path, "-p", d])
-        else:
-            p, _ = self.procs.start(["sniproxy", "-f", "-c", path])
+        p = self.start_peer(kind, template, fill, d)
         port = {
             "haproxy-tcp": ports["tls_port"] if tls else ports["tcp_port"],
             "haproxy-http": ports["http_port"],
@@ -351,12 +404,68 @@ class Bench:
         self.holders[port] = lambda: established(backend) - at_backend
         return port, p.pid
 
+    def start_peer(self, kind, template, fill, d):
+        """Renders bench/peers/`template` with `fill` into `d` and starts `kind` (haproxy, nginx, sniproxy) on it."""
+        with open(os.path.join(PEERS, template)) as f:
+            config = f.read()
+        for k, v in fill.items():
+            config = config.replace("{" + k + "}", str(v))
+        path = os.path.join(d, template)
+        with open(path, "w") as f:
+            f.write(config)
+        if kind == "haproxy":
+            p, _ = self.procs.start(["haproxy", "-f", path])
+        elif kind == "nginx":
+            p, _ = self.procs.start(["nginx", "-c", path, "-p", d])
+        else:
+            p, _ = self.procs.start(["sniproxy", "-f", "-c", path])
+        return p
+
+    def start_l7_peer(self, system, sc, d, backend_a, backend_b, at_backend, backend):
+        """nginx or HAProxy routing /a/ to `backend_a` and the rest (/b/) to `backend_b`, per request,
+        with pooled backend connections: plain HTTP/1.1, or (l7-h2) behind TLS offering h2 and http/1.1."""
+        kind = system.split("-")[0]
+        template = {"haproxy": "haproxy-l7.cfg", "nginx": "nginx-l7.conf"}[kind]
+        fill = dict(http_port=free_port(), h2_port=free_port(), dir=d, cert=self.cert, key=self.key, pem=self.pem,
+                    nofile=NOFILE, maxconn=MAXCONN, worker_connections=NOFILE - 200, backend_a=backend_a,
+                    backend_b=backend_b)
+        p = self.start_peer(kind, template, fill, d)
+        port = fill["h2_port"] if sc.get("h2") else fill["http_port"]
+        wait_port(port)
+        self.holders[port] = lambda: established(backend) - at_backend
+        return port, p.pid
+
+    def check_routes(self, sc, system, port):
+        """One request for /a/x and one for /b/x (HTTP/1.1; over TLS in l7-h2): each must be answered by
+        its own backend (A's body, B's), or the proxy does not route by path and its numbers mean nothing."""
+        for path, body in (("/a/x", sc["body"]), ("/b/x", sc["body_b"])):
+            if sc.get("h2"):
+                ctx = ssl.create_default_context()
+                ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+                ctx.set_alpn_protocols(["http/1.1"])
+                conn = http.client.HTTPSConnection("localhost", port, timeout=5, context=ctx)
+            else:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                conn.request("GET", path, headers={"Host": "localhost"})
+                answer = conn.getresponse()
+                got = f"{answer.status} {answer.read().decode(errors='replace')}"
+            except (OSError, http.client.HTTPException) as e:
+                got = str(e)
+            finally:
+                conn.close()
+            if got != f"200 {body}":
+                raise RuntimeError(f"{system} on port {port}: {path} got {got!r}, not 200 {body!r}")
+
     def run_scenario(self, sc):
         results = {s: [] for s in sc["systems"]}
         backend = self.backend(sc)
+        backend_b = self.backend(sc, sc["body_b"]) if sc.get("l7") else None
         started = {}
         for system in sc["systems"]:
-            started[system] = self.start_system(system, sc, backend)
+            started[system] = self.start_system(system, sc, backend, backend_b)
+            if sc.get("l7") and system != "direct":
+                self.check_routes(sc, system, started[system][0])
         base = "https://localhost" if sc.get("tls") or sc.get("term") else "http://127.0.0.1"
         try:
             if sc.get("idle"):
@@ -370,8 +479,12 @@ class Bench:
                     before = cpu_seconds(pids)
                     if sc.get("loader") == "tlsload":
                         res = tlsload(port, sc["conns"], self.duration, sc.get("resume"))
+                    elif sc.get("loader") == "h2load":
+                        res = h2load(port, sc["conns"], sc["streams"], self.duration)
                     else:
-                        res = wrk(f"{base}:{port}/", sc["conns"], self.duration, sc["close"])
+                        # Per-request scenarios: /a/x and /b/x in turn; direct sends both to backend A.
+                        res = wrk(f"{base}:{port}/", sc["conns"], self.duration, sc["close"],
+                                  ALTERNATE if sc.get("l7") else None)
                     res["cpu_ms_per_1k"] = (cpu_seconds(pids) - before) * 1e6 / max(res.get("requests", 1), 1) if pid else None
                     res["rss_mib"] = memory_kib(descendants(pid), "VmHWM") / 1024 if pid else None
                     results[system].append(res)
@@ -439,7 +552,8 @@ def machine():
     return [
         f"{platform.system()} {platform.release()}, {os.cpu_count()} × {cpu}, {mem:.0f} GiB",
         f"portmux {commit} (release build), {version(['wrk', '-v'])}",
-        f"{version(['haproxy', '-v'])}; {version(['nginx', '-v'])}; {version(['sniproxy', '-V'])}",
+        f"{version(['haproxy', '-v'])}; {version(['nginx', '-v'])}; {version(['sniproxy', '-V'])}; "
+        f"{version(['h2load', '--version'])}",
     ]
 
 
@@ -449,14 +563,20 @@ def profile_portmux(bench, sc_key, system="portmux-forward"):
         return "perf is not installed; no profile."
     sc = next(s for s in SCENARIOS if s["key"] == sc_key)
     backend = bench.backend(sc)
-    port, pid = bench.start_system(system, sc, backend)
+    backend_b = bench.backend(sc, sc["body_b"]) if sc.get("l7") else None
+    port, pid = bench.start_system(system, sc, backend, backend_b)
     data = os.path.join(bench.tmp, "perf.data")
     if sc.get("loader") == "tlsload":
         cmd = [TLSLOAD, f"127.0.0.1:{port}", "localhost", "--conns", str(sc["conns"]), "--duration", "6"]
         cmd += ["--resume"] if sc.get("resume") else []
+    elif sc.get("loader") == "h2load":
+        cmd = h2load_cmd(port, sc["conns"], sc["streams"], 6)
     else:
         scheme = "https://localhost" if sc.get("term") or sc.get("tls") else "http://127.0.0.1"
-        cmd = ["wrk", f"-t{THREADS}", f"-c{sc['conns']}", "-d6s", f"{scheme}:{port}/"]
+        cmd = ["wrk", f"-t{THREADS}", f"-c{sc['conns']}", "-d6s"]
+        if sc.get("l7"):
+            cmd += ["-H", "Host: localhost", "-s", ALTERNATE] + (["-H", "Connection: close"] if sc["close"] else [])
+        cmd.append(f"{scheme}:{port}/")
     load = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     time.sleep(1)
     subprocess.run(["perf", "record", "-e", "cpu-clock", "-F", "2000", "-g", "-p", str(pid), "-o", data, "--",
@@ -471,7 +591,7 @@ def profile_portmux(bench, sc_key, system="portmux-forward"):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="one short round of each (under 3 minutes)")
+    ap.add_argument("--quick", action="store_true", help="one short round of each (under 4 minutes)")
     ap.add_argument("--only", metavar="KEYS", help="comma-separated scenarios to run: "
                     + ",".join(sc["key"] for sc in SCENARIOS if not sc.get("na")))
     args = ap.parse_args()
@@ -479,6 +599,8 @@ def main():
     for tool in (PORTMUX, HELLO, TLSLOAD):
         if not os.path.exists(tool):
             sys.exit(f"{tool} is missing: run bench/run (it builds release first)")
+    if (not only or "l7-h2" in only) and not shutil.which("h2load"):
+        sys.exit("h2load is missing (Debian's nghttp2-client): run bench/run (it installs it)")
     bench = Bench(args.quick)
     started = time.time()
     all_results = {}
@@ -552,6 +674,21 @@ def write_report(bench, all_results, elapsed):
             kinds = ", ".join(f"{k} {fmt(v.get('resumed'), '.0f')} of {fmt(v.get('requests'), '.0f')}" for k, v in s.items())
             lines += [f"Each request is a new TLS connection (bench's `tlsload`), so the CPU column is per 1000 "
                       f"handshakes. Resumed handshakes (median round): {kinds}.", ""]
+        if sc.get("l7"):
+            how = (f"h2load, {THREADS} threads, {sc['conns']} connections with {sc['streams']} concurrent streams "
+                   "each, ALPN h2 only, asks for /a/x and /b/x in turn on every connection (h2load gives no latency "
+                   "percentiles; errors counts every request that failed, with an HTTP status or without)"
+                   if sc.get("h2") else
+                   "wrk asks for /a/x and /b/x in turn (bench/peers/alternate.lua), so every connection carries "
+                   "requests for both routes; direct is the same wrk straight at backend A, which answers both")
+            lines += [f"Two backends (A answers `{sc['body']}`, B `{sc['body_b']}`); portmux (two route specs with "
+                      "--backend, one port), nginx and HAProxy (bench/peers/nginx-l7.conf, haproxy-l7.cfg) route "
+                      "/a to A and /b to B per request, with pooled keep-alive connections to both. Each proxy's "
+                      "/a/x and /b/x were checked to come from A and B before the rounds (with HTTP/1.1"
+                      f"{', over TLS' if sc.get('h2') else ''}). {how}.", ""]
+            failed = [f"{k} {v['errors']}" for k, v in s.items() if v["errors"]]
+            if failed:
+                lines += [f"**Requests that failed** (all rounds): {', '.join(failed)}.", ""]
 
     def ratio(key, system, other="direct"):
         s = summary.get(key, {})
@@ -578,6 +715,15 @@ def write_report(bench, all_results, elapsed):
         peers = [s[k]["rps"] for k in ("haproxy-terminate", "nginx-terminate") if k in s and s[k]["rps"]]
         pm = s.get("portmux-terminate", {}).get("rps")
         return pm / max(peers) if pm and peers else None
+
+    def over_l7_peers(key, field="rps"):
+        """portmux-l7's req/s over the better peer's (nginx-l7, haproxy-l7), or its CPU over the lower peer's."""
+        s = summary.get(key, {})
+        peers = [s[k][field] for k in L7[1:] if k in s and s[k][field]]
+        pm = s.get("portmux-l7", {}).get(field)
+        if not pm or not peers:
+            return None
+        return pm / (max(peers) if field == "rps" else min(peers))
     targets.append(("handoff, keep-alive ≥ 0.97 × direct", ratio("ka", "portmux-handoff"), 0.97, "≥"))
     targets.append(("handoff, new connection per request ≥ 0.85 × direct", ratio("close", "portmux-handoff"), 0.85, "≥"))
     targets.append(("handoff CPU per 1000 connections ≤ 0.5 × HAProxy TCP's",
@@ -594,6 +740,12 @@ def write_report(bench, all_results, elapsed):
                     over_terminating_peers("term-resume"), 1.2, "≥"))
     targets.append(("terminate, keep-alive ≥ 1.0 × the better of HAProxy and nginx",
                     over_terminating_peers("term-ka"), 1.0, "≥"))
+    targets.append(("per-request, keep-alive ≥ 1.2 × the better of nginx and HAProxy",
+                    over_l7_peers("l7-ka"), 1.2, "≥"))
+    targets.append(("per-request CPU per 1000 keep-alive requests ≤ 0.8 × the lower of nginx's and HAProxy's",
+                    over_l7_peers("l7-ka", "cpu_ms_per_1k"), 0.8, "≤"))
+    targets.append(("per-request, new connection per request ≥ 1.0 × the better of nginx and HAProxy",
+                    over_l7_peers("l7-close"), 1.0, "≥"))
     lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
     missed = []
     for name, value, bound, op in targets:
@@ -605,10 +757,13 @@ def write_report(bench, all_results, elapsed):
             if not ok:
                 missed.append(name)
         lines.append(f"| {name} | {fmt(value, '.2f')} | {met} |")
-    lines.append("| per-request engine ≥ 1.2 × the better of nginx http and HAProxy http | – | not measured: engine not built |")
+    h2 = over_l7_peers("l7-h2")
+    lines.append(f"| per-request, HTTP/2 over TLS: × the better of nginx and HAProxy | {fmt(h2, '.2f')} | "
+                 f"{'no target set' if h2 is not None else 'not measured'} |")
     lines.append("")
     term_missed = [m for m in missed if m.startswith("terminate")]
-    missed = [m for m in missed if not m.startswith("terminate")]
+    l7_missed = [m for m in missed if m.startswith("per-request")]
+    missed = [m for m in missed if not m.startswith(("terminate", "per-request"))]
     if term_missed:
         lines += ["Missed: " + "; ".join(term_missed) + ".", ""]
         key = "term-resume" if any("resumed" in m for m in term_missed) else "term-new"
@@ -620,6 +775,11 @@ def write_report(bench, all_results, elapsed):
             "and the scheduler (wakeups: the load generator, the backend and the proxy share 2 cores) lead. portmux "
             "also opens a backend connection per client connection (connection-level relay), where HAProxy and "
             "nginx reuse pooled ones: the per-request engine (issue 13) pools them.", ""]
+    if l7_missed:
+        lines += ["Missed: " + "; ".join(l7_missed) + ".", ""]
+        key = "l7-close" if all("new connection" in m for m in l7_missed) else "l7-ka"
+        lines += [f"Where portmux's time goes routing each request ({key}; perf, cpu-clock, self time by symbol):",
+                  "", "```", profile_portmux(bench, key, "portmux-l7"), "```", ""]
     if missed:
         lines += ["Missed: " + "; ".join(missed) + ".", ""]
         lines += ["Where portmux's time goes while forwarding small keep-alive requests (perf, cpu-clock, "
@@ -637,7 +797,8 @@ def write_report(bench, all_results, elapsed):
             "trip on the control thread, close) and the service pays a receive and an Ack on top of its own "
             "accept; batching Acks and accepting in multishot would cut the wakeups per connection.", ""]
     lines += ["## Commands", "", "```"] + sorted(set(bench.commands)) + ["```", ""]
-    lines += ["Peers' configurations: bench/peers/. Reproduce: `bench/run` (or `bench/run --quick`).", ""]
+    lines += ["Peers' configurations (and the per-request scenarios' wrk script): bench/peers/. Reproduce: "
+              "`bench/run` (or `bench/run --quick`).", ""]
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "latest.json"), "w") as f:
         json.dump(summary, f, indent=1, sort_keys=True)
@@ -650,8 +811,9 @@ def write_report(bench, all_results, elapsed):
 
 def plot(summary):
     """latest.png: req/s relative to direct, and p99 latency, per scenario and system."""
-    keys = [sc for sc in SCENARIOS if sc["key"] in summary and not sc.get("idle")]
-    systems = ["direct", "portmux-handoff", "portmux-forward", "portmux-terminate"] + list(ALL_PEERS)
+    # Relative to direct: scenarios without a direct row (l7-h2: hello speaks no HTTP/2) are left out.
+    keys = [sc for sc in SCENARIOS if sc["key"] in summary and not sc.get("idle") and "direct" in summary[sc["key"]]]
+    systems = ["direct", "portmux-handoff", "portmux-forward", "portmux-terminate", "portmux-l7"] + list(ALL_PEERS)
     data = os.path.join(RESULTS, "latest.dat")
     with open(data, "w") as f:
         f.write("scenario " + " ".join(systems) + " " + " ".join(systems) + "\n")
