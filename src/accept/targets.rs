@@ -222,9 +222,9 @@ async fn backend(
                 }
             }
         };
-        let name = format!("backend {}", backend.spec.name);
+        let name = || format!("backend {}", backend.spec.name);
         match tokio::time::timeout(timeout, lease.sender().try_send_request(request)).await {
-            Err(_) => return timed_out(meta, &name, timeout),
+            Err(_) => return timed_out(meta, &name(), timeout),
             Ok(Ok(resp)) => return respond(client, resp, Some(Box::new(lease)), upgrade),
             Ok(Err(mut e)) => {
                 if let Some(unsent) = e.take_message() {
@@ -236,7 +236,7 @@ async fn backend(
                     tracing::debug!(route = %meta.route, backend = %backend.spec.name, "a kept-alive connection closed under a request ({e}); sent again");
                     continue;
                 }
-                return failed(meta, &name, &e);
+                return failed(meta, &name(), &e);
             }
         }
     }

@@ -102,6 +102,12 @@ pub fn response(headers: &mut HeaderMap, upgrade: bool, via: bool) {
 /// Appends `value` to the field's last line, comma-separated (one line, as
 /// forwarding chains are usually read).
 fn append(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    if !headers.contains_key(&name) {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers.insert(name, v);
+        }
+        return;
+    }
     let joined = {
         let old: Vec<&str> = headers.get_all(&name).iter().filter_map(|v| v.to_str().ok()).collect();
         if old.is_empty() { value.to_string() } else { format!("{}, {value}", old.join(", ")) }
