@@ -58,6 +58,9 @@ pub(super) struct Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
+        if self.services.get_mut().is_empty() {
+            return;
+        }
         let mut ends = self.shared.engine_ends.lock().unwrap_or_else(|p| p.into_inner());
         for stream in self.services.get_mut().values().flatten() {
             if let Some(id) = stream.id {
@@ -228,9 +231,11 @@ pub(super) async fn serve_plain(
     (peer, local): (SocketAddr, SocketAddr),
     shared: &Arc<Shared>,
 ) {
-    let stream = match pool::Stream::new(fd) {
-        Ok(pool::Stream::Tcp(s)) => s,
-        Ok(pool::Stream::Unix(_)) => return,
+    // A TCP client (accepted on a public listener): no need to ask its family.
+    let std = std::net::TcpStream::from(fd);
+    let _ = std.set_nodelay(true);
+    let stream = match std.set_nonblocking(true).and_then(|()| tokio::net::TcpStream::from_std(std)) {
+        Ok(s) => s,
         Err(e) => return tracing::debug!(client = %peer, "client socket unusable: {e}"),
     };
     let ctl = Rc::new(Control::default());

@@ -91,7 +91,8 @@ pub struct StatusView {
     /// Connections this process is working on: being peeked at, relayed, answered.
     #[serde(default)]
     pub connections: usize,
-    /// Of those, connections services gave back, waiting for their next request.
+    /// Of those, connections waiting for their next request: given back by
+    /// services, or moved here between requests by the previous process.
     #[serde(default)]
     pub idle: usize,
     /// Connections being peeked at now.

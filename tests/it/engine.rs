@@ -371,6 +371,8 @@ fn keep_alive_clients_make_requests_across_portmux_upgrades_on_one_connection() 
             assert!(Instant::now() < deadline, "the old process exits at once: nothing is left to drain");
             thread::sleep(Duration::from_millis(20));
         }
+        // The new process holds the very same five connections, waiting for their next request.
+        pm.wait_for("the five client connections held by the new process", |pm| pm.status().idle == 5);
     }
     // Each client kept its one connection: a close between requests would
     // have failed the next request on it.
