@@ -101,6 +101,13 @@ impl Client {
     /// Routes one request and answers it.
     async fn dispatch(&self, req: Request<Incoming>, upgrade: bool) -> Response<RespBody> {
         let host = request_host(&req);
+        if let (Some(authority), Some(h)) = (req.uri().authority(), req.headers().get(header::HOST)) {
+            // HTTP/2 (RFC 9113 §8.3.1) and absolute targets: one host, not two.
+            let named = h.to_str().ok().and_then(|h| host_from_header(h.trim()));
+            if named != host_from_header(authority.as_str()) {
+                return l7::answer(StatusCode::BAD_REQUEST, "the Host header names another host than :authority");
+            }
+        }
         let target = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
         if let Some(tls) = &self.tls {
             if let (Some(h), Some(sni)) = (&host, &tls.sni)
@@ -246,6 +253,10 @@ pub(super) async fn serve_plain(
     let Ended::Parts(io, read_ahead) = run_h1(io, &client).await else { return };
     let (stream, rest) = io.into_inner();
     if let Some(fault) = ctl.fault() {
+        if ctl.fault_after_head() {
+            // hyper answered that request already (its body failed): close.
+            return tracing::debug!(client = %peer, ?fault, "request body refused");
+        }
         let fd = match stream.into_std() {
             Ok(s) => OwnedFd::from(s),
             Err(_) => return,
@@ -302,6 +313,10 @@ pub(super) async fn serve_tls(
     let (mut stream, rest) = io.into_inner();
     if let Some(fault) = ctl.fault() {
         tracing::debug!(client = %addrs.0, ?fault, "request refused");
+        if ctl.fault_after_head() {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.shutdown()).await;
+            return;
+        }
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
             if let Some(bytes) = refusal(fault).bytes() {
                 stream.write_all(&bytes).await?;

@@ -85,10 +85,18 @@ pub(super) async fn send(
         return l7::answer(StatusCode::PAYLOAD_TOO_LARGE, &TooLarge(max).to_string());
     }
     let (mut parts, body) = req.into_parts();
+    // The authority as the client wrote it (its port included): HTTP/2's
+    // `:authority`, an absolute target's, or the Host header (the guard and
+    // the engine checked they agree).
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| parts.headers.get(header::HOST).and_then(|v| v.to_str().ok()).map(|h| h.trim().to_string()));
     let forwarding = Forwarding {
         client: client.peer.ip(),
         proto: if client.tls.is_some() { "https" } else { "http" },
-        host: meta.host.clone(),
+        host: authority.clone(),
         trusted: http.trusted_proxies.iter().any(|n| n.contains(&client.peer.ip().to_canonical())),
         add: route.spec.forwarded.as_deref() != Some("off"),
         via: http.via,
@@ -96,7 +104,7 @@ pub(super) async fn send(
     headers::request(&mut parts.headers, &forwarding, upgrade);
     let h2 = route.spec.backend_proto.as_deref() == Some("h2") && matches!(route.owner, Owner::Backends(_));
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
-    let host = meta.host.clone().unwrap_or_else(|| "localhost".into());
+    let host = authority.unwrap_or_else(|| "localhost".into());
     if h2 {
         parts.version = Version::HTTP_2;
         parts.uri = Uri::try_from(format!("http://{host}{path}")).unwrap_or_default();
@@ -104,13 +112,16 @@ pub(super) async fn send(
     } else {
         parts.version = Version::HTTP_11;
         parts.uri = Uri::try_from(path).unwrap_or_else(|_| Uri::from_static("/"));
-        if !parts.headers.contains_key(header::HOST)
-            && let Ok(v) = HeaderValue::from_str(&host)
-        {
+        if let Ok(v) = HeaderValue::from_str(&host) {
             parts.headers.insert(header::HOST, v);
         }
     }
-    let template = body.is_end_stream().then(|| Template::of(&parts));
+    // Only an idempotent request may be sent twice (RFC 9110 §9.2.2).
+    let idempotent = matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
+    let template = (idempotent && body.is_end_stream()).then(|| Template::of(&parts));
     let req = Request::from_parts(parts, ReqBody::new(body, http.max_request_body.unwrap_or(u64::MAX)));
     match &route.owner {
         Owner::Backends(pool) if h2 => backend_h2(client, req, route, pool, &meta).await,

@@ -48,6 +48,8 @@ pub struct Control {
     upgraded: Cell<Option<bool>>,
     /// The guard ended the connection at a boundary between requests, with nothing buffered.
     at_boundary: Cell<bool>,
+    /// The request refused had been partly given to hyper (a fault in its chunked body).
+    partial: Cell<bool>,
     waker: RefCell<Option<Waker>>,
     /// Whoever waits for [`Control::paused`].
     pause_waker: RefCell<Option<Waker>>,
@@ -57,6 +59,13 @@ impl Control {
     /// The fault that ended the connection, if one did.
     pub fn fault(&self) -> Option<Fault> {
         self.fault.get()
+    }
+
+    /// Whether hyper had part of the refused request (its head and some of
+    /// its body): hyper then answers it itself (its target's exchange
+    /// failed), and the connection must only be closed.
+    pub fn fault_after_head(&self) -> bool {
+        self.partial.get()
     }
 
     /// Asks the guard to end the connection at the next boundary between
@@ -137,6 +146,15 @@ pub struct Guarded<T> {
     req_start: usize,
     /// Whether the request being checked asked to upgrade.
     upgrade: bool,
+    /// Where the search for the end of the head goes on (from `req_start`),
+    /// and whether a non-empty line came before it.
+    head_line: usize,
+    head_text: bool,
+    /// A head was given to hyper: a pause may end the connection at a boundary
+    /// (before the first request, the request that made it is served).
+    started: bool,
+    /// hyper was given bytes of the request being checked.
+    given: bool,
     state: State,
     max_head: usize,
     eof: bool,
@@ -157,6 +175,10 @@ impl<T> Guarded<T> {
             scan: 0,
             req_start: 0,
             upgrade: false,
+            head_line: 0,
+            head_text: false,
+            started: false,
+            given: false,
             state: State::Head,
             max_head,
             eof: false,
@@ -184,6 +206,7 @@ impl<T> Guarded<T> {
                 Ok(false) => break,
                 Err(fault) => {
                     // A request of which hyper has seen nothing is withheld whole.
+                    self.ctl.partial.set(self.given || self.ready > self.req_start);
                     self.ready = self.ready.max(self.req_start);
                     self.state = State::Refused;
                     self.ctl.fault.set(Some(fault));
@@ -207,7 +230,7 @@ impl<T> Guarded<T> {
                 let from = self.req_start;
                 let region = &self.buf[from..self.filled];
                 // Leading empty lines before a request line are allowed (RFC 9112 §2.2).
-                let Some(end) = head_end(region) else {
+                let Some(end) = head_end(region, &mut self.head_line, &mut self.head_text) else {
                     if region.len() >= self.max_head {
                         return Err(Fault::TooLarge);
                     }
@@ -231,6 +254,7 @@ impl<T> Guarded<T> {
                 };
                 self.scan = from + head.len;
                 self.upgrade = head.upgrade;
+                (self.head_line, self.head_text, self.started) = (0, false, true);
                 if head.upgrade {
                     // The engine answers once hyper has the head, never before this.
                     self.ctl.upgraded.set(None);
@@ -312,6 +336,7 @@ impl<T> Guarded<T> {
     /// The request checked ended at `scan`; `true` if checking goes on.
     fn message_end(&mut self) -> bool {
         self.req_start = self.scan;
+        self.given = false;
         if std::mem::take(&mut self.upgrade) {
             self.state = State::Hold;
             return false;
@@ -355,6 +380,7 @@ impl<T> Guarded<T> {
         let n = (self.ready - self.start).min(out.remaining());
         out.put_slice(&self.buf[self.start..self.start + n]);
         self.start += n;
+        self.given |= self.start > self.req_start;
     }
 }
 
@@ -378,7 +404,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
                 continue;
             }
             let empty = this.start == this.filled;
-            if empty && this.state == State::Head && this.ctl.pause.get() {
+            if empty && this.state == State::Head && this.started && this.ctl.pause.get() {
                 this.ctl.at_boundary.set(true);
                 return Poll::Ready(Ok(()));
             }
@@ -463,20 +489,18 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
 /// Where a head that starts at `region[0]` ends (after its empty line): at
 /// the first empty line that follows a non-empty one. A bare LF ends a line
 /// here too, so that such a head is parsed (and refused) rather than waited on.
-fn head_end(region: &[u8]) -> Option<usize> {
-    let mut seen_text = false;
-    let mut line_start = 0;
-    for (i, &b) in region.iter().enumerate() {
-        if b != b'\n' {
-            continue;
-        }
-        let line = &region[line_start..i];
+/// The search goes on from `line_start` (the first line not yet looked at),
+/// so a head that trickles in is scanned once, not once per read.
+fn head_end(region: &[u8], line_start: &mut usize, seen_text: &mut bool) -> Option<usize> {
+    while let Some(off) = region[*line_start..].iter().position(|&b| b == b'\n') {
+        let nl = *line_start + off;
+        let line = &region[*line_start..nl];
         let empty = line.is_empty() || line == b"\r";
-        if empty && seen_text {
-            return Some(i + 1);
+        if empty && *seen_text {
+            return Some(nl + 1);
         }
-        seen_text |= !empty;
-        line_start = i + 1;
+        *seen_text |= !empty;
+        *line_start = nl + 1;
     }
     None
 }

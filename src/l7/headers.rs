@@ -43,10 +43,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
             headers.remove(name);
         }
     }
-    for name in
-        [header::CONNECTION, KEEP_ALIVE, PROXY_CONNECTION, header::TE, header::TRAILER, header::TRANSFER_ENCODING]
-    {
+    // `TE: trailers` says the client accepts trailers (gRPC needs it said); other codings are this hop's.
+    let trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+    for name in [header::CONNECTION, KEEP_ALIVE, PROXY_CONNECTION, header::TE, header::TRANSFER_ENCODING] {
         headers.remove(name);
+    }
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     if upgrade && headers.contains_key(header::UPGRADE) {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -140,7 +147,7 @@ mod tests {
             ("connection", "keep-alive, x-secret"),
             ("x-secret", "1"),
             ("keep-alive", "timeout=5"),
-            ("te", "trailers"),
+            ("te", "gzip"),
             ("upgrade", "h2c"),
             ("x-forwarded-for", "10.9.9.9"),
             ("forwarded", "for=10.9.9.9"),
@@ -161,6 +168,10 @@ mod tests {
         request(&mut h, &fwd(true), false);
         assert_eq!(h["x-forwarded-for"], "10.9.9.9, 192.0.2.7", "a trusted chain is kept");
         assert_eq!(h["x-forwarded-proto"], "http");
+
+        let mut h = map(&[("te", "gzip, trailers")]);
+        request(&mut h, &fwd(false), false);
+        assert_eq!(h["te"], "trailers", "trailers may still be sent (gRPC asks)");
 
         let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
         request(&mut h, &fwd(false), true);

@@ -86,13 +86,13 @@ impl Lease {
     }
 }
 
-/// How long a connection given back may take to become ready for its next request.
-const READY_PATIENCE: Duration = Duration::from_secs(1);
-
 /// The most recently used idle HTTP/1.1 connection to `backend`, if one is open.
 pub async fn checkout(backend: &Arc<Backend>) -> Option<Lease> {
     let key = Key::of(backend);
-    loop {
+    // Given back but not ready yet (the backend answered before the request's
+    // body was all sent): kept for later, not waited for.
+    let mut busy = Vec::new();
+    let found = loop {
         let idle = POOL.with(|p| {
             let mut p = p.borrow_mut();
             let timeout = p.limits.map_or(Duration::from_secs(60), |l| l.idle_timeout);
@@ -104,16 +104,21 @@ pub async fn checkout(backend: &Arc<Backend>) -> Option<Lease> {
                 }
             }
             None
-        })?;
-        let mut sender = idle.sender;
-        if sender.is_ready() {
-            return Some(Lease::new(backend, sender, true));
+        });
+        let Some(idle) = idle else { break None };
+        if !idle.sender.is_ready() {
+            // Given back a moment ago: its task has yet to see the end of the last exchange.
+            tokio::task::yield_now().await;
         }
-        // Given back a moment ago: its task has yet to see the end of the last exchange.
-        if let Ok(Ok(())) = tokio::time::timeout(READY_PATIENCE, sender.ready()).await {
-            return Some(Lease::new(backend, sender, true));
+        if idle.sender.is_ready() {
+            break Some(Lease::new(backend, idle.sender, true));
         }
+        busy.push(idle);
+    };
+    if !busy.is_empty() {
+        POOL.with(|p| p.borrow_mut().h1.entry(key).or_default().extend(busy));
     }
+    found
 }
 
 fn checkin(key: Key, backend: Weak<Backend>, sender: http1::SendRequest<ReqBody>) {

@@ -290,13 +290,14 @@ fn headers_are_forwarded_and_hop_by_hop_fields_removed() {
     let rec = Recorder::start("H");
     route(&pm, &format!("http://:{port}"), &[rec.addr]);
     let mut s = connect(port);
-    s.write_all(b"GET /h HTTP/1.1\r\nHost: Web.Test\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nX-Forwarded-For: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\n\r\n").unwrap();
+    s.write_all(b"GET /h HTTP/1.1\r\nHost: Web.Test:8080\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nX-Forwarded-For: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\n\r\n").unwrap();
     let r = read_response(&mut s).unwrap();
     assert!(r.head.to_ascii_lowercase().contains("via: 1.1 portmux"), "{}", r.head);
     let seen = rec.seen().to_ascii_lowercase();
     assert!(seen.contains("x-forwarded-for: 127.0.0.1\r\n"), "an untrusted chain is replaced: {seen}");
-    assert!(seen.contains("x-forwarded-proto: http\r\n") && seen.contains("x-forwarded-host: web.test\r\n"), "{seen}");
-    assert!(seen.contains("forwarded: for=127.0.0.1;proto=http;host=\"web.test\"\r\n"), "{seen}");
+    assert!(seen.contains("x-forwarded-proto: http\r\n"), "{seen}");
+    assert!(seen.contains("x-forwarded-host: web.test:8080\r\n"), "the host as asked, port included: {seen}");
+    assert!(seen.contains("forwarded: for=127.0.0.1;proto=http;host=\"web.test:8080\"\r\n"), "{seen}");
     assert!(seen.contains("via: 1.1 portmux"), "{seen}");
     for gone in ["x-secret", "keep-alive", "6.6.6.6", "connection:"] {
         assert!(!seen.contains(gone), "{gone} is not forwarded: {seen}");
@@ -344,6 +345,16 @@ fn per_request_errors_are_answered_and_the_connection_stays_usable() {
     assert!(r.status == 413 && r.body.contains("--max-request-body"), "{r:?}");
     write!(s, "POST /ok HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello").unwrap();
     assert_eq!(read_response(&mut s).unwrap().body, "E /ok", "usable after a 413");
+    // A fault in a chunked body after its first chunk went on: that exchange
+    // fails (one answer), and the connection closes; no second answer.
+    let mut c = connect(port);
+    c.write_all(b"POST /ok HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n").unwrap();
+    thread::sleep(Duration::from_millis(200));
+    c.write_all(b"zz\r\n").unwrap();
+    let mut all = Vec::new();
+    let _ = c.read_to_end(&mut all);
+    let text = String::from_utf8_lossy(&all);
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
     // Over the header limit (a later request): 431, then the connection closes.
     write!(s, "GET /ok HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "b".repeat(8000)).unwrap();
     let r = read_response(&mut s).unwrap();
@@ -460,6 +471,31 @@ fn http2_over_tls_serves_several_streams_and_survives_floods() {
         }
     });
     assert!(ended, "a CONTINUATION flood ends its connection");
+    // A Host header that names another host than :authority (RFC 9113 §8.3.1): 400.
+    let mut cfg = (*pki.client_config()).clone();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("h2.test").unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
+    let mut sock = connect(port);
+    let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    frame(&mut out, 4, 0, 0, &[]);
+    let mut block = headers_block();
+    block.extend_from_slice(&[0x0f, 0x17, 10]); // host (static 38), literal, not indexed
+    block.extend_from_slice(b"admin.test");
+    frame(&mut out, 1, 0x5, 1, &block);
+    tls.write_all(&out).unwrap();
+    let mut back = Vec::new();
+    let mut buf = [0u8; 4096];
+    let status = loop {
+        let n = tls.read(&mut buf).unwrap();
+        assert!(n > 0, "an answer comes");
+        back.extend_from_slice(&buf[..n]);
+        if let Some(first) = response_headers(&back, 1) {
+            break first;
+        }
+    };
+    assert_eq!(status, 0x8c, ":status 400 (HPACK static index 12)");
     let out = curl(&["--http2", "--cacert", &ca, "--resolve", &resolve, &url("/a/after")]);
     assert_eq!(out, "A /a/after", "others are still served");
 }
@@ -479,6 +515,20 @@ fn headers_block() -> Vec<u8> {
     b.extend_from_slice(&[0x01, 0x07]);
     b.extend_from_slice(b"h2.test");
     b
+}
+
+/// The first byte of the header block of the HEADERS frame on `stream`, once it is in `bytes`.
+fn response_headers(bytes: &[u8], stream: u32) -> Option<u8> {
+    let mut i = 0;
+    while i + 9 <= bytes.len() {
+        let len = u32::from_be_bytes([0, bytes[i], bytes[i + 1], bytes[i + 2]]) as usize;
+        let id = u32::from_be_bytes([bytes[i + 5], bytes[i + 6], bytes[i + 7], bytes[i + 8]]) & 0x7fff_ffff;
+        if bytes[i + 3] == 1 && id == stream && i + 10 <= bytes.len() {
+            return Some(bytes[i + 9]);
+        }
+        i += 9 + len;
+    }
+    None
 }
 
 /// The error code of the first GOAWAY frame in `bytes`, if there is one.
