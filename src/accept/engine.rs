@@ -15,7 +15,7 @@ use crate::l7::{self, RespBody, pool};
 use crate::reply::{self, Reply};
 use crate::shared::{Idle, Shared, ToControl};
 use hyper::body::Incoming;
-use hyper::header::{self, HeaderValue};
+use hyper::header;
 use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use portmux_wire::spec::{HostPattern, host_from_header, normalize_path};
@@ -56,20 +56,6 @@ pub(super) struct Client {
     pub services: RefCell<HashMap<Arc<str>, Vec<targets::ServiceStream>>>,
 }
 
-impl Drop for Client {
-    fn drop(&mut self) {
-        if self.services.get_mut().is_empty() {
-            return;
-        }
-        let mut ends = self.shared.engine_ends.lock().unwrap_or_else(|p| p.into_inner());
-        for stream in self.services.get_mut().values().flatten() {
-            if let Some(id) = stream.id {
-                ends.remove(&id);
-            }
-        }
-    }
-}
-
 impl Client {
     fn new(shared: &Arc<Shared>, listener: ListenerId, (peer, local): (SocketAddr, SocketAddr)) -> Client {
         pool::configure(pool::Limits {
@@ -105,27 +91,26 @@ impl Client {
             // HTTP/2 (RFC 9113 §8.3.1) and absolute targets: one host, not two.
             let named = h.to_str().ok().and_then(|h| host_from_header(h.trim()));
             if named != host_from_header(authority.as_str()) {
-                return l7::answer(StatusCode::BAD_REQUEST, "the Host header names another host than :authority");
+                return l7::reply(Reply::bad_request("the Host header names another host than :authority"));
             }
         }
         let target = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
         if let Some(tls) = &self.tls {
-            if let (Some(h), Some(sni)) = (&host, &tls.sni)
-                && h != sni
-            {
-                let why = format!("this connection was made for the server name \"{sni}\"");
-                return l7::answer(StatusCode::MISDIRECTED_REQUEST, &format!("\"{h}\" is not served here: {why}"));
+            if let Some(answer) = super::tls::misdirected(host.as_deref(), tls.sni.as_deref()) {
+                return l7::reply(answer);
             }
-            if tls.sni.is_none() && !tls.host.matches(host.as_deref()) {
-                let why = "no server name was sent, and the default certificate is not for this host";
-                return l7::answer(StatusCode::MISDIRECTED_REQUEST, why);
+            // Without SNI the handshake used the default route's certificate: its host only.
+            if let (Some(h), None) = (&host, &tls.sni)
+                && !tls.host.matches(Some(h))
+            {
+                return l7::reply(Reply::misdirected(h, "no server name: the default certificate"));
             }
         } else if let Some(key_authorization) = self.shared.tls.challenges.http_answer(&target) {
             tracing::info!(client = %self.peer, ?host, "answered an ACME HTTP-01 challenge");
             return Response::new(RespBody::full(key_authorization));
         }
         let Some(port) = self.shared.table.load().port(self.listener).cloned() else {
-            return l7::answer(StatusCode::SERVICE_UNAVAILABLE, "this port is closing");
+            return l7::reply(Reply::unavailable("this port is closing"));
         };
         let path = normalize_path(&target);
         let found = if let Some(tls) = &self.tls {
@@ -134,7 +119,7 @@ impl Client {
                 && r.spec.client_ca != tls.client_ca
             {
                 let why = "this path asks for a client certificate from another CA than the one this connection was made with";
-                return l7::answer(StatusCode::FORBIDDEN, why);
+                return l7::reply(Reply::forbidden(why));
             }
             found
         } else {
@@ -142,21 +127,17 @@ impl Client {
             port.routes.lookup(&meta).filter(|r| r.spec.scheme == portmux_wire::spec::Scheme::Http).cloned()
         };
         let Some(route) = found else {
-            let text =
-                format!("no route for {}{} on port {}", host.as_deref().unwrap_or(""), target, self.local.port());
-            return l7::answer(StatusCode::NOT_FOUND, &text);
+            return l7::reply(Reply::not_found(host.as_deref(), Some(&target), self.local.port()));
         };
         if route.spec.acme && self.tls.is_none() {
             // An ACME challenge route (its pending tokens were answered above).
             return l7::answer(StatusCode::NOT_FOUND, "no such ACME challenge is pending");
         }
         if route.spec.redirect.is_some() {
-            let Some(host) = &host else { return l7::answer(StatusCode::BAD_REQUEST, "a redirect needs a Host") };
-            let mut r = l7::answer(StatusCode::PERMANENT_REDIRECT, "moved to https");
-            if let Ok(location) = HeaderValue::from_str(&format!("https://{host}{target}")) {
-                r.headers_mut().insert(header::LOCATION, location);
-            }
-            return r;
+            return l7::reply(match &host {
+                Some(host) => Reply::to_https(host, &target),
+                None => Reply::bad_request("a redirect to https needs the Host header"),
+            });
         }
         let meta = self.meta(host, target, route.key.to_string());
         targets::send(self, req, &route, meta, upgrade).await

@@ -12,6 +12,7 @@ use crate::l7::body::TooLarge;
 use crate::l7::headers::{self, Forwarding};
 use crate::l7::pool::{self, Lease};
 use crate::l7::{self, ReqBody, RespBody};
+use crate::reply::Reply;
 use crate::route::{Owner, Route};
 use crate::shared::{Shared, TaskGuard};
 use hyper::body::{Body, Incoming};
@@ -34,7 +35,7 @@ pub(super) struct Switched {
 /// A stream to a service: portmux's end of a socketpair whose other end the service holds.
 pub(super) struct ServiceStream {
     sender: http1::SendRequest<ReqBody>,
-    pub id: Option<(u64, u64)>,
+    id: Option<(u64, u64)>,
     shared: Arc<Shared>,
 }
 
@@ -162,7 +163,7 @@ async fn connect(
 
 fn out_of_fds(meta: &ConnMeta, e: &std::io::Error) -> Response<RespBody> {
     tracing::warn!(route = %meta.route, client = %meta.peer, "portmux is out of resources for a backend connection: {e} (raise LimitNOFILE / ulimit -n)");
-    l7::answer(StatusCode::SERVICE_UNAVAILABLE, "out of file descriptors; retry shortly")
+    l7::reply(Reply::unavailable("portmux is out of file descriptors; retry shortly"))
 }
 
 fn timed_out(meta: &ConnMeta, target: &str, after: Duration) -> Response<RespBody> {
@@ -188,7 +189,7 @@ fn failed(meta: &ConnMeta, target: &str, e: &hyper::Error) -> Response<RespBody>
         return l7::answer(StatusCode::PAYLOAD_TOO_LARGE, &TooLarge(max).to_string());
     }
     tracing::warn!(route = %meta.route, target, client = %meta.peer, "target failed: {e}");
-    l7::answer(StatusCode::BAD_GATEWAY, &format!("{target} failed: {e}"))
+    l7::reply(Reply::bad_gateway(&format!("{target} failed: {e}")))
 }
 
 async fn backend(
@@ -253,7 +254,7 @@ async fn backend(
     }
     tracing::warn!(route = %meta.route, client = %meta.peer, tried = tried.len(), "no backend reachable");
     let text = format!("no backend of route {} accepted the connection ({} tried)", route.key, tried.len());
-    l7::answer(StatusCode::BAD_GATEWAY, &text)
+    l7::reply(Reply::bad_gateway(&text))
 }
 
 async fn backend_h2(
@@ -303,7 +304,7 @@ async fn backend_h2(
         };
     }
     let text = format!("no backend of route {} accepted the connection ({} tried)", route.key, tried.len());
-    l7::answer(StatusCode::BAD_GATEWAY, &text)
+    l7::reply(Reply::bad_gateway(&text))
 }
 
 async fn service(
@@ -325,7 +326,7 @@ async fn service(
                 Ok(s) => (s, false),
                 Err(e) => {
                     tracing::warn!(route = %route.key, client = %client.peer, "cannot open a stream to the service: {e}");
-                    return l7::answer(StatusCode::SERVICE_UNAVAILABLE, "out of file descriptors; retry shortly");
+                    return l7::reply(Reply::unavailable("portmux is out of file descriptors; retry shortly"));
                 }
             },
         };

@@ -164,7 +164,7 @@ pub(super) async fn terminate(
 
 /// The 421 for a request whose Host is not the server name its TLS
 /// connection was made for.
-fn misdirected(host: Option<&str>, sni: Option<&str>) -> Option<Reply> {
+pub(super) fn misdirected(host: Option<&str>, sni: Option<&str>) -> Option<Reply> {
     match (host, sni) {
         (Some(host), Some(sni)) if host != sni => {
             tracing::debug!(%host, %sni, "misdirected request");

@@ -41,32 +41,59 @@ pub struct Resume {
     pub pool: Arc<BackendPool>,
 }
 
+/// What one worker thread must be able to pause at once (its relays, its
+/// engine connections), without a lock or a shared wake-up: weak handles,
+/// and whether a pause was asked already (then newcomers pause at once).
+#[derive(Debug)]
+pub struct Pausable<T> {
+    live: RefCell<Vec<Weak<T>>>,
+    pausing: Cell<bool>,
+}
+
+impl<T> Pausable<T> {
+    pub const fn new() -> Pausable<T> {
+        Pausable { live: RefCell::new(Vec::new()), pausing: Cell::new(false) }
+    }
+
+    /// Keeps `handle`; `pause` is called on it at once if a pause was asked.
+    pub fn register(&self, handle: &Rc<T>, pause: impl Fn(&T)) {
+        if self.pausing.get() {
+            pause(handle);
+        }
+        let mut live = self.live.borrow_mut();
+        if live.len() >= 64 && live.len().is_power_of_two() {
+            live.retain(|w| w.strong_count() > 0);
+        }
+        live.push(Rc::downgrade(handle));
+    }
+
+    /// Calls `pause` on every handle still alive, and on every later one.
+    pub fn pause_all(&self, pause: impl Fn(&T)) {
+        self.pausing.set(true);
+        self.live.borrow_mut().retain(|w| w.upgrade().map(|h| pause(&h)).is_some());
+    }
+}
+
+impl<T> Default for Pausable<T> {
+    fn default() -> Self {
+        Pausable::new()
+    }
+}
+
 thread_local! {
     /// The pause handles of this thread's relays.
-    static RELAYS: RefCell<Vec<Weak<relay::Pause>>> = const { RefCell::new(Vec::new()) };
-    /// Set once this thread was asked to pause its relays: new ones pause at once.
-    static PAUSING: Cell<bool> = const { Cell::new(false) };
+    static RELAYS: Pausable<relay::Pause> = const { Pausable::new() };
 }
 
 /// Asks every relay on this thread (and every later one) to pause for an upgrade.
 pub fn pause_all() {
-    PAUSING.with(|p| p.set(true));
-    RELAYS.with(|r| r.borrow_mut().retain(|w| w.upgrade().map(|p| p.request()).is_some()));
+    RELAYS.with(|r| r.pause_all(relay::Pause::request));
 }
 
 /// A pause handle for a new relay, registered on this thread.
 fn pause_handle() -> Rc<relay::Pause> {
     let pause = Rc::new(relay::Pause::default());
-    if PAUSING.with(Cell::get) {
-        pause.request();
-    }
-    RELAYS.with(|r| {
-        let mut r = r.borrow_mut();
-        if r.len() >= 64 && r.len().is_power_of_two() {
-            r.retain(|w| w.strong_count() > 0);
-        }
-        r.push(Rc::downgrade(&pause));
-    });
+    RELAYS.with(|r| r.register(&pause, relay::Pause::request));
     pause
 }
 

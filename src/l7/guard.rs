@@ -188,10 +188,6 @@ impl<T> Guarded<T> {
         g
     }
 
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
-
     /// The socket, and what was read from it but not yet given to hyper.
     pub fn into_inner(self) -> (T, Vec<u8>) {
         let rest = self.buf[self.start..self.filled].to_vec();

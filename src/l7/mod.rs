@@ -11,43 +11,53 @@ pub mod pool;
 
 pub use body::{ReqBody, RespBody};
 
+use crate::reply::Reply;
 use hyper::{Response, StatusCode, header};
-use std::cell::{Cell, RefCell};
 use std::future::Future;
-use std::rc::{Rc, Weak};
+use std::rc::Rc;
 
 thread_local! {
     /// This thread's engine connections (their controls), to pause them all.
-    static CONNS: RefCell<Vec<Weak<guard::Control>>> = const { RefCell::new(Vec::new()) };
-    /// Set once this thread was asked to pause: new connections pause at once.
-    static PAUSING: Cell<bool> = const { Cell::new(false) };
+    static CONNS: crate::forward::Pausable<guard::Control> = const { crate::forward::Pausable::new() };
 }
 
 /// Counts an engine connection among this thread's (no lock: each worker
 /// keeps its own list, as it does for relays).
 pub fn register(ctl: &Rc<guard::Control>) {
-    if PAUSING.with(Cell::get) {
-        ctl.pause();
-    }
-    CONNS.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.len() >= 64 && c.len().is_power_of_two() {
-            c.retain(|w| w.strong_count() > 0);
-        }
-        c.push(Rc::downgrade(ctl));
-    });
+    CONNS.with(|c| c.register(ctl, guard::Control::pause));
 }
 
 /// Asks every engine connection of this thread (and every later one) to end
 /// at its next boundary between requests: for an upgrade (they move) or a stop.
 pub fn pause_all() {
-    PAUSING.with(|p| p.set(true));
-    CONNS.with(|c| c.borrow_mut().retain(|w| w.upgrade().map(|ctl| ctl.pause()).is_some()));
+    CONNS.with(|c| c.pause_all(guard::Control::pause));
 }
 
-/// A short plain-text answer portmux gives itself.
+/// A short plain-text answer portmux gives itself (one `reply.rs` has no words for).
 pub fn answer(status: StatusCode, text: &str) -> Response<RespBody> {
-    let mut r = Response::new(RespBody::full(format!("portmux: {text}\n")));
+    text_response(status, format!("portmux: {text}\n"))
+}
+
+/// One of `reply.rs`'s answers, said as a response on a connection that stays
+/// open: the same words as when portmux answers a whole connection.
+pub fn reply(r: Reply) -> Response<RespBody> {
+    match r {
+        Reply::Http { status, body } => {
+            text_response(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body)
+        }
+        Reply::Redirect { location } => {
+            let mut resp = text_response(StatusCode::PERMANENT_REDIRECT, format!("portmux: moved to {location}\n"));
+            if let Ok(v) = header::HeaderValue::from_str(&location) {
+                resp.headers_mut().insert(header::LOCATION, v);
+            }
+            resp
+        }
+        Reply::TlsAlert(_) | Reply::Close | Reply::Abort => answer(StatusCode::BAD_GATEWAY, "no answer"),
+    }
+}
+
+fn text_response(status: StatusCode, body: String) -> Response<RespBody> {
+    let mut r = Response::new(RespBody::full(body));
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
     r

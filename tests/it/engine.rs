@@ -348,8 +348,12 @@ fn per_request_errors_are_answered_and_the_connection_stays_usable() {
     // A fault in a chunked body after its first chunk went on: that exchange
     // fails (one answer), and the connection closes; no second answer.
     let mut c = connect(port);
-    c.write_all(b"POST /ok HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n").unwrap();
-    thread::sleep(Duration::from_millis(200));
+    c.write_all(b"POST /ok/chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n").unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while !rec.seen().contains("/ok/chunked") {
+        assert!(Instant::now() < until, "the head went on to the backend");
+        thread::sleep(Duration::from_millis(5));
+    }
     c.write_all(b"zz\r\n").unwrap();
     let mut all = Vec::new();
     let _ = c.read_to_end(&mut all);
