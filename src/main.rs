@@ -13,6 +13,11 @@ use std::time::Duration;
 
 const ADMIN_ENV: &str = "PORTMUX_ADMIN";
 
+/// mimalloc instead of glibc's malloc: the per-request engine allocates and
+/// frees small buffers on every request, from two worker threads.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "portmux", version, about = "Services share ports 80/443 and restart without dropping a connection")]
 struct Cli {
