@@ -124,12 +124,15 @@ async fn accept_loop(listener: Arc<Listener>, shared: Arc<Shared>, stop: Rc<Noti
             uring::Raced::Stopped(r) => (r, true),
         };
         match result {
-            Ok(conn) => {
+            Ok((conn, peer)) => {
                 let guard = TaskGuard::new(&shared);
                 let shared = shared.clone();
                 let id = listener.id;
+                // A listener bound to one address: each connection's own
+                // address is the listener's (no getsockname needed).
+                let local = Some(listener.addr).filter(|a| !a.ip().is_unspecified());
                 tokio_uring::spawn(async move {
-                    serve(conn, id, &shared).await;
+                    serve(conn, id, peer.zip(local), &shared).await;
                     drop(guard);
                 });
             }
@@ -163,8 +166,8 @@ async fn accept_loop(listener: Arc<Listener>, shared: Arc<Shared>, stop: Rc<Noti
 
 /// A new connection: peek (unless its port has only a raw TCP route), decide,
 /// then deliver it or answer it.
-async fn serve(fd: OwnedFd, listener: ListenerId, shared: &Arc<Shared>) {
-    let Ok((mut peer, mut local)) = net::tcp_addrs(fd.as_fd()) else {
+async fn serve(fd: OwnedFd, listener: ListenerId, addrs: Option<(SocketAddr, SocketAddr)>, shared: &Arc<Shared>) {
+    let Some((mut peer, mut local)) = addrs.or_else(|| net::tcp_addrs(fd.as_fd()).ok()) else {
         return; // Gone already.
     };
     tracing::trace!(%peer, pid = std::process::id(), "accepted");

@@ -32,17 +32,53 @@ async fn submit<D: Unpin + 'static>(data: D, sqe: squeue::Entry) -> (io::Result<
     UnsubmittedOneshot::new(data, Completion(PhantomData), sqe).submit().await
 }
 
-/// Accepts one connection (close-on-exec, blocking mode, as `accept4` gives it).
-pub async fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    // No address buffers: the kernel writes nothing into our memory.
-    let sqe = opcode::Accept::new(types::Fd(listener.as_raw_fd()), std::ptr::null_mut(), std::ptr::null_mut())
-        .flags(libc::SOCK_CLOEXEC)
-        .build();
-    let (res, ()) = submit((), sqe).await;
+/// Where the kernel writes an accepted connection's peer address.
+struct PeerBuf {
+    addr: libc::sockaddr_storage,
+    len: libc::socklen_t,
+}
+
+/// Accepts one connection (close-on-exec, blocking mode, as `accept4` gives
+/// it), with its peer's address (IPv4-mapped addresses as IPv4): no
+/// `getpeername` afterwards.
+pub async fn accept(listener: BorrowedFd<'_>) -> io::Result<(OwnedFd, Option<std::net::SocketAddr>)> {
+    // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid value.
+    let storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // Boxed: the kernel writes there until the CQE, and `submit` keeps the box
+    // alive (and unmoved on the heap) until then.
+    let mut buf = Box::new(PeerBuf { addr: storage, len });
+    let (addr, addr_len) = (&raw mut buf.addr, &raw mut buf.len);
+    let sqe =
+        opcode::Accept::new(types::Fd(listener.as_raw_fd()), addr.cast(), addr_len).flags(libc::SOCK_CLOEXEC).build();
+    let (res, buf) = submit(buf, sqe).await;
     let fd = res? as i32;
     // SAFETY: a successful accept CQE carries a new file descriptor that nothing
     // else owns; we take ownership exactly once, here.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok((fd, peer_addr(&buf)))
+}
+
+fn peer_addr(buf: &PeerBuf) -> Option<std::net::SocketAddr> {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+    let len = buf.len as usize;
+    match i32::from(buf.addr.ss_family) {
+        libc::AF_INET if len >= size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family says the storage holds a sockaddr_in, and the
+            // kernel wrote at least that many bytes; sockaddr_storage is
+            // aligned for every sockaddr type.
+            let a = unsafe { &*(&raw const buf.addr).cast::<libc::sockaddr_in>() };
+            let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+            Some(SocketAddr::new(ip.into(), u16::from_be(a.sin_port)))
+        }
+        libc::AF_INET6 if len >= size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above, for sockaddr_in6.
+            let a = unsafe { &*(&raw const buf.addr).cast::<libc::sockaddr_in6>() };
+            let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
+            Some(SocketAddr::new(ip.to_canonical(), u16::from_be(a.sin6_port)))
+        }
+        _ => None,
+    }
 }
 
 /// Waits until `fd` reports any of `mask` (POLLIN, POLLOUT, POLLRDHUP…; POLLHUP
@@ -137,15 +173,18 @@ mod tests {
         tokio_uring::start(async {
             let l = TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = l.local_addr().unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
             let client = std::thread::spawn(move || {
                 let mut s = TcpStream::connect(addr).unwrap();
+                tx.send(s.local_addr().unwrap()).unwrap();
                 std::thread::sleep(Duration::from_millis(50));
                 s.write_all(b"hi").unwrap();
                 let mut b = [0u8; 2];
                 s.read_exact(&mut b).unwrap();
                 b
             });
-            let conn = accept(l.as_fd()).await.unwrap();
+            let (conn, peer) = accept(l.as_fd()).await.unwrap();
+            assert_eq!(peer, Some(rx.recv().unwrap()), "accept reports the client's address");
             let ev = poll(conn.as_fd(), libc::POLLIN as u32).await.unwrap();
             assert_ne!(ev & libc::POLLIN as u32, 0);
             rustix::net::send(&conn, b"ok", rustix::net::SendFlags::empty()).unwrap();
