@@ -7,7 +7,7 @@
 //! upgrade of portmux, a plain connection between requests moves to the new
 //! process; HTTP/2 connections get a GOAWAY.
 
-use super::targets;
+use super::{direct, targets};
 use crate::forward::stream;
 use crate::ids::ListenerId;
 use crate::l7::guard::{Control, Fault, Guarded};
@@ -187,7 +187,6 @@ where
     T: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     let settings = &client.shared.settings;
-    let ctl = client.ctl.clone().expect("HTTP/1 clients have a guard");
     let svc_client = client.clone();
     let svc = hyper::service::service_fn(move |req| {
         let c = svc_client.clone();
@@ -199,9 +198,6 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(settings.keepalive_timeout)
         .max_buf_size(settings.peek_max.max(8192) * 2);
-    // A pause (an upgrade, a stop) reaches the guard through this thread's
-    // registry: nothing shared is polled per request.
-    l7::register(&ctl);
     match builder.serve_connection(TokioIo::new(io), svc).without_shutdown().await {
         Ok(parts) => Ended::Parts(parts.io.into_inner(), parts.read_buf),
         Err(e) => {
@@ -221,18 +217,49 @@ pub(super) async fn serve_plain(
 ) {
     // A TCP client (accepted on a public listener): no need to ask its family.
     let std = std::net::TcpStream::from(fd);
-    let _ = std.set_nodelay(true);
     let stream = match std.set_nonblocking(true).and_then(|()| tokio::net::TcpStream::from_std(std)) {
         Ok(s) => s,
         Err(e) => return tracing::debug!(client = %peer, "client socket unusable: {e}"),
     };
     let ctl = Rc::new(Control::default());
+    // A pause (an upgrade, a stop) reaches the connection through this
+    // thread's registry: nothing shared is polled per request.
+    l7::register(&ctl);
     let mut client = Client::new(shared, listener, (peer, local));
     client.ctl = Some(ctl.clone());
     let client = Rc::new(client);
-    let io = Guarded::new(stream, Vec::new(), shared.settings.peek_max, ctl.clone());
-    let Ended::Parts(io, read_ahead) = run_h1(io, &client).await else { return };
-    let (stream, rest) = io.into_inner();
+    let (mut stream, mut served) = (stream, false);
+    loop {
+        let (s, read, once) = match direct::serve(&client, &ctl, stream, served).await {
+            direct::Outcome::Closed => return,
+            direct::Outcome::Paused(s) => return move_between_requests(s, client, listener, (peer, local)),
+            direct::Outcome::Hyper { stream, read, once } => (stream, read, once),
+        };
+        ctl.lend(once);
+        let _ = s.set_nodelay(true);
+        let io = Guarded::new(s, read, shared.settings.peek_max, ctl.clone());
+        let Ended::Parts(io, read_ahead) = run_h1(io, &client).await else { return };
+        let (s, rest) = io.into_inner();
+        let between = ctl.paused_between_requests() && read_ahead.is_empty() && rest.is_empty();
+        if once && between && !ctl.pause_asked() && ctl.fault().is_none() && client.upgraded.borrow().is_none() {
+            // hyper served its one request: the direct path goes on.
+            (stream, served) = (s, true);
+            continue;
+        }
+        return after_hyper(s, (read_ahead, rest), &client, &ctl, listener, (peer, local)).await;
+    }
+}
+
+/// What is left of a plain connection when hyper gives it back: a refusal to
+/// answer, a relay after a switch of protocols, or a move between requests.
+async fn after_hyper(
+    stream: tokio::net::TcpStream,
+    (read_ahead, rest): (bytes::Bytes, Vec<u8>),
+    client: &Rc<Client>,
+    ctl: &Control,
+    listener: ListenerId,
+    (peer, local): (SocketAddr, SocketAddr),
+) {
     if let Some(fault) = ctl.fault() {
         if ctl.fault_after_head() {
             // hyper answered that request already (its body failed): close.
@@ -247,18 +274,31 @@ pub(super) async fn serve_plain(
     }
     let switched = client.upgraded.borrow_mut().take();
     if let Some(switched) = switched {
-        return relay(stream, [read_ahead.as_ref(), &rest].concat(), switched, &client).await;
+        return relay(stream, [read_ahead.as_ref(), &rest].concat(), switched, client).await;
     }
-    let moving = *shared.pause_relays.borrow() && !*shared.stopping.borrow();
-    if ctl.paused_between_requests() && read_ahead.is_empty() && rest.is_empty() && moving {
-        // Between requests: the connection moves to the new process, which
-        // waits for its next request. The client notices nothing.
-        drop(client);
-        if let Ok(std) = stream.into_std() {
-            let fd = OwnedFd::from(std);
-            let idle = Idle { fd, listener, peer, local, since: Instant::now(), tls: None };
-            let _ = shared.to_control.send(ToControl::Idle(idle));
-        }
+    if ctl.paused_between_requests() && read_ahead.is_empty() && rest.is_empty() {
+        move_between_requests(stream, client.clone(), listener, (peer, local));
+    }
+}
+
+/// A plain connection paused between requests, nothing read ahead: on an
+/// upgrade it moves to the new process, which waits for its next request
+/// (the client notices nothing); on a stop it closes.
+fn move_between_requests(
+    stream: tokio::net::TcpStream,
+    client: Rc<Client>,
+    listener: ListenerId,
+    (peer, local): (SocketAddr, SocketAddr),
+) {
+    let shared = client.shared.clone();
+    drop(client);
+    if !*shared.pause_relays.borrow() || *shared.stopping.borrow() {
+        return;
+    }
+    if let Ok(std) = stream.into_std() {
+        let fd = OwnedFd::from(std);
+        let idle = Idle { fd, listener, peer, local, since: Instant::now(), tls: None };
+        let _ = shared.to_control.send(ToControl::Idle(idle));
     }
 }
 
@@ -287,6 +327,7 @@ pub(super) async fn serve_tls(
         return serve_h2(stream, Rc::new(client)).await;
     }
     let ctl = Rc::new(Control::default());
+    l7::register(&ctl);
     client.ctl = Some(ctl.clone());
     let client = Rc::new(client);
     let io = Guarded::new(stream, prefix, shared.settings.peek_max, ctl.clone());

@@ -2,6 +2,7 @@
 //! table, and the life of a new connection up to its delivery (handoff) or
 //! its relay (forward).
 
+mod direct;
 mod engine;
 mod targets;
 mod tls;

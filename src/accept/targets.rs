@@ -132,14 +132,14 @@ pub(super) async fn send(
 }
 
 /// Why no connection to a backend could be had.
-enum Unconnected {
+pub(super) enum Unconnected {
     /// portmux is out of fds or memory: no backend is to blame.
     Local(std::io::Error),
     Backend(std::io::Error),
 }
 
 /// Connects to `backend` and sends the PROXY header if the route asks.
-async fn connect(
+pub(super) async fn connect(
     backend: &forward::backend::Backend,
     pool: &BackendPool,
     meta: &ConnMeta,
@@ -161,12 +161,12 @@ async fn connect(
     Ok(fd)
 }
 
-fn out_of_fds(meta: &ConnMeta, e: &std::io::Error) -> Response<RespBody> {
+pub(super) fn out_of_fds(meta: &ConnMeta, e: &std::io::Error) -> Response<RespBody> {
     tracing::warn!(route = %meta.route, client = %meta.peer, "portmux is out of resources for a backend connection: {e} (raise LimitNOFILE / ulimit -n)");
     l7::reply(Reply::unavailable("portmux is out of file descriptors; retry shortly"))
 }
 
-fn timed_out(meta: &ConnMeta, target: &str, after: Duration) -> Response<RespBody> {
+pub(super) fn timed_out(meta: &ConnMeta, target: &str, after: Duration) -> Response<RespBody> {
     tracing::warn!(route = %meta.route, target, client = %meta.peer, "no response within {}", humantime::format_duration(after));
     let text = format!("{target} did not answer within {} (--response-timeout)", humantime::format_duration(after));
     l7::answer(StatusCode::GATEWAY_TIMEOUT, &text)

@@ -31,12 +31,21 @@ pub enum Framing {
 }
 
 /// More headers than any legitimate client sends; nginx's default buffer holds fewer.
-const MAX_HEADERS: usize = 128;
+pub const MAX_HEADERS: usize = 128;
 
 /// Parses the request head at the start of `buf`.
 pub fn parse(buf: &[u8]) -> Result<RequestHead, ParseError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
+    parse_into(buf, &mut headers).map(|(head, _)| head)
+}
+
+/// [`parse`], keeping httparse's view of the head (method, version, every
+/// field) for a caller that writes the request on: `headers` holds the fields.
+pub fn parse_into<'h, 'b>(
+    buf: &'b [u8],
+    headers: &'h mut [httparse::Header<'b>; MAX_HEADERS],
+) -> Result<(RequestHead, httparse::Request<'h, 'b>), ParseError> {
+    let mut req = httparse::Request::new(headers);
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Err(ParseError::Incomplete),
@@ -150,7 +159,7 @@ pub fn parse(buf: &[u8]) -> Result<RequestHead, ParseError> {
         },
         None => target.to_string(),
     };
-    Ok(RequestHead { host, target, len, body, upgrade })
+    Ok((RequestHead { host, target, len, body, upgrade }, req))
 }
 
 /// A name other than Content-Length and Transfer-Encoding that a lenient

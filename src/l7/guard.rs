@@ -48,6 +48,8 @@ pub struct Control {
     upgraded: Cell<Option<bool>>,
     /// The guard ended the connection at a boundary between requests, with nothing buffered.
     at_boundary: Cell<bool>,
+    /// hyper has the connection for one request (the engine's direct path lent it).
+    lend: Cell<bool>,
     /// The request refused had been partly given to hyper (a fault in its chunked body).
     partial: Cell<bool>,
     waker: RefCell<Option<Waker>>,
@@ -76,6 +78,18 @@ impl Control {
         if let Some(w) = self.pause_waker.borrow_mut().take() {
             w.wake();
         }
+    }
+
+    /// Lends the connection to hyper for its next request only (`true`): the
+    /// guard ends it at the boundary after, as for a pause.
+    pub fn lend(&self, once: bool) {
+        self.lend.set(once);
+        self.at_boundary.set(false);
+    }
+
+    /// Whether [`Control::pause`] was called.
+    pub fn pause_asked(&self) -> bool {
+        self.pause.get()
     }
 
     /// Resolves once [`Control::pause`] was called.
@@ -400,7 +414,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
                 continue;
             }
             let empty = this.start == this.filled;
-            if empty && this.state == State::Head && this.started && this.ctl.pause.get() {
+            if empty && this.state == State::Head && this.started && (this.ctl.pause.get() || this.ctl.lend.get()) {
                 this.ctl.at_boundary.set(true);
                 return Poll::Ready(Ok(()));
             }
@@ -487,7 +501,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
 /// here too, so that such a head is parsed (and refused) rather than waited on.
 /// The search goes on from `line_start` (the first line not yet looked at),
 /// so a head that trickles in is scanned once, not once per read.
-fn head_end(region: &[u8], line_start: &mut usize, seen_text: &mut bool) -> Option<usize> {
+pub(crate) fn head_end(region: &[u8], line_start: &mut usize, seen_text: &mut bool) -> Option<usize> {
     while let Some(off) = region[*line_start..].iter().position(|&b| b == b'\n') {
         let nl = *line_start + off;
         let line = &region[*line_start..nl];

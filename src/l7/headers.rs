@@ -26,7 +26,51 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-const VIA: &str = "1.1 portmux";
+pub const VIA: &str = "1.1 portmux";
+
+/// The hop-by-hop fields removed whatever `Connection` names (RFC 9110 §7.6.1).
+pub const HOP_BY_HOP: [&str; 6] =
+    ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade"];
+/// The forwarding fields: dropped from an untrusted client, extended otherwise.
+pub const FORWARDING: [&str; 4] = ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"];
+
+/// Whether a `TE` value says the client accepts trailers (kept: gRPC asks for it).
+pub fn asks_trailers(te: &str) -> bool {
+    te.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+}
+
+/// The values a client's forwarding fields get (the same for each of its requests to one Host).
+#[derive(Debug, Clone)]
+pub struct ForwardText {
+    /// For `X-Forwarded-For`.
+    pub client: String,
+    /// This hop's `Forwarded` element.
+    pub element: String,
+}
+
+impl Forwarding {
+    pub fn text(&self) -> ForwardText {
+        ForwardText { client: self.client_text(), element: self.element() }
+    }
+
+    /// The client's address as `X-Forwarded-For` gives it.
+    pub fn client_text(&self) -> String {
+        self.client.to_canonical().to_string()
+    }
+
+    /// This hop's `Forwarded` element (RFC 7239): `for=...;proto=...;host="..."`.
+    pub fn element(&self) -> String {
+        let node = match self.client.to_canonical() {
+            IpAddr::V4(a) => a.to_string(),
+            IpAddr::V6(a) => format!("\"[{a}]\""),
+        };
+        let mut forwarded = format!("for={node};proto={}", self.proto);
+        if let Some(host) = self.host.as_deref().filter(|h| h.bytes().all(|b| b.is_ascii_graphic() && b != b'"')) {
+            forwarded.push_str(&format!(";host=\"{host}\""));
+        }
+        forwarded
+    }
+}
 
 /// Removes the hop-by-hop fields: those `Connection` names, and the
 /// standard ones. An upgrade keeps `Upgrade` and says `Connection: upgrade`.
@@ -44,11 +88,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         }
     }
     // `TE: trailers` says the client accepts trailers (gRPC needs it said); other codings are this hop's.
-    let trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+    let trailers = headers.get_all(header::TE).iter().filter_map(|v| v.to_str().ok()).any(asks_trailers);
     for name in [header::CONNECTION, KEEP_ALIVE, PROXY_CONNECTION, header::TE, header::TRANSFER_ENCODING] {
         headers.remove(name);
     }
@@ -76,8 +116,7 @@ pub fn request(headers: &mut HeaderMap, f: &Forwarding, upgrade: bool) {
             headers.remove(name);
         }
     }
-    let client = f.client.to_canonical();
-    append(headers, X_FORWARDED_FOR, &client.to_string());
+    append(headers, X_FORWARDED_FOR, &f.client_text());
     if !headers.contains_key(X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(f.proto));
     }
@@ -87,15 +126,7 @@ pub fn request(headers: &mut HeaderMap, f: &Forwarding, upgrade: bool) {
     {
         headers.insert(X_FORWARDED_HOST, host.clone());
     }
-    let node = match client {
-        IpAddr::V4(a) => a.to_string(),
-        IpAddr::V6(a) => format!("\"[{a}]\""),
-    };
-    let mut forwarded = format!("for={node};proto={}", f.proto);
-    if let Some(host) = f.host.as_deref().filter(|h| h.bytes().all(|b| b.is_ascii_graphic() && b != b'"')) {
-        forwarded.push_str(&format!(";host=\"{host}\""));
-    }
-    append(headers, header::FORWARDED, &forwarded);
+    append(headers, header::FORWARDED, &f.element());
 }
 
 /// A response on its way back to the client.

@@ -6,6 +6,7 @@
 
 pub mod body;
 pub mod guard;
+pub mod h1;
 pub mod headers;
 pub mod pool;
 

@@ -43,9 +43,19 @@ struct Idle {
     backend: Weak<Backend>,
 }
 
+/// An idle connection of the direct path (`accept/direct.rs`): a socket
+/// between exchanges, no hyper state.
+#[derive(Debug)]
+struct RawIdle {
+    stream: Stream,
+    since: Instant,
+    backend: Weak<Backend>,
+}
+
 #[derive(Debug, Default)]
 struct Pool {
     h1: HashMap<Key, Vec<Idle>>,
+    raw: HashMap<Key, Vec<RawIdle>>,
     h2: HashMap<Key, (http2::SendRequest<ReqBody>, Weak<Backend>)>,
     limits: Option<Limits>,
     sweeping: bool,
@@ -130,11 +140,49 @@ fn checkin(key: Key, backend: Weak<Backend>, sender: http1::SendRequest<ReqBody>
         if list.len() > limits.max_idle {
             list.remove(0); // The least recently used closes.
         }
-        if !p.sweeping {
-            p.sweeping = true;
+        p.sweep_later(limits);
+    });
+}
+
+/// The most recently used idle connection of the direct path to `backend`
+/// that is still open (the backend has not closed it nor sent anything).
+pub fn take_raw(backend: &Arc<Backend>) -> Option<Stream> {
+    let key = Key::of(backend);
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let timeout = p.limits.map_or(Duration::from_secs(60), |l| l.idle_timeout);
+        let list = p.raw.get_mut(&key)?;
+        while let Some(idle) = list.pop() {
+            let same = idle.backend.upgrade().is_some_and(|b| Arc::ptr_eq(&b, backend));
+            if same && idle.since.elapsed() < timeout && !idle.stream.went_away() {
+                return Some(idle.stream);
+            }
+        }
+        None
+    })
+}
+
+/// Keeps a connection of the direct path for the next exchange with `backend`.
+pub fn put_raw(backend: &Arc<Backend>, stream: Stream) {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let Some(limits) = p.limits else { return };
+        let list = p.raw.entry(Key::of(backend)).or_default();
+        list.push(RawIdle { stream, since: Instant::now(), backend: Arc::downgrade(backend) });
+        if list.len() > limits.max_idle {
+            list.remove(0);
+        }
+        p.sweep_later(limits);
+    });
+}
+
+impl Pool {
+    fn sweep_later(&mut self, limits: Limits) {
+        if !self.sweeping {
+            self.sweeping = true;
             tokio::task::spawn_local(sweep(limits.idle_timeout));
         }
-    });
+    }
 }
 
 /// Closes idle connections past the idle timeout, until none is left.
@@ -147,8 +195,12 @@ async fn sweep(timeout: Duration) {
                 list.retain(|i| i.since.elapsed() < timeout && !i.sender.is_closed() && i.backend.strong_count() > 0);
                 !list.is_empty()
             });
+            p.raw.retain(|_, list| {
+                list.retain(|i| i.since.elapsed() < timeout && i.backend.strong_count() > 0 && !i.stream.went_away());
+                !list.is_empty()
+            });
             p.h2.retain(|_, (s, b)| !s.is_closed() && b.strong_count() > 0);
-            let empty = p.h1.is_empty();
+            let empty = p.h1.is_empty() && p.raw.is_empty();
             if empty {
                 p.sweeping = false;
             }
@@ -200,6 +252,29 @@ impl Stream {
         } else {
             let _ = portmux_sys::net::set_nodelay(fd.as_fd());
             Ok(Stream::Tcp(tokio::net::TcpStream::from_std(std::net::TcpStream::from(fd))?))
+        }
+    }
+
+    /// Whether the peer closed the connection (or sent something nobody
+    /// asked for) while it was idle. Costs no system call unless the socket
+    /// became readable since it was last read to the end.
+    pub fn went_away(&self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let ready = match self {
+            Stream::Tcp(s) => s.poll_read_ready(&mut cx),
+            Stream::Unix(s) => s.poll_read_ready(&mut cx),
+        };
+        match ready {
+            Poll::Pending => false,
+            Poll::Ready(Err(_)) => true,
+            Poll::Ready(Ok(())) => {
+                let mut byte = [0u8; 1];
+                let read = match self {
+                    Stream::Tcp(s) => s.try_read(&mut byte),
+                    Stream::Unix(s) => s.try_read(&mut byte),
+                };
+                !matches!(read, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
         }
     }
 }

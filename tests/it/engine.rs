@@ -24,17 +24,9 @@ struct Recorder {
 
 impl Recorder {
     fn start(name: &'static str) -> Recorder {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (bytes, conns) = (Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicUsize::new(0)));
-        let (b, c) = (bytes.clone(), conns.clone());
-        thread::spawn(move || {
-            for s in listener.incoming().flatten() {
-                c.fetch_add(1, Ordering::Relaxed);
-                let b = b.clone();
-                thread::spawn(move || serve_recorded(s, name, &b));
-            }
-        });
+        let bytes = Arc::new(Mutex::new(Vec::new()));
+        let b = bytes.clone();
+        let (addr, conns) = spawn_backend(move |s| serve_recorded(s, name, &b));
         Recorder { addr, bytes, conns }
     }
 
@@ -47,17 +39,8 @@ fn serve_recorded(mut s: TcpStream, name: &str, log: &Mutex<Vec<u8>>) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
-            let length = head
-                .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
-                .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or(0);
-            if buf.len() < end + 4 + length {
-                break;
-            }
-            let rest = buf.split_off(end + 4 + length);
+        while let Some((head, whole)) = whole_request(&buf) {
+            let rest = buf.split_off(whole);
             log.lock().unwrap().extend_from_slice(&buf);
             buf = rest;
             let path = head.split(' ').nth(1).unwrap_or("");

@@ -888,3 +888,35 @@ pub fn wait_fds_at_most(pid: u32, n: usize, within: Duration) -> usize {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A backend on a loopback port: each connection is handled by `handle` on
+/// its own thread. Returns its address and the count of connections so far.
+pub fn spawn_backend(
+    handle: impl Fn(TcpStream) + Send + Sync + 'static,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (count, handle) = (conns.clone(), Arc::new(handle));
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            count.fetch_add(1, Ordering::Relaxed);
+            let handle = handle.clone();
+            std::thread::spawn(move || handle(s));
+        }
+    });
+    (addr, conns)
+}
+
+/// The first request in `buf` if all of it is there (head and
+/// Content-Length body): its head, and its whole length.
+pub fn whole_request(buf: &[u8]) -> Option<(String, usize)> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let length = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    (buf.len() >= end + length).then_some((head, end + length))
+}
