@@ -273,10 +273,13 @@ struct RunArgs {
     /// How often the TLS session-ticket key is replaced (tickets of the previous key still resume)
     #[arg(long, value_name = "DURATION", default_value = "12h", value_parser = humantime::parse_duration)]
     ticket_rotation: Duration,
-    /// Where portmux keeps ACME's account and certificates (mode 0700)
-    /// [default: /var/lib/portmux as root, else $XDG_STATE_HOME/portmux]
+    /// Where portmux keeps the routes made at run time (routes.json) and ACME's account and
+    /// certificates (mode 0700) [default: /var/lib/portmux as root, else $XDG_STATE_HOME/portmux]
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// Start without the routes kept in the state directory (they are replaced at the next change)
+    #[arg(long)]
+    no_resume: bool,
     /// The ACME server's directory, for https://HOST?acme routes
     #[arg(long, value_name = "URL", default_value = portmux::config::LETS_ENCRYPT)]
     acme_directory: String,
@@ -436,6 +439,7 @@ fn run(args: RunArgs) -> Result<(), String> {
     if let Some(dir) = &args.state_dir {
         s.state_dir = dir.clone();
     }
+    s.resume = !args.no_resume;
     s.acme = portmux::config::AcmeSettings {
         directory: args.acme_directory.clone(),
         email: args.acme_email.clone(),

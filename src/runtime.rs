@@ -180,7 +180,7 @@ fn start(mut settings: Settings, handover: Option<OwnedFd>) -> Result<(), StartE
     let admin_identity =
         settings.admin_socket.as_ref().and_then(|p| std::fs::symlink_metadata(p).ok()).map(|m| (m.dev(), m.ino()));
     let admin_path = settings.admin_socket.clone();
-    prepare_state_dir(&settings);
+    let saved = prepare_state_dir(&settings).then(|| crate::control::saved::RouteFile::new(&settings.state_dir));
     let inherited = handover.as_ref().and(std::env::var(crate::sandbox::INHERITED_ENV).ok());
     if let (true, Some(report)) = (settings.sandbox, inherited) {
         let report = format!("{}{}", report.trim_end_matches(crate::sandbox::INHERITED), crate::sandbox::INHERITED);
@@ -197,7 +197,7 @@ fn start(mut settings: Settings, handover: Option<OwnedFd>) -> Result<(), StartE
     } else {
         tracing::warn!("running without the sandbox (--no-sandbox)");
     }
-    let begin = Begin { sockets, routes, handover, systemd };
+    let begin = Begin { sockets, routes, handover, systemd, saved };
     let (exit, (control_owned, admin_owned)) = serve(settings, begin).map_err(undo)?;
     // After an upgrade the socket files belong to the new process.
     if let (Exit::Stopped, true, Some(path), Some(identity)) = (exit, control_owned, &control_path, identity) {
@@ -237,6 +237,8 @@ struct Begin {
     handover: Option<OwnedFd>,
     /// What systemd passed.
     systemd: systemd::Inherited,
+    /// Where the run-time routes are kept (none: the state directory is unusable).
+    saved: Option<crate::control::saved::RouteFile>,
 }
 
 fn serve(settings: Settings, begin: Begin) -> Result<(Exit, (bool, bool)), StartError> {
@@ -269,8 +271,9 @@ fn serve(settings: Settings, begin: Begin) -> Result<(Exit, (bool, bool)), Start
         }
     }
     let result = control_rt.block_on(async {
-        let control = Control::new(shared.clone(), begin.sockets);
-        let outcome = run_control(&control, begin.routes, begin.handover, begin.systemd, intake).await;
+        let mut begin = begin;
+        let control = Control::new(shared.clone(), std::mem::take(&mut begin.sockets));
+        let outcome = run_control(&control, begin, intake).await;
         if outcome.is_err() {
             shared.stopping.send_replace(true);
         }
@@ -285,11 +288,10 @@ fn serve(settings: Settings, begin: Begin) -> Result<(Exit, (bool, bool)), Start
 
 async fn run_control(
     control: &Rc<Control>,
-    routes: Vec<(portmux_wire::RouteSpec, crate::forward::backend::Resolved)>,
-    handover: Option<OwnedFd>,
-    systemd: systemd::Inherited,
+    begin: Begin,
     intake: mpsc::UnboundedReceiver<crate::shared::ToControl>,
 ) -> Result<Exit, StartError> {
+    let Begin { routes, handover, systemd, saved, .. } = begin;
     let previous = match handover {
         Some(fd) => Some(crate::upgrade::import(control, fd).await?),
         None => None,
@@ -297,6 +299,13 @@ async fn run_control(
     // What systemd passed and the routes kept in its fd store go in before
     // any table is published: a listener must not serve before its routes are back.
     let restoring = previous.is_none().then(|| control.begin_import());
+    // The routes made at run time before the last stop (an upgrade brought them along).
+    match saved {
+        Some(file) if restoring.is_none() => control.save_routes_in(file),
+        Some(file) if control.shared().settings.resume => control.resume(file),
+        Some(file) => control.save_routes_in(file.untouched()),
+        None => {}
+    }
     for (fd, addr, pinned) in systemd.listeners {
         control.adopt_listener(fd, addr, pinned);
     }
@@ -409,13 +418,13 @@ fn bind_admin(path: &Path) -> Result<std::os::unix::net::UnixListener, StartErro
     net::stream_listener(path).map(std::os::unix::net::UnixListener::from).map_err(failed)
 }
 
-/// The state directory (ACME's account and certificates), created 0700 before
-/// the sandbox limits writing to it, when ACME is configured (`--acme-email`);
-/// owned by `--user` when portmux becomes that user. A failure is reported;
-/// only ACME needs it.
-fn prepare_state_dir(settings: &Settings) {
-    if settings.acme.email.is_none() {
-        return;
+/// The state directory (the routes made at run time, ACME's account and
+/// certificates), created 0700 before the sandbox limits writing to it; owned
+/// by `--user` when portmux becomes that user. A failure is reported (and
+/// nothing is kept there); portmux serves without it.
+fn prepare_state_dir(settings: &Settings) -> bool {
+    if settings.seamless {
+        return false; // seamless mode is its command line, nothing more.
     }
     let dir = &settings.state_dir;
     // Another user's directory, or one others may write to, could hold
@@ -429,13 +438,13 @@ fn prepare_state_dir(settings: &Settings) {
             .map_or_else(|| rustix::process::geteuid().as_raw(), |(uid, _)| uid);
         let mode = meta.permissions().mode();
         if !meta.is_dir() || (meta.uid() != owner && meta.uid() != 0) || mode & 0o022 != 0 {
-            tracing::warn!(dir = %dir.display(), "the state directory (--state-dir) is not a directory of portmux's user that only it may write to (mode {:o}, owner uid {}); ACME certificates cannot be kept", mode & 0o7777, meta.uid());
-            return;
+            tracing::warn!(dir = %dir.display(), "the state directory (--state-dir) is not a directory of portmux's user that only it may write to (mode {:o}, owner uid {}); routes made at run time and ACME certificates cannot be kept", mode & 0o7777, meta.uid());
+            return false;
         }
     }
     if let Err(e) = crate::tls::acme::create_private_dir(dir) {
-        tracing::warn!(dir = %dir.display(), "cannot create the state directory (--state-dir): {e}; ACME certificates cannot be kept");
-        return;
+        tracing::warn!(dir = %dir.display(), "cannot create the state directory (--state-dir): {e}; routes made at run time and ACME certificates cannot be kept");
+        return false;
     }
     if let Some((uid, gid)) = settings.user.as_deref().and_then(crate::config::policy::user_ids)
         && rustix::process::geteuid().is_root()
@@ -443,6 +452,7 @@ fn prepare_state_dir(settings: &Settings) {
     {
         tracing::warn!(dir = %dir.display(), "cannot give the state directory to --user: {e}");
     }
+    true
 }
 
 /// The control socket's directory: created if missing, and checked when it

@@ -96,8 +96,11 @@ pub struct Settings {
     pub cert_dirs: Vec<PathBuf>,
     /// How often the session-ticket key is replaced (the previous one still opens tickets).
     pub ticket_rotation: Duration,
-    /// Where portmux keeps what must survive it (ACME's account and certificates).
+    /// Where portmux keeps what must survive it (the routes made at run time,
+    /// ACME's account and certificates).
     pub state_dir: PathBuf,
+    /// Recreate the routes kept in the state directory at start (`--no-resume`: start without them).
+    pub resume: bool,
     /// Certificates from ACME (`https://HOST?acme`).
     pub acme: AcmeSettings,
     /// The per-request engine's limits and habits.
@@ -235,6 +238,7 @@ impl Settings {
             cert_dirs: CERT_DIRS.iter().map(PathBuf::from).collect(),
             ticket_rotation: Duration::from_secs(12 * 3600),
             state_dir: default_state_dir(),
+            resume: true,
             acme: AcmeSettings {
                 directory: LETS_ENCRYPT.into(),
                 email: None,

@@ -85,6 +85,10 @@ pub struct Control {
     persist_due: Cell<bool>,
     pub(super) sockets: RefCell<Sockets>,
     pub(super) state_file: RefCell<Option<systemd::StateFile>>,
+    /// The run-time routes' file in the state directory (`saved.rs`).
+    pub(super) saved: RefCell<Option<super::saved::RouteFile>>,
+    /// The routes the config file made (not saved; a reload may change them).
+    pub(super) file_routes: RefCell<std::collections::BTreeSet<crate::route::RouteKey>>,
     /// Deadlines may have changed: the timer recomputes its sleep.
     timer: Notify,
     /// An ack arrived (waited for while stopping).
@@ -146,6 +150,8 @@ impl Control {
             persist_due: Cell::new(false),
             sockets: RefCell::new(sockets),
             state_file: RefCell::new(None),
+            saved: RefCell::new(None),
+            file_routes: RefCell::default(),
             timer: Notify::new(),
             acked: Notify::new(),
             lifecycle: watch::Sender::new(Lifecycle::Serving),
@@ -252,6 +258,7 @@ impl Control {
         }
         if self.persist_due.take() {
             self.persist();
+            self.save_routes();
         }
         self.shared.admission.parked.store(self.parking.len(), std::sync::atomic::Ordering::Relaxed);
         self.timer.notify_one();
@@ -344,16 +351,6 @@ impl Control {
             ports.insert(port.listener, Arc::new(routes));
         }
         self.shared.publish(Table { ports });
-    }
-
-    /// Keeps the routes in the fd store (under systemd).
-    fn persist(&self) {
-        if let Some(file) = self.state_file.borrow_mut().as_mut() {
-            let routes = self.core.borrow().route_messages(Instant::now());
-            if let Err(e) = file.write(&routes) {
-                tracing::warn!("cannot keep the route state in the fd store: {e}");
-            }
-        }
     }
 
     fn deliver(self: &Rc<Self>, session: SessionId, desc: ConnDesc, attempt: u64) {
@@ -748,16 +745,6 @@ impl Control {
             settings.workers,
             settings.bind
         )
-    }
-
-    /// Keeps the routes in `file` (in systemd's fd store) from now on.
-    pub fn keep_state_in(&self, file: systemd::StateFile) {
-        *self.state_file.borrow_mut() = Some(file);
-    }
-
-    /// Whether the routes are kept in a file in the fd store.
-    pub fn keeps_state(&self) -> bool {
-        self.state_file.borrow().is_some()
     }
 
     /// Whether portmux created the control and admin sockets' files (it removes them on a clean stop).

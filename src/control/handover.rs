@@ -463,6 +463,17 @@ impl Control {
     /// connections queue until the service (its client library reconnects by
     /// itself) registers again.
     pub fn restore(self: &Rc<Self>, routes: Vec<Handover>) {
+        let restored = self.restore_from(routes, "the fd store");
+        if restored > 0 {
+            tracing::info!(
+                routes = restored,
+                "restored the routes kept in the fd store; services' routes wait for them"
+            );
+        }
+    }
+
+    /// Recreates routes kept in `from`; how many came back (each failure is logged).
+    pub(super) fn restore_from(self: &Rc<Self>, routes: Vec<Handover>, from: &str) -> usize {
         let mut restored = 0;
         for msg in routes {
             let result = match msg {
@@ -484,15 +495,10 @@ impl Control {
             };
             match result {
                 Ok(()) => restored += 1,
-                Err((route, e)) => tracing::warn!(%route, "cannot restore the route: {e}"),
+                Err((route, e)) => tracing::warn!(%route, "cannot restore the route from {from}: {e}"),
             }
         }
-        if restored > 0 {
-            tracing::info!(
-                routes = restored,
-                "restored the routes kept in the fd store; services' routes wait for them"
-            );
-        }
+        restored
     }
 
     /// A service's route from the fd store, reserved for its owner `uid`.

@@ -9,6 +9,8 @@
 //! - [`views`]: what the admin API shows;
 //! - [`handover`]: the state's way to a new process (upgrades) and back from
 //!   the fd store (crashes);
+//! - [`saved`]: what survives a restart: the fd store, and the run-time
+//!   routes' file in the state directory;
 //! - [`error`]: why something was refused, typed.
 
 pub mod acme;
@@ -19,6 +21,7 @@ pub mod error;
 pub mod handover;
 mod idle;
 mod parking;
+pub mod saved;
 mod session;
 pub mod views;
 

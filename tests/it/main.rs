@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod acme;
+mod config;
 mod direct;
 mod engine;
 mod ffi;

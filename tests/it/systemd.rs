@@ -131,7 +131,9 @@ fn after_a_crash_systemd_restarts_portmux_and_no_queued_connection_is_lost() {
     let dir = TempDir::new();
     let control = dir.path().join("control.sock");
     let control_arg = control.to_str().unwrap();
-    let manager = Manager::start(&["run", "--bind", "127.0.0.1", "--control", control_arg]);
+    let state = dir.path().join("state");
+    let state = state.to_str().unwrap();
+    let manager = Manager::start(&["run", "--bind", "127.0.0.1", "--control", control_arg, "--state-dir", state]);
     let first = pid_of(&manager.wait("STARTED pid="));
     let ready = manager.wait(" ready: ");
     let admin_addr = admin_from_ready(&ready).unwrap();
@@ -211,6 +213,8 @@ impl Activated {
             .args(["systemd-socket-activate", "-l", &listen])
             .args(["--fdname=web", env!("CARGO_BIN_EXE_portmux"), "run", "--bind", "127.0.0.1", "--linger", "1s"])
             .args(["--control", control_arg])
+            .arg("--state-dir")
+            .arg(control.with_file_name("state"))
             .env("RUST_LOG", "info,portmux=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

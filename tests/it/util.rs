@@ -187,10 +187,6 @@ impl Portmux {
     pub fn start_at(control: &Path, extra: &[&str], dir: Option<TempDir>) -> Result<Portmux, String> {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_portmux"));
         cmd.args(["run", "--bind", "127.0.0.1", "--control"]).arg(control).args(extra).env_remove("PORTMUX_CONTROL");
-        if !extra.contains(&"--state-dir") {
-            // Tests keep their state beside their control socket, never in /var/lib.
-            cmd.arg("--state-dir").arg(control.with_file_name("state"));
-        }
         Portmux::spawn(cmd, control, dir)
     }
 
@@ -215,6 +211,11 @@ impl Portmux {
 
     /// Starts a prepared command.
     pub fn spawn(mut cmd: Command, control: &Path, dir: Option<TempDir>) -> Result<Portmux, String> {
+        let args: Vec<&std::ffi::OsStr> = cmd.get_args().collect();
+        if args.contains(&"run".as_ref()) && !args.contains(&"--state-dir".as_ref()) {
+            // Tests keep their state beside their control socket, never in /var/lib.
+            cmd.arg("--state-dir").arg(control.with_file_name("state"));
+        }
         cmd.env("RUST_LOG", std::env::var("IT_LOG").unwrap_or_else(|_| "info,portmux=debug".into()))
             .env_remove("PORTMUX_ADMIN");
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|e| e.to_string())?;
