@@ -31,7 +31,7 @@ pub enum Reply {
     /// A complete HTTP/1.1 response with `Connection: close`.
     Http { status: u16, body: String },
     /// A permanent redirect (308) to `location`, with `Connection: close`.
-    Redirect { location: String },
+    Redirect { location: String, status: u16 },
     /// A fatal TLS alert record.
     TlsAlert(u8),
     /// Nothing to say: FIN after draining.
@@ -101,7 +101,25 @@ impl Reply {
     /// `https://` on the default port, same host and target.
     pub fn to_https(host: &str, target: &str) -> Reply {
         let target = if target.starts_with('/') { target } else { "/" };
-        Reply::Redirect { location: format!("https://{host}{target}") }
+        Reply::Redirect { location: format!("https://{host}{target}"), status: 308 }
+    }
+
+    /// What a redirect route (`?redirect=`) answers to a request for `target`
+    /// on `host`: https on the same host and target, or its URL (with the
+    /// target appended unless `redirect_path=discard`), with its status.
+    pub fn redirect(spec: &portmux_wire::RouteSpec, host: Option<&str>, target: &str) -> Reply {
+        let status = spec.redirect_code.as_deref().and_then(|c| c.parse().ok()).unwrap_or(308);
+        let target = if target.starts_with('/') { target } else { "/" };
+        match spec.redirect.as_deref() {
+            Some("https") | None => match host {
+                Some(host) => Reply::Redirect { location: format!("https://{host}{target}"), status },
+                None => Reply::bad_request("a redirect to https needs the Host header"),
+            },
+            Some(url) if spec.redirect_path.as_deref() == Some("discard") => {
+                Reply::Redirect { location: url.to_string(), status }
+            }
+            Some(url) => Reply::Redirect { location: format!("{}{target}", url.trim_end_matches('/')), status },
+        }
     }
 
     pub fn tls_alert(description: u8) -> Reply {
@@ -133,11 +151,17 @@ impl Reply {
                     .into_bytes(),
                 )
             }
-            Reply::Redirect { location } => {
+            Reply::Redirect { location, status } => {
                 let body = format!("portmux: moved to {location}\n");
+                let reason = match status {
+                    301 => "Moved Permanently",
+                    302 => "Found",
+                    307 => "Temporary Redirect",
+                    _ => "Permanent Redirect",
+                };
                 Some(
                     format!(
-                        "HTTP/1.1 308 Permanent Redirect\r\nServer: portmux\r\nLocation: {location}\r\n\
+                        "HTTP/1.1 {status} {reason}\r\nServer: portmux\r\nLocation: {location}\r\n\
                          Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                         body.len()
                     )

@@ -134,10 +134,7 @@ impl Client {
             return l7::answer(StatusCode::NOT_FOUND, "no such ACME challenge is pending");
         }
         if route.spec.redirect.is_some() {
-            return l7::reply(match &host {
-                Some(host) => Reply::to_https(host, &target),
-                None => Reply::bad_request("a redirect to https needs the Host header"),
-            });
+            return l7::reply(Reply::redirect(&route.spec, host.as_deref(), &target));
         }
         let meta = self.meta(host, target, route.key.to_string());
         targets::send(self, req, &route, meta, upgrade).await

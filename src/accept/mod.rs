@@ -371,10 +371,7 @@ async fn route(
         return Box::pin(reply::send(fd, answer)).await;
     }
     if route.spec.redirect.is_some() {
-        let answer = match (&meta.host, &meta.path) {
-            (Some(host), Some(path)) => reply::Reply::to_https(host, path),
-            _ => reply::Reply::bad_request("a redirect to https needs the Host header"),
-        };
+        let answer = reply::Reply::redirect(&route.spec, meta.host.as_deref(), meta.path.as_deref().unwrap_or("/"));
         return Box::pin(reply::send(fd, answer)).await;
     }
     if meta.proto == Proto::Http

@@ -46,8 +46,9 @@ pub fn reply(r: Reply) -> Response<RespBody> {
         Reply::Http { status, body } => {
             text_response(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body)
         }
-        Reply::Redirect { location } => {
-            let mut resp = text_response(StatusCode::PERMANENT_REDIRECT, format!("portmux: moved to {location}\n"));
+        Reply::Redirect { location, status } => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::PERMANENT_REDIRECT);
+            let mut resp = text_response(status, format!("portmux: moved to {location}\n"));
             if let Ok(v) = header::HeaderValue::from_str(&location) {
                 resp.headers_mut().insert(header::LOCATION, v);
             }

@@ -15,7 +15,12 @@
 //! `cert=FILE&key=FILE`, from the service that registers it (sent with the
 //! registration), or from ACME (`acme`), and asks clients for a certificate
 //! signed by `client_ca=FILE`. `redirect=https` makes an `http://` route
-//! answer every request with a redirect to the same URL on https.
+//! answer every request with a redirect to the same URL on https;
+//! `redirect=URL` (escaped) to that URL, with the request's path and query
+//! appended unless `redirect_path=discard`; `redirect_code=301|302|307|308`
+//! (308 by default). Routes with backends may check them actively:
+//! `health=/PATH` (HTTP GET) or `health=tcp`, with `health_interval=`,
+//! `health_timeout=`, `health_status=`, `health_rise=` and `health_fall=`.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -117,8 +122,24 @@ pub struct RouteSpec {
     /// `https://`: the certificate comes from ACME. `http://` (with no
     /// backends): portmux answers ACME's HTTP-01 challenges there.
     pub acme: bool,
-    /// `http://`: every request is redirected; the only value is `https`.
+    /// `http://`: every request is redirected: `https` (the same host and
+    /// target over https), or an absolute `http(s)://` URL.
     pub redirect: Option<String>,
+    /// The redirect's status: 301, 302, 307 or 308 (the default).
+    pub redirect_code: Option<String>,
+    /// `discard`: a redirect to a URL drops the request's path and query
+    /// (`keep`, the default, appends them to the URL).
+    pub redirect_path: Option<String>,
+    /// Active health checks of the backends: `/PATH` (HTTP GET) or `tcp` (a connect).
+    pub health: Option<String>,
+    /// How often each backend is checked (`3s` by default), and how long a check may take (`10s`).
+    pub health_interval: Option<String>,
+    pub health_timeout: Option<String>,
+    /// The status an HTTP check expects (200 by default).
+    pub health_status: Option<String>,
+    /// Checks in a row that bring a backend back (`rise`, 1 by default) or take it out (`fall`, 1).
+    pub health_rise: Option<String>,
+    pub health_fall: Option<String>,
     /// Load-balancing policy among backends: `round_robin` (default) or `least_conn`.
     pub lb: Option<String>,
     /// PROXY protocol header sent to backends: `v1` or `v2`.
@@ -174,6 +195,9 @@ impl RouteSpec {
         (s.bind, s.name, s.lb, s.proxy) = (None, None, None, None);
         (s.mode, s.backend_proto, s.forwarded) = (None, None, None);
         (s.cert, s.key, s.client_ca, s.acme, s.redirect) = (None, None, None, false, None);
+        (s.redirect_code, s.redirect_path) = (None, None);
+        (s.health, s.health_interval, s.health_timeout, s.health_status) = (None, None, None, None);
+        (s.health_rise, s.health_fall) = (None, None);
         s.to_string()
     }
 
@@ -230,6 +254,14 @@ impl fmt::Display for RouteSpec {
             ("key", &self.key),
             ("client_ca", &self.client_ca),
             ("redirect", &self.redirect),
+            ("redirect_code", &self.redirect_code),
+            ("redirect_path", &self.redirect_path),
+            ("health", &self.health),
+            ("health_interval", &self.health_interval),
+            ("health_timeout", &self.health_timeout),
+            ("health_status", &self.health_status),
+            ("health_rise", &self.health_rise),
+            ("health_fall", &self.health_fall),
             ("mode", &self.mode),
             ("backend_proto", &self.backend_proto),
             ("forwarded", &self.forwarded),
@@ -297,6 +329,14 @@ fn parse(spec: &str) -> Result<RouteSpec, String> {
         client_ca: None,
         acme: false,
         redirect: None,
+        redirect_code: None,
+        redirect_path: None,
+        health: None,
+        health_interval: None,
+        health_timeout: None,
+        health_status: None,
+        health_rise: None,
+        health_fall: None,
         lb: None,
         proxy: None,
         mode: None,
@@ -333,6 +373,19 @@ fn parse(spec: &str) -> Result<RouteSpec, String> {
     }
 
     parse_query(query, &mut out)?;
+    if out.redirect.is_none() && (out.redirect_code.is_some() || out.redirect_path.is_some()) {
+        return Err("redirect_code= and redirect_path= go with redirect=".into());
+    }
+    if out.redirect.as_deref() == Some("https") && out.redirect_path.is_some() {
+        return Err("redirect=https always keeps the path; redirect_path= goes with redirect=URL".into());
+    }
+    let health_options = [&out.health_interval, &out.health_timeout, &out.health_status, &out.health_rise];
+    if out.health.is_none() && (health_options.iter().any(|o| o.is_some()) || out.health_fall.is_some()) {
+        return Err("health_interval=, health_timeout=, health_status=, health_rise= and health_fall= go with health=/PATH or health=tcp".into());
+    }
+    if out.health.as_deref() == Some("tcp") && out.health_status.is_some() {
+        return Err("health_status= is for HTTP checks (health=/PATH), not health=tcp".into());
+    }
 
     let tls_options = out.cert.is_some() || out.key.is_some() || out.client_ca.is_some() || out.acme;
     let http_acme = scheme == Scheme::Http && out.acme && out.cert.is_none() && out.key.is_none();
@@ -435,10 +488,48 @@ fn parse_query(query: &str, out: &mut RouteSpec) -> Result<(), String> {
             "key" => &mut out.key,
             "client_ca" => &mut out.client_ca,
             "redirect" => {
-                if v != "https" {
-                    return Err(format!("redirect='{v}' is not supported; the only redirect is redirect=https"));
+                if v != "https" && !is_redirect_url(&v) {
+                    return Err(format!(
+                        "redirect='{v}' is neither https nor an absolute URL; write redirect=https or redirect=https://HOST/…"
+                    ));
                 }
                 &mut out.redirect
+            }
+            "redirect_code" => {
+                if !matches!(v.as_str(), "301" | "302" | "307" | "308") {
+                    return Err(format!("redirect_code={v} is not a redirect; use 301, 302, 307 or 308"));
+                }
+                &mut out.redirect_code
+            }
+            "redirect_path" => {
+                if !matches!(v.as_str(), "keep" | "discard") {
+                    return Err(format!("redirect_path='{v}' is not keep or discard"));
+                }
+                &mut out.redirect_path
+            }
+            "health" => {
+                if v != "tcp" && !(v.starts_with('/') && v.bytes().all(|b| b.is_ascii_graphic())) {
+                    return Err(format!("health='{v}' is not a check; write health=/PATH (HTTP GET) or health=tcp"));
+                }
+                &mut out.health
+            }
+            "health_interval" | "health_timeout" => {
+                if parse_duration(&v).is_none_or(|d| d.is_zero() || d.as_secs() > 86_400) {
+                    return Err(format!("{k}='{v}' is not a duration; write e.g. 500ms, 3s or 1m (at most a day)"));
+                }
+                if k == "health_interval" { &mut out.health_interval } else { &mut out.health_timeout }
+            }
+            "health_status" => {
+                if !v.parse::<u16>().is_ok_and(|s| (100..=599).contains(&s)) {
+                    return Err(format!("health_status={v} is not an HTTP status (100-599)"));
+                }
+                &mut out.health_status
+            }
+            "health_rise" | "health_fall" => {
+                if !v.parse::<u32>().is_ok_and(|n| (1..=100).contains(&n)) {
+                    return Err(format!("{k}={v} is not a count of checks (1-100)"));
+                }
+                if k == "health_rise" { &mut out.health_rise } else { &mut out.health_fall }
             }
             "lb" => {
                 if !matches!(v.as_str(), "round_robin" | "least_conn") {
@@ -484,7 +575,7 @@ fn parse_query(query: &str, out: &mut RouteSpec) -> Result<(), String> {
             }
             _ => {
                 return Err(format!(
-                    "unknown option '{k}'; known options are name, bind, lb, proxy, cert, key, client_ca, acme, redirect, mode, backend_proto and forwarded"
+                    "unknown option '{k}'; known options are name, bind, lb, proxy, cert, key, client_ca, acme, redirect, redirect_code, redirect_path, health, health_interval, health_timeout, health_status, health_rise, health_fall, mode, backend_proto and forwarded"
                 ));
             }
         };
@@ -511,7 +602,31 @@ pub fn validate_service_name(name: &str) -> Result<(), String> {
     }
 }
 
-fn escape_query(v: &str) -> String {
+/// An absolute `http://` or `https://` URL with a host, as a redirect's target.
+fn is_redirect_url(v: &str) -> bool {
+    let rest = v.strip_prefix("https://").or_else(|| v.strip_prefix("http://"));
+    rest.is_some_and(|r| {
+        let host = r.split(['/', '?']).next().unwrap_or("");
+        !host.is_empty() && v.bytes().all(|b| b.is_ascii_graphic())
+    })
+}
+
+/// `N` followed by `ms`, `s`, `m` or `h` (the durations route options take).
+pub fn parse_duration(v: &str) -> Option<std::time::Duration> {
+    let digits = v.bytes().take_while(u8::is_ascii_digit).count();
+    let n: u64 = v[..digits].parse().ok()?;
+    let ms = match &v[digits..] {
+        "ms" => n,
+        "s" => n.checked_mul(1000)?,
+        "m" => n.checked_mul(60_000)?,
+        "h" => n.checked_mul(3_600_000)?,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_millis(ms))
+}
+
+/// Escapes a route option's value (the inverse of the parser's %-decoding).
+pub fn escape_query(v: &str) -> String {
     let mut s = String::with_capacity(v.len());
     for b in v.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'~' | b'/' | b':') {
@@ -718,7 +833,7 @@ mod tests {
         assert!(err("http://x.test?client_ca=/ca").contains("belong to https://"));
         assert!(p("http://:80/.well-known/acme-challenge?acme").acme, "where portmux answers HTTP-01");
         assert!(err("https://x.test?redirect=https").contains("belongs to http://"));
-        assert!(err("http://x.test?redirect=ftp").contains("only redirect"));
+        assert!(err("http://x.test?redirect=ftp").contains("neither https nor an absolute URL"));
         assert!(err("https://x.test?acme=maybe").contains("takes no value"));
         assert!(err("https://x.test?acme=fooacme").contains("takes no value"));
         let acme = p("https://x.test?acme");
@@ -798,5 +913,34 @@ mod tests {
         let fits = format!("https://a.test/?key=/k&cert=/{}", "\u{e9}".repeat(300));
         let parsed = RouteSpec::parse(&fits).unwrap();
         assert_eq!(RouteSpec::parse(&parsed.to_string()).unwrap(), parsed);
+    }
+
+    #[test]
+    fn redirects_and_health_checks_are_options_that_round_trip() {
+        let r =
+            p("http://old.test?redirect=https%3A%2F%2Fnew.test%2Fbase%3Fa%3D1&redirect_code=301&redirect_path=discard");
+        assert_eq!(r.redirect.as_deref(), Some("https://new.test/base?a=1"));
+        assert_eq!(RouteSpec::parse(&r.to_string()).unwrap(), r);
+        assert_eq!(r.identity(), p("http://old.test").identity(), "options do not change what a route matches");
+        let h =
+            p("http://a.test?health=/healthz&health_interval=500ms&health_timeout=2s&health_status=204&health_fall=3");
+        assert_eq!(h.health.as_deref(), Some("/healthz"));
+        assert_eq!(RouteSpec::parse(&h.to_string()).unwrap(), h);
+        assert_eq!(parse_duration("500ms"), Some(std::time::Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Some(std::time::Duration::from_secs(120)));
+        for (bad, says) in [
+            ("http://a.test?redirect=ftp://x", "neither https nor an absolute URL"),
+            ("http://a.test?redirect=https&redirect_code=303", "not a redirect; use 301"),
+            ("http://a.test?redirect_code=301", "go with redirect="),
+            ("http://a.test?redirect=https&redirect_path=discard", "always keeps the path"),
+            ("tcp://:9?health=tcp&health_status=200", "for HTTP checks"),
+            ("tcp://:9?health=ping", "not a check"),
+            ("tcp://:9?health=tcp&health_interval=3", "not a duration"),
+            ("tcp://:9?health_fall=2", "go with health="),
+            ("tcp://:9?health=tcp&health_rise=0", "not a count"),
+        ] {
+            let e = RouteSpec::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 }

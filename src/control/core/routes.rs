@@ -525,7 +525,7 @@ impl Core {
         let answered = spec.redirect.is_some() || (spec.scheme == Scheme::Http && spec.acme);
         if answered != backends.is_empty() {
             let reason = if backends.is_empty() {
-                "a route with no backends must be a redirect (?redirect=https)"
+                "a route with no backends must be a redirect (?redirect=https or ?redirect=URL)"
             } else {
                 "a redirect (or ACME challenge) route answers every request itself and takes no backends"
             };
