@@ -2,6 +2,8 @@
 //! through the admin API, or run seamless mode.
 #![forbid(unsafe_code)]
 
+mod cli_file;
+
 use clap::{Parser, Subcommand};
 use portmux::admin::{self, AdminAddr, RouteView, TargetView};
 use portmux::config::{Limits, Settings};
@@ -50,6 +52,30 @@ enum Command {
         /// The new binary [default: the path the running portmux was started from]
         #[arg(long, value_name = "PATH")]
         binary: Option<PathBuf>,
+    },
+    /// Check a config file (TOML, or SRP's JSON) without running: prints each problem with
+    /// its line and column, and exits non-zero if there is one.
+    Check {
+        /// The file [default: /etc/portmux/portmux.toml]
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// toml or srp [default: told by the content]
+        #[arg(long, value_name = "FORMAT", value_parser = cli_file::parse_format)]
+        config_format: Option<portmux::config::file::Format>,
+        /// The port an SRP file's hosts are served on
+        #[arg(long, value_name = "PORT", default_value_t = 80)]
+        http_port: u16,
+    },
+    /// Re-read the running portmux's config file and apply what changed (as SIGHUP does);
+    /// a file with a problem is refused and the running configuration stays.
+    Reload {
+        /// Admin API of the running portmux: its socket's path, or a TCP address
+        /// [default: admin.sock beside the control socket]
+        #[arg(long, env = ADMIN_ENV, value_name = "PATH|ADDR")]
+        admin: Option<String>,
+        /// For a TCP admin address: the file with the bearer token that changes need
+        #[arg(long, env = "PORTMUX_ADMIN_TOKEN_FILE", value_name = "FILE")]
+        admin_token_file: Option<PathBuf>,
     },
     /// seamless mode: a TCP proxy on LISTEN_PORT to BACKENDS (round robin), switched
     /// with HTTP verbs on --http-port: /set?backends=, /add?backend=, /remove?backend=, /get.
@@ -299,11 +325,17 @@ struct RunArgs {
     /// Renew an ACME certificate this long before it expires (or with a third of its life left)
     #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = humantime::parse_duration)]
     acme_renew_before: Duration,
-    /// Config file (TOML): the [policy] that says which users may claim which ports,
-    /// hosts and service names [default: root and portmux's own uid claim anything,
-    /// other users unprivileged ports and nothing another user holds]
+    /// Config file: TOML ([run] settings, [policy], [api], [[route]]s) or SRP's JSON; flags
+    /// given here win over its settings; SIGHUP or `portmux reload` re-read it
+    /// [default: /etc/portmux/portmux.toml if it exists]
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// The config file's format: toml or srp [default: told by the content]
+    #[arg(long, value_name = "FORMAT", value_parser = cli_file::parse_format)]
+    config_format: Option<portmux::config::file::Format>,
+    /// The port the hosts of an SRP config file are served on (and 443 with ACME)
+    #[arg(long, value_name = "PORT", default_value_t = 80)]
+    http_port: u16,
     #[command(flatten)]
     common: Common,
 }
@@ -351,6 +383,8 @@ fn main() -> ExitCode {
         Command::Tcp(args) => seamless(*args),
         Command::Route { action, admin, admin_token_file } => route(action, admin, admin_token_file),
         Command::Upgrade { control, binary } => upgrade(control, binary),
+        Command::Check { config, config_format, http_port } => check(config, config_format, http_port),
+        Command::Reload { admin, admin_token_file } => reload(admin, admin_token_file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -390,15 +424,7 @@ fn settings(control: Option<PathBuf>, common: &Common) -> Settings {
     s.admin_public = common.admin_public;
     s.sandbox = !common.no_sandbox;
     s.user = common.user.clone();
-    // Started as root with --user, portmux's own uid (trusted like root's) is that user's.
-    if let Some((uid, _)) = common
-        .user
-        .as_deref()
-        .filter(|_| rustix::process::geteuid().is_root())
-        .and_then(portmux::config::policy::user_ids)
-    {
-        s.policy = std::sync::Arc::new(portmux::config::policy::Policy::builtin(uid));
-    }
+    s.policy = std::sync::Arc::new(portmux::config::policy::Policy::builtin(own_uid(common)));
     s.drain = common.drain;
     s.upgrade_timeout = common.upgrade_timeout;
     s.handoff_patience = common.handoff_patience;
@@ -409,8 +435,17 @@ fn settings(control: Option<PathBuf>, common: &Common) -> Settings {
     s
 }
 
-fn run(args: RunArgs) -> Result<(), String> {
-    init_logging(&args.common.log);
+/// portmux's own uid, trusted like root's: started as root with --user, that user's.
+fn own_uid(common: &Common) -> u32 {
+    common
+        .user
+        .as_deref()
+        .filter(|_| rustix::process::geteuid().is_root())
+        .and_then(portmux::config::policy::user_ids)
+        .map_or_else(|| rustix::process::getuid().as_raw(), |(uid, _)| uid)
+}
+
+fn run(first: RunArgs) -> Result<(), String> {
     // Started by an upgrade, the previous process learns why this one cannot start.
     let report = |e: String| {
         if let Ok(Some(fd)) = portmux::upgrade::inherited() {
@@ -418,6 +453,14 @@ fn run(args: RunArgs) -> Result<(), String> {
         }
         e
     };
+    let cx = portmux::config::file::Context {
+        own_uid: own_uid(&first.common),
+        http_port: first.http_port,
+        acme: first.acme_email.is_some(),
+    };
+    let argv = std::env::args_os().collect();
+    let (args, file) = cli_file::resolve(argv, first.config.as_deref(), first.config_format, cx).map_err(report)?;
+    init_logging(&args.common.log);
     let control = args.control.unwrap_or_else(default_control);
     let mut s = settings(Some(control.clone()), &args.common);
     s.admin_socket = match args.admin_socket {
@@ -448,10 +491,16 @@ fn run(args: RunArgs) -> Result<(), String> {
         http_port: args.acme_http_port,
         renew_before: args.acme_renew_before,
     };
-    if let Some(path) = &args.config {
-        let policy = portmux::config::file::load(path, s.policy.own_uid()).map_err(|e| report(e.to_string()))?;
-        s.policy = std::sync::Arc::new(policy);
-        s.config_file = Some(path.clone());
+    s.http_port = args.http_port;
+    s.config_format = args.config_format;
+    if let Some((path, config)) = file {
+        tracing::info!(file = %path.display(), routes = config.routes.len(), "config file read");
+        s.policy = std::sync::Arc::new(config.policy);
+        s.file_routes = config.routes;
+        s.file_settings = config.settings;
+        s.file_policy = config.policy_text;
+        s.api_subnets = config.api_subnets;
+        s.config_file = Some(path);
     }
     portmux::runtime::run(s).map_err(|e| e.to_string())
 }
@@ -508,7 +557,51 @@ fn upgrade(control: Option<PathBuf>, binary: Option<PathBuf>) -> Result<(), Stri
     }
 }
 
-fn route(action: RouteAction, admin: Option<String>, token_file: Option<PathBuf>) -> Result<(), String> {
+/// `portmux check`: the file as `portmux run` would take it, backends resolved.
+fn check(config: Option<PathBuf>, format: Option<portmux::config::file::Format>, http_port: u16) -> Result<(), String> {
+    let Some(path) = cli_file::path_of(config.as_deref()) else {
+        return Err(format!(
+            "no config file: {} does not exist (name one with --config)",
+            portmux::config::file::DEFAULT_PATH
+        ));
+    };
+    let cx = portmux::config::file::Context { own_uid: rustix::process::getuid().as_raw(), http_port, acme: false };
+    let argv = ["portmux", "run", "--config"].map(std::ffi::OsString::from).into_iter().chain([path.clone().into()]);
+    let (_, file) = cli_file::resolve(argv.collect(), Some(&path), format, cx)?;
+    let (_, config) = file.expect("a file was named");
+    let unresolved: Vec<String> = config
+        .routes
+        .iter()
+        .flat_map(|r| r.backends.iter().map(move |b| (r, b)))
+        .filter_map(|(r, b)| b.resolve().err().map(|e| format!("\n  line {}, column {}: {e}", r.at.line, r.at.column)))
+        .collect();
+    if !unresolved.is_empty() {
+        return Err(format!("config file {}:{}", path.display(), unresolved.concat()));
+    }
+    println!(
+        "{}: OK ({:?}; {} settings, {} routes, {} /services subnets)",
+        path.display(),
+        config.format,
+        config.settings.len(),
+        config.routes.len(),
+        config.api_subnets.len()
+    );
+    Ok(())
+}
+
+/// `portmux reload`: the running portmux re-reads its config file.
+fn reload(admin: Option<String>, token_file: Option<PathBuf>) -> Result<(), String> {
+    let addr = admin_addr(admin, token_file)?;
+    let (status, body) = admin::request(&addr, "POST", "/reload", Some("{}"))?;
+    let value: serde_json::Value = serde_json::from_str(&body).map_err(|_| format!("HTTP {status}: {body}"))?;
+    if status >= 400 {
+        return Err(value["error"].as_str().unwrap_or(&body).to_string());
+    }
+    println!("{}", value["summary"].as_str().unwrap_or(&body));
+    Ok(())
+}
+
+fn admin_addr(admin: Option<String>, token_file: Option<PathBuf>) -> Result<AdminAddr, String> {
     let token = match &token_file {
         Some(path) => {
             let text = zeroize::Zeroizing::new(
@@ -518,11 +611,14 @@ fn route(action: RouteAction, admin: Option<String>, token_file: Option<PathBuf>
         }
         None => None,
     };
-    let addr = match admin {
+    Ok(match admin {
         Some(text) => AdminAddr::parse(&text, token),
         None => AdminAddr::Unix(default_control().with_file_name("admin.sock")),
-    };
-    let addr = &addr;
+    })
+}
+
+fn route(action: RouteAction, admin: Option<String>, token_file: Option<PathBuf>) -> Result<(), String> {
+    let addr = &admin_addr(admin, token_file)?;
     let answer = match &action {
         RouteAction::Add { spec, backend } => {
             let backends: Vec<String> = match backend {

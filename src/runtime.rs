@@ -116,6 +116,11 @@ fn start(mut settings: Settings, handover: Option<OwnedFd>) -> Result<(), StartE
             .map_err(failed)?;
         routes.push((spec, backends));
     }
+    for r in settings.file_routes.iter().filter(|_| !upgraded) {
+        let failed = |reason: String| StartError::Route { route: r.spec.key(), reason };
+        let backends = r.backends.iter().map(|b| b.resolve().map(|e| (b.clone(), e))).collect::<Result<Vec<_>, _>>();
+        routes.push((r.spec.clone(), backends.map_err(failed)?));
+    }
     // Under systemd: sockets from socket activation or the fd store.
     let mut systemd = if upgraded { systemd::Inherited::default() } else { systemd::inherited()? };
     let mut sockets = Sockets::default();
@@ -326,6 +331,7 @@ async fn run_control(
     if let Some(importer) = restoring {
         control.end_import(importer);
     }
+    control.mark_file_routes();
     control.start_routes(routes).map_err(|(route, source)| StartError::InitialRoute { route, source })?;
     let upgraded = previous.is_some();
     if let Some((channel, importer)) = previous {
@@ -347,12 +353,15 @@ async fn run_control(
     Ok(control.serve(intake).await)
 }
 
-/// SIGTERM/SIGINT stop portmux; SIGUSR2 upgrades it.
+/// SIGTERM/SIGINT stop portmux; SIGHUP reloads the config file; SIGUSR2 upgrades it.
 async fn signals(control: Rc<Control>, upgrades: mpsc::UnboundedSender<crate::control::UpgradeRequest>) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut usr2)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::user_defined2()))
-    else {
+    let (Ok(mut term), Ok(mut int), Ok(mut usr2), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::user_defined2()),
+        signal(SignalKind::hangup()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop portmux with SIGKILL");
         return;
     };
@@ -365,6 +374,12 @@ async fn signals(control: Rc<Control>, upgrades: mpsc::UnboundedSender<crate::co
             _ = int.recv() => {
                 tracing::info!("SIGINT: stopping");
                 return control.request_exit(Exit::Stopped);
+            }
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the config file");
+                if let Err(e) = control.reload().await {
+                    tracing::error!("{e}");
+                }
             }
             _ = usr2.recv() => {
                 tracing::info!("SIGUSR2: upgrading");

@@ -297,12 +297,16 @@ async fn handle(
                 .map_err(AdminError::from),
         },
         (Method::GET, "/status") => Ok(json(StatusCode::OK, &control.status())),
+        (Method::POST, "/reload") => Ok(match control.reload().await {
+            Ok(done) => json(StatusCode::OK, &done),
+            Err(e) => error(StatusCode::BAD_REQUEST, e),
+        }),
         (Method::GET | Method::POST, verb @ ("/get" | "/set" | "/add" | "/remove")) => {
             return seamless(control, verb, &q)
                 .await
                 .unwrap_or_else(|m| text(StatusCode::BAD_REQUEST, format!("error: {m}\n")));
         }
-        (_, "/routes" | "/status" | "/get" | "/set" | "/add" | "/remove") => {
+        (_, "/routes" | "/status" | "/reload" | "/get" | "/set" | "/add" | "/remove") => {
             Err(AdminError::Method { method, path: path.to_string() })
         }
         (_, path) => Err(AdminError::NoEndpoint { method, path: path.to_string() }),

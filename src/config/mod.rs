@@ -6,6 +6,7 @@ pub mod file;
 pub mod limits;
 pub mod policy;
 mod secret;
+mod srp;
 
 pub use limits::Limits;
 pub use secret::Secret;
@@ -84,8 +85,20 @@ pub struct Settings {
     pub args: Vec<std::ffi::OsString>,
     /// Who may claim what (the config file's `[policy]`, or the built-in default).
     pub policy: std::sync::Arc<policy::Policy>,
-    /// The config file, if one was read (the sandbox lets portmux read it again).
+    /// The config file, if one was read (the sandbox lets portmux read it again), and its
+    /// format as `--config-format` named it (`None`: told by the content).
     pub config_file: Option<PathBuf>,
+    pub config_format: Option<file::Format>,
+    /// The config file's routes (created at start; a reload replaces them),
+    /// its `[run]` settings and its policy's text as read at start (a reload
+    /// says when they changed: they take effect at the next start or upgrade).
+    pub file_routes: Vec<file::FileRoute>,
+    pub file_settings: Vec<file::Setting>,
+    pub file_policy: String,
+    /// Clients that may read `/services` (the config file's `[api] subnets`).
+    pub api_subnets: Vec<ipnet::IpNet>,
+    /// The port an SRP config file's hosts are served on (`--http-port`).
+    pub http_port: u16,
     /// Apply the sandbox at start (`--no-sandbox` turns it off).
     pub sandbox: bool,
     /// Started as root, become this user (`--user`).
@@ -232,6 +245,12 @@ impl Settings {
             args: std::env::args_os().skip(1).collect(),
             policy: std::sync::Arc::new(policy::Policy::builtin(rustix::process::getuid().as_raw())),
             config_file: None,
+            config_format: None,
+            file_routes: Vec::new(),
+            file_settings: Vec::new(),
+            file_policy: String::new(),
+            api_subnets: Vec::new(),
+            http_port: 80,
             sandbox: true,
             user: None,
             sandboxed: None,

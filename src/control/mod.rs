@@ -9,6 +9,7 @@
 //! - [`views`]: what the admin API shows;
 //! - [`handover`]: the state's way to a new process (upgrades) and back from
 //!   the fd store (crashes);
+//! - [`reload`]: the config file read again, its difference applied;
 //! - [`saved`]: what survives a restart: the fd store, and the run-time
 //!   routes' file in the state directory;
 //! - [`error`]: why something was refused, typed.
@@ -21,6 +22,7 @@ pub mod error;
 pub mod handover;
 mod idle;
 mod parking;
+pub mod reload;
 pub mod saved;
 mod session;
 pub mod views;

@@ -75,3 +75,228 @@ fn routes_added_at_run_time_survive_a_restart_and_a_corrupt_state_file_is_set_as
     assert!(ok, "{err}");
     assert!(std::fs::read_to_string(state.join("routes.json")).unwrap().contains(&route));
 }
+
+fn limit(pm: &Portmux, flag: &str) -> u64 {
+    pm.status().limits.iter().find(|l| l.flag == flag).map(|l| l.limit).unwrap_or_else(|| panic!("no {flag}"))
+}
+
+fn header<'a>(r: &'a Response, name: &str) -> Option<&'a str> {
+    r.head.lines().find_map(|l| l.split_once(':').filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim()))
+}
+
+#[test]
+fn a_toml_file_declares_settings_routes_and_redirects_and_check_names_each_problem_by_line() {
+    let dir = TempDir::new();
+    let (_a, a) = Service::backend("a", &[]);
+    let port = free_port();
+    let file = dir.path().join("portmux.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"# settings are portmux run's flags
+[run]
+via = true
+max-parked = 5
+max-sessions = 7
+
+[[route]]
+spec = "http://app.test:{port}"
+backends = ["{a}"]
+
+[[route]]
+spec = "http://old.test:{port}"
+redirect = {{ url = "https://new.test/base", status = 301 }}
+
+[[route]]
+spec = "http://gone.test:{port}"
+redirect = {{ url = "https://elsewhere.test/", discard-path = true, status = 302 }}
+"#
+        ),
+    )
+    .unwrap();
+    let (ok, out, err) = run_cli(&["check", "--config", file.to_str().unwrap()]);
+    assert!(ok && out.contains("OK") && out.contains("3 routes"), "{out}{err}");
+    // Flags win over the file's settings.
+    let pm = Portmux::start(&["--config", file.to_str().unwrap(), "--max-sessions", "9"]);
+    assert_eq!((limit(&pm, "--max-parked"), limit(&pm, "--max-sessions")), (5, 9));
+    let r = get(port, "app.test", "/x").unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "a"));
+    assert_eq!(header(&r, "via"), Some("1.1 portmux"), "{}", r.head);
+    let r = get(port, "old.test", "/a/b?c=1").unwrap();
+    assert_eq!((r.status, header(&r, "location")), (301, Some("https://new.test/base/a/b?c=1")), "{}", r.head);
+    let r = get(port, "gone.test", "/a/b?c=1").unwrap();
+    assert_eq!((r.status, header(&r, "location")), (302, Some("https://elsewhere.test/")), "{}", r.head);
+    // The file's routes are not saved as run-time routes (the file says them again).
+    let saved = std::fs::read_to_string(pm.control().with_file_name("state").join("routes.json")).unwrap_or_default();
+    assert!(!saved.contains("app.test"), "{saved}");
+
+    // Each problem, with its line and column and what to write.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[run]\npeek-timeout = \"soon\"\nmax_parked = 3\n\n[[route]]\nspec = \"http://x.test?lb=fast\"\nbackends = [\"127.0.0.1:1\"]\n",
+    )
+    .unwrap();
+    let (ok, _, err) = run_cli(&["check", "--config", bad.to_str().unwrap()]);
+    assert!(!ok, "{err}");
+    assert!(err.contains("line 2, column 16: setting `peek-timeout`"), "{err}");
+    assert!(err.contains("line 3, column 14: unknown setting `max_parked`; write `max-parked`"), "{err}");
+    assert!(err.contains("line 6, column 8:") && err.contains("use lb=round_robin or lb=least_conn"), "{err}");
+    // And portmux does not start on it.
+    let (ok, _, err) = run_cli(&["run", "--config", bad.to_str().unwrap(), "--control", "/nonexistent/c.sock"]);
+    assert!(!ok && err.contains("line 2, column 16"), "{err}");
+}
+
+/// `portmux ARGS…` without a running portmux: (success, stdout, stderr).
+fn run_cli(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portmux")).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Keep-alive GETs from `clients` threads until `stop`, at most `max` each: (ok, failed, bodies seen).
+fn load(
+    port: u16,
+    host: &'static str,
+    clients: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<(usize, Vec<String>)>> {
+    (0..clients)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0, Vec::new());
+                let mut http = Http::connect(port);
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                    && ok < 200_000
+                    && std::time::Instant::now() < deadline
+                {
+                    match http.get(host, "/") {
+                        Ok(r) if r.status == 200 => ok += 1,
+                        Ok(r) => failed.push(format!("{} {}", r.status, r.body)),
+                        Err(e) => {
+                            failed.push(e.to_string());
+                            http = Http::connect(port);
+                        }
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn a_reload_under_load_applies_the_difference_and_a_bad_file_changes_nothing() {
+    let dir = TempDir::new();
+    let (_a, a) = Service::backend("a", &[]);
+    let (_b, b) = Service::backend("b", &[]);
+    let port = free_port();
+    let file = dir.path().join("portmux.toml");
+    let write = |routes: &str| std::fs::write(&file, routes).unwrap();
+    let route =
+        |host: &str, backends: &str| format!("[[route]]\nspec = \"http://{host}:{port}\"\nbackends = [{backends}]\n\n");
+    write(&(route("app.test", &format!("\"{a}\"")) + &route("old.test", &format!("\"{a}\""))));
+    let pm = Portmux::start(&["--config", file.to_str().unwrap()]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients = load(port, "app.test", 4, stop.clone());
+    pm.wait_for("requests flowing", |pm| {
+        pm.routes().iter().any(|r| r.route.contains("app.test"))
+            && get(port, "app.test", "/").is_ok_and(|r| r.status == 200)
+    });
+
+    // Add a backend and a route, remove a route: through `portmux reload`.
+    write(&(route("app.test", &format!("\"{a}\", \"{b}\"")) + &route("new.test", &format!("\"{b}\""))));
+    let (ok, out, err) = portmux_cli(&pm, &["reload"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("1 added, 1 changed, 1 removed"), "{out}");
+    assert_eq!(get(port, "new.test", "/").unwrap().body, "b");
+    assert_eq!(get(port, "old.test", "/").unwrap().status, 404);
+    let bodies: Vec<String> = (0..4).map(|_| get(port, "app.test", "/").unwrap().body).collect();
+    assert!(bodies.contains(&"b".to_string()), "the new backend serves: {bodies:?}");
+
+    // A bad file: refused with its line, the running configuration stays.
+    write(
+        &(route("app.test", &format!("\"{a}\""))
+            + "[[route]]\nspec = \"http://broken.test:99999\"\nbackends = [\"127.0.0.1:1\"]\n"),
+    );
+    let (ok, _, err) = portmux_cli(&pm, &["reload"]);
+    assert!(!ok && err.contains("line 6, column 8") && err.contains("the running configuration stays"), "{err}");
+    assert_eq!(backends_of(&pm, &format!("http://app.test:{port}")).len(), 2);
+    assert_eq!(get(port, "new.test", "/").unwrap().body, "b");
+
+    // A route a service holds is never taken by a reload; SIGHUP reloads too.
+    let svc_port = free_port();
+    let _svc = Service::hello(&pm, &format!("http://svc.test:{svc_port}"), "service", &[]);
+    write(
+        &(route("app.test", &format!("\"{b}\""))
+            + &format!("[[route]]\nspec = \"http://svc.test:{svc_port}\"\nbackends = [\"{a}\"]\n")),
+    );
+    let (ok, _, err) = portmux_cli(&pm, &["reload"]);
+    assert!(!ok && err.contains("is held by service"), "{err}");
+    write(&route("app.test", &format!("\"{b}\"")));
+    pm.signal(rustix::process::Signal::HUP);
+    pm.wait_for("SIGHUP applied the file", |pm| {
+        backends_of(pm, &format!("http://app.test:{port}")) == vec![b.to_string()]
+    });
+    assert_eq!(get(svc_port, "svc.test", "/").unwrap().body, "service", "the service keeps its route");
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for c in clients {
+        let (ok, failed) = c.join().unwrap();
+        assert!(failed.is_empty(), "requests failed during reloads: {failed:?}");
+        total += ok;
+    }
+    assert!(total > 0);
+}
+
+/// SRP's README example, with this test's backends and ports, read unchanged.
+#[test]
+fn an_srp_config_file_works_unchanged() {
+    let dir = TempDir::new();
+    let (_a, a) = Service::backend("www", &[]);
+    let (_b, b) = Service::backend("www", &[]);
+    let port = free_port();
+    let file = dir.path().join("config.json");
+    std::fs::write(
+        &file,
+        format!(
+            r#"{{
+	"Services": {{
+		"www.example.com": {{
+			"HealthPath": "/health",
+			"Backends": [
+				"{a}",
+				"{b}"
+			]
+		}},
+		"example.com": {{
+			"Redirect": {{
+				"URL": "https://www.example.com",
+				"DiscardPath": true,
+				"Permanent": true
+			}}
+		}}
+	}},
+	"API": {{
+		"Subnet": "10.128.0.0/24"
+	}}
+}}"#
+        ),
+    )
+    .unwrap();
+    let (ok, out, err) = run_cli(&["check", "--config", file.to_str().unwrap(), "--http-port", &port.to_string()]);
+    assert!(ok && out.contains("Srp"), "{out}{err}");
+    let pm = Portmux::start(&["--config", file.to_str().unwrap(), "--http-port", &port.to_string()]);
+    assert_eq!(get(port, "www.example.com", "/").unwrap().body, "www");
+    let r = get(port, "example.com", "/some/path").unwrap();
+    assert_eq!((r.status, header(&r, "location")), (301, Some("https://www.example.com")), "{}", r.head);
+    let routes = pm.routes();
+    let route = routes.iter().find(|r| r.route.starts_with("http://www.example.com")).expect("the SRP host is a route");
+    assert!(route.route.contains("health=/health"), "{}", route.route);
+}

@@ -1,0 +1,151 @@
+//! Reloading the config file (SIGHUP, `portmux reload`, `POST /reload`): the
+//! file is read and checked again, and the difference applied to the routes
+//! it made: new and changed routes set (a backend kept across the change
+//! keeps its counters, health and pooled connections), removed ones removed.
+//! Connections in flight finish on the route they started on: relays hold
+//! their backends, and each request of a per-request connection takes the
+//! table current when it arrives. Routes services claimed, and routes made
+//! through the admin API, are never touched. A file with a problem is refused
+//! as a whole, with its line and reason, and the running configuration stays.
+//! Settings (`[run]`) and the `[policy]` take effect at the next start or
+//! `portmux upgrade` (which re-reads the file); a reload says when they changed.
+
+use super::core::RouteTarget;
+use super::driver::Control;
+use crate::config::file::{self, Config, Context};
+use crate::forward::backend::Resolved;
+use crate::route::{RouteKey, route_key};
+use portmux_wire::RouteSpec;
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+
+/// What a reload did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Reloaded {
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub removed: Vec<String>,
+    pub unchanged: usize,
+    /// Settings and sections that changed but apply only at the next start or upgrade.
+    pub pending: Vec<String>,
+    pub summary: String,
+}
+
+impl Control {
+    /// Remembers which routes the config file made (at start, or after an upgrade).
+    pub fn mark_file_routes(&self) {
+        let bind = self.shared.settings.bind;
+        let keys = self.shared.settings.file_routes.iter().map(|r| route_key(&r.spec, bind)).collect();
+        *self.file_routes.borrow_mut() = keys;
+    }
+
+    /// Re-reads the config file and applies what changed.
+    pub async fn reload(self: &Rc<Self>) -> Result<Reloaded, String> {
+        let s = &self.shared.settings;
+        let Some(path) = s.config_file.clone() else {
+            return Err("portmux runs without a config file (start it with --config FILE); nothing to reload".into());
+        };
+        let cx = Context { own_uid: s.policy.own_uid(), http_port: s.http_port, acme: s.acme.email.is_some() };
+        let format = s.config_format;
+        // Reading and resolving may block (DNS): off the control thread.
+        let loaded = tokio::task::spawn_blocking(move || -> Result<(Config, Vec<(RouteSpec, Resolved)>), String> {
+            let config = file::load(&path, format, cx).map_err(|e| format!("{e}; the running configuration stays"))?;
+            let mut resolved = Vec::new();
+            for r in &config.routes {
+                let backends = r.backends.iter().map(|b| b.resolve().map(|e| (b.clone(), e)));
+                let backends = backends.collect::<Result<Vec<_>, _>>().map_err(|e| {
+                    format!(
+                        "config file {}:\n  line {}, column {}: {e}; the running configuration stays",
+                        path.display(),
+                        r.at.line,
+                        r.at.column
+                    )
+                })?;
+                resolved.push((r.spec.clone(), backends));
+            }
+            Ok((config, resolved))
+        })
+        .await
+        .map_err(|e| format!("the reload failed: {e}"))??;
+        self.apply_file(loaded.0, loaded.1)
+    }
+
+    fn apply_file(self: &Rc<Self>, config: Config, routes: Vec<(RouteSpec, Resolved)>) -> Result<Reloaded, String> {
+        let bind = self.shared.settings.bind;
+        let wanted: BTreeMap<RouteKey, (RouteSpec, Resolved)> =
+            routes.into_iter().map(|(spec, b)| (route_key(&spec, bind), (spec, b))).collect();
+        let ours = self.file_routes.borrow().clone();
+        // First everything that would refuse, so a refused reload changes nothing.
+        {
+            let core = self.core.borrow();
+            for (key, (spec, _)) in &wanted {
+                match core.routes().get(key).map(|r| &r.target) {
+                    Some(RouteTarget::Service(s)) => {
+                        return Err(format!(
+                            "{} is held by service '{}'; the config file cannot take it (the running configuration stays)",
+                            spec.key(),
+                            s.service
+                        ));
+                    }
+                    Some(RouteTarget::Backends(_)) if !ours.contains(key) => {
+                        tracing::info!(route = %spec.key(), "the config file now declares a route made at run time; the file's version replaces it");
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let mut done = Reloaded::default();
+        for (key, (spec, backends)) in wanted.iter() {
+            let same = self.core.borrow().routes().get(key).is_some_and(|r| match &r.target {
+                RouteTarget::Backends(pool) => {
+                    r.spec == *spec
+                        && pool.backends.len() == backends.len()
+                        && pool.backends.iter().zip(backends).all(|(b, (s, e))| b.spec == *s && b.endpoints == *e)
+                }
+                RouteTarget::Service(_) => false,
+            });
+            if same {
+                done.unchanged += 1;
+                continue;
+            }
+            let existed = self.core.borrow().routes().contains_key(key);
+            self.set_backends(spec.clone(), backends.clone())
+                .map_err(|e| format!("{}: {e} (routes before it in the file are applied)", spec.key()))?;
+            if existed { &mut done.changed } else { &mut done.added }.push(spec.key());
+        }
+        for key in ours.iter().filter(|k| !wanted.contains_key(*k)) {
+            let text = self.core.borrow().routes().get(key).map(|r| r.spec.to_string());
+            if let Some(text) = text
+                && let Ok(removed) = self.remove_route(&text)
+            {
+                done.removed.push(removed);
+            }
+        }
+        *self.file_routes.borrow_mut() = wanted.keys().cloned().collect::<BTreeSet<_>>();
+        let s = &self.shared.settings;
+        let before: BTreeSet<(&str, &[String])> =
+            s.file_settings.iter().map(|x| (x.key.as_str(), &x.values[..])).collect();
+        let now: BTreeSet<(&str, &[String])> =
+            config.settings.iter().map(|x| (x.key.as_str(), &x.values[..])).collect();
+        let changed: BTreeSet<&str> = before.symmetric_difference(&now).map(|(k, _)| *k).collect();
+        done.pending.extend(changed.into_iter().map(|k| format!("[run] {k}")));
+        if config.policy_text != s.file_policy {
+            done.pending.push("[policy]".into());
+        }
+        done.summary = format!(
+            "reloaded: {} added, {} changed, {} removed, {} unchanged{}",
+            done.added.len(),
+            done.changed.len(),
+            done.removed.len(),
+            done.unchanged,
+            if done.pending.is_empty() {
+                String::new()
+            } else {
+                format!("; {} take effect at the next start or `portmux upgrade`", done.pending.join(", "))
+            }
+        );
+        tracing::info!("{}", done.summary);
+        self.save_routes();
+        Ok(done)
+    }
+}
