@@ -89,6 +89,7 @@ pub struct Control {
     pub(super) saved: RefCell<Option<super::saved::RouteFile>>,
     /// The routes the config file made (not saved; a reload may change them).
     pub(super) file_routes: RefCell<std::collections::BTreeSet<crate::route::RouteKey>>,
+    pub(super) health: RefCell<super::health::Checks>,
     /// Deadlines may have changed: the timer recomputes its sleep.
     timer: Notify,
     /// An ack arrived (waited for while stopping).
@@ -152,6 +153,7 @@ impl Control {
             state_file: RefCell::new(None),
             saved: RefCell::new(None),
             file_routes: RefCell::default(),
+            health: RefCell::default(),
             timer: Notify::new(),
             acked: Notify::new(),
             lifecycle: watch::Sender::new(Lifecycle::Serving),
@@ -255,6 +257,7 @@ impl Control {
         }
         if self.publish_due.take() {
             self.publish();
+            self.sync_health();
         }
         if self.persist_due.take() {
             self.persist();

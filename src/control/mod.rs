@@ -5,6 +5,7 @@
 //! - [`driver`]: owns the core and the sockets it names, carries out its effects;
 //! - `session`: one service's control session (the protocol);
 //! - `parking`: the sockets of connections the core holds, and hang-up watches;
+//! - `health`: the active health checks routes ask for;
 //! - `idle`: connections services give back between requests;
 //! - [`views`]: what the admin API shows;
 //! - [`handover`]: the state's way to a new process (upgrades) and back from
@@ -20,6 +21,7 @@ pub mod core;
 pub mod driver;
 pub mod error;
 pub mod handover;
+mod health;
 mod idle;
 mod parking;
 pub mod reload;

@@ -3,7 +3,7 @@
 
 pub use crate::config::{BackendSpec, Resolved};
 use portmux_sys::net::Endpoint;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -76,6 +76,11 @@ pub struct Backend {
     connections: AtomicU64,
     failures: AtomicU64,
     down_until: AtomicU64,
+    /// Active health checks failed it (`health_fall` in a row) and have not
+    /// passed it again (`health_rise` in a row) since.
+    checked_down: AtomicBool,
+    /// Checks in a row that passed (> 0) or failed (< 0).
+    streak: AtomicI64,
 }
 
 impl Backend {
@@ -87,12 +92,42 @@ impl Backend {
             connections: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             down_until: AtomicU64::new(0),
+            checked_down: AtomicBool::new(false),
+            streak: AtomicI64::new(0),
         }
     }
 
-    /// Whether passive health currently skips it.
+    /// Whether health (active checks, or passive after a failed connect) currently skips it.
     pub fn is_down(&self) -> bool {
-        self.down_until.load(Ordering::Relaxed) > now_ms()
+        self.checked_down.load(Ordering::Relaxed) || self.down_until.load(Ordering::Relaxed) > now_ms()
+    }
+
+    /// Whether active checks have it in the rotation (true without checks).
+    pub fn passes_checks(&self) -> bool {
+        !self.checked_down.load(Ordering::Relaxed)
+    }
+
+    /// One active check's result; `Some(in rotation)` when it changes the
+    /// backend's state. A passing check also ends a passive cooldown (it
+    /// connected, and got the answer a check wants).
+    pub fn checked(&self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
+        if ok {
+            self.down_until.store(0, Ordering::Relaxed);
+        }
+        let streak = self.streak.load(Ordering::Relaxed);
+        let streak = match (ok, streak) {
+            (true, s) if s > 0 => s + 1,
+            (true, _) => 1,
+            (false, s) if s < 0 => s - 1,
+            (false, _) => -1,
+        };
+        self.streak.store(streak, Ordering::Relaxed);
+        let down = self.checked_down.load(Ordering::Relaxed);
+        let flip = if down { streak >= i64::from(rise) } else { streak <= -i64::from(fall) };
+        flip.then(|| {
+            self.checked_down.store(!down, Ordering::Relaxed);
+            down
+        })
     }
 
     /// A connect failed: skip it for `cooldown`.
@@ -211,6 +246,24 @@ mod tests {
             })
             .collect();
         BackendPool::new(backends, policy, None)
+    }
+
+    #[test]
+    fn checks_take_a_backend_out_after_fall_failures_and_back_after_rise_passes() {
+        let p = pool(&[1, 1], Policy::RoundRobin);
+        let b = &p.backends[0];
+        assert_eq!(b.checked(false, 2, 3), None);
+        assert_eq!(b.checked(true, 2, 3), None, "a pass resets the failures");
+        assert_eq!((b.checked(false, 2, 3), b.checked(false, 2, 3)), (None, None));
+        assert_eq!(b.checked(false, 2, 3), Some(false), "three in a row: out");
+        assert!(b.is_down() && !b.passes_checks());
+        assert!((0..4).all(|_| p.pick(&[]) == Some(1)), "only the other is chosen");
+        assert_eq!(p.pick(&[1]), Some(0), "when nothing else is left, a checked-out backend is still tried");
+        assert_eq!((b.checked(true, 2, 3), b.checked(true, 2, 3)), (None, Some(true)), "two passes: back");
+        b.mark_failed(Duration::from_secs(60));
+        assert!(b.is_down());
+        b.checked(true, 2, 3);
+        assert!(!b.is_down(), "a passing check ends a passive cooldown");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! route asks, then relay until both sides are done.
 
 pub mod backend;
+pub mod health;
 pub mod proxy;
 pub mod relay;
 pub mod stream;

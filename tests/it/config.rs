@@ -300,3 +300,53 @@ fn an_srp_config_file_works_unchanged() {
     let route = routes.iter().find(|r| r.route.starts_with("http://www.example.com")).expect("the SRP host is a route");
     assert!(route.route.contains("health=/health"), "{}", route.route);
 }
+
+fn healthy(pm: &Portmux, route: &str) -> Vec<(String, bool, u64)> {
+    let routes = pm.routes();
+    let view = routes.iter().find(|r| r.route.starts_with(route)).unwrap_or_else(|| panic!("no {route}"));
+    match &view.target {
+        portmux::admin::TargetView::Backends { backends, .. } => {
+            backends.iter().map(|b| (b.addr.clone(), b.healthy, b.connections)).collect()
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn health_checks_take_a_dead_backend_out_and_bring_it_back_under_load_with_no_failed_request() {
+    let dir = TempDir::new();
+    let (a_port, port) = (free_port(), free_port());
+    let (a, a_addr) = Service::backend_on(&format!("127.0.0.1:{a_port}"), "a", &[]);
+    let (_b, b_addr) = Service::backend("b", &[]);
+    let file = dir.path().join("portmux.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[route]]\nspec = \"http://hc.test:{port}\"\nbackends = [\"{a_addr}\", \"{b_addr}\"]\n\
+             health = {{ path = \"/health\", interval = \"100ms\", timeout = \"1s\", rise = 2 }}\n"
+        ),
+    )
+    .unwrap();
+    let pm = Portmux::start(&["--config", file.to_str().unwrap()]);
+    let route = format!("http://hc.test:{port}");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients = load(port, "hc.test", 4, stop.clone());
+    pm.wait_for("both backends serving", |pm| healthy(pm, &route).iter().all(|(_, up, n)| *up && *n > 0));
+
+    // a dies: the checks take it out; requests keep succeeding on b.
+    let mut a = a;
+    a.kill();
+    pm.wait_for("a out of the rotation", |pm| !healthy(pm, &route)[0].1);
+    assert!(healthy(&pm, &route)[1].1, "b stays in");
+    // a comes back where it was: two passing checks bring it back, and it serves again.
+    let (_a, _) = Service::backend_on(&format!("127.0.0.1:{a_port}"), "a", &[]);
+    let before = healthy(&pm, &route)[0].2;
+    pm.wait_for("a back and serving", |pm| healthy(pm, &route)[0].1 && healthy(pm, &route)[0].2 > before);
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in clients {
+        let (ok, failed) = c.join().unwrap();
+        assert!(failed.is_empty(), "requests failed while a backend died and came back: {failed:?}");
+        assert!(ok > 0);
+    }
+}

@@ -766,8 +766,13 @@ impl Service {
     /// Starts `hello --listen 127.0.0.1:0 BODY ARGS…` (a plain backend, no portmux)
     /// and returns it with the address it listens on.
     pub fn backend(body: &str, args: &[&str]) -> (Service, SocketAddr) {
+        Service::backend_on("127.0.0.1:0", body, args)
+    }
+
+    /// Like `backend`, on a given address (to bring one back where it was).
+    pub fn backend_on(listen: &str, body: &str, args: &[&str]) -> (Service, SocketAddr) {
         let mut cmd = Command::new(example("hello"));
-        cmd.args(["--listen", "127.0.0.1:0", body]).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(["--listen", listen, body]).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap();
         let out = capture(&mut child);
         let line = wait_line(&out, "listening on", Duration::from_secs(20)).expect("hello --listen starts");
