@@ -30,7 +30,9 @@ const DRAIN_LIMIT: usize = 256 * 1024;
 pub enum Reply {
     /// A complete HTTP/1.1 response with `Connection: close`.
     Http { status: u16, body: String },
-    /// A permanent redirect (308) to `location`, with `Connection: close`.
+    /// A JSON document (`application/json`), with `Connection: close`.
+    Json { status: u16, body: String },
+    /// A redirect (`status`: 301, 302, 307, 308) to `location`, with `Connection: close`.
     Redirect { location: String, status: u16 },
     /// A fatal TLS alert record.
     TlsAlert(u8),
@@ -151,6 +153,14 @@ impl Reply {
                     .into_bytes(),
                 )
             }
+            Reply::Json { status, body } => Some(
+                format!(
+                    "HTTP/1.1 {status} OK\r\nServer: portmux\r\nContent-Type: application/json\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .into_bytes(),
+            ),
             Reply::Redirect { location, status } => {
                 let body = format!("portmux: moved to {location}\n");
                 let reason = match status {

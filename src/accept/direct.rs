@@ -317,6 +317,9 @@ impl Conn<'_> {
             return Routed::Answer;
         }
         let table = shared.table.load();
+        if table.services.wants(&head.target) {
+            return Routed::Answer;
+        }
         let Some(port) = table.port(self.client.listener) else { return Routed::Answer };
         let meta = self.client.meta(head.host.clone(), head.target.clone(), String::new());
         let Some(route) = port.routes.lookup(&meta).filter(|r| r.spec.scheme == Scheme::Http) else {

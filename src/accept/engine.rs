@@ -109,7 +109,11 @@ impl Client {
             tracing::info!(client = %self.peer, ?host, "answered an ACME HTTP-01 challenge");
             return Response::new(RespBody::full(key_authorization));
         }
-        let Some(port) = self.shared.table.load().port(self.listener).cloned() else {
+        let table = self.shared.table.load();
+        if let Some(answer) = table.services(&target, self.peer.ip()) {
+            return l7::reply(answer);
+        }
+        let Some(port) = table.port(self.listener).cloned() else {
             return l7::reply(Reply::unavailable("this port is closing"));
         };
         let path = normalize_path(&target);

@@ -339,8 +339,14 @@ async fn route(
             return Box::pin(reply::send(fd, reply::Reply::Http { status: 200, body: key_authorization })).await;
         }
         // Routes may have changed while the client was sending.
-        if let Some(now) = shared.table.load().port(listener) {
+        let table = shared.table.load();
+        if let Some(now) = table.port(listener) {
             port = now.clone();
+        }
+        if let classify::Peeked::Http(head) = &peek.outcome
+            && let Some(answer) = table.services(&head.target, peer.ip())
+        {
+            return Box::pin(reply::send(fd, answer)).await;
         }
         chacha_first = matches!(&peek.outcome, classify::Peeked::Tls(h) if h.chacha_first);
         match port.decide(peek.outcome, &mut meta) {

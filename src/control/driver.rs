@@ -90,6 +90,8 @@ pub struct Control {
     /// The routes the config file made (not saved; a reload may change them).
     pub(super) file_routes: RefCell<std::collections::BTreeSet<crate::route::RouteKey>>,
     pub(super) health: RefCell<super::health::Checks>,
+    /// Who may read `/services` (the config file's; a reload replaces them).
+    pub(super) api_subnets: RefCell<Vec<ipnet::IpNet>>,
     /// Deadlines may have changed: the timer recomputes its sleep.
     timer: Notify,
     /// An ack arrived (waited for while stopping).
@@ -132,6 +134,7 @@ impl Drop for ReaderGuard {
 impl Control {
     pub fn new(shared: Arc<Shared>, sockets: Sockets) -> Rc<Control> {
         let s = &shared.settings;
+        let subnets = s.api_subnets.clone();
         let config = Config {
             linger: s.linger,
             park_limit: s.park_limit,
@@ -154,6 +157,7 @@ impl Control {
             saved: RefCell::new(None),
             file_routes: RefCell::default(),
             health: RefCell::default(),
+            api_subnets: RefCell::new(subnets),
             timer: Notify::new(),
             acked: Notify::new(),
             lifecycle: watch::Sender::new(Lifecycle::Serving),
@@ -324,7 +328,7 @@ impl Control {
     }
 
     /// Publishes the table the core plans, with this driver's sockets and sessions.
-    fn publish(&self) {
+    pub(super) fn publish(&self) {
         let plan = self.core.borrow().plan();
         let listeners = self.listeners.borrow();
         let sessions = self.sessions.borrow();
@@ -353,7 +357,8 @@ impl Control {
             listener.defer_accept(routes.routes.client_speaks_first());
             ports.insert(port.listener, Arc::new(routes));
         }
-        self.shared.publish(Table { ports });
+        let services = crate::route::ServicesApi { subnets: self.api_subnets.borrow().clone() };
+        self.shared.publish(Table { ports, services });
     }
 
     fn deliver(self: &Rc<Self>, session: SessionId, desc: ConnDesc, attempt: u64) {

@@ -122,6 +122,10 @@ impl Control {
             }
         }
         *self.file_routes.borrow_mut() = wanted.keys().cloned().collect::<BTreeSet<_>>();
+        if *self.api_subnets.borrow() != config.api_subnets {
+            *self.api_subnets.borrow_mut() = config.api_subnets;
+            self.publish();
+        }
         let s = &self.shared.settings;
         let before: BTreeSet<(&str, &[String])> =
             s.file_settings.iter().map(|x| (x.key.as_str(), &x.values[..])).collect();

@@ -54,6 +54,11 @@ pub fn reply(r: Reply) -> Response<RespBody> {
             }
             resp
         }
+        Reply::Json { status, body } => {
+            let mut r = text_response(StatusCode::from_u16(status).unwrap_or(StatusCode::OK), body);
+            r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+            r
+        }
         Reply::TlsAlert(_) | Reply::Close | Reply::Abort => answer(StatusCode::BAD_GATEWAY, "no answer"),
     }
 }

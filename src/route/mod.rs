@@ -5,6 +5,9 @@
 //! an `Arc`; workers load it without locks. [`Matcher`] holds the matching
 //! rules alone, so the control plane's core matches exactly as workers do.
 
+mod services;
+pub use services::ServicesApi;
+
 use crate::classify::Peeked;
 use crate::forward::backend::BackendPool;
 use crate::handoff::Session;
@@ -65,6 +68,8 @@ impl Listener {
 #[derive(Debug, Default)]
 pub struct Table {
     pub ports: HashMap<ListenerId, Arc<PortRoutes>>,
+    /// Who may read `GET /services` (`services.rs`).
+    pub services: ServicesApi,
 }
 
 impl Table {
@@ -123,6 +128,11 @@ impl<T> Matcher<T> {
         let list = if terminated { &self.tls } else { &self.http };
         let scheme = if terminated { Scheme::Https } else { Scheme::Http };
         list.iter().filter(move |(s, _)| s.scheme == scheme && s.host.matches(host)).map(|(_, v)| v)
+    }
+
+    /// Every route of the port.
+    pub fn all(&self) -> impl Iterator<Item = &T> {
+        self.tcp.iter().chain(self.http.iter().chain(&self.tls).map(|(_, v)| v))
     }
 
     /// The whole-port route, if there is one.

@@ -299,6 +299,44 @@ fn an_srp_config_file_works_unchanged() {
     let routes = pm.routes();
     let route = routes.iter().find(|r| r.route.starts_with("http://www.example.com")).expect("the SRP host is a route");
     assert!(route.route.contains("health=/health"), "{}", route.route);
+    // /services answers only inside API.Subnet: this client (127.0.0.1) is outside.
+    let r = get(port, "www.example.com", "/services").unwrap();
+    assert_eq!(r.status, 403, "{}{}", r.head, r.body);
+}
+
+#[test]
+fn services_lists_the_healthy_backends_inside_the_subnet_only() {
+    let dir = TempDir::new();
+    let (_a, a) = Service::backend("a", &[]);
+    let (port, dead) = (free_port(), free_port());
+    let file = dir.path().join("portmux.toml");
+    let write = |subnet: &str| {
+        std::fs::write(
+            &file,
+            format!(
+                "[api]\nsubnets = [\"{subnet}\"]\n\n[[route]]\nspec = \"http://api.internal:{port}\"\n\
+                 backends = [\"{a}\", \"127.0.0.1:{dead}\"]\nhealth = {{ path = \"/health\", interval = \"100ms\" }}\n"
+            ),
+        )
+        .unwrap()
+    };
+    write("127.0.0.0/8");
+    let pm = Portmux::start(&["--config", file.to_str().unwrap()]);
+    let route = format!("http://api.internal:{port}");
+    pm.wait_for("the dead backend out", |pm| !healthy(pm, &route)[1].1);
+    // On a kept-alive connection too (the per-request engine answers it).
+    let mut http = Http::connect(port);
+    assert_eq!(http.get("api.internal", "/").unwrap().body, "a");
+    let r = http.get("anything.test", "/services").unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(header(&r, "content-type").is_some_and(|c| c.contains("json")));
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(v, serde_json::json!({ "api.internal": { "HealthPath": "/health", "Backends": [a.to_string()] } }));
+    // Outside the subnet (after a reload that moves it): 403.
+    write("10.0.0.0/8");
+    let (ok, _, err) = portmux_cli(&pm, &["reload"]);
+    assert!(ok, "{err}");
+    assert_eq!(get(port, "api.internal", "/services").unwrap().status, 403);
 }
 
 fn healthy(pm: &Portmux, route: &str) -> Vec<(String, bool, u64)> {
