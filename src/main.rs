@@ -145,8 +145,9 @@ struct Common {
     /// e.g. 10.0.0.0/8,192.0.2.7/32 [default: none]
     #[arg(long, value_name = "CIDRS", value_parser = parse_networks)]
     accept_proxy: Option<Networks>,
-    /// After an upgrade, how long the old process may finish its last work
-    /// (relays that cannot move, clients still being read)
+    /// After an upgrade, how long the old process may finish its last work (relays that
+    /// cannot move, clients still being read); on SIGTERM, how long connections in flight
+    /// may finish after portmux stopped accepting
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     drain: Duration,
     /// During an upgrade, how long the state may stay frozen for the new process to take it

@@ -27,9 +27,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, mpsc};
 
-/// How long a stopping worker lets connections in progress finish.
-const STOP_GRACE: Duration = Duration::from_secs(1);
-
 struct AcceptLoop {
     stop: Rc<Notify>,
     done: tokio::task::JoinHandle<()>,
@@ -94,10 +91,18 @@ pub async fn worker(shared: Arc<Shared>, index: usize, mut inbox: mpsc::Unbounde
         l.stop.notify_one();
         let _ = l.done.await;
     }
-    // Engine connections between requests close; those in a request finish it.
+    // Engine connections between requests close; those in a request finish
+    // it; relays and requests in flight have until --drain.
     crate::l7::pause_all();
-    if shared.in_flight.load(Ordering::Relaxed) > 0 {
-        let _ = tokio::time::timeout(STOP_GRACE, shared.idle.notified()).await;
+    let deadline = Instant::now() + shared.settings.drain;
+    while shared.in_flight.load(Ordering::Relaxed) > 0 {
+        let Some(left) = deadline.checked_duration_since(Instant::now()) else { break };
+        // Woken when the last one ends; the slice covers a wake-up that came before the wait.
+        let _ = tokio::time::timeout(left.min(Duration::from_millis(100)), shared.idle.notified()).await;
+    }
+    let left = shared.in_flight.load(Ordering::Relaxed);
+    if left > 0 {
+        tracing::warn!(worker = index, connections = left, "closing connections still open after --drain");
     }
     tracing::debug!(worker = index, "worker stopped");
     shared.workers_running.send_modify(|n| *n -= 1);

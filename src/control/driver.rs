@@ -707,7 +707,20 @@ impl Control {
         self.lifecycle.send_replace(Lifecycle::Stopping);
         self.shared.stopping.send_replace(true);
         let mut running = self.shared.workers_running.subscribe();
-        let _ = tokio::time::timeout(Duration::from_secs(3), running.wait_for(|n| *n == 0)).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        let shared = &self.shared;
+        let accepting = || shared.accepting.load(std::sync::atomic::Ordering::Relaxed) == 0;
+        super::handover::wait_until(deadline, accepting, &shared.accepts_over).await;
+        if !systemd::managed() {
+            // Nobody accepts any more: new clients are refused now rather than
+            // left waiting in the backlog until the drain is over. (Under
+            // systemd the listeners wait in its fd store for the next start.)
+            for l in self.listeners.borrow().values() {
+                let _ = rustix::net::shutdown(&l.fd, rustix::net::Shutdown::Read);
+            }
+        }
+        let within = self.shared.settings.drain + Duration::from_secs(3);
+        let _ = tokio::time::timeout(within, running.wait_for(|n| *n == 0)).await;
         self.core.borrow_mut().stop();
         let answering = self.parking.len();
         self.apply();

@@ -54,7 +54,7 @@ pub(super) fn relay_message(paused: &Paused) -> Handover {
 }
 
 /// Waits for `done` to hold, woken by `wake`, until `deadline`. False if it timed out.
-async fn wait_until(
+pub(super) async fn wait_until(
     deadline: tokio::time::Instant,
     mut done: impl FnMut() -> bool,
     wake: &tokio::sync::Notify,

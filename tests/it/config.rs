@@ -388,3 +388,53 @@ fn health_checks_take_a_dead_backend_out_and_bring_it_back_under_load_with_no_fa
         assert!(ok > 0);
     }
 }
+
+#[test]
+fn sigterm_stops_accepting_and_lets_requests_and_relays_in_flight_finish_within_drain() {
+    use std::io::{Read, Write};
+    // A backend that takes its time over one answer.
+    let (slow, _) = spawn_backend(|mut s| {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while whole_request(&buf).is_none() {
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow");
+    });
+    let echo = TestBackend::start("echo", false);
+    let (http_port, tcp_port) = (free_port(), free_port());
+    let mut pm = Portmux::start(&["--drain", "20s"]);
+    for (spec, backend) in
+        [(format!("http://slow.test:{http_port}"), slow), (format!("tcp://127.0.0.1:{tcp_port}"), echo.addr)]
+    {
+        let (ok, _, err) = portmux_cli(&pm, &["route", "add", &spec, "--backend", &backend.to_string()]);
+        assert!(ok, "{err}");
+    }
+    let (mut relay, greeting) = greeted(tcp_port);
+    assert_eq!(greeting, "echo");
+    let mut request = Http::connect(http_port);
+    write!(request.stream, "GET / HTTP/1.1\r\nHost: slow.test\r\n\r\n").unwrap();
+    pm.wait_for("the request in flight", |pm| pm.status().connections >= 2);
+    let stopped_at = std::time::Instant::now();
+    pm.signal(rustix::process::Signal::TERM);
+    // The request in flight gets its whole answer, after the old 1 s grace.
+    let r = read_response(&mut request.stream).unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "slow"));
+    // The relay still carries bytes both ways; new connections are not served.
+    relay.write_all(b"still here\n").unwrap();
+    let mut echoed = [0u8; 11];
+    relay.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"still here\n");
+    let refused = std::net::TcpStream::connect(("127.0.0.1", http_port)).map_err(|e| e.kind());
+    assert_eq!(refused.err(), Some(std::io::ErrorKind::ConnectionRefused), "a stopping portmux refuses new clients");
+    assert!(pm.is_running(), "still draining");
+    // Once the last connection ends, portmux exits at once, well before --drain.
+    drop(relay);
+    drop(request);
+    assert_eq!(exit_text(pm.terminate(Duration::from_secs(10))), "exit code 0");
+    assert!(stopped_at.elapsed() < Duration::from_secs(15), "{:?}\n{}", stopped_at.elapsed(), pm.log());
+}
