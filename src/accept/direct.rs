@@ -349,6 +349,7 @@ impl Conn<'_> {
         let settings = &self.client.shared.settings;
         let meta = || self.client.meta(head.host.clone(), head.target.clone(), route.key.to_string());
         let mut tried = Vec::new();
+        pool.budget.deposit();
         for _ in 0..2 * forward::TRIES + 2 {
             let Some(i) = pool.pick(&tried) else { break };
             let backend = &pool.backends[i];
@@ -364,7 +365,7 @@ impl Conn<'_> {
                         backend.mark_failed(settings.backend_cooldown);
                         tracing::warn!(route = %route.key, backend = %backend.spec.name, "backend failed to connect: {e}");
                         tried.push(i);
-                        if tried.len() >= forward::TRIES {
+                        if tried.len() >= forward::TRIES || !pool.budget.withdraw() {
                             break;
                         }
                         continue;
@@ -384,6 +385,15 @@ impl Conn<'_> {
                 Exchanged::Stale(e) if reused && ex.again => {
                     tracing::debug!(route = %route.key, backend = %backend.spec.name, "a kept-alive connection closed under a request ({e}); sent again");
                     continue;
+                }
+                // The backend closed before any byte of an answer: an
+                // idempotent bodyless request goes to another backend.
+                Exchanged::Unsent(e) | Exchanged::Stale(e)
+                    if ex.again && tried.len() + 1 < forward::TRIES && pool.budget.withdraw() =>
+                {
+                    backend.mark_failed(settings.backend_cooldown);
+                    tracing::warn!(route = %route.key, backend = %backend.spec.name, "backend closed the connection before answering ({e}); trying another");
+                    tried.push(i);
                 }
                 Exchanged::Unsent(e) | Exchanged::Stale(e) => {
                     return self.failed(&meta(), &name(), &e.to_string(), ex.close).await;

@@ -205,6 +205,7 @@ async fn backend(
     let timeout = settings.http.response_timeout;
     let mut req = Some(req);
     let mut tried = Vec::new();
+    pool.budget.deposit();
     for _ in 0..2 * forward::TRIES + 2 {
         let Some(i) = pool.pick(&tried) else { break };
         let backend = &pool.backends[i];
@@ -226,7 +227,7 @@ async fn backend(
                         tracing::warn!(route = %meta.route, backend = %backend.spec.name, "backend failed to connect: {e}");
                         tried.push(i);
                         req = Some(request);
-                        if tried.len() >= forward::TRIES {
+                        if tried.len() >= forward::TRIES || !pool.budget.withdraw() {
                             break;
                         }
                         continue;
@@ -246,6 +247,17 @@ async fn backend(
                 let e = e.into_error();
                 if reused && template.is_some() && too_large(&e).is_none() {
                     tracing::debug!(route = %meta.route, backend = %backend.spec.name, "a kept-alive connection closed under a request ({e}); sent again");
+                    continue;
+                }
+                // Closed before an answer: an idempotent bodyless request goes to another backend.
+                if template.is_some()
+                    && e.is_incomplete_message()
+                    && tried.len() + 1 < forward::TRIES
+                    && pool.budget.withdraw()
+                {
+                    backend.mark_failed(settings.backend_cooldown);
+                    tracing::warn!(route = %meta.route, backend = %backend.spec.name, "backend closed the connection before answering ({e}); trying another");
+                    tried.push(i);
                     continue;
                 }
                 return failed(meta, &name(), &e);

@@ -176,12 +176,52 @@ pub struct BackendPool {
     /// Smooth weighted round-robin order of backend indexes.
     schedule: Vec<usize>,
     cursor: AtomicUsize,
+    /// How many requests may still be tried again on another backend.
+    pub budget: RetryBudget,
+}
+
+/// Retries may add at most a fifth to a route's requests, plus a reserve of
+/// ten (the rule of Finagle's and linkerd's retry budgets): each request
+/// deposits a fifth of a retry (up to a hundred kept), each retry takes one.
+/// So a failing backend cannot make retries multiply the load on the others.
+#[derive(Debug)]
+pub struct RetryBudget {
+    /// Thousandths of a retry.
+    milli: AtomicI64,
+    refused: AtomicU64,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        RetryBudget { milli: AtomicI64::new(10_000), refused: AtomicU64::new(0) }
+    }
+}
+
+impl RetryBudget {
+    /// A request arrived.
+    pub fn deposit(&self) {
+        let _ = self.milli.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| (m < 100_000).then_some(m + 200));
+    }
+
+    /// Takes one retry; false when the budget is spent (counted).
+    pub fn withdraw(&self) -> bool {
+        let ok = self.milli.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| (m >= 1000).then_some(m - 1000));
+        if ok.is_err() {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        ok.is_ok()
+    }
+
+    /// Retries the budget refused so far.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
 }
 
 impl BackendPool {
     pub fn new(backends: Vec<Arc<Backend>>, policy: Policy, proxy: Option<ProxyVersion>) -> BackendPool {
         let schedule = smooth_schedule(&backends.iter().map(|b| b.spec.weight).collect::<Vec<_>>());
-        BackendPool { backends, policy, proxy, schedule, cursor: AtomicUsize::new(0) }
+        BackendPool { backends, policy, proxy, schedule, cursor: AtomicUsize::new(0), budget: RetryBudget::default() }
     }
 
     /// The next backend to try, never one in `tried`. Backends marked down are
@@ -246,6 +286,21 @@ mod tests {
             })
             .collect();
         BackendPool::new(backends, policy, None)
+    }
+
+    #[test]
+    fn the_retry_budget_allows_ten_then_a_fifth_of_the_requests() {
+        let b = RetryBudget::default();
+        assert_eq!((0..20).filter(|_| b.withdraw()).count(), 10, "the reserve");
+        for _ in 0..50 {
+            b.deposit();
+        }
+        assert_eq!((0..20).filter(|_| b.withdraw()).count(), 10, "a fifth of 50 requests");
+        assert_eq!(b.refused(), 20);
+        for _ in 0..10_000 {
+            b.deposit();
+        }
+        assert_eq!((0..200).filter(|_| b.withdraw()).count(), 100, "at most a hundred are kept");
     }
 
     #[test]

@@ -438,3 +438,79 @@ fn sigterm_stops_accepting_and_lets_requests_and_relays_in_flight_finish_within_
     assert_eq!(exit_text(pm.terminate(Duration::from_secs(10))), "exit code 0");
     assert!(stopped_at.elapsed() < Duration::from_secs(15), "{:?}\n{}", stopped_at.elapsed(), pm.log());
 }
+
+#[test]
+fn retries_hide_a_backend_that_drops_requests_for_get_never_resend_a_post_and_stay_within_the_budget() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    // Reads each request and answers (`good`) or closes without a word.
+    let backend = |answer: bool, seen: Arc<Mutex<Vec<String>>>| {
+        spawn_backend(move |mut s| {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                while whole_request(&buf).is_none() {
+                    match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let (head, len) = whole_request(&buf).unwrap();
+                buf.drain(..len);
+                seen.lock().unwrap().push(head.split(' ').next().unwrap_or_default().to_string());
+                if !answer {
+                    return;
+                }
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+            }
+        })
+        .0
+    };
+    let (bad_seen, good_seen) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
+    let (bad, good) = (backend(false, bad_seen.clone()), backend(true, good_seen.clone()));
+    let port = free_port();
+    // No cooldown: the dropping backend stays in the rotation, so every request may meet it.
+    let pm = Portmux::start(&["--backend-cooldown", "1ms"]);
+    let (ok, _, err) = portmux_cli(
+        &pm,
+        &["route", "add", &format!("http://retry.test:{port}"), "--backend", &format!("{bad},{good}")],
+    );
+    assert!(ok, "{err}");
+    let count = |seen: &Arc<Mutex<Vec<String>>>, m: &str| seen.lock().unwrap().iter().filter(|x| *x == m).count();
+    // GETs: every one answered, the dropped ones by the other backend.
+    for i in 0..8 {
+        let r = get(port, "retry.test", &format!("/{i}")).unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, "ok"), "GET {i}");
+    }
+    assert!(count(&bad_seen, "GET") > 0, "the dropping backend was met");
+    // POSTs that reached the dropping backend are not sent again: 502, and each POST arrives once.
+    let failed = AtomicUsize::new(0);
+    for i in 0..8 {
+        let mut http = Http::connect(port);
+        write!(http.stream, "POST /{i} HTTP/1.1\r\nHost: retry.test\r\nContent-Length: 2\r\n\r\nhi").unwrap();
+        match read_response(&mut http.stream).unwrap().status {
+            200 => {}
+            502 => {
+                failed.fetch_add(1, Ordering::Relaxed);
+            }
+            s => panic!("POST {i}: {s}"),
+        }
+    }
+    let (bad_posts, good_posts) = (count(&bad_seen, "POST"), count(&good_seen, "POST"));
+    assert_eq!(bad_posts + good_posts, 8, "each POST reached one backend once");
+    assert_eq!(failed.load(Ordering::Relaxed), bad_posts, "a POST the backend dropped is a 502, never resent");
+    // The budget: retries stay within ten plus a fifth of the requests, however many fail.
+    let mut refused = 0;
+    for i in 0..100 {
+        let r = get(port, "retry.test", &format!("/b{i}")).unwrap();
+        if r.status == 502 {
+            refused += 1;
+        }
+    }
+    let requests = 8 + 8 + 100;
+    // Each GET the backend dropped was retried on the other, unless the budget refused (a 502).
+    let retries = count(&bad_seen, "GET") - refused;
+    assert!(refused > 0, "the budget ran out");
+    assert!(retries <= 10 + requests / 5 + 1, "{retries} retries for {requests} requests");
+}
