@@ -460,7 +460,18 @@ fn run(first: RunArgs) -> Result<(), String> {
         acme: first.acme_email.is_some(),
     };
     let argv = std::env::args_os().collect();
-    let (args, file) = cli_file::resolve(argv, first.config.as_deref(), first.config_format, cx).map_err(report)?;
+    let (args, mut file) = cli_file::resolve(argv, first.config.as_deref(), first.config_format, cx).map_err(report)?;
+    // The file's own settings (user, http-port, acme-email) may change what its routes and policy mean.
+    let cx_now = portmux::config::file::Context {
+        own_uid: own_uid(&args.common),
+        http_port: args.http_port,
+        acme: args.acme_email.is_some(),
+    };
+    if let Some((path, config)) = &mut file
+        && (cx_now.own_uid, cx_now.http_port, cx_now.acme) != (cx.own_uid, cx.http_port, cx.acme)
+    {
+        *config = portmux::config::file::load(path, args.config_format, cx_now).map_err(|e| report(e.to_string()))?;
+    }
     init_logging(&args.common.log);
     let control = args.control.unwrap_or_else(default_control);
     let mut s = settings(Some(control.clone()), &args.common);

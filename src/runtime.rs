@@ -304,13 +304,6 @@ async fn run_control(
     // What systemd passed and the routes kept in its fd store go in before
     // any table is published: a listener must not serve before its routes are back.
     let restoring = previous.is_none().then(|| control.begin_import());
-    // The routes made at run time before the last stop (an upgrade brought them along).
-    match saved {
-        Some(file) if restoring.is_none() => control.save_routes_in(file),
-        Some(file) if control.shared().settings.resume => control.resume(file),
-        Some(file) => control.save_routes_in(file.untouched()),
-        None => {}
-    }
     for (fd, addr, pinned) in systemd.listeners {
         control.adopt_listener(fd, addr, pinned);
     }
@@ -328,10 +321,19 @@ async fn run_control(
             Err(e) => tracing::info!("the route state is not kept across crashes: {e}"),
         }
     }
+    // The config file's routes are not run-time routes (marked before anything is saved).
+    control.mark_file_routes();
+    // The routes made at run time before the last stop (an upgrade brought
+    // them along), once systemd's listeners are in.
+    match saved {
+        Some(file) if restoring.is_none() => control.save_routes_in(file),
+        Some(file) if control.shared().settings.resume => control.resume(file),
+        Some(file) => control.save_routes_in(file.untouched()),
+        None => {}
+    }
     if let Some(importer) = restoring {
         control.end_import(importer);
     }
-    control.mark_file_routes();
     control.start_routes(routes).map_err(|(route, source)| StartError::InitialRoute { route, source })?;
     let upgraded = previous.is_some();
     if let Some((channel, importer)) = previous {
@@ -377,9 +379,12 @@ async fn signals(control: Rc<Control>, upgrades: mpsc::UnboundedSender<crate::co
             }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading the config file");
-                if let Err(e) = control.reload().await {
-                    tracing::error!("{e}");
-                }
+                let control = control.clone();
+                tokio_uring::spawn(async move {
+                    if let Err(e) = control.reload().await {
+                        tracing::error!("{e}");
+                    }
+                });
             }
             _ = usr2.recv() => {
                 tracing::info!("SIGUSR2: upgrading");

@@ -714,9 +714,13 @@ impl Control {
         if !systemd::managed() {
             // Nobody accepts any more: new clients are refused now rather than
             // left waiting in the backlog until the drain is over. (Under
-            // systemd the listeners wait in its fd store for the next start.)
-            for l in self.listeners.borrow().values() {
-                let _ = rustix::net::shutdown(&l.fd, rustix::net::Shutdown::Read);
+            // systemd the listeners wait in its fd store for the next start;
+            // a socket-activated one is the manager's too.)
+            let core = self.core.borrow();
+            for (id, l) in self.listeners.borrow().iter() {
+                if core.listeners().get(id).is_some_and(|s| !s.pinned) {
+                    let _ = rustix::net::shutdown(&l.fd, rustix::net::Shutdown::Read);
+                }
             }
         }
         let within = self.shared.settings.drain + Duration::from_secs(3);
@@ -742,30 +746,6 @@ impl Control {
         }
         // Answers in flight (lingering closes) get a moment to finish.
         let _ = self.shared.tasks_done(Duration::from_secs(2)).await;
-    }
-
-    /// The line printed once portmux serves (scripts may wait for it).
-    pub fn ready_line(&self) -> String {
-        let settings = &self.shared.settings;
-        let sockets = self.sockets.borrow();
-        let control = match (&settings.control, sockets.control.is_some()) {
-            (Some(path), true) => format!("control socket {} (mode 0660)", path.display()),
-            _ => "no control socket".into(),
-        };
-        let mut admin: Vec<String> = Vec::new();
-        if let (Some(path), true) = (&settings.admin_socket, sockets.admin_unix.is_some()) {
-            admin.push(format!("unix:{}", path.display()));
-        }
-        if let Some(addr) = sockets.admin.as_ref().and_then(|l| l.local_addr().ok()) {
-            admin.push(format!("http://{addr}"));
-        }
-        let admin = if admin.is_empty() { "no admin API".into() } else { format!("admin API {}", admin.join(" ")) };
-        format!(
-            "portmux {} ready: {control}; {admin}; {} workers; listeners open on demand (default address {})",
-            env!("CARGO_PKG_VERSION"),
-            settings.workers,
-            settings.bind
-        )
     }
 
     /// Whether portmux created the control and admin sockets' files (it removes them on a clean stop).

@@ -11,15 +11,18 @@ use crate::route::RouteKey;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// The checks running, by what they check.
+/// What one task checks: a route's backend (by its `Arc`'s address), with the route's check.
+type Checked = (RouteKey, usize, Check);
+
+/// The checks running, by what they check, with the backend they follow.
 #[derive(Debug, Default)]
 pub struct Checks {
-    running: HashMap<(RouteKey, usize, Check), tokio::task::JoinHandle<()>>,
+    running: HashMap<Checked, (tokio::task::JoinHandle<()>, Arc<Backend>)>,
 }
 
 impl Drop for Checks {
     fn drop(&mut self) {
-        for (_, task) in self.running.drain() {
+        for (_, (task, _)) in self.running.drain() {
             task.abort();
         }
     }
@@ -28,7 +31,7 @@ impl Drop for Checks {
 impl Control {
     /// Starts the checks the routes now ask for and stops the others.
     pub(super) fn sync_health(&self) {
-        let mut wanted: HashMap<(RouteKey, usize, Check), (Arc<Backend>, String)> = HashMap::new();
+        let mut wanted: HashMap<Checked, (Arc<Backend>, String)> = HashMap::new();
         for (key, r) in self.core.borrow().routes() {
             let (RouteTarget::Backends(pool), Some(check)) = (&r.target, Check::of(&r.spec)) else { continue };
             for b in &pool.backends {
@@ -37,19 +40,29 @@ impl Control {
             }
         }
         let mut checks = self.health.borrow_mut();
-        checks.running.retain(|k, task| {
+        let mut unchecked = Vec::new();
+        checks.running.retain(|k, (task, backend)| {
             let keep = wanted.contains_key(k);
             if !keep {
                 task.abort();
+                unchecked.push(backend.clone());
             }
             keep
         });
+        // A backend no check follows any more is back in the rotation (a
+        // changed check starts afresh below).
+        for b in unchecked {
+            if !checks.running.values().any(|(_, other)| Arc::ptr_eq(other, &b)) {
+                b.unchecked();
+            }
+        }
         for (k, (backend, route)) in wanted {
             if checks.running.contains_key(&k) {
                 continue;
             }
             let check = k.2.clone();
-            checks.running.insert(k, tokio_uring::spawn(run(check, backend, route)));
+            let task = tokio_uring::spawn(run(check, backend.clone(), route));
+            checks.running.insert(k, (task, backend));
         }
     }
 }

@@ -95,6 +95,19 @@ impl Control {
             }
         }
         let mut done = Reloaded::default();
+        // Removals first (a route the file replaces may hold its port), each
+        // key counted as the file's before its route is set, so that nothing
+        // of the file is ever saved as a run-time route, even if a later
+        // route fails.
+        for key in ours.iter().filter(|k| !wanted.contains_key(*k)) {
+            let text = self.core.borrow().routes().get(key).map(|r| r.spec.to_string());
+            if let Some(text) = text
+                && let Ok(removed) = self.remove_route(&text)
+            {
+                done.removed.push(removed);
+            }
+            self.file_routes.borrow_mut().remove(key);
+        }
         for (key, (spec, backends)) in wanted.iter() {
             let same = self.core.borrow().routes().get(key).is_some_and(|r| match &r.target {
                 RouteTarget::Backends(pool) => {
@@ -109,17 +122,10 @@ impl Control {
                 continue;
             }
             let existed = self.core.borrow().routes().contains_key(key);
+            self.file_routes.borrow_mut().insert(key.clone());
             self.set_backends(spec.clone(), backends.clone())
                 .map_err(|e| format!("{}: {e} (routes before it in the file are applied)", spec.key()))?;
             if existed { &mut done.changed } else { &mut done.added }.push(spec.key());
-        }
-        for key in ours.iter().filter(|k| !wanted.contains_key(*k)) {
-            let text = self.core.borrow().routes().get(key).map(|r| r.spec.to_string());
-            if let Some(text) = text
-                && let Ok(removed) = self.remove_route(&text)
-            {
-                done.removed.push(removed);
-            }
         }
         *self.file_routes.borrow_mut() = wanted.keys().cloned().collect::<BTreeSet<_>>();
         if *self.api_subnets.borrow() != config.api_subnets {

@@ -220,3 +220,29 @@ pub fn status(core: &Core, control: Option<String>, uptime_s: u64, connections: 
         sandbox: None,
     }
 }
+
+impl super::driver::Control {
+    /// The line printed once portmux serves (scripts may wait for it).
+    pub fn ready_line(&self) -> String {
+        let settings = &self.shared.settings;
+        let sockets = self.sockets.borrow();
+        let control = match (&settings.control, sockets.control.is_some()) {
+            (Some(path), true) => format!("control socket {} (mode 0660)", path.display()),
+            _ => "no control socket".into(),
+        };
+        let mut admin: Vec<String> = Vec::new();
+        if let (Some(path), true) = (&settings.admin_socket, sockets.admin_unix.is_some()) {
+            admin.push(format!("unix:{}", path.display()));
+        }
+        if let Some(addr) = sockets.admin.as_ref().and_then(|l| l.local_addr().ok()) {
+            admin.push(format!("http://{addr}"));
+        }
+        let admin = if admin.is_empty() { "no admin API".into() } else { format!("admin API {}", admin.join(" ")) };
+        format!(
+            "portmux {} ready: {control}; {admin}; {} workers; listeners open on demand (default address {})",
+            env!("CARGO_PKG_VERSION"),
+            settings.workers,
+            settings.bind
+        )
+    }
+}

@@ -107,6 +107,12 @@ impl Backend {
         !self.checked_down.load(Ordering::Relaxed)
     }
 
+    /// No active check follows it any more: back in the rotation.
+    pub fn unchecked(&self) {
+        self.checked_down.store(false, Ordering::Relaxed);
+        self.streak.store(0, Ordering::Relaxed);
+    }
+
     /// One active check's result; `Some(in rotation)` when it changes the
     /// backend's state. A passing check also ends a passive cooldown (it
     /// connected, and got the answer a check wants).

@@ -127,8 +127,11 @@ redirect = {{ url = "https://elsewhere.test/", discard-path = true, status = 302
     let r = get(port, "gone.test", "/a/b?c=1").unwrap();
     assert_eq!((r.status, header(&r, "location")), (302, Some("https://elsewhere.test/")), "{}", r.head);
     // The file's routes are not saved as run-time routes (the file says them again).
-    let saved = std::fs::read_to_string(pm.control().with_file_name("state").join("routes.json")).unwrap_or_default();
-    assert!(!saved.contains("app.test"), "{saved}");
+    let (ok, _, err) =
+        portmux_cli(&pm, &["route", "add", &format!("http://runtime.test:{port}"), "--backend", &a.to_string()]);
+    assert!(ok, "{err}");
+    let saved = std::fs::read_to_string(pm.control().with_file_name("state").join("routes.json")).unwrap();
+    assert!(saved.contains("runtime.test") && !saved.contains("app.test") && !saved.contains("old.test"), "{saved}");
 
     // Each problem, with its line and column and what to write.
     let bad = dir.path().join("bad.toml");
@@ -498,6 +501,7 @@ fn retries_hide_a_backend_that_drops_requests_for_get_never_resend_a_post_and_st
         }
     }
     let (bad_posts, good_posts) = (count(&bad_seen, "POST"), count(&good_seen, "POST"));
+    assert!(bad_posts > 0, "a POST met the dropping backend");
     assert_eq!(bad_posts + good_posts, 8, "each POST reached one backend once");
     assert_eq!(failed.load(Ordering::Relaxed), bad_posts, "a POST the backend dropped is a 502, never resent");
     // The budget: retries stay within ten plus a fifth of the requests, however many fail.

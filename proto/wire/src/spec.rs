@@ -376,6 +376,11 @@ fn parse(spec: &str) -> Result<RouteSpec, String> {
     if out.redirect.is_none() && (out.redirect_code.is_some() || out.redirect_path.is_some()) {
         return Err("redirect_code= and redirect_path= go with redirect=".into());
     }
+    if out.redirect.as_deref().is_some_and(|u| u.contains('?')) && out.redirect_path.as_deref() != Some("discard") {
+        return Err(
+            "a redirect URL with a query takes redirect_path=discard (the request's path cannot follow a query)".into(),
+        );
+    }
     if out.redirect.as_deref() == Some("https") && out.redirect_path.is_some() {
         return Err("redirect=https always keeps the path; redirect_path= goes with redirect=URL".into());
     }
@@ -938,6 +943,7 @@ mod tests {
             ("tcp://:9?health=tcp&health_interval=3", "not a duration"),
             ("tcp://:9?health_fall=2", "go with health="),
             ("tcp://:9?health=tcp&health_rise=0", "not a count"),
+            ("http://a.test?redirect=https%3A%2F%2Fb.test%2F%3Fx%3D1", "takes redirect_path=discard"),
         ] {
             let e = RouteSpec::parse(bad).unwrap_err().to_string();
             assert!(e.contains(says), "{bad}: {e}");
