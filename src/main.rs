@@ -56,15 +56,8 @@ enum Command {
     /// Check a config file (TOML, or SRP's JSON) without running: prints each problem with
     /// its line and column, and exits non-zero if there is one.
     Check {
-        /// The file [default: /etc/portmux/portmux.toml]
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
-        /// toml or srp [default: told by the content]
-        #[arg(long, value_name = "FORMAT", value_parser = cli_file::parse_format)]
-        config_format: Option<portmux::config::file::Format>,
-        /// The port an SRP file's hosts are served on
-        #[arg(long, value_name = "PORT", default_value_t = 80)]
-        http_port: u16,
+        #[command(flatten)]
+        file: FileArgs,
     },
     /// Re-read the running portmux's config file and apply what changed (as SIGHUP does);
     /// a file with a problem is refused and the running configuration stays.
@@ -326,6 +319,15 @@ struct RunArgs {
     /// Renew an ACME certificate this long before it expires (or with a third of its life left)
     #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = humantime::parse_duration)]
     acme_renew_before: Duration,
+    #[command(flatten)]
+    file: FileArgs,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// Where the config file is and how to read it (`run` and `check`).
+#[derive(clap::Args, Debug)]
+struct FileArgs {
     /// Config file: TOML ([run] settings, [policy], [api], [[route]]s) or SRP's JSON; flags
     /// given here win over its settings; SIGHUP or `portmux reload` re-read it
     /// [default: /etc/portmux/portmux.toml if it exists]
@@ -337,8 +339,6 @@ struct RunArgs {
     /// The port the hosts of an SRP config file are served on (and 443 with ACME)
     #[arg(long, value_name = "PORT", default_value_t = 80)]
     http_port: u16,
-    #[command(flatten)]
-    common: Common,
 }
 
 #[derive(clap::Args, Debug)]
@@ -384,7 +384,7 @@ fn main() -> ExitCode {
         Command::Tcp(args) => seamless(*args),
         Command::Route { action, admin, admin_token_file } => route(action, admin, admin_token_file),
         Command::Upgrade { control, binary } => upgrade(control, binary),
-        Command::Check { config, config_format, http_port } => check(config, config_format, http_port),
+        Command::Check { file } => check(file.config, file.config_format, file.http_port),
         Command::Reload { admin, admin_token_file } => reload(admin, admin_token_file),
     };
     match result {
@@ -456,21 +456,23 @@ fn run(first: RunArgs) -> Result<(), String> {
     };
     let cx = portmux::config::file::Context {
         own_uid: own_uid(&first.common),
-        http_port: first.http_port,
+        http_port: first.file.http_port,
         acme: first.acme_email.is_some(),
     };
     let argv = std::env::args_os().collect();
-    let (args, mut file) = cli_file::resolve(argv, first.config.as_deref(), first.config_format, cx).map_err(report)?;
+    let (args, mut file) =
+        cli_file::resolve(argv, first.file.config.as_deref(), first.file.config_format, cx).map_err(report)?;
     // The file's own settings (user, http-port, acme-email) may change what its routes and policy mean.
     let cx_now = portmux::config::file::Context {
         own_uid: own_uid(&args.common),
-        http_port: args.http_port,
+        http_port: args.file.http_port,
         acme: args.acme_email.is_some(),
     };
     if let Some((path, config)) = &mut file
         && (cx_now.own_uid, cx_now.http_port, cx_now.acme) != (cx.own_uid, cx.http_port, cx.acme)
     {
-        *config = portmux::config::file::load(path, args.config_format, cx_now).map_err(|e| report(e.to_string()))?;
+        *config =
+            portmux::config::file::load(path, args.file.config_format, cx_now).map_err(|e| report(e.to_string()))?;
     }
     init_logging(&args.common.log);
     let control = args.control.unwrap_or_else(default_control);
@@ -503,8 +505,8 @@ fn run(first: RunArgs) -> Result<(), String> {
         http_port: args.acme_http_port,
         renew_before: args.acme_renew_before,
     };
-    s.http_port = args.http_port;
-    s.config_format = args.config_format;
+    s.http_port = args.file.http_port;
+    s.config_format = args.file.config_format;
     if let Some((path, config)) = file {
         tracing::info!(file = %path.display(), routes = config.routes.len(), "config file read");
         s.policy = std::sync::Arc::new(config.policy);

@@ -94,14 +94,8 @@ pub async fn worker(shared: Arc<Shared>, index: usize, mut inbox: mpsc::Unbounde
     // Engine connections between requests close; those in a request finish
     // it; relays and requests in flight have until --drain.
     crate::l7::pause_all();
-    let deadline = Instant::now() + shared.settings.drain;
-    while shared.in_flight.load(Ordering::Relaxed) > 0 {
-        let Some(left) = deadline.checked_duration_since(Instant::now()) else { break };
-        // Woken when the last one ends; the slice covers a wake-up that came before the wait.
-        let _ = tokio::time::timeout(left.min(Duration::from_millis(100)), shared.idle.notified()).await;
-    }
-    let left = shared.in_flight.load(Ordering::Relaxed);
-    if left > 0 {
+    if !shared.tasks_done(shared.settings.drain).await {
+        let left = shared.in_flight.load(Ordering::Relaxed);
         tracing::warn!(worker = index, connections = left, "closing connections still open after --drain");
     }
     tracing::debug!(worker = index, "worker stopped");

@@ -94,7 +94,8 @@ pub struct Pos {
 }
 
 impl Pos {
-    fn of(text: &str, offset: usize) -> Pos {
+    /// The place of byte `offset` (columns count characters).
+    pub(super) fn of(text: &str, offset: usize) -> Pos {
         let before = &text[..offset.min(text.len())];
         let line = before.matches('\n').count() + 1;
         let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;

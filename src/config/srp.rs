@@ -64,12 +64,7 @@ pub fn parse(text: &str, cx: Context) -> Result<Config, Vec<Problem>> {
         }]
     })?;
     // serde_json gives no positions for values: a problem points at its host's key.
-    let at = |needle: &str| {
-        let quoted = format!("\"{needle}\"");
-        let offset = text.find(&quoted).unwrap_or(0);
-        let before = &text[..offset];
-        Pos { line: before.matches('\n').count() + 1, column: before.rsplit('\n').next().map_or(0, str::len) + 1 }
-    };
+    let at = |needle: &str| Pos::of(text, text.find(&format!("\"{needle}\"")).unwrap_or(0));
     let mut problems = Vec::new();
     let mut routes = Vec::new();
     for (host, service) in file.services {
