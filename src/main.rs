@@ -680,6 +680,10 @@ fn describe(v: &RouteView) -> String {
     let target = match &v.target {
         TargetView::Service { service, instances, queued, half_closed, reserved_for_s } => {
             let mut t = format!("service '{service}', {} instance(s)", instances.len());
+            let down = instances.iter().filter(|i| !i.healthy).count();
+            if down > 0 {
+                t += &format!(" ({down} failing its health check)");
+            }
             if *queued > 0 {
                 t += &format!(", {queued} queued");
             }

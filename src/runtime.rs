@@ -53,6 +53,8 @@ pub enum StartError {
     AdminPublic(std::net::SocketAddr),
     #[error("route {route}: {reason}")]
     Route { route: String, reason: String },
+    #[error("config file {file}:\n  {problem}")]
+    ConfigRoutes { file: String, problem: crate::config::file::Problem },
     #[error("cannot create route {route}: {source}")]
     InitialRoute {
         route: String,
@@ -102,7 +104,9 @@ fn start(mut settings: Settings, handover: Option<OwnedFd>) -> Result<(), StartE
         tracing::warn!("IPv6 is unavailable on this host; listening on 0.0.0.0 instead of [::] by default");
         settings.bind = std::net::Ipv4Addr::UNSPECIFIED.into();
     }
-    // After an upgrade, the sockets and the routes come from the previous process.
+    // After an upgrade, the sockets and the routes come from the previous
+    // process; the config file's routes are applied again over them (the
+    // file is read anew, as a reload would), and those it dropped go.
     let upgraded = handover.is_some();
     let mut routes = Vec::new();
     for r in settings.initial_routes.iter().filter(|_| !upgraded) {
@@ -116,7 +120,11 @@ fn start(mut settings: Settings, handover: Option<OwnedFd>) -> Result<(), StartE
             .map_err(failed)?;
         routes.push((spec, backends));
     }
-    for r in settings.file_routes.iter().filter(|_| !upgraded) {
+    if let Err(p) = crate::config::file::check_bound(&settings.file_routes, settings.bind) {
+        let file = settings.config_file.as_ref().map(|f| f.display().to_string()).unwrap_or_default();
+        return Err(StartError::ConfigRoutes { file, problem: p });
+    }
+    for r in &settings.file_routes {
         let failed = |reason: String| StartError::Route { route: r.spec.key(), reason };
         let backends = r.backends.iter().map(|b| b.resolve().map(|e| (b.clone(), e))).collect::<Result<Vec<_>, _>>();
         routes.push((r.spec.clone(), backends.map_err(failed)?));

@@ -516,6 +516,9 @@ impl Control {
     /// A connection for the control plane to route (from a worker, a reject,
     /// or a session that ended).
     pub fn arrived(self: &Rc<Self>, conn: Conn) {
+        if self.health.borrow().is_probe(conn.id()) {
+            return; // A health check's connection, given back or rejected: the check fails.
+        }
         self.parking.hold(conn.id(), conn.fd);
         self.core.borrow_mut().arrived(Instant::now(), conn.desc);
         self.apply();

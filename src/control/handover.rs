@@ -144,7 +144,7 @@ impl Control {
             let msg = Handover::AdminUnixSocket { owned: sockets.admin_owned };
             send(msg, vec![dup(&|| "the admin socket".into(), l.as_fd())?])?;
         }
-        for msg in core.route_messages(now) {
+        for msg in core.route_messages(now).into_iter().chain(self.file_routes_message(&core)) {
             send(msg, vec![])?;
         }
         for msg in self.tls.borrow().handover_messages(&core, &self.shared) {
@@ -272,6 +272,7 @@ impl Control {
                 sockets.admin_owned = owned;
             }
             Handover::StateFile => *self.state_file.borrow_mut() = Some(crate::systemd::StateFile::adopt(fd()?)),
+            Handover::FileRoutes { routes } => self.inherit_file_routes(&routes),
             Handover::BackendRoute { route, backends } => {
                 let failed = |reason: String| HandoverError::Route { route: route.clone(), reason };
                 let spec = RouteSpec::parse(&route).map_err(|e| failed(e.to_string()))?;
@@ -491,6 +492,10 @@ impl Control {
                     self.restore_service(route, service, portmux_wire::UNKNOWN_OWNER)
                 }
                 Handover::OwnedServiceRoute { route, service, uid, .. } => self.restore_service(route, service, uid),
+                Handover::FileRoutes { routes } => {
+                    self.inherit_file_routes(&routes);
+                    continue;
+                }
                 other => Err((String::new(), format!("unexpected {} in the route state", other.kind()))),
             };
             match result {

@@ -32,11 +32,50 @@ pub struct Reloaded {
 }
 
 impl Control {
-    /// Remembers which routes the config file made (at start, or after an upgrade).
-    pub fn mark_file_routes(&self) {
+    /// Remembers which routes the config file made, at start. Routes the
+    /// previous process's file made (handed over in an upgrade, or kept in
+    /// systemd's fd store) that this file no longer declares are removed: an
+    /// upgrade re-reads the file as a reload would.
+    pub fn mark_file_routes(self: &Rc<Self>) {
         let bind = self.shared.settings.bind;
-        let keys = self.shared.settings.file_routes.iter().map(|r| route_key(&r.spec, bind)).collect();
-        *self.file_routes.borrow_mut() = keys;
+        let keys: BTreeSet<RouteKey> =
+            self.shared.settings.file_routes.iter().map(|r| route_key(&r.spec, bind)).collect();
+        let inherited = std::mem::replace(&mut *self.file_routes.borrow_mut(), keys.clone());
+        for key in inherited.difference(&keys) {
+            let text = self.core.borrow().routes().get(key).and_then(|r| match r.target {
+                RouteTarget::Backends(_) => Some(r.spec.to_string()),
+                RouteTarget::Service(_) => None,
+            });
+            let Some(text) = text else { continue };
+            match self.remove_route(&text) {
+                Ok(removed) => {
+                    tracing::info!(route = %removed, "the config file no longer declares this route; removed")
+                }
+                Err(e) => {
+                    tracing::warn!(route = %text, "cannot remove a route the config file no longer declares: {e}")
+                }
+            }
+        }
+    }
+
+    /// The previous process's config file made these routes.
+    pub(super) fn inherit_file_routes(&self, routes: &[String]) {
+        let bind = self.shared.settings.bind;
+        let mut ours = self.file_routes.borrow_mut();
+        for r in routes {
+            match RouteSpec::parse(r) {
+                Ok(spec) => drop(ours.insert(route_key(&spec, bind))),
+                Err(e) => tracing::warn!(route = %r, "a route the previous config file made does not parse here: {e}"),
+            }
+        }
+    }
+
+    /// The routes the config file made, for the next process.
+    pub(super) fn file_routes_message(&self, core: &super::core::Core) -> Option<portmux_wire::Handover> {
+        let ours = self.file_routes.borrow();
+        let routes: Vec<String> =
+            ours.iter().filter_map(|k| core.routes().get(k)).map(|r| r.spec.to_string()).collect();
+        (!routes.is_empty()).then_some(portmux_wire::Handover::FileRoutes { routes })
     }
 
     /// Re-reads the config file and applies what changed.
@@ -46,10 +85,12 @@ impl Control {
             return Err("portmux runs without a config file (start it with --config FILE); nothing to reload".into());
         };
         let cx = Context { own_uid: s.policy.own_uid(), http_port: s.http_port, acme: s.acme.email.is_some() };
-        let format = s.config_format;
+        let (format, bind) = (s.config_format, s.bind);
         // Reading and resolving may block (DNS): off the control thread.
         let loaded = tokio::task::spawn_blocking(move || -> Result<(Config, Vec<(RouteSpec, Resolved)>), String> {
             let config = file::load(&path, format, cx).map_err(|e| format!("{e}; the running configuration stays"))?;
+            file::check_bound(&config.routes, bind)
+                .map_err(|p| format!("config file {}:\n  {p}; the running configuration stays", path.display()))?;
             let mut resolved = Vec::new();
             for r in &config.routes {
                 let backends = r.backends.iter().map(|b| b.resolve().map(|e| (b.clone(), e)));

@@ -143,7 +143,13 @@ impl Control {
     /// Keeps the routes in the fd store (under systemd).
     pub(super) fn persist(&self) {
         if let Some(file) = self.state_file.borrow_mut().as_mut() {
-            let routes = self.core.borrow().route_messages(std::time::Instant::now());
+            let core = self.core.borrow();
+            let routes: Vec<_> = core
+                .route_messages(std::time::Instant::now())
+                .into_iter()
+                .chain(self.file_routes_message(&core))
+                .collect();
+            drop(core);
             if let Err(e) = file.write(&routes) {
                 tracing::warn!("cannot keep the route state in the fd store: {e}");
             }

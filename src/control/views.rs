@@ -52,6 +52,14 @@ pub struct InstanceView {
     /// not reading its control messages).
     #[serde(default)]
     pub waiting_for_room: usize,
+    /// False while the route's health check (`health=/PATH`) keeps the
+    /// session out of the rotation.
+    #[serde(default = "yes")]
+    pub healthy: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
@@ -155,13 +163,14 @@ pub fn route(
             instances: s
                 .sessions
                 .iter()
-                .filter_map(|id| Some((core.sessions().get(id)?, sessions.get(id))))
-                .map(|(state, live)| InstanceView {
+                .filter_map(|id| Some((id, core.sessions().get(id)?, sessions.get(id))))
+                .map(|(id, state, live)| InstanceView {
                     pid: state.peer.pid,
                     uid: state.peer.uid,
                     draining: state.draining,
                     unacked: live.map_or(0, |s| s.unacked_len()),
                     waiting_for_room: live.map_or(0, |s| s.waiting_for_room()),
+                    healthy: !s.down.contains(id),
                 })
                 .collect(),
             queued: s.queue.len(),

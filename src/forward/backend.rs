@@ -35,7 +35,7 @@ impl Policy {
 }
 
 /// Which PROXY protocol header, if any, a route sends to its backends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ProxyVersion {
     V1,
     V2,
@@ -120,20 +120,15 @@ impl Backend {
         if ok {
             self.down_until.store(0, Ordering::Relaxed);
         }
-        let streak = self.streak.load(Ordering::Relaxed);
-        let streak = match (ok, streak) {
-            (true, s) if s > 0 => s + 1,
-            (true, _) => 1,
-            (false, s) if s < 0 => s - 1,
-            (false, _) => -1,
+        // One task checks a backend: these loads and stores do not race.
+        let mut verdict = super::health::Verdict {
+            streak: self.streak.load(Ordering::Relaxed),
+            down: self.checked_down.load(Ordering::Relaxed),
         };
-        self.streak.store(streak, Ordering::Relaxed);
-        let down = self.checked_down.load(Ordering::Relaxed);
-        let flip = if down { streak >= i64::from(rise) } else { streak <= -i64::from(fall) };
-        flip.then(|| {
-            self.checked_down.store(!down, Ordering::Relaxed);
-            down
-        })
+        let changed = verdict.record(ok, rise, fall);
+        self.streak.store(verdict.streak, Ordering::Relaxed);
+        self.checked_down.store(verdict.down, Ordering::Relaxed);
+        changed
     }
 
     /// A connect failed: skip it for `cooldown`.

@@ -27,6 +27,9 @@ pub struct Check {
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
+    /// The route's `proxy=`: each check opens with a PROXY header naming the
+    /// check's own addresses (a backend that requires one refuses without).
+    pub proxy: Option<super::backend::ProxyVersion>,
 }
 
 impl Check {
@@ -46,6 +49,7 @@ impl Check {
             timeout: duration(&spec.health_timeout, TIMEOUT),
             rise: count(&spec.health_rise),
             fall: count(&spec.health_fall),
+            proxy: spec.proxy.as_deref().and_then(|p| super::backend::ProxyVersion::parse(p).ok().flatten()),
         })
     }
 
@@ -65,7 +69,11 @@ impl Check {
     async fn probe_one(&self, name: &str, endpoint: &Endpoint) -> Result<(), String> {
         match endpoint {
             Endpoint::Tcp(addr) => {
-                let s = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+                let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+                if let (Some(version), Ok(local)) = (self.proxy, s.local_addr()) {
+                    let header = super::proxy::header(version, local, *addr);
+                    s.write_all(&header).await.map_err(|e| format!("send the PROXY header: {e}"))?;
+                }
                 self.exchange(name, s).await
             }
             Endpoint::Unix(path) => {
@@ -76,12 +84,24 @@ impl Check {
     }
 
     async fn exchange(&self, name: &str, mut s: impl AsyncRead + AsyncWrite + Unpin) -> Result<(), String> {
-        let Some(path) = &self.path else { return Ok(()) };
-        let host = self.host.as_deref().unwrap_or(name);
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: portmux-health-check\r\nConnection: close\r\n\r\n"
-        );
+        let Some(request) = self.request(name) else { return Ok(()) };
         s.write_all(request.as_bytes()).await.map_err(|e| format!("send: {e}"))?;
+        self.answer(s).await
+    }
+
+    /// The GET an HTTP check sends (`None` for a TCP check), with the route's
+    /// host, else `name`.
+    pub fn request(&self, name: &str) -> Option<String> {
+        let path = self.path.as_ref()?;
+        let host = self.host.as_deref().unwrap_or(name);
+        Some(format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: portmux-health-check\r\nConnection: close\r\n\r\n"
+        ))
+    }
+
+    /// Reads the status line of the answer to [`Check::request`] and checks it.
+    pub async fn answer(&self, mut s: impl AsyncRead + Unpin) -> Result<(), String> {
+        let path = self.path.as_deref().unwrap_or("/");
         let mut buf = Vec::with_capacity(128);
         while !buf.contains(&b'\n') && buf.len() < 1024 {
             let mut chunk = [0u8; 256];
@@ -98,5 +118,31 @@ impl Check {
             Some(s) => Err(format!("GET {path} answered {s}, not {}", self.status)),
             None => Err(format!("GET {path}: not an HTTP response")),
         }
+    }
+}
+
+/// Passes (positive) or failures (negative) in a row, and whether the
+/// checked thing is out of the rotation: what one check's result makes of them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Verdict {
+    pub streak: i64,
+    pub down: bool,
+}
+
+impl Verdict {
+    /// Counts one result; `Some(in rotation)` when it changes the state
+    /// (`rise` passes in a row bring it back, `fall` failures take it out).
+    pub fn record(&mut self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
+        self.streak = match (ok, self.streak) {
+            (true, s) if s > 0 => s + 1,
+            (true, _) => 1,
+            (false, s) if s < 0 => s - 1,
+            (false, _) => -1,
+        };
+        let flip = if self.down { self.streak >= i64::from(rise) } else { self.streak <= -i64::from(fall) };
+        flip.then(|| {
+            self.down = !self.down;
+            !self.down
+        })
     }
 }

@@ -148,6 +148,17 @@ redirect = {{ url = "https://elsewhere.test/", discard-path = true, status = 302
     // And portmux does not start on it.
     let (ok, _, err) = run_cli(&["run", "--config", bad.to_str().unwrap(), "--control", "/nonexistent/c.sock"]);
     assert!(!ok && err.contains("line 2, column 16"), "{err}");
+    // A route named twice once the default bind is known: refused at start.
+    let dup = dir.path().join("dup.toml");
+    let twice = |extra: &str| format!("[[route]]\nspec = \"http://dup.test:{port}{extra}\"\nbackends = [\"{a}\"]\n");
+    std::fs::write(&dup, twice("") + &twice("?bind=127.0.0.1")).unwrap();
+    let args = ["run", "--config", dup.to_str().unwrap(), "--bind", "127.0.0.1", "--control", "/nonexistent/c.sock"];
+    let (ok, _, err) = run_cli(&args);
+    assert!(
+        !ok && err.contains("line 5, column 8:")
+            && err.contains("is the route of line 2 too (its bind= is the default, 127.0.0.1); merge"),
+        "{err}"
+    );
 }
 
 /// `portmux ARGS…` without a running portmux: (success, stdout, stderr).
@@ -517,4 +528,145 @@ fn retries_hide_a_backend_that_drops_requests_for_get_never_resend_a_post_and_st
     let retries = count(&bad_seen, "GET") - refused;
     assert!(refused > 0, "the budget ran out");
     assert!(retries <= 10 + requests / 5 + 1, "{retries} retries for {requests} requests");
+}
+
+/// (pid, passes its health check) of each instance of the route starting with `route`.
+fn instances_health(pm: &Portmux, route: &str) -> Vec<(i32, bool)> {
+    let routes = pm.routes();
+    let Some(view) = routes.iter().find(|r| r.route.starts_with(route)) else { return Vec::new() };
+    match &view.target {
+        portmux::admin::TargetView::Service { instances, .. } => instances.iter().map(|i| (i.pid, i.healthy)).collect(),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The bodies of `n` requests, each on a new connection.
+fn bodies(port: u16, host: &str, n: usize) -> Vec<(u16, String)> {
+    (0..n).map(|_| get(port, host, "/").map(|r| (r.status, r.body)).expect("a request failed")).collect()
+}
+
+#[test]
+fn a_service_declares_a_health_path_and_an_instance_failing_it_leaves_the_rotation_until_it_passes() {
+    let dir = TempDir::new();
+    let port = free_port();
+    let pm = Portmux::start(&[]);
+    let route = format!("http://svc.test:{port}");
+    let spec = format!("{route}/?health=/healthz&health_interval=100ms&health_timeout=1s&health_fall=2&health_rise=2");
+    let (a_down, b_down) = (dir.path().join("a-down"), dir.path().join("b-down"));
+    let a = Service::hello(&pm, &spec, "A", &["--name", "app", "--down-file", a_down.to_str().unwrap()]);
+    let b = Service::hello(&pm, &spec, "B", &["--name", "app", "--down-file", b_down.to_str().unwrap()]);
+    let (a_pid, b_pid) = (a.pid() as i32, b.pid() as i32);
+    let health_of = |pm: &Portmux, pid: i32| instances_health(pm, &route).iter().find(|i| i.0 == pid).map(|i| i.1);
+    pm.wait_for("both instances registered and healthy", |pm| {
+        health_of(pm, a_pid) == Some(true) && health_of(pm, b_pid) == Some(true)
+    });
+    let seen = bodies(port, "svc.test", 20);
+    assert!(seen.contains(&(200, "A".into())) && seen.contains(&(200, "B".into())), "round robin: {seen:?}");
+
+    // B starts failing its check: two failures take it out, and every client goes to A.
+    std::fs::write(&b_down, "").unwrap();
+    pm.wait_for("B out of the rotation", |pm| health_of(pm, b_pid) == Some(false));
+    assert_eq!(health_of(&pm, a_pid), Some(true), "A keeps passing");
+    let seen = bodies(port, "svc.test", 20);
+    assert!(seen.iter().all(|r| *r == (200, "A".into())), "B is out of the rotation: {seen:?}");
+    let (ok, listed, _) = portmux_cli(&pm, &["route", "list"]);
+    assert!(ok && listed.contains("1 failing its health check"), "route list shows it:\n{listed}");
+
+    // Every instance failing: all of them serve (as with backends), none is queued.
+    std::fs::write(&a_down, "").unwrap();
+    pm.wait_for("A out too", |pm| health_of(pm, a_pid) == Some(false));
+    let seen = bodies(port, "svc.test", 4);
+    assert!(seen.iter().all(|r| *r == (503, "down\n".into())), "the services themselves answer: {seen:?}");
+
+    // B recovers: two passes bring it back, and it alone serves while A fails.
+    std::fs::remove_file(&b_down).unwrap();
+    pm.wait_for("B back in the rotation", |pm| health_of(pm, b_pid) == Some(true));
+    let seen = bodies(port, "svc.test", 20);
+    assert!(seen.iter().all(|r| *r == (200, "B".into())), "only B passes: {seen:?}");
+    // The checks' connections were all acked or taken back: none is left unacked.
+    pm.wait_for("no unacked check connections", |pm| {
+        pm.routes().iter().all(|r| match &r.target {
+            portmux::admin::TargetView::Service { instances, .. } => instances.iter().all(|i| i.unacked == 0),
+            _ => true,
+        })
+    });
+
+    // A service may not declare a check portmux cannot make.
+    let tcp = Service::try_hello(pm.control(), &format!("tcp://127.0.0.1:{}?health=/h", free_port()), "x", &[]);
+    let err = tcp.err().expect("a health check on a tcp:// service route is refused");
+    assert!(err.contains("claim health=/PATH on an http:// or https:// route"), "{err}");
+    let tcp_check = Service::try_hello(pm.control(), &format!("http://other.test:{port}/?health=tcp"), "x", &[]);
+    let err = tcp_check.err().expect("health=tcp on a service route is refused");
+    assert!(err.contains("a service's route takes health=/PATH"), "{err}");
+}
+
+#[test]
+fn an_upgrade_rereads_the_config_file_and_removes_the_routes_it_no_longer_declares() {
+    let dir = TempDir::new();
+    let (_a, a) = Service::backend("a", &[]);
+    let (kept, dropped, added, runtime) = (free_port(), free_port(), free_port(), free_port());
+    let file = dir.path().join("portmux.toml");
+    let route = |host: &str, port: u16| format!("[[route]]\nspec = \"http://{host}:{port}\"\nbackends = [\"{a}\"]\n");
+    std::fs::write(&file, route("kept.test", kept) + &route("dropped.test", dropped)).unwrap();
+    let mut pm = Portmux::start(&["--config", file.to_str().unwrap()]);
+    let made_at_run_time = format!("http://runtime.test:{runtime}");
+    let (ok, _, err) = portmux_cli(&pm, &["route", "add", &made_at_run_time, "--backend", &a.to_string()]);
+    assert!(ok, "{err}");
+    let shown = |pm: &Portmux| {
+        let mut r: Vec<String> = pm.routes().into_iter().map(|r| r.route).collect();
+        r.sort();
+        r
+    };
+
+    // The file drops a route and declares a new one; the upgrade applies both.
+    std::fs::write(&file, route("kept.test", kept) + &route("added.test", added)).unwrap();
+    pm.upgrade(&[]).unwrap();
+    let mut want =
+        vec![format!("http://added.test:{added}"), format!("http://kept.test:{kept}"), made_at_run_time.clone()];
+    want.sort();
+    assert_eq!(shown(&pm), want);
+    assert_eq!(get(added, "added.test", "/").unwrap().body, "a");
+    // Its port lingers a while (--linger), with no route: 404.
+    assert_eq!(get(dropped, "dropped.test", "/").map(|r| r.status).ok(), Some(404));
+    // Only the run-time route is saved, and it survives a second upgrade with the file's routes.
+    let state = pm.control().parent().unwrap().join("state").join("routes.json");
+    let saved = std::fs::read_to_string(&state).unwrap();
+    assert!(
+        saved.contains("runtime.test") && !saved.contains("dropped.test") && !saved.contains("kept.test"),
+        "{saved}"
+    );
+    std::fs::write(&file, route("kept.test", kept)).unwrap();
+    pm.upgrade(&[]).unwrap();
+    want.retain(|r| !r.contains("added.test"));
+    assert_eq!(shown(&pm), want, "the second process knew added.test was the file's");
+    let saved = std::fs::read_to_string(&state).unwrap();
+    assert!(saved.contains("runtime.test") && !saved.contains("added.test"), "{saved}");
+}
+
+#[test]
+fn health_checks_of_a_proxy_route_open_with_a_proxy_header() {
+    use std::io::{Read, Write};
+    // A backend that serves only connections opening with a PROXY header.
+    let (backend, conns) = spawn_backend(|mut s| {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        if buf.starts_with(b"PROXY TCP4 127.0.0.1 127.0.0.1 ") {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\nproxied");
+        }
+    });
+    let port = free_port();
+    let pm = Portmux::start(&[]);
+    let route = format!("http://px.test:{port}?proxy=v1&health=/h&health_interval=50ms&health_fall=1");
+    let (ok, _, err) = portmux_cli(&pm, &["route", "add", &route, "--backend", &backend.to_string()]);
+    assert!(ok, "{err}");
+    pm.wait_for("three checks", |_| conns.load(std::sync::atomic::Ordering::Relaxed) >= 3);
+    let r = get(port, "px.test", "/").unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "proxied"));
+    assert!(healthy(&pm, "http://px.test").iter().all(|(_, up, _)| *up), "{}", pm.log());
 }

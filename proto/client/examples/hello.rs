@@ -9,6 +9,8 @@
 //! With `--listen ADDR` it listens on ADDR itself instead (no portmux): the
 //! same server as a plain backend, or as the "direct" baseline of a benchmark.
 //! `--size BYTES` repeats BODY to that many bytes (large responses).
+//! `--down-file FILE`: while FILE exists, every request is answered 503 (a
+//! service failing its health check, `?health=/PATH` on its route).
 //!
 //! SIGTERM or SIGINT shut it down gracefully: portmux sends it nothing new
 //! (the next instance, or another of the same name, gets it), requests in
@@ -16,7 +18,7 @@
 //! between requests, for the next instance: clients never notice a restart.
 //!
 //! ```text
-//! hello SPEC BODY [--name NAME] [--control PATH] [--tls-cert PEM --tls-key PEM] [--size BYTES]
+//! hello SPEC BODY [--name NAME] [--control PATH] [--tls-cert PEM --tls-key PEM] [--size BYTES] [--down-file FILE]
 //! hello --listen ADDR BODY [--tls-cert PEM --tls-key PEM] [--size BYTES]
 //! hello 'http://:8000/a' 'From A'
 //! ```
@@ -33,7 +35,11 @@ use std::sync::Arc;
 use tokio_rustls::TlsAcceptor;
 
 const USAGE: &str = "usage: hello SPEC BODY [--name NAME] [--control PATH] [--tls-cert PEM --tls-key PEM] \
-                     [--size BYTES]\n       hello --listen ADDR BODY [--tls-cert PEM --tls-key PEM] [--size BYTES]";
+                     [--size BYTES] [--down-file FILE]\n       hello --listen ADDR BODY [--tls-cert PEM --tls-key PEM] \
+                     [--size BYTES] [--down-file FILE]";
+
+/// `--down-file`: while it exists, requests are answered 503.
+static DOWN_FILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
 
 struct Args {
     /// A route spec, or with `listen` the address to listen on.
@@ -50,6 +56,7 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let mut positional = Vec::new();
     let (mut name, mut control, mut cert, mut key, mut listen, mut size) = (None, None, None, None, None, None);
+    let mut down = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let slot = match a.as_str() {
@@ -59,6 +66,7 @@ fn parse_args() -> Result<Args, String> {
             "--tls-key" => &mut key,
             "--listen" => &mut listen,
             "--size" => &mut size,
+            "--down-file" => &mut down,
             "-h" | "--help" => return Err(USAGE.into()),
             s if s.starts_with("--") => return Err(format!("unknown option {s}\n{USAGE}")),
             _ => {
@@ -79,6 +87,9 @@ fn parse_args() -> Result<Args, String> {
         Some(s) => Some(s.parse().map_err(|_| format!("--size {s} is not a number of bytes"))?),
         None => None,
     };
+    if let Some(d) = down {
+        let _ = DOWN_FILE.set(d.into());
+    }
     if body.is_empty() && size.is_some() {
         return Err("--size needs a non-empty BODY to repeat".into());
     }
@@ -259,7 +270,11 @@ where
                     break;
                 }
             }
-            let mut response = Response::new(Full::new(body));
+            let down = DOWN_FILE.get().is_some_and(|f| f.exists());
+            let mut response = Response::new(Full::new(if down { Bytes::from_static(b"down\n") } else { body }));
+            if down {
+                *response.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+            }
             if let Some(v) = facts.and_then(|f| hyper::header::HeaderValue::from_str(&f).ok()) {
                 response.headers_mut().insert("x-portmux-tls", v);
             }

@@ -218,6 +218,9 @@ pub enum Handover {
     TicketKeys { keys: Vec<Vec<u8>>, age_ms: u64 },
     /// The certificate a service sent for `route` with its registration.
     ServiceCert { route: String, chain: String, key: String },
+    /// The routes (as in `BackendRoute`, sent before) that the config file
+    /// made: the next process removes those its file no longer declares.
+    FileRoutes { routes: Vec<String> },
 }
 
 /// The owner of a route whose owner was not handed over (older releases):
@@ -251,6 +254,7 @@ impl Handover {
             Handover::DeliverTls { .. } => "DeliverTls",
             Handover::TicketKeys { .. } => "TicketKeys",
             Handover::ServiceCert { .. } => "ServiceCert",
+            Handover::FileRoutes { .. } => "FileRoutes",
         }
     }
 }

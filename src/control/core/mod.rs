@@ -157,6 +157,9 @@ pub struct ServiceRoute {
     pub delivering: Option<ConnId>,
     /// Do not deliver before this (a full session socket, a reject backoff).
     pub retry_at: Option<Instant>,
+    /// Sessions the route's health check (`health=/PATH`) took out of its
+    /// rotation: they get no new connections while another session passes.
+    pub down: BTreeSet<SessionId>,
     next: usize,
 }
 
@@ -170,6 +173,7 @@ impl ServiceRoute {
             reserved_until,
             delivering: None,
             retry_at: None,
+            down: BTreeSet::new(),
             next: 0,
         }
     }
@@ -593,9 +597,34 @@ impl Core {
             .collect()
     }
 
-    /// Sessions that may receive new connections for a route.
+    /// Sessions that may receive new connections for a route: those that
+    /// are neither draining nor dead, and of them the ones passing the
+    /// route's health check (all of them if none passes, as for backends).
     fn live(&self, s: &ServiceRoute) -> Vec<SessionId> {
-        s.sessions.iter().copied().filter(|id| self.sessions.get(id).is_some_and(|e| !e.draining && e.usable)).collect()
+        let alive =
+            s.sessions.iter().copied().filter(|id| self.sessions.get(id).is_some_and(|e| !e.draining && e.usable));
+        let alive: Vec<SessionId> = alive.collect();
+        if alive.iter().all(|id| s.down.contains(id)) {
+            return alive;
+        }
+        alive.into_iter().filter(|id| !s.down.contains(id)).collect()
+    }
+
+    /// The route's health check of `session` changed its verdict: `up` puts
+    /// it back in the rotation, else it leaves it.
+    pub fn session_checked(&mut self, now: Instant, key: &RouteKey, session: SessionId, up: bool) {
+        let Some(RouteState { target: RouteTarget::Service(s), .. }) = self.routes.get_mut(key) else { return };
+        if !s.sessions.contains(&session) {
+            return;
+        }
+        let changed = if up { s.down.remove(&session) } else { s.down.insert(session) };
+        if changed {
+            self.table_dirty = true;
+            if up {
+                self.try_flush(now, key);
+            }
+        }
+        self.settle();
     }
 
     /// The table the workers should have now.

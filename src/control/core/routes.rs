@@ -38,6 +38,21 @@ impl Commit {
     }
 }
 
+/// Why a service may not claim `spec`'s health check, if it may not: portmux
+/// checks a service by handing it a request (`health=/PATH`) on an HTTP
+/// route; whether its session is alive it knows already.
+fn service_health_problem(spec: &RouteSpec) -> Option<&'static str> {
+    let health = spec.health.as_deref()?;
+    if !matches!(spec.scheme, Scheme::Http | Scheme::Https) {
+        return Some(
+            "a service's health check is an HTTP request portmux hands it; claim health=/PATH on an http:// or https:// route",
+        );
+    }
+    (health == "tcp").then_some(
+        "health=tcp checks a backend's address; a service's route takes health=/PATH (portmux hands the service a GET and expects its status)",
+    )
+}
+
 /// Two listening addresses that cannot both be bound (same port, one a wildcard covering the other).
 fn clashes(a: SocketAddr, b: SocketAddr) -> bool {
     if a == b || a.port() != b.port() {
@@ -293,6 +308,9 @@ impl Core {
                         .into(),
                 });
             }
+            if let Some(reason) = service_health_problem(&spec) {
+                return Err(ControlError::BadOption { route: route(), reason: reason.into() });
+            }
             if let Some(n) = &spec.name
                 && *n != name
             {
@@ -443,6 +461,7 @@ impl Core {
             let Some(r) = self.routes.get_mut(key) else { continue };
             let RouteTarget::Service(s) = &mut r.target else { continue };
             s.sessions.retain(|id| *id != session);
+            s.down.remove(&session);
             if s.sessions.is_empty() {
                 s.reserved_until = Some(now + linger);
                 tracing::info!(
