@@ -7,8 +7,8 @@
 //! ```
 //!
 //! Each host becomes `http://HOST:{--http-port}` (and `https://HOST:443?acme`
-//! when ACME is configured, as SRP's autocert did; not for `*.internal`
-//! names, which no public CA certifies, nor for redirects), with SRP's health check (GET
+//! when ACME is configured, as SRP's autocert did, redirects too; not for
+//! `*.internal` names, which no public CA certifies), with SRP's health check (GET
 //! `HealthPath` every 3 s, 10 s timeout, 200 expected). A redirect is 301 when
 //! `Permanent`, else 302, with the request's path appended unless `DiscardPath`.
 
@@ -120,8 +120,8 @@ fn srp_routes(host: &str, s: Service, cx: Context) -> Result<Vec<(RouteSpec, Vec
     };
     let mut out = vec![(spec("http", cx.http_port, "")?, backends.clone())];
     let internal = host.ends_with(".internal") || host == "internal";
-    // A redirect is answered on plain HTTP only (see the note in docs/ARCHITECTURE.md).
-    if cx.acme && !internal && s.redirect.is_none() {
+    // As SRP's autocert: every public host on 443 too, redirects included.
+    if cx.acme && !internal {
         out.push((spec("https", 443, "acme")?, backends));
     }
     Ok(out)
@@ -164,6 +164,7 @@ mod tests {
             specs,
             [
                 "http://example.com:8080?redirect=https://www.example.com&redirect_code=301&redirect_path=discard",
+                "https://example.com:443?redirect=https://www.example.com&redirect_code=301&redirect_path=discard&acme",
                 "http://www.example.com:8080?health=/health&health_interval=3s&health_timeout=10s",
                 "https://www.example.com:443?health=/health&health_interval=3s&health_timeout=10s&acme",
             ]

@@ -125,6 +125,18 @@ fn http_redirects_to_https_and_plain_http_on_a_tls_port_is_told() {
     assert!(r.head.contains("Location: https://r.example.test/a/b?c=d\r\n"), "{}", r.head);
     let err = add_route(&pm, &format!("http://x.example.test:{http}"), None).unwrap_err();
     assert!(err.contains("--backend"), "{err}");
+    // An https:// route may redirect elsewhere too (SRP's redirect hosts on 443).
+    let (cert, key) = pki.leaf("old.example.test");
+    let target = "https%3A%2F%2Fnew.example.test%2Fbase";
+    add_route(
+        &pm,
+        &format!("https://old.example.test:{https}?cert={cert}&key={key}&redirect={target}&redirect_code=301"),
+        None,
+    )
+    .unwrap();
+    let r = tls_get(pki.client_config(), https, "old.example.test", "/a?b=c", None).unwrap();
+    assert_eq!(r.status, 301, "{}", r.head);
+    assert!(r.head.to_ascii_lowercase().contains("location: https://new.example.test/base/a?b=c\r\n"), "{}", r.head);
 
     let plain = raw_exchange(https, b"GET / HTTP/1.1\r\nHost: r.example.test\r\n\r\n");
     let plain = String::from_utf8_lossy(&plain);

@@ -413,9 +413,13 @@ fn parse(spec: &str) -> Result<RouteSpec, String> {
                 scheme.as_str()
             ))
         }
-        Scheme::Https | Scheme::Tls | Scheme::Tcp if out.redirect.is_some() => {
-            Err("redirect=https belongs to http:// routes (http://HOST:80?redirect=https)".into())
+        Scheme::Https if out.redirect.as_deref() == Some("https") => {
+            Err("redirect=https belongs to http:// routes (http://HOST:80?redirect=https); an https:// route redirects to a URL".into())
         }
+        Scheme::Tls | Scheme::Tcp if out.redirect.is_some() => Err(format!(
+            "redirects belong to http:// and https:// routes; {}:// does not read requests",
+            scheme.as_str()
+        )),
         _ => Ok(out),
     }
 }
@@ -840,6 +844,10 @@ mod tests {
         assert!(err("https://x.test?redirect=https").contains("belongs to http://"));
         assert!(err("http://x.test?redirect=ftp").contains("neither https nor an absolute URL"));
         assert!(err("https://x.test?acme=maybe").contains("takes no value"));
+        assert!(err("https://x.test?acme&redirect=https").contains("an https:// route redirects to a URL"));
+        assert!(err("tls://x.test?redirect=https://y.test").contains("tls:// does not read requests"));
+        let r = RouteSpec::parse("https://x.test?acme&redirect=https://y.test/&redirect_path=discard").unwrap();
+        assert_eq!(r.redirect.as_deref(), Some("https://y.test/"));
         assert!(err("https://x.test?acme=fooacme").contains("takes no value"));
         let acme = p("https://x.test?acme");
         assert!(acme.acme && acme.to_string() == "https://x.test:443?acme");
