@@ -127,7 +127,12 @@ fn start(mut settings: Settings, handover: Option<OwnedFd>) -> Result<(), StartE
     for r in &settings.file_routes {
         let failed = |reason: String| StartError::Route { route: r.spec.key(), reason };
         let backends = r.backends.iter().map(|b| b.resolve().map(|e| (b.clone(), e))).collect::<Result<Vec<_>, _>>();
-        routes.push((r.spec.clone(), backends.map_err(failed)?));
+        match backends {
+            Ok(b) => routes.push((r.spec.clone(), b)),
+            // The previous process's version of the route serves on.
+            Err(e) if upgraded => tracing::warn!(route = %r.spec.key(), "the config file's route is not applied: {e}"),
+            Err(e) => return Err(failed(e)),
+        }
     }
     // Under systemd: sockets from socket activation or the fd store.
     let mut systemd = if upgraded { systemd::Inherited::default() } else { systemd::inherited()? };
@@ -329,8 +334,13 @@ async fn run_control(
             Err(e) => tracing::info!("the route state is not kept across crashes: {e}"),
         }
     }
-    // The config file's routes are not run-time routes (marked before anything is saved).
-    control.mark_file_routes();
+    // The config file's routes are not run-time routes (marked before
+    // anything is saved). After an upgrade, the previous file's routes are
+    // known from the handover until the commit, when this file replaces them.
+    let upgraded = previous.is_some();
+    if !upgraded {
+        control.mark_file_routes();
+    }
     // The routes made at run time before the last stop (an upgrade brought
     // them along), once systemd's listeners are in.
     match saved {
@@ -342,11 +352,15 @@ async fn run_control(
     if let Some(importer) = restoring {
         control.end_import(importer);
     }
-    control.start_routes(routes).map_err(|(route, source)| StartError::InitialRoute { route, source })?;
-    let upgraded = previous.is_some();
     if let Some((channel, importer)) = previous {
-        // Serving starts only once the previous process committed.
+        // Serving starts only once the previous process committed; then the
+        // config file is applied as a reload would (a failed upgrade leaves
+        // nothing of it behind, and a route it cannot set is skipped).
         crate::upgrade::serve_imported(control, channel, importer).await?;
+        control.mark_file_routes();
+        control.apply_file_routes(routes);
+    } else {
+        control.start_routes(routes).map_err(|(route, source)| StartError::InitialRoute { route, source })?;
     }
     let (upgrades, requests) = mpsc::unbounded_channel();
     control.set_upgrader(upgrades.clone());

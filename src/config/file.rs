@@ -349,12 +349,13 @@ fn route_entry(text: &str, entry: RouteEntry) -> Result<FileRoute, Problem> {
 /// Two entries for one route: the second is refused (the first would silently lose).
 /// Routes that listen on the same address once the default `bind` is known
 /// (one names it with `bind=`, the other leaves it out): the second one.
+/// (`check_unique`, at load, catches those written alike.)
 pub fn check_bound(routes: &[FileRoute], bind: std::net::IpAddr) -> Result<(), Problem> {
     let mut seen: BTreeMap<(std::net::SocketAddr, String), Pos> = BTreeMap::new();
     for r in routes {
         if let Some(first) = seen.insert((r.spec.listen_addr(bind), r.spec.identity()), r.at) {
             let message = format!(
-                "{} is the route of line {} too (its bind= is the default, {bind}); merge the two",
+                "{} is the route of line {} too (the default bind is {bind}); merge the two",
                 r.spec.key(),
                 first.line
             );
@@ -364,6 +365,7 @@ pub fn check_bound(routes: &[FileRoute], bind: std::net::IpAddr) -> Result<(), P
     Ok(())
 }
 
+/// Two routes written alike (the same `bind=`, or none, and identity): the second one.
 fn check_unique(routes: &[FileRoute]) -> Result<(), Problem> {
     let mut seen: BTreeMap<String, Pos> = BTreeMap::new();
     for r in routes {

@@ -107,7 +107,10 @@ impl Control {
         if !self.deliveries_done(left).await {
             tracing::warn!("a delivery from a queue was still in progress at the upgrade's deadline");
         }
-        Frozen { unacked: sessions.into_iter().map(|s| (s.clone(), s.take_unacked())).collect() }
+        // A health check's connection stays here: its check fails in time.
+        let checks = self.health.borrow();
+        let unacked = |s: &Arc<Session>| s.take_unacked().into_iter().filter(|c| !checks.is_probe(c.id())).collect();
+        Frozen { unacked: sessions.into_iter().map(|s| (s.clone(), unacked(&s))).collect() }
     }
 
     /// Sends the frozen state to the new process (each fd as a duplicate).

@@ -82,7 +82,10 @@ impl Control {
                     }
                     RouteTarget::Service(s) => {
                         let Some(listener) = core.listener_for(key.0) else { continue };
-                        for sid in &s.sessions {
+                        // A draining session gets no new connections, checks included.
+                        let serving =
+                            |sid: &&SessionId| core.sessions().get(sid).is_some_and(|e| !e.draining && e.usable);
+                        for sid in s.sessions.iter().filter(serving) {
                             let want = Want::Session(listener, r.display.to_string());
                             wanted.insert((key.clone(), Subject::Session(*sid), check.clone()), want);
                         }
@@ -225,21 +228,31 @@ impl Probe {
         };
         let conn = Conn { fd: Arc::new(theirs.into()), desc };
         control.health.borrow_mut().probes.insert(id);
+        let _over = ProbeOver { control, session, id };
+        // The hand-over has its own deadline; only the answer is timed here.
         let patience = control.shared.settings.handoff_patience.min(self.check.timeout);
-        let exchange = async {
-            session.hand_over(conn, patience).await.map_err(|r| match r {
-                crate::handoff::Refusal::Busy(_) => "the session's socket stayed full".to_string(),
-                _ => "the session takes no connections".to_string(),
-            })?;
-            self.check.answer(ours).await
-        };
-        let result = match tokio::time::timeout(self.check.timeout, exchange).await {
+        session.hand_over(conn, patience).await.map_err(|r| match r {
+            crate::handoff::Refusal::Busy(_) => "the session's socket stayed full".to_string(),
+            _ => "the session takes no connections".to_string(),
+        })?;
+        match tokio::time::timeout(self.check.timeout, self.check.answer(ours)).await {
             Ok(r) => r,
             Err(_) => Err(format!("no answer within {}", humantime::format_duration(self.check.timeout))),
-        };
-        // Unacked still (no answer in time): portmux's copy goes now.
-        drop(session.take(id));
-        control.health.borrow_mut().probes.remove(&id);
-        result
+        }
+    }
+}
+
+/// When a check ends (or its task is aborted): portmux's copy of its
+/// connection goes if the session never acked it, and its id is forgotten.
+struct ProbeOver<'a> {
+    control: &'a Control,
+    session: &'a Session,
+    id: ConnId,
+}
+
+impl Drop for ProbeOver<'_> {
+    fn drop(&mut self) {
+        drop(self.session.take(self.id));
+        self.control.health.borrow_mut().probes.remove(&self.id);
     }
 }

@@ -58,6 +58,17 @@ impl Control {
         }
     }
 
+    /// After an upgrade's commit: sets the config file's routes; one that
+    /// cannot be set (a service holds it now, say) is reported and skipped.
+    pub fn apply_file_routes(self: &Rc<Self>, routes: Vec<(RouteSpec, Resolved)>) {
+        for (spec, backends) in routes {
+            let text = spec.key();
+            if let Err(e) = self.set_backends(spec, backends) {
+                tracing::warn!(route = %text, "the config file's route is not applied: {e}");
+            }
+        }
+    }
+
     /// The previous process's config file made these routes.
     pub(super) fn inherit_file_routes(&self, routes: &[String]) {
         let bind = self.shared.settings.bind;

@@ -190,6 +190,9 @@ impl Session {
             u.conns.insert(id, (conn, false));
             u.sending += 1;
         }
+        // Undoes the count (and drops the unsent entry) if this future is
+        // dropped before it ends (a health check's task aborted, say).
+        let mut pending = PendingSend { session: self, id, over: false };
         let deadline = tokio::time::Instant::now() + patience;
         let outcome = loop {
             match scm::send_with_fds(self.sock.as_fd(), &bytes, &[fd.as_fd()], scm::Wait::DontWait) {
@@ -210,8 +213,9 @@ impl Session {
                         }
                     };
                     self.unacked().waiting += 1;
+                    let waiting = Waiting(self);
                     let waited = uring::race(sock, uring::poll(sock, libc::POLLOUT as u32), give_up).await;
-                    self.unacked().waiting -= 1;
+                    drop(waiting);
                     match waited {
                         uring::Raced::Done(Ok(_)) => {}
                         // Another task of this worker cancelled its own wait on this socket.
@@ -234,6 +238,7 @@ impl Session {
         if let Sent::Dead = outcome {
             self.fail();
         }
+        pending.over = true;
         let mut u = self.unacked();
         u.sending -= 1;
         if u.sending == 0 {
@@ -351,6 +356,39 @@ impl Session {
         let n = u.conns.len();
         u.conns.clear();
         n
+    }
+}
+
+/// A hand-over in progress, counted in `sending`; see [`Session::hand_over`].
+struct PendingSend<'a> {
+    session: &'a Session,
+    id: ConnId,
+    /// It ended normally: the hand-over did its own accounting.
+    over: bool,
+}
+
+impl Drop for PendingSend<'_> {
+    fn drop(&mut self) {
+        if self.over {
+            return;
+        }
+        let mut u = self.session.unacked();
+        u.sending -= 1;
+        if u.conns.get(&self.id).is_some_and(|(_, sent)| !*sent) {
+            u.conns.remove(&self.id);
+        }
+        if u.sending == 0 {
+            self.session.sends_over.notify_waiters();
+        }
+    }
+}
+
+/// A hand-over waiting for room in the session's socket, counted in `waiting`.
+struct Waiting<'a>(&'a Session);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.unacked().waiting -= 1;
     }
 }
 

@@ -156,7 +156,7 @@ redirect = {{ url = "https://elsewhere.test/", discard-path = true, status = 302
     let (ok, _, err) = run_cli(&args);
     assert!(
         !ok && err.contains("line 5, column 8:")
-            && err.contains("is the route of line 2 too (its bind= is the default, 127.0.0.1); merge"),
+            && err.contains("is the route of line 2 too (the default bind is 127.0.0.1); merge"),
         "{err}"
     );
 }

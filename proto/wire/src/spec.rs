@@ -413,6 +413,9 @@ fn parse(spec: &str) -> Result<RouteSpec, String> {
                 scheme.as_str()
             ))
         }
+        Scheme::Http | Scheme::Https if out.redirect.is_some() && out.mode.is_some() => {
+            Err("a redirect answers each request itself; mode= goes with routes that have backends".into())
+        }
         Scheme::Https if out.redirect.as_deref() == Some("https") => {
             Err("redirect=https belongs to http:// routes (http://HOST:80?redirect=https); an https:// route redirects to a URL".into())
         }
@@ -846,6 +849,7 @@ mod tests {
         assert!(err("https://x.test?acme=maybe").contains("takes no value"));
         assert!(err("https://x.test?acme&redirect=https").contains("an https:// route redirects to a URL"));
         assert!(err("tls://x.test?redirect=https://y.test").contains("tls:// does not read requests"));
+        assert!(err("https://x.test?acme&redirect=https://y.test&mode=connection").contains("answers each request"));
         let r = RouteSpec::parse("https://x.test?acme&redirect=https://y.test/&redirect_path=discard").unwrap();
         assert_eq!(r.redirect.as_deref(), Some("https://y.test/"));
         assert!(err("https://x.test?acme=fooacme").contains("takes no value"));
