@@ -2,6 +2,7 @@
 //! tests: one request, over the admin socket or TCP, and its answer.
 
 use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ pub enum AdminAddr {
     /// The Unix socket (the default, beside the control socket).
     Unix(PathBuf),
     /// A TCP address, with the bearer token for changes (zeroed when dropped, never printed).
-    Tcp { addr: std::net::SocketAddr, token: Option<zeroize::Zeroizing<String>> },
+    Tcp { addr: SocketAddr, token: Option<zeroize::Zeroizing<String>> },
 }
 
 impl std::fmt::Debug for AdminAddr {
@@ -30,9 +31,25 @@ impl AdminAddr {
     pub fn parse(text: &str, token: Option<zeroize::Zeroizing<String>>) -> AdminAddr {
         match text.parse() {
             Ok(addr) => AdminAddr::Tcp { addr, token },
-            Err(_) => AdminAddr::Unix(PathBuf::from(text.strip_prefix("unix:").unwrap_or(text))),
+            Err(_) => match resolve(text) {
+                Some(addr) => AdminAddr::Tcp { addr, token },
+                None => AdminAddr::Unix(PathBuf::from(text.strip_prefix("unix:").unwrap_or(text))),
+            },
         }
     }
+}
+
+/// `HOST:PORT` with a host name (`localhost:9999`): its first address.
+fn resolve(text: &str) -> Option<SocketAddr> {
+    let (host, port) = text.rsplit_once(':')?;
+    if host.is_empty() || text.contains('/') || text.starts_with("unix:") || port.parse::<u16>().is_err() {
+        return None;
+    }
+    use std::net::ToSocketAddrs;
+    let mut addrs: Vec<SocketAddr> = text.to_socket_addrs().ok()?.collect();
+    // Where the admin API listens by default: IPv4 loopback first.
+    addrs.sort_by_key(|a| !a.is_ipv4());
+    addrs.into_iter().next()
 }
 
 impl std::fmt::Display for AdminAddr {

@@ -82,13 +82,13 @@ pub enum ControlError {
     Upgrading,
     #[error("portmux is stopping")]
     Stopping,
-    #[error("no route {route}; GET /routes lists them")]
+    #[error("no route {route}; portmux route list shows them")]
     NotFound { route: String },
     #[error("route {route} is held by service '{service}'; a service's route goes when the service leaves")]
     ServiceRoute { route: String, service: String },
     #[error("no route with backends is {route}")]
     NoBackendsAt { route: String },
-    #[error("no route has backends; create one with POST /routes")]
+    #[error("no route has backends; create one with portmux route add SPEC --backend ADDR")]
     NoBackendRoute,
     #[error("several routes have backends; name one with route=SPEC")]
     SeveralBackendRoutes,
