@@ -3,7 +3,7 @@
 //! neither portmux nor the services drop a connection when they restart.
 //!
 //! Modules in dependency order (each uses only those before it):
-//! leaves `ids`, `config`, `systemd`, then `sandbox` (it reads users through `config`) (and the `portmux-sys` and `portmux-wire`
+//! leaves `ids`, `telemetry` (metrics, the access log), `config`, `systemd`, then `sandbox` (it reads users through `config`) (and the `portmux-sys` and `portmux-wire`
 //! crates); mechanisms `reply`, `classify`, `forward`, `handoff`, `tls`,
 //! `route`, `l7` (the per-request engine's parts);
 //! `shared` (what workers and the control plane share); `accept` (the
@@ -26,5 +26,6 @@ pub mod runtime;
 pub mod sandbox;
 pub mod shared;
 pub mod systemd;
+pub mod telemetry;
 pub mod tls;
 pub mod upgrade;

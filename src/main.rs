@@ -3,9 +3,10 @@
 #![forbid(unsafe_code)]
 
 mod cli_file;
+mod cli_status;
 
 use clap::{Parser, Subcommand};
-use portmux::admin::{self, AdminAddr, RouteView, TargetView};
+use portmux::admin::{self, AdminAddr, RouteView};
 use portmux::config::{Limits, Settings};
 use portmux::forward::backend::BackendSpec;
 use std::net::{IpAddr, SocketAddr};
@@ -69,6 +70,30 @@ enum Command {
         /// For a TCP admin address: the file with the bearer token that changes need
         #[arg(long, env = "PORTMUX_ADMIN_TOKEN_FILE", value_name = "FILE")]
         admin_token_file: Option<PathBuf>,
+    },
+    /// What the running portmux holds and does: its listeners, routes with their owners or
+    /// backends and health, connections and counts, upgrades, uptime and version.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print the admin API's JSON ({"status": …, "routes": […]})
+        #[arg(long)]
+        json: bool,
+    },
+    /// List every route with its counts (as `portmux route list`).
+    Routes {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print the admin API's JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the man page (roff) of portmux and its commands.
+    Man,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
     },
     /// seamless mode: a TCP proxy on LISTEN_PORT to BACKENDS (round robin), switched
     /// with HTTP verbs on --http-port: /set?backends=, /add?backend=, /remove?backend=, /get.
@@ -157,7 +182,7 @@ struct Common {
     #[arg(long, value_name = "MODE", default_value = "auto", hide = true)]
     relay_mode: portmux::config::RelayMode,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive); RUST_LOG also works
-    #[arg(long, value_name = "FILTER", default_value = "info")]
+    #[arg(long, visible_alias = "log-level", value_name = "FILTER", default_value = "info")]
     log: String,
     #[command(flatten)]
     limits: LimitArgs,
@@ -300,6 +325,13 @@ struct RunArgs {
     /// Start without the routes kept in the state directory (they are replaced at the next change)
     #[arg(long)]
     no_resume: bool,
+    /// The access log: one line per connection and per request; - for stdout (journald), or a
+    /// file (SIGUSR1 reopens it, for logrotate) [default: none]
+    #[arg(long, value_name = "FILE|-", env = "PORTMUX_ACCESS_LOG")]
+    access_log: Option<String>,
+    /// The access log's lines: human (one readable line) or json (one object per line)
+    #[arg(long, value_name = "FORMAT", default_value = "human")]
+    access_log_format: portmux::telemetry::access::Format,
     /// The ACME server's directory, for https://HOST?acme routes
     #[arg(long, value_name = "URL", default_value = portmux::config::LETS_ENCRYPT)]
     acme_directory: String,
@@ -386,6 +418,14 @@ fn main() -> ExitCode {
         Command::Upgrade { control, binary } => upgrade(control, binary),
         Command::Check { file } => check(file.config, file.config_format, file.http_port),
         Command::Reload { admin, admin_token_file } => reload(admin, admin_token_file),
+        Command::Status { admin, json } => status(admin, json),
+        Command::Routes { admin, json } => route(RouteAction::List { json }, admin.admin, admin.admin_token_file),
+        Command::Man => man(),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "portmux", &mut std::io::stdout());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -497,6 +537,8 @@ fn run(first: RunArgs) -> Result<(), String> {
         s.state_dir = dir.clone();
     }
     s.resume = !args.no_resume;
+    s.access_log = args.access_log.as_deref().map(portmux::telemetry::access::Destination::parse);
+    s.access_log_format = args.access_log_format;
     s.acme = portmux::config::AcmeSettings {
         directory: args.acme_directory.clone(),
         email: args.acme_email.clone(),
@@ -603,6 +645,53 @@ fn check(config: Option<PathBuf>, format: Option<portmux::config::file::Format>,
     Ok(())
 }
 
+/// Where the admin API of the running portmux is.
+#[derive(clap::Args, Debug)]
+struct AdminArgs {
+    /// Admin API of the running portmux: its socket's path, or a TCP address
+    /// [default: admin.sock beside the control socket]
+    #[arg(long, env = ADMIN_ENV, value_name = "PATH|ADDR")]
+    admin: Option<String>,
+    /// For a TCP admin address: the file with the bearer token that changes need
+    #[arg(long, env = "PORTMUX_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
+}
+
+/// `portmux status`: the process, then its routes.
+fn status(admin: AdminArgs, json: bool) -> Result<(), String> {
+    let addr = admin_addr(admin.admin, admin.admin_token_file)?;
+    let get = |path: &str| -> Result<serde_json::Value, String> {
+        let (status, body) = admin::request(&addr, "GET", path, None)?;
+        let value: serde_json::Value = serde_json::from_str(&body).map_err(|_| format!("HTTP {status}: {body}"))?;
+        if status >= 400 {
+            return Err(value["error"].as_str().unwrap_or(&body).to_string());
+        }
+        Ok(value)
+    };
+    let (state, routes) = (get("/status")?, get("/routes")?);
+    if json {
+        println!("{}", serde_json::json!({ "status": state, "routes": routes["routes"] }));
+        return Ok(());
+    }
+    let state: admin::StatusView = serde_json::from_value(state).map_err(|e| e.to_string())?;
+    let views: Vec<RouteView> = serde_json::from_value(routes["routes"].clone()).map_err(|e| e.to_string())?;
+    print!("{}", cli_status::status(&state, &views));
+    Ok(())
+}
+
+/// `portmux man`: the man pages of portmux and each command, one roff document.
+fn man() -> Result<(), String> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let mut out = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut out).map_err(|e| e.to_string())?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("portmux-{}", sub.get_name());
+        let sub = sub.clone().name(name);
+        clap_mangen::Man::new(sub).render(&mut out).map_err(|e| e.to_string())?;
+    }
+    std::io::Write::write_all(&mut std::io::stdout(), &out).map_err(|e| e.to_string())
+}
+
 /// `portmux reload`: the running portmux re-reads its config file.
 fn reload(admin: Option<String>, token_file: Option<PathBuf>) -> Result<(), String> {
     let addr = admin_addr(admin, token_file)?;
@@ -658,55 +747,14 @@ fn route(action: RouteAction, admin: Option<String>, token_file: Option<PathBuf>
     match action {
         RouteAction::Add { .. } => {
             let view: RouteView = serde_json::from_value(value).map_err(|e| e.to_string())?;
-            println!("{}", describe(&view));
+            println!("{}", cli_status::describe(&view));
         }
         RouteAction::List { json: true } => println!("{body}"),
         RouteAction::List { json: false } => {
             let views: Vec<RouteView> = serde_json::from_value(value["routes"].clone()).map_err(|e| e.to_string())?;
-            if views.is_empty() {
-                println!("no routes");
-            }
-            for v in &views {
-                println!("{}", describe(v));
-            }
+            print!("{}", cli_status::routes(&views));
         }
         RouteAction::Remove { .. } => println!("removed {}", value["removed"].as_str().unwrap_or_default()),
     }
     Ok(())
-}
-
-/// One line per route: where it listens and where its connections go.
-fn describe(v: &RouteView) -> String {
-    let target = match &v.target {
-        TargetView::Service { service, instances, queued, half_closed, reserved_for_s } => {
-            let mut t = format!("service '{service}', {} instance(s)", instances.len());
-            let down = instances.iter().filter(|i| !i.healthy).count();
-            if down > 0 {
-                t += &format!(" ({down} failing its health check)");
-            }
-            if *queued > 0 {
-                t += &format!(", {queued} queued");
-            }
-            if *half_closed > 0 {
-                t += &format!(" ({half_closed} half-closed)");
-            }
-            if let Some(s) = reserved_for_s {
-                t += &format!(", reserved for {s}s more");
-            }
-            t
-        }
-        TargetView::Backends { policy, proxy, backends } => {
-            let list: Vec<String> = backends
-                .iter()
-                .map(|b| {
-                    let weight = if b.weight == 1 { String::new() } else { format!("@{}", b.weight) };
-                    let health = if b.healthy { "up" } else { "down" };
-                    format!("{}{weight} ({health}, {} active)", b.addr, b.active)
-                })
-                .collect();
-            let proxy = proxy.as_ref().map(|p| format!(", PROXY {p}")).unwrap_or_default();
-            format!("{policy}{proxy} -> {}", list.join(", "))
-        }
-    };
-    format!("{}  on {}  {}", v.route, v.listen, target)
 }

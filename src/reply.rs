@@ -47,6 +47,14 @@ fn printable(s: &str) -> String {
 }
 
 impl Reply {
+    /// The HTTP status it answers with, if it is an HTTP answer.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Reply::Http { status, .. } | Reply::Json { status, .. } | Reply::Redirect { status, .. } => Some(*status),
+            Reply::TlsAlert(_) | Reply::Close | Reply::Abort => None,
+        }
+    }
+
     pub fn not_found(host: Option<&str>, path: Option<&str>, port: u16) -> Reply {
         let host = host.map_or_else(|| "(none)".to_string(), |h| format!("\"{}\"", printable(h)));
         let path = printable(path.unwrap_or("/"));

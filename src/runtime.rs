@@ -67,6 +67,8 @@ pub enum StartError {
     Upgrade(#[from] crate::upgrade::UpgradeError),
     #[error("{0}")]
     Systemd(#[from] systemd::SystemdError),
+    #[error("{0}; choose another --access-log")]
+    AccessLog(#[source] io::Error),
     #[error("{0} (--no-sandbox runs without it)")]
     Sandbox(#[source] crate::sandbox::SandboxError),
 }
@@ -199,6 +201,13 @@ fn start(mut settings: Settings, handover: Option<OwnedFd>) -> Result<(), StartE
         settings.admin_socket.as_ref().and_then(|p| std::fs::symlink_metadata(p).ok()).map(|m| (m.dev(), m.ino()));
     let admin_path = settings.admin_socket.clone();
     let saved = prepare_state_dir(&settings).then(|| crate::control::saved::RouteFile::new(&settings.state_dir));
+    // Opened before the sandbox (and as root, if portmux starts so); SIGUSR1
+    // reopens it as portmux's user, in a directory the sandbox leaves writable.
+    let access = match &settings.access_log {
+        Some(to) => crate::telemetry::access::AccessLog::open(to.clone(), settings.access_log_format)
+            .map_err(|e| undo(StartError::AccessLog(e)))?,
+        None => crate::telemetry::access::AccessLog::off(),
+    };
     let inherited = handover.as_ref().and(std::env::var(crate::sandbox::INHERITED_ENV).ok());
     if let (true, Some(report)) = (settings.sandbox, inherited) {
         let report = format!("{}{}", report.trim_end_matches(crate::sandbox::INHERITED), crate::sandbox::INHERITED);
@@ -215,7 +224,7 @@ fn start(mut settings: Settings, handover: Option<OwnedFd>) -> Result<(), StartE
     } else {
         tracing::warn!("running without the sandbox (--no-sandbox)");
     }
-    let begin = Begin { sockets, routes, handover, systemd, saved };
+    let begin = Begin { sockets, routes, handover, systemd, saved, access };
     let (exit, (control_owned, admin_owned)) = serve(settings, begin).map_err(undo)?;
     // After an upgrade the socket files belong to the new process.
     if let (Exit::Stopped, true, Some(path), Some(identity)) = (exit, control_owned, &control_path, identity) {
@@ -238,6 +247,9 @@ fn sandbox_plan(settings: &Settings) -> crate::sandbox::Plan {
     let mut writable: Vec<PathBuf> =
         [dir(&settings.control), dir(&settings.admin_socket)].into_iter().flatten().collect();
     writable.push(settings.state_dir.clone());
+    if let Some(crate::telemetry::access::Destination::File(f)) = &settings.access_log {
+        writable.extend(dir(&Some(f.clone())));
+    }
     writable.dedup();
     crate::sandbox::Plan {
         user: settings.user.clone(),
@@ -257,11 +269,14 @@ struct Begin {
     systemd: systemd::Inherited,
     /// Where the run-time routes are kept (none: the state directory is unusable).
     saved: Option<crate::control::saved::RouteFile>,
+    access: crate::telemetry::access::AccessLog,
 }
 
-fn serve(settings: Settings, begin: Begin) -> Result<(Exit, (bool, bool)), StartError> {
+fn serve(settings: Settings, mut begin: Begin) -> Result<(Exit, (bool, bool)), StartError> {
     let workers = settings.workers.max(1);
-    let (shared, intake, mut inboxes) = Shared::new(settings, workers);
+    let access = std::mem::replace(&mut begin.access, crate::telemetry::access::AccessLog::off());
+    let (shared, intake, mut inboxes) = Shared::new(settings, workers, access);
+    shared.access.start().map_err(StartError::AccessLog)?;
     let control_rt = tokio_uring::Runtime::new(&uring_builder()).map_err(StartError::Runtime)?;
     let mut threads = Vec::new();
     for i in 0..workers {
@@ -310,6 +325,7 @@ async fn run_control(
     intake: mpsc::UnboundedReceiver<crate::shared::ToControl>,
 ) -> Result<Exit, StartError> {
     let Begin { routes, handover, systemd, saved, .. } = begin;
+    let began = std::time::Instant::now();
     let previous = match handover {
         Some(fd) => Some(crate::upgrade::import(control, fd).await?),
         None => None,
@@ -357,6 +373,7 @@ async fn run_control(
         // config file is applied as a reload would (a failed upgrade leaves
         // nothing of it behind, and a route it cannot set is skipped).
         crate::upgrade::serve_imported(control, channel, importer).await?;
+        control.shared().metrics.upgraded(began.elapsed());
         control.mark_file_routes();
         control.apply_file_routes(routes);
     } else {
@@ -377,14 +394,16 @@ async fn run_control(
     Ok(control.serve(intake).await)
 }
 
-/// SIGTERM/SIGINT stop portmux; SIGHUP reloads the config file; SIGUSR2 upgrades it.
+/// SIGTERM/SIGINT stop portmux; SIGHUP reloads the config file; SIGUSR2
+/// upgrades it; SIGUSR1 reopens the access log.
 async fn signals(control: Rc<Control>, upgrades: mpsc::UnboundedSender<crate::control::UpgradeRequest>) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut usr2), Ok(mut hup)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut usr2), Ok(mut hup), Ok(mut usr1)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
         signal(SignalKind::user_defined2()),
         signal(SignalKind::hangup()),
+        signal(SignalKind::user_defined1()),
     ) else {
         tracing::error!("cannot install signal handlers; stop portmux with SIGKILL");
         return;
@@ -407,6 +426,10 @@ async fn signals(control: Rc<Control>, upgrades: mpsc::UnboundedSender<crate::co
                         tracing::error!("{e}");
                     }
                 });
+            }
+            _ = usr1.recv() => {
+                tracing::info!("SIGUSR1: reopening the access log");
+                control.shared().access.reopen();
             }
             _ = usr2.recv() => {
                 tracing::info!("SIGUSR2: upgrading");

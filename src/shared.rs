@@ -60,6 +60,10 @@ pub struct Shared {
     /// The socketpair ends services hold for the per-request engine's
     /// streams, by (device, inode): given back, they are simply closed.
     pub engine_ends: Mutex<std::collections::HashSet<(u64, u64)>>,
+    /// The Prometheus metrics (`/metrics`).
+    pub metrics: crate::telemetry::Metrics,
+    /// The access log (off unless `--access-log`).
+    pub access: crate::telemetry::access::AccessLog,
 }
 
 /// What the connection limits count: connections admitted (all, and per
@@ -191,6 +195,7 @@ impl Shared {
     pub fn new(
         settings: Settings,
         workers: usize,
+        access: crate::telemetry::access::AccessLog,
     ) -> (Arc<Shared>, mpsc::UnboundedReceiver<ToControl>, Vec<mpsc::UnboundedReceiver<Queued>>) {
         let tls = crate::tls::Context::new(settings.ticket_rotation);
         let (to_control, intake) = mpsc::unbounded_channel();
@@ -216,6 +221,8 @@ impl Shared {
             tls,
             terminated: Mutex::default(),
             engine_ends: Mutex::default(),
+            metrics: crate::telemetry::Metrics::new(),
+            access,
         });
         (shared, intake, receivers)
     }

@@ -97,6 +97,11 @@ struct Conn<'a> {
     /// The forwarding values for the last Host seen.
     text: Option<(String, ForwardText)>,
     timer: Timer,
+    /// What the last request got: its status, the bytes sent to the client
+    /// so far, and its backend (kept only for the access log).
+    status: u16,
+    sent: u64,
+    backend: Option<Arc<forward::backend::Backend>>,
 }
 
 /// The connection's one timer, for whichever deadline applies (the next
@@ -155,6 +160,9 @@ pub(super) async fn serve(client: &Client, ctl: &Control, io: TcpStream, served:
         nodelay: served,
         text: None,
         timer: Timer::new(),
+        status: 0,
+        sent: 0,
+        backend: None,
     };
     let mut request = Vec::new();
     let mut rbuf = Vec::new();
@@ -197,6 +205,7 @@ impl Conn<'_> {
             let _ = self.io.set_nodelay(true);
         }
         let data = data.unwrap_or(&self.out);
+        self.sent += data.len() as u64;
         self.io.write_all(data).await
     }
 
@@ -257,8 +266,31 @@ impl Conn<'_> {
             Err(step) => return step,
         };
         let ex = Exchange { request, again: ready.again, head: ready.head_request, close: ready.close };
+        let (started, sent) = (std::time::Instant::now(), self.sent);
+        self.status = 0;
         let step = self.forward(&ready.route, &ready.pool, &ready.head, &ex, rbuf).await;
         self.start = ready.req_end;
+        let counters = &ready.route.counters;
+        counters.answered(self.status);
+        counters.relayed(ex.request.len() as u64, self.sent - sent);
+        let shared = &self.client.shared;
+        if shared.access.is_on() {
+            let method = ex.request.split(|b| *b == b' ').next().unwrap_or_default();
+            let method = std::str::from_utf8(method).unwrap_or("-");
+            let target = self.backend.take().map_or_else(|| "portmux".into(), |b| format!("backend {}", b.spec.name));
+            let e = crate::telemetry::access::Entry {
+                client: self.client.peer,
+                route: &ready.route.key,
+                target: &target,
+                outcome: "request",
+                status: (self.status > 0).then_some(self.status),
+                request: Some((method, ready.head.host.as_deref().unwrap_or("-"), &ready.head.target)),
+                from_client: ex.request.len() as u64,
+                to_client: self.sent - sent,
+                started,
+            };
+            shared.access.write(&e);
+        }
         step
     }
 
@@ -373,6 +405,9 @@ impl Conn<'_> {
                 },
             };
             let _active = backend.connected();
+            if self.client.shared.access.is_on() {
+                self.backend = Some(backend.clone());
+            }
             let name = || format!("backend {}", backend.spec.name);
             match self.exchange(&mut stream, ex, rbuf).await {
                 Exchanged::Done { reusable, close } => {
@@ -412,6 +447,7 @@ impl Conn<'_> {
     }
 
     async fn failed(&mut self, meta: &portmux_wire::ConnMeta, target: &str, why: &str, close: bool) -> Step {
+        self.client.shared.metrics.error(crate::telemetry::Side::Backend);
         tracing::warn!(route = %meta.route, target, client = %meta.peer, "target failed: {why}");
         self.answer(l7::reply(Reply::bad_gateway(&format!("{target} failed: {why}"))), close).await
     }
@@ -424,6 +460,7 @@ impl Conn<'_> {
             _ => bytes::Bytes::new(),
         };
         self.out.clear();
+        self.status = status.as_u16();
         h1::answer(&mut self.out, status.as_u16(), status.canonical_reason().unwrap_or(""), &body, close);
         match self.write(None).await {
             Ok(()) if !close => Step::Next,
@@ -469,6 +506,7 @@ impl Conn<'_> {
                             Err(why) => return Exchanged::Failed(why.into()),
                         };
                         self.out.clear();
+                        self.status = code;
                         h1::response_head(&mut self.out, &resp, &rh, ex.close, settings.http.via);
                         break (rh, n);
                     }

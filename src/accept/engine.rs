@@ -77,15 +77,55 @@ impl Client {
     async fn handle(self: Rc<Self>, req: Request<Incoming>) -> Response<RespBody> {
         let upgrade =
             self.ctl.is_some() && req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
-        let resp = self.dispatch(req, upgrade).await;
+        let started = Instant::now();
+        let logged = self.shared.access.is_on().then(|| {
+            let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+            (
+                req.method().to_string(),
+                request_host(&req).unwrap_or_else(|| "-".into()),
+                path,
+                declared_length(req.headers()),
+            )
+        });
+        let mut routed = None;
+        let resp = self.dispatch(req, upgrade, &mut routed).await;
         if upgrade && let Some(ctl) = &self.ctl {
             ctl.decide_upgrade(resp.status() == StatusCode::SWITCHING_PROTOCOLS);
+        }
+        let status = resp.status().as_u16();
+        match &routed {
+            Some(r) => r.counters.answered(status),
+            None => self.shared.metrics.request("", status),
+        }
+        if let Some((method, host, path, from_client)) = logged {
+            let target = match routed.as_ref().map(|r| &r.owner) {
+                Some(crate::route::Owner::Service(name)) => format!("service {name}"),
+                Some(crate::route::Owner::Backends(_)) => "backends".to_string(),
+                None => "portmux".to_string(),
+            };
+            let e = crate::telemetry::access::Entry {
+                client: self.peer,
+                route: routed.as_ref().map_or("", |r| &r.key),
+                target: &target,
+                outcome: "request",
+                status: Some(status),
+                request: Some((&method, &host, &path)),
+                from_client,
+                to_client: declared_length(resp.headers()),
+                started,
+            };
+            self.shared.access.write(&e);
         }
         resp
     }
 
-    /// Routes one request and answers it.
-    async fn dispatch(&self, req: Request<Incoming>, upgrade: bool) -> Response<RespBody> {
+    /// Routes one request and answers it; `routed`: the route it took.
+    async fn dispatch(
+        &self,
+        req: Request<Incoming>,
+        upgrade: bool,
+        routed: &mut Option<Arc<crate::route::Route>>,
+    ) -> Response<RespBody> {
         let host = request_host(&req);
         if let (Some(authority), Some(h)) = (req.uri().authority(), req.headers().get(header::HOST)) {
             // HTTP/2 (RFC 9113 §8.3.1) and absolute targets: one host, not two.
@@ -133,6 +173,7 @@ impl Client {
         let Some(route) = found else {
             return l7::reply(Reply::not_found(host.as_deref(), Some(&target), self.local.port()));
         };
+        *routed = Some(route.clone());
         if route.spec.acme && self.tls.is_none() {
             // An ACME challenge route (its pending tokens were answered above).
             return l7::answer(StatusCode::NOT_FOUND, "no such ACME challenge is pending");
@@ -166,6 +207,12 @@ impl Client {
 
 /// The request's Host: the absolute target's authority (HTTP/2's
 /// `:authority`), else the Host header; normalised like routes' hosts.
+/// A message's Content-Length (0 when it has none: the access log's bytes
+/// on the engine's hyper path are the declared lengths).
+fn declared_length(headers: &hyper::HeaderMap) -> u64 {
+    headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0)
+}
+
 fn request_host<B>(req: &Request<B>) -> Option<String> {
     if let Some(a) = req.uri().authority() {
         return host_from_header(a.as_str());

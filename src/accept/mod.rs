@@ -15,6 +15,7 @@ use crate::ids::ListenerId;
 use crate::reply;
 use crate::route::{Listener, Route, Target};
 use crate::shared::{Idle, Job, Queued, Shared, TaskGuard, ToControl};
+use crate::telemetry::{Outcome, Side, access};
 use portmux_sys::{net, uring};
 use portmux_wire::spec::Scheme;
 use portmux_wire::{ConnMeta, Proto};
@@ -117,6 +118,7 @@ async fn accept_loop(listener: Arc<Listener>, shared: Arc<Shared>, stop: Rc<Noti
     shared.accepting.fetch_add(1, Ordering::Relaxed);
     let _running = Running(shared.clone());
     let fd = listener.fd.as_fd();
+    let accepted = shared.metrics.accepted(listener.addr);
     let mut last_warning: Option<Instant> = None;
     loop {
         let (result, stopped) = match uring::race(fd, uring::accept(fd), stop.notified()).await {
@@ -125,6 +127,7 @@ async fn accept_loop(listener: Arc<Listener>, shared: Arc<Shared>, stop: Rc<Noti
         };
         match result {
             Ok((conn, peer)) => {
+                accepted.inc();
                 let guard = TaskGuard::new(&shared);
                 let shared = shared.clone();
                 let id = listener.id;
@@ -154,6 +157,7 @@ async fn accept_loop(listener: Arc<Listener>, shared: Arc<Shared>, stop: Rc<Noti
                 // Back off so a full fd table does not spin the ring; the
                 // connection stays queued in the kernel meanwhile.
                 if resource {
+                    shared.metrics.error(Side::Internal);
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
@@ -188,7 +192,11 @@ async fn serve(fd: OwnedFd, listener: ListenerId, addrs: Option<(SocketAddr, Soc
     }
     let _permit = match shared.admit(peer.ip()) {
         Ok(permit) => permit,
-        Err(limit) => return refuse(fd, listener, peer, limit, shared).await,
+        Err(limit) => {
+            let started = Instant::now();
+            let status = refuse(fd, listener, peer, limit, shared).await;
+            return record(shared, None, peer, "portmux", Outcome::Refused, status, (0, 0), started);
+        }
     };
     if !trusted
         && !shared.settings.accept_proxy.is_empty()
@@ -209,8 +217,8 @@ async fn serve(fd: OwnedFd, listener: ListenerId, addrs: Option<(SocketAddr, Soc
 const REFUSAL_LINGER: Duration = Duration::from_millis(500);
 
 /// A connection over a limit: HTTP clients are told (429 over the
-/// per-address limit, 503 otherwise), others closed.
-async fn refuse(fd: OwnedFd, listener: ListenerId, peer: SocketAddr, limit: Limit, shared: &Shared) {
+/// per-address limit, 503 otherwise), others closed. The status it got.
+async fn refuse(fd: OwnedFd, listener: ListenerId, peer: SocketAddr, limit: Limit, shared: &Shared) -> Option<u16> {
     let http = shared.table.load().port(listener).is_some_and(|p| p.routes.http_only());
     let limits = &shared.settings.limits;
     tracing::debug!(%peer, limit = limit.name(), "refused: over {} {}", limit.flag(), limit.value(limits));
@@ -219,7 +227,52 @@ async fn refuse(fd: OwnedFd, listener: ListenerId, peer: SocketAddr, limit: Limi
         Limit::ConnsPerIp => reply::Reply::too_many(limits.conns_per_ip),
         _ => reply::Reply::unavailable(&format!("portmux is at its limit of {} ({})", limit.name(), limit.flag())),
     };
+    let status = reply.status();
     reply::send_within(fd, reply, REFUSAL_LINGER).await;
+    status
+}
+
+/// Counts what became of a connection (on its route, or on none) and logs it.
+#[allow(clippy::too_many_arguments)]
+fn record(
+    shared: &Shared,
+    route: Option<&Route>,
+    client: SocketAddr,
+    target: &str,
+    outcome: Outcome,
+    status: Option<u16>,
+    (from_client, to_client): (u64, u64),
+    started: Instant,
+) {
+    match route {
+        Some(r) => {
+            r.counters.count(outcome);
+            r.counters.relayed(from_client, to_client);
+        }
+        None => shared.metrics.count("", outcome),
+    }
+    if shared.access.is_on() {
+        let route = route.map_or("", |r| &r.key);
+        let outcome = outcome.as_str();
+        let e =
+            access::Entry { client, route, target, outcome, status, request: None, from_client, to_client, started };
+        shared.access.write(&e);
+    }
+}
+
+/// Answers `fd` with `answer` and records it.
+async fn answered<F: AsFd>(
+    fd: F,
+    answer: reply::Reply,
+    route: Option<&Route>,
+    outcome: Outcome,
+    peer: SocketAddr,
+    started: Instant,
+    shared: &Shared,
+) {
+    let status = answer.status();
+    Box::pin(reply::send(fd, answer)).await;
+    record(shared, route, peer, "portmux", outcome, status, (0, 0), started);
 }
 
 /// How a given-back connection's wait for its next request ended.
@@ -329,13 +382,15 @@ async fn route(
         let peeking = shared.peeking();
         let peek = classify::peek(fd.as_fd(), port.routes.want(), deadline, shared.settings.peek_max).await;
         drop(peeking);
+        shared.metrics.peek.observe(arrived.elapsed().as_secs_f64());
         meta.peeked = peek.bytes as u32;
         // ACME's HTTP-01 validation, answered whoever holds the name on this port.
         if let classify::Peeked::Http(head) = &peek.outcome
             && let Some(key_authorization) = shared.tls.challenges.http_answer(&head.target)
         {
             tracing::info!(%peer, host = ?head.host, "answered an ACME HTTP-01 challenge");
-            return Box::pin(reply::send(fd, reply::Reply::Http { status: 200, body: key_authorization })).await;
+            let answer = reply::Reply::Http { status: 200, body: key_authorization };
+            return answered(fd, answer, None, Outcome::Answered, peer, arrived, shared).await;
         }
         // Routes may have changed while the client was sending.
         let table = shared.table.load();
@@ -345,7 +400,7 @@ async fn route(
         if let classify::Peeked::Http(head) = &peek.outcome
             && let Some(answer) = table.services(&head.target, peer.ip())
         {
-            return Box::pin(reply::send(fd, answer)).await;
+            return answered(fd, answer, None, Outcome::Answered, peer, arrived, shared).await;
         }
         chacha_first = matches!(&peek.outcome, classify::Peeked::Tls(h) if h.chacha_first);
         match port.decide(peek.outcome, &mut meta) {
@@ -353,8 +408,8 @@ async fn route(
             Err(answer) => {
                 tracing::debug!(%peer, port = local.port(), ?answer, returned, "not delivered");
                 let answer = if returned { reply::Reply::Close } else { answer };
-                Box::pin(reply::send(fd, answer)).await;
-                return;
+                let outcome = if answer.status().is_some() { Outcome::Refused } else { Outcome::Dropped };
+                return answered(fd, answer, None, outcome, peer, arrived, shared).await;
             }
         }
     } else {
@@ -373,21 +428,33 @@ async fn route(
     if route.spec.acme {
         // An ACME challenge route: its pending tokens were answered above.
         let answer = reply::Reply::Http { status: 404, body: "portmux: no such ACME challenge is pending\n".into() };
-        return Box::pin(reply::send(fd, answer)).await;
+        return answered(fd, answer, Some(&route), Outcome::Answered, peer, arrived, shared).await;
     }
     if route.spec.redirect.is_some() {
         let answer = reply::Reply::redirect(&route.spec, meta.host.as_deref(), meta.path.as_deref().unwrap_or("/"));
-        return Box::pin(reply::send(fd, answer)).await;
+        return answered(fd, answer, Some(&route), Outcome::Answered, peer, arrived, shared).await;
     }
     if meta.proto == Proto::Http
         && route.spec.scheme == Scheme::Http
         && route.per_request(&port.routes, meta.host.as_deref())
     {
+        route.counters.count(Outcome::Engine);
         return Box::pin(engine::serve_plain(fd, listener, (meta.peer, meta.local), shared)).await;
     }
     if let Target::Forward(pool) = &route.target {
-        if let Some(paused) = forward::serve(fd, meta, pool.clone(), &shared.settings).await {
-            let _ = shared.to_control.send(ToControl::Relay(paused));
+        let served = forward::serve(fd, meta, pool.clone(), &shared.settings).await;
+        let bytes = (served.from_client, served.to_client);
+        let (target, outcome) = match &served.backend {
+            Some(b) => (format!("backend {b}"), Outcome::Forwarded),
+            None => ("portmux".to_string(), Outcome::Dropped),
+        };
+        if served.backend.is_none() {
+            shared.metrics.error(Side::Backend);
+        }
+        match served.paused {
+            // Counted by the process that finishes the relay.
+            Some(paused) => drop(shared.to_control.send(ToControl::Relay(paused))),
+            None => record(shared, Some(&route), peer, &target, outcome, served.status, bytes, arrived),
         }
         return;
     }
@@ -400,22 +467,39 @@ async fn route(
 /// Delivers `conn` on `route` to a live session (round robin, trying each
 /// once), or gives it to the control plane to queue.
 async fn deliver(mut conn: Conn, route: &Route, shared: &Shared) {
+    let (peer, arrived) = (conn.desc.meta.peer, conn.desc.arrived);
     if let Target::Pool(pool) = &route.target {
         for session in pool.order() {
             match session.hand_over(conn, shared.settings.handoff_patience).await {
-                Ok(()) => return,
+                Ok(()) => {
+                    shared.metrics.handoff.observe(arrived.elapsed().as_secs_f64());
+                    let target = if shared.access.is_on() {
+                        format!("service {} pid {}", session.name, session.pid)
+                    } else {
+                        String::new()
+                    };
+                    return record(shared, Some(route), peer, &target, Outcome::HandedOff, None, (0, 0), arrived);
+                }
                 Err(Refusal::Unsendable(c)) => {
                     let answer = match c.desc.meta.proto {
                         Proto::Http => reply::Reply::too_large(),
                         Proto::Tls => reply::Reply::tls_alert(reply::ALERT_DECODE_ERROR),
                         Proto::Tcp => reply::Reply::Close,
                     };
-                    return reply::send(c.fd, answer).await;
+                    shared.metrics.error(Side::Client);
+                    return answered(c.fd, answer, Some(route), Outcome::Dropped, peer, arrived, shared).await;
                 }
-                Err(refusal) => conn = refusal.into_conn(),
+                Err(refusal) => {
+                    if matches!(refusal, Refusal::Dead(_)) {
+                        shared.metrics.error(Side::Service);
+                    }
+                    conn = refusal.into_conn();
+                }
             }
         }
     }
+    // Waits in the control plane, which records its hand-over.
+    record(shared, Some(route), peer, "queue", Outcome::Parked, None, (0, 0), arrived);
     // If the control plane is gone (shutting down), the connection closes here.
     let _ = shared.to_control.send(ToControl::Conn(conn));
 }

@@ -148,8 +148,14 @@ pub(super) async fn connect(
     let settings = &client.shared.settings;
     let fd = match forward::connect(backend, settings).await {
         Ok(fd) => fd,
-        Err(e) if forward::is_local_exhaustion(&e) => return Err(Unconnected::Local(e)),
-        Err(e) => return Err(Unconnected::Backend(e)),
+        Err(e) if forward::is_local_exhaustion(&e) => {
+            client.shared.metrics.error(crate::telemetry::Side::Internal);
+            return Err(Unconnected::Local(e));
+        }
+        Err(e) => {
+            client.shared.metrics.error(crate::telemetry::Side::Backend);
+            return Err(Unconnected::Backend(e));
+        }
     };
     if let Some(version) = pool.proxy {
         let header = forward::proxy::header(version, meta.peer, meta.local);

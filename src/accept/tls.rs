@@ -225,7 +225,7 @@ pub(super) async fn returned(
     };
     match &found.target {
         Target::Forward(pool) => {
-            if let Some(paused) = forward::serve(fd, meta, pool.clone(), &shared.settings).await {
+            if let Some(paused) = forward::serve(fd, meta, pool.clone(), &shared.settings).await.paused {
                 // The plaintext side moves; the TLS relay stays here until it ends.
                 let _ = shared.to_control.send(crate::shared::ToControl::Relay(paused));
             }

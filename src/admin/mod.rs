@@ -23,7 +23,7 @@ use std::future::Future;
 use std::rc::Rc;
 
 pub use crate::control::views::{
-    BackendView, InstanceView, LimitView, ListenerView, RouteView, StatusView, TargetView,
+    BackendView, CountsView, InstanceView, LimitView, ListenerView, RouteView, StatusView, TargetView,
 };
 
 /// One backend in a request: `"host:port@weight"` or `{"addr": …, "weight": …}`.
@@ -297,6 +297,12 @@ async fn handle(
                 .map_err(AdminError::from),
         },
         (Method::GET, "/status") => Ok(json(StatusCode::OK, &control.status())),
+        (Method::GET, "/metrics") => {
+            let mut r = Response::new(Full::new(Bytes::from(control.metrics())));
+            let kind = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+            r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(kind));
+            Ok(r)
+        }
         (Method::POST, "/reload") => Ok(match control.reload().await {
             Ok(done) => json(StatusCode::OK, &done),
             Err(e) => error(StatusCode::BAD_REQUEST, e),
@@ -306,7 +312,7 @@ async fn handle(
                 .await
                 .unwrap_or_else(|m| text(StatusCode::BAD_REQUEST, format!("error: {m}\n")));
         }
-        (_, "/routes" | "/status" | "/reload" | "/get" | "/set" | "/add" | "/remove") => {
+        (_, "/routes" | "/status" | "/metrics" | "/reload" | "/get" | "/set" | "/add" | "/remove") => {
             Err(AdminError::Method { method, path: path.to_string() })
         }
         (_, path) => Err(AdminError::NoEndpoint { method, path: path.to_string() }),

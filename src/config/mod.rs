@@ -114,6 +114,9 @@ pub struct Settings {
     pub state_dir: PathBuf,
     /// Recreate the routes kept in the state directory at start (`--no-resume`: start without them).
     pub resume: bool,
+    /// Where the access log goes (`None`: no access log), and as what.
+    pub access_log: Option<crate::telemetry::access::Destination>,
+    pub access_log_format: crate::telemetry::access::Format,
     /// Certificates from ACME (`https://HOST?acme`).
     pub acme: AcmeSettings,
     /// The per-request engine's limits and habits.
@@ -258,6 +261,8 @@ impl Settings {
             ticket_rotation: Duration::from_secs(12 * 3600),
             state_dir: default_state_dir(),
             resume: true,
+            access_log: None,
+            access_log_format: crate::telemetry::access::Format::Human,
             acme: AcmeSettings {
                 directory: LETS_ENCRYPT.into(),
                 email: None,

@@ -143,6 +143,16 @@ impl TlsRoutes {
         }
     }
 
+    /// When each route's certificate in use expires (Unix time).
+    pub fn expiries(&self) -> Vec<(RouteKey, i64)> {
+        let expiry = |t: &Terminator| {
+            let current = t.cert.current()?;
+            let (_, not_after) = crate::tls::acme::validity_der(current.cert.first()?)?;
+            i64::try_from(not_after.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs()).ok()
+        };
+        self.terminators.iter().filter_map(|(k, t)| Some((k.clone(), expiry(t)?))).collect()
+    }
+
     /// Forgets the routes that are gone (a service's certificate goes with them).
     pub fn retain(&mut self, core: &Core) {
         self.terminators.retain(|key, _| core.routes().contains_key(key));

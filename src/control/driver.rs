@@ -8,7 +8,7 @@ use super::core::{Config, Core, Effect, HangUp, Mode, OpId, Outcome, PlanTarget,
 use super::error::ControlError;
 use super::handover::Outgoing;
 use super::parking::Parking;
-use super::views::{self, RouteView, StatusView};
+use super::views::{self, RouteView};
 use crate::config::policy::Peer;
 use crate::forward::backend::{BackendPool, BackendSpec, Policy, Resolved};
 use crate::forward::{self, Paused, Resume};
@@ -110,7 +110,7 @@ pub struct Control {
     abort_upgrade: Notify,
     upgrades: RefCell<Option<mpsc::UnboundedSender<UpgradeRequest>>>,
     exit: watch::Sender<Option<Exit>>,
-    started: Instant,
+    pub(super) started: Instant,
     /// Control connections open, by uid (for the session limits).
     pub(super) session_counts: super::session::Counts,
     /// The `https://` routes' certificates.
@@ -350,7 +350,16 @@ impl Control {
                     };
                     let tls =
                         (r.spec.scheme == Scheme::Https).then(|| tls.get(&r.key, &r.spec, &self.shared)).flatten();
-                    Arc::new(Route { key: r.display, ident: r.key, spec: r.spec, target, tls, owner: r.owner })
+                    let counters = self.shared.metrics.route(&r.display);
+                    Arc::new(Route {
+                        key: r.display,
+                        ident: r.key,
+                        spec: r.spec,
+                        target,
+                        tls,
+                        owner: r.owner,
+                        counters,
+                    })
                 })
                 .collect();
             let routes = PortRoutes::new(listener.clone(), routes);
@@ -362,7 +371,7 @@ impl Control {
     }
 
     fn deliver(self: &Rc<Self>, session: SessionId, desc: ConnDesc, attempt: u64) {
-        let id = desc.id;
+        let (id, route, arrived) = (desc.id, desc.meta.route.clone(), desc.arrived);
         let Some(fd) = self.parking.take(id) else {
             tracing::warn!(conn = %id, "a connection to deliver has no socket here; dropped from the queue");
             self.core.borrow_mut().delivered(Instant::now(), id, attempt);
@@ -383,7 +392,10 @@ impl Control {
             let result = target.hand_over(conn, patience).await;
             let now = Instant::now();
             match result {
-                Ok(()) => me.core.borrow_mut().delivered(now, id, attempt),
+                Ok(()) => {
+                    me.shared.metrics.delivered(&route, arrived);
+                    me.core.borrow_mut().delivered(now, id, attempt)
+                }
                 Err(refusal) => {
                     let why = match &refusal {
                         Refusal::Dead(_) => Undelivered::Dead,
@@ -438,7 +450,7 @@ impl Control {
         let guard = TaskGuard::new(&self.shared);
         let shared = self.shared.clone();
         tokio_uring::spawn(async move {
-            if let Some(paused) = forward::serve(fd, meta, pool, &shared.settings).await {
+            if let Some(paused) = forward::serve(fd, meta, pool, &shared.settings).await.paused {
                 let _ = shared.to_control.send(ToControl::Relay(paused));
             }
             drop(guard);
@@ -592,25 +604,6 @@ impl Control {
     /// The route with backends named by `route` (or the only one), and its backends.
     pub fn backends_of(&self, route: Option<&str>) -> Result<(String, Vec<BackendSpec>), ControlError> {
         self.core.borrow().backends_of(route)
-    }
-
-    /// Every route, for the admin API.
-    pub fn views(&self) -> Vec<RouteView> {
-        views::routes(&self.core.borrow(), &self.sessions.borrow(), Instant::now())
-    }
-
-    /// The process, for the admin API.
-    pub fn status(&self) -> StatusView {
-        let control = self.shared.settings.control.as_ref().map(|p| p.display().to_string());
-        let connections = self.shared.in_flight.load(std::sync::atomic::Ordering::Relaxed);
-        let idle = self.shared.idle_held.load(std::sync::atomic::Ordering::Relaxed);
-        let s = &self.shared;
-        StatusView {
-            peeking: s.admission.peeking(),
-            limits: views::limits(&s.settings.limits, &s.settings.limit_hits),
-            sandbox: s.settings.sandboxed.clone(),
-            ..views::status(&self.core.borrow(), control, self.started.elapsed().as_secs(), connections, idle)
-        }
     }
 
     pub(super) fn mode(&self) -> Mode {

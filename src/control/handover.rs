@@ -147,7 +147,8 @@ impl Control {
             let msg = Handover::AdminUnixSocket { owned: sockets.admin_owned };
             send(msg, vec![dup(&|| "the admin socket".into(), l.as_fd())?])?;
         }
-        for msg in core.route_messages(now).into_iter().chain(self.file_routes_message(&core)) {
+        let upgrades = Handover::Upgrades { count: self.shared.metrics.upgrades() };
+        for msg in core.route_messages(now).into_iter().chain(self.file_routes_message(&core)).chain([upgrades]) {
             send(msg, vec![])?;
         }
         for msg in self.tls.borrow().handover_messages(&core, &self.shared) {
@@ -276,6 +277,7 @@ impl Control {
             }
             Handover::StateFile => *self.state_file.borrow_mut() = Some(crate::systemd::StateFile::adopt(fd()?)),
             Handover::FileRoutes { routes } => self.inherit_file_routes(&routes),
+            Handover::Upgrades { count } => self.shared.metrics.inherit_upgrades(count),
             Handover::BackendRoute { route, backends } => {
                 let failed = |reason: String| HandoverError::Route { route: route.clone(), reason };
                 let spec = RouteSpec::parse(&route).map_err(|e| failed(e.to_string()))?;

@@ -11,6 +11,47 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+impl super::driver::Control {
+    /// Every route, for the admin API.
+    pub fn views(&self) -> Vec<RouteView> {
+        routes(&self.core.borrow(), &self.sessions.borrow(), &self.shared.metrics, Instant::now())
+    }
+
+    /// The process, for the admin API.
+    pub fn status(&self) -> StatusView {
+        let s = &self.shared;
+        let control = s.settings.control.as_ref().map(|p| p.display().to_string());
+        let connections = s.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+        let idle = s.idle_held.load(std::sync::atomic::Ordering::Relaxed);
+        StatusView {
+            peeking: s.admission.peeking(),
+            limits: limits(&s.settings.limits, &s.settings.limit_hits),
+            sandbox: s.settings.sandboxed.clone(),
+            upgrades: s.metrics.upgrades(),
+            ..status(&self.core.borrow(), control, self.started.elapsed().as_secs(), connections, idle)
+        }
+    }
+
+    /// Every metric, in the text exposition format (`GET /metrics`).
+    pub fn metrics(&self) -> String {
+        let status = self.status();
+        let core = self.core.borrow();
+        let display = |k: &RouteKey| core.routes().get(k).map(|r| r.display.to_string());
+        let certificates =
+            self.tls.borrow().expiries().into_iter().filter_map(|(k, at)| Some((display(&k)?, at))).collect();
+        let snapshot = crate::telemetry::Snapshot {
+            limits: status.limits.iter().map(|l| (l.name.clone(), l.flag.clone(), l.limit, l.hits)).collect(),
+            certificates,
+            open: status.connections,
+            parked: status.queued,
+            sessions: status.sessions,
+            routes: status.routes,
+            uptime_s: status.uptime_s,
+        };
+        self.shared.metrics.render(&snapshot)
+    }
+}
+
 /// A route as the API shows it.
 #[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
 pub struct RouteView {
@@ -18,6 +59,43 @@ pub struct RouteView {
     pub listen: String,
     #[serde(flatten)]
     pub target: TargetView,
+    /// What became of its connections and requests since this process started.
+    #[serde(default)]
+    pub counts: Option<CountsView>,
+}
+
+/// A route's counters (the metrics' `portmux_connections_total` and friends).
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq, Default)]
+pub struct CountsView {
+    pub handed_off: u64,
+    pub parked: u64,
+    pub forwarded: u64,
+    pub engine: u64,
+    pub answered: u64,
+    pub refused: u64,
+    pub dropped: u64,
+    /// Requests answered, by status class: 1xx, 2xx, 3xx, 4xx, 5xx.
+    pub requests: [u64; 5],
+    pub bytes_from_clients: u64,
+    pub bytes_to_clients: u64,
+}
+
+impl CountsView {
+    pub fn of(c: &crate::telemetry::RouteCounters) -> CountsView {
+        use crate::telemetry::Outcome as O;
+        CountsView {
+            handed_off: c.get(O::HandedOff),
+            parked: c.get(O::Parked),
+            forwarded: c.get(O::Forwarded),
+            engine: c.get(O::Engine),
+            answered: c.get(O::Answered),
+            refused: c.get(O::Refused),
+            dropped: c.get(O::Dropped),
+            requests: c.requests(),
+            bytes_from_clients: c.from_clients.get(),
+            bytes_to_clients: c.to_clients.get(),
+        }
+    }
 }
 
 /// Where a route's connections go.
@@ -112,6 +190,9 @@ pub struct StatusView {
     /// What the sandbox put in force (none: `--no-sandbox`).
     #[serde(default)]
     pub sandbox: Option<String>,
+    /// Upgrades in a row that led to this process.
+    #[serde(default)]
+    pub upgrades: u64,
 }
 
 /// A limit as `/status` shows it.
@@ -178,12 +259,21 @@ pub fn route(
             reserved_for_s: s.reserved_until.map(|t| t.saturating_duration_since(now).as_secs()),
         },
     };
-    Some(RouteView { route: r.display.to_string(), listen: key.0.to_string(), target })
+    Some(RouteView { route: r.display.to_string(), listen: key.0.to_string(), target, counts: None })
 }
 
-/// Every route, in key order.
-pub fn routes(core: &Core, sessions: &BTreeMap<SessionId, Arc<Session>>, now: Instant) -> Vec<RouteView> {
-    core.routes().keys().filter_map(|k| route(core, sessions, k, now)).collect()
+/// Every route, in key order, with its counts.
+pub fn routes(
+    core: &Core,
+    sessions: &BTreeMap<SessionId, Arc<Session>>,
+    metrics: &crate::telemetry::Metrics,
+    now: Instant,
+) -> Vec<RouteView> {
+    let counted = |mut v: RouteView| {
+        v.counts = Some(CountsView::of(&metrics.route(&v.route)));
+        v
+    };
+    core.routes().keys().filter_map(|k| route(core, sessions, k, now)).map(counted).collect()
 }
 
 /// The whole process.
@@ -227,6 +317,7 @@ pub fn status(core: &Core, control: Option<String>, uptime_s: u64, connections: 
         peeking: 0,
         limits: Vec::new(),
         sandbox: None,
+        upgrades: 0,
     }
 }
 

@@ -101,22 +101,36 @@ fn pause_handle() -> Rc<relay::Pause> {
 /// Forwards the client on `fd` (its first bytes only peeked) to a backend of
 /// `pool`, until the relay ends, or pauses for an upgrade: then its sockets
 /// come back, to move to the new process.
-pub async fn serve(client: OwnedFd, meta: ConnMeta, pool: Arc<BackendPool>, settings: &Settings) -> Option<Paused> {
+pub async fn serve(client: OwnedFd, meta: ConnMeta, pool: Arc<BackendPool>, settings: &Settings) -> Served {
     let (backend, server) = match Box::pin(open(&meta, &pool, settings)).await {
         Ok(opened) => opened,
         Err(answer) => {
+            let status = answer.status();
             Box::pin(reply::send(client, answer)).await;
-            return None;
+            return Served { backend: None, status, ..Served::default() };
         }
     };
     let active = backend.connected();
     if let Err(e) = net::set_nonblocking(client.as_fd(), true) {
         tracing::debug!(client = %meta.peer, "client socket unusable: {e}");
-        return None;
+        return Served { backend: Some(backend.spec.name.clone()), ..Served::default() };
     }
     // Not on the plaintext end of a terminated connection (a Unix socket).
     let _ = net::set_nodelay(client.as_fd());
     relay_to(client, server, meta, &backend, active, relay::Closed::default(), settings).await
+}
+
+/// How a forwarded connection went, for the metrics and the access log.
+#[derive(Debug, Default)]
+pub struct Served {
+    /// It paused for an upgrade: the relay goes on in the next process.
+    pub paused: Option<Paused>,
+    /// The backend it was relayed to; `None`: none could be reached.
+    pub backend: Option<String>,
+    /// The answer portmux gave when no backend could be reached.
+    pub status: Option<u16>,
+    pub from_client: u64,
+    pub to_client: u64,
 }
 
 /// Connects to a backend of `pool` for the client `meta` describes (up to
@@ -194,13 +208,13 @@ pub async fn resume(job: Resume, settings: &Settings) -> Option<Paused> {
     match pool.backends.iter().find(|b| b.spec.name == paused.backend_name) {
         Some(backend) => {
             let active = backend.connected();
-            relay_to(paused.client, paused.backend, paused.meta, backend, active, paused.closed, settings).await
+            relay_to(paused.client, paused.backend, paused.meta, backend, active, paused.closed, settings).await.paused
         }
         None => {
             // The backend left the route meanwhile; its connection carries on.
             let orphan = Arc::new(Backend::new(backend::BackendSpec { name: paused.backend_name, weight: 1 }, vec![]));
             let active = orphan.connected();
-            relay_to(paused.client, paused.backend, paused.meta, &orphan, active, paused.closed, settings).await
+            relay_to(paused.client, paused.backend, paused.meta, &orphan, active, paused.closed, settings).await.paused
         }
     }
 }
@@ -215,18 +229,20 @@ async fn relay_to(
     active: backend::ActiveGuard,
     closed: relay::Closed,
     settings: &Settings,
-) -> Option<Paused> {
+) -> Served {
     let interest = tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE;
+    let mut served = Served { backend: Some(backend.spec.name.clone()), ..Served::default() };
     let (client, server) = match (reactor::register(client, interest), reactor::register(server, interest)) {
         (Ok(c), Ok(s)) => (c, s),
         (Err(e), _) | (_, Err(e)) => {
             tracing::warn!(client = %meta.peer, "cannot watch the relay's sockets: {e}");
-            return None;
+            return served;
         }
     };
     let pause = pause_handle();
     let outcome = relay::relay(&client, &server, settings.idle_timeout, settings.relay_mode, &pause, closed).await;
     drop(active);
+    (served.from_client, served.to_client) = (outcome.to_backend, outcome.to_client);
     if outcome.paused {
         let paused = Paused {
             client: client.into_inner(),
@@ -235,7 +251,8 @@ async fn relay_to(
             backend_name: backend.spec.name.clone(),
             closed: outcome.closed,
         };
-        return Some(paused);
+        served.paused = Some(paused);
+        return served;
     }
     match &outcome.failure {
         None => {}
@@ -246,7 +263,7 @@ async fn relay_to(
             tracing::debug!(route = %meta.route, backend = %backend.spec.name, client = %meta.peer, "relay ended: {f}");
         }
     }
-    None
+    served
 }
 
 /// Whether a connect failed for lack of local resources (not the backend's fault).

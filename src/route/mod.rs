@@ -213,6 +213,8 @@ pub struct Route {
     /// Who serves it, whatever its target is now (while an upgrade has the
     /// state frozen, every target is the queue).
     pub owner: Owner,
+    /// Its metrics (the same counters in every table that has the route).
+    pub counters: crate::telemetry::RouteCounters,
 }
 
 /// Who serves a route.
@@ -333,7 +335,8 @@ mod tests {
         let spec = RouteSpec::parse(spec).unwrap();
         let ident = ("127.0.0.1:8000".parse().unwrap(), spec.key().into());
         let owner = Owner::Service("a".into());
-        Arc::new(Route { key: spec.key().into(), ident, spec, target: Target::Queue, tls: None, owner })
+        let counters = Default::default();
+        Arc::new(Route { key: spec.key().into(), ident, spec, target: Target::Queue, tls: None, owner, counters })
     }
 
     fn meta() -> ConnMeta {

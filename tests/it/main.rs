@@ -10,6 +10,7 @@ mod ffi;
 mod forward;
 mod graceful;
 mod limits;
+mod ops;
 mod peek;
 mod protocol;
 mod restart;

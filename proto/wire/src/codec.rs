@@ -221,6 +221,7 @@ mod tests {
             (Handover::TicketKeys { keys: vec![vec![1, 2]], age_ms: 4 }, "160102010204"),
             (Handover::ServiceCert { route: "r".into(), chain: "C".into(), key: "K".into() }, "1701720143014b"),
             (Handover::FileRoutes { routes: vec!["r".into()] }, "18010172"),
+            (Handover::Upgrades { count: 3 }, "1903"),
         ]
     }
 

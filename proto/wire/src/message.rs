@@ -221,6 +221,8 @@ pub enum Handover {
     /// The routes (as in `BackendRoute`, sent before) that the config file
     /// made: the next process removes those its file no longer declares.
     FileRoutes { routes: Vec<String> },
+    /// How many upgrades in a row led to the old process (for its metrics).
+    Upgrades { count: u64 },
 }
 
 /// The owner of a route whose owner was not handed over (older releases):
@@ -255,6 +257,7 @@ impl Handover {
             Handover::TicketKeys { .. } => "TicketKeys",
             Handover::ServiceCert { .. } => "ServiceCert",
             Handover::FileRoutes { .. } => "FileRoutes",
+            Handover::Upgrades { .. } => "Upgrades",
         }
     }
 }
