@@ -247,14 +247,16 @@ fn sandbox_plan(settings: &Settings) -> crate::sandbox::Plan {
     let mut writable: Vec<PathBuf> =
         [dir(&settings.control), dir(&settings.admin_socket)].into_iter().flatten().collect();
     writable.push(settings.state_dir.clone());
-    if let Some(crate::telemetry::access::Destination::File(f)) = &settings.access_log {
-        writable.extend(dir(&Some(f.clone())));
-    }
+
     writable.dedup();
     crate::sandbox::Plan {
         user: settings.user.clone(),
         writable,
         readable: settings.config_file.iter().chain(&settings.cert_dirs).chain(&settings.acme.ca).cloned().collect(),
+        appendable: match &settings.access_log {
+            Some(crate::telemetry::access::Destination::File(f)) => dir(&Some(f.clone())).into_iter().collect(),
+            _ => Vec::new(),
+        },
     }
 }
 
@@ -316,6 +318,7 @@ fn serve(settings: Settings, mut begin: Begin) -> Result<(Exit, (bool, bool)), S
     for t in threads {
         let _ = t.join();
     }
+    shared.access.close(std::time::Duration::from_secs(2));
     result
 }
 

@@ -267,12 +267,14 @@ impl Conn<'_> {
         };
         let ex = Exchange { request, again: ready.again, head: ready.head_request, close: ready.close };
         let (started, sent) = (std::time::Instant::now(), self.sent);
+        // What the client sent (the backend got it with forwarding headers added).
+        let from_client = (ready.req_end - self.start) as u64;
         self.status = 0;
         let step = self.forward(&ready.route, &ready.pool, &ready.head, &ex, rbuf).await;
         self.start = ready.req_end;
         let counters = &ready.route.counters;
         counters.answered(self.status);
-        counters.relayed(ex.request.len() as u64, self.sent - sent);
+        counters.relayed(from_client, self.sent - sent);
         let shared = &self.client.shared;
         if shared.access.is_on() {
             let method = ex.request.split(|b| *b == b' ').next().unwrap_or_default();
@@ -285,7 +287,7 @@ impl Conn<'_> {
                 outcome: "request",
                 status: (self.status > 0).then_some(self.status),
                 request: Some((method, ready.head.host.as_deref().unwrap_or("-"), &ready.head.target)),
-                from_client: ex.request.len() as u64,
+                from_client,
                 to_client: self.sent - sent,
                 started,
             };
@@ -442,6 +444,7 @@ impl Conn<'_> {
             }
         }
         tracing::warn!(route = %route.key, client = %self.client.peer, tried = tried.len(), "no backend reachable");
+        self.backend = None;
         let text = format!("no backend of route {} accepted the connection ({} tried)", route.key, tried.len());
         self.answer(l7::reply(Reply::bad_gateway(&text)), ex.close).await
     }

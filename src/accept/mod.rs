@@ -247,7 +247,9 @@ fn record(
     match route {
         Some(r) => {
             r.counters.count(outcome);
-            r.counters.relayed(from_client, to_client);
+            if from_client + to_client > 0 {
+                r.counters.relayed(from_client, to_client);
+            }
         }
         None => shared.metrics.count("", outcome),
     }
@@ -444,9 +446,10 @@ async fn route(
     if let Target::Forward(pool) = &route.target {
         let served = forward::serve(fd, meta, pool.clone(), &shared.settings).await;
         let bytes = (served.from_client, served.to_client);
-        let (target, outcome) = match &served.backend {
-            Some(b) => (format!("backend {b}"), Outcome::Forwarded),
-            None => ("portmux".to_string(), Outcome::Dropped),
+        let outcome = if served.backend.is_some() { Outcome::Forwarded } else { Outcome::Dropped };
+        let target: std::borrow::Cow<'_, str> = match &served.backend {
+            Some(b) if shared.access.is_on() => format!("backend {}", b.spec.name).into(),
+            _ => "portmux".into(),
         };
         if served.backend.is_none() {
             shared.metrics.error(Side::Backend);

@@ -60,6 +60,7 @@ pub(super) async fn terminate(
     let addrs = (meta.peer, meta.local);
     if client.get_ref().1.alpn_protocol() == Some(b"h2") {
         let side = tls_side(&client);
+        route.counters.count(crate::telemetry::Outcome::Engine);
         return Box::pin(super::engine::serve_tls(client, Vec::new(), true, side, listener, addrs, shared)).await;
     }
     let head_by = tokio::time::Instant::now() + settings.peek_timeout;
@@ -88,6 +89,7 @@ pub(super) async fn terminate(
     }
     if found.per_request(&port.routes, host.as_deref()) {
         let side = tls_side(&client);
+        found.counters.count(crate::telemetry::Outcome::Engine);
         return Box::pin(super::engine::serve_tls(client, buf, false, side, listener, addrs, shared)).await;
     }
     meta.proto = Proto::Http;
@@ -113,7 +115,14 @@ pub(super) async fn terminate(
                 Err(e) => Err(e),
             };
             match server {
-                Ok(server) => log_end(&meta, stream::relay(client, server, idle).await),
+                Ok(server) => {
+                    let ended = stream::relay(client, server, idle).await;
+                    found.counters.count(crate::telemetry::Outcome::Forwarded);
+                    if let stream::Ended::Done(from, to) = &ended {
+                        found.counters.relayed(*from, *to);
+                    }
+                    log_end(&meta, ended)
+                }
                 Err(e) => {
                     tracing::warn!(route = %meta.route, backend = %backend.spec.name, "backend failed: {e}");
                     say(client, Reply::bad_gateway("the backend closed the connection")).await;

@@ -113,7 +113,7 @@ pub async fn serve(client: OwnedFd, meta: ConnMeta, pool: Arc<BackendPool>, sett
     let active = backend.connected();
     if let Err(e) = net::set_nonblocking(client.as_fd(), true) {
         tracing::debug!(client = %meta.peer, "client socket unusable: {e}");
-        return Served { backend: Some(backend.spec.name.clone()), ..Served::default() };
+        return Served { backend: Some(backend), ..Served::default() };
     }
     // Not on the plaintext end of a terminated connection (a Unix socket).
     let _ = net::set_nodelay(client.as_fd());
@@ -126,7 +126,7 @@ pub struct Served {
     /// It paused for an upgrade: the relay goes on in the next process.
     pub paused: Option<Paused>,
     /// The backend it was relayed to; `None`: none could be reached.
-    pub backend: Option<String>,
+    pub backend: Option<Arc<Backend>>,
     /// The answer portmux gave when no backend could be reached.
     pub status: Option<u16>,
     pub from_client: u64,
@@ -231,7 +231,7 @@ async fn relay_to(
     settings: &Settings,
 ) -> Served {
     let interest = tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE;
-    let mut served = Served { backend: Some(backend.spec.name.clone()), ..Served::default() };
+    let mut served = Served { backend: Some(backend.clone()), ..Served::default() };
     let (client, server) = match (reactor::register(client, interest), reactor::register(server, interest)) {
         (Ok(c), Ok(s)) => (c, s),
         (Err(e), _) | (_, Err(e)) => {

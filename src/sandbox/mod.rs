@@ -34,6 +34,8 @@ pub struct Plan {
     pub writable: Vec<PathBuf>,
     /// Files or directories it reads besides the system's (its config file).
     pub readable: Vec<PathBuf>,
+    /// Directories where it only makes and appends to files (the access log's).
+    pub appendable: Vec<PathBuf>,
 }
 
 /// What is in force, for the log and `/status`.
@@ -201,6 +203,11 @@ fn landlock(plan: &Plan) -> Result<String, SandboxError> {
         .add_rules(path_beneath_rules(existing(read), AccessFs::from_read(abi)))
         .map_err(err)?
         .add_rules(path_beneath_rules(existing(write), AccessFs::from_all(abi) & !AccessFs::Execute))
+        .map_err(err)?
+        .add_rules(path_beneath_rules(
+            existing(plan.appendable.clone()),
+            AccessFs::MakeReg | AccessFs::WriteFile | AccessFs::Truncate,
+        ))
         .map_err(err)?
         .restrict_self()
         .map_err(err)?;

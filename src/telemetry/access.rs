@@ -29,9 +29,13 @@ pub enum Destination {
 }
 
 impl Destination {
-    /// `-` is stdout, anything else a file path.
+    /// `-` is stdout, anything else a file path (made absolute: SIGUSR1
+    /// reopens it wherever portmux's working directory is then).
     pub fn parse(s: &str) -> Destination {
-        if s == "-" { Destination::Stdout } else { Destination::File(PathBuf::from(s)) }
+        match s {
+            "-" => Destination::Stdout,
+            _ => Destination::File(std::path::absolute(s).unwrap_or_else(|_| PathBuf::from(s))),
+        }
     }
 }
 
@@ -56,6 +60,8 @@ pub struct Entry<'a> {
 enum Line {
     Text(String),
     Reopen,
+    /// Portmux is ending: write what came before, then stop.
+    End,
 }
 
 /// The access log, if one is configured; cheap to check when it is off.
@@ -65,6 +71,10 @@ pub struct AccessLog {
     lines: Option<mpsc::SyncSender<Line>>,
     /// The writer's side until [`AccessLog::start`] gives it a thread.
     writer: std::sync::Mutex<Option<(Output, mpsc::Receiver<Line>, Destination)>>,
+    /// The writer's thread, joined at the end so no line is lost.
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// SIGUSR1 came while the backlog was full: the writer reopens after its batch.
+    reopen: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Lines dropped because the writer fell behind.
     pub dropped: AtomicU64,
 }
@@ -74,6 +84,7 @@ impl std::fmt::Debug for Line {
         f.write_str(match self {
             Line::Text(_) => "Text",
             Line::Reopen => "Reopen",
+            Line::End => "End",
         })
     }
 }
@@ -84,7 +95,14 @@ const BACKLOG: usize = 65_536;
 impl AccessLog {
     /// No access log.
     pub fn off() -> AccessLog {
-        AccessLog { format: Format::Human, lines: None, writer: Default::default(), dropped: AtomicU64::new(0) }
+        AccessLog {
+            format: Format::Human,
+            lines: None,
+            writer: Default::default(),
+            thread: Default::default(),
+            reopen: Default::default(),
+            dropped: AtomicU64::new(0),
+        }
     }
 
     /// Opens `to` (a file is created or appended to); lines wait until
@@ -93,7 +111,7 @@ impl AccessLog {
         let out = Output::open(&to)?;
         let (tx, rx) = mpsc::sync_channel::<Line>(BACKLOG);
         let writer = std::sync::Mutex::new(Some((out, rx, to)));
-        Ok(AccessLog { format, lines: Some(tx), writer, dropped: AtomicU64::new(0) })
+        Ok(AccessLog { format, lines: Some(tx), writer, ..AccessLog::off() })
     }
 
     /// Starts the thread that writes the lines.
@@ -101,18 +119,40 @@ impl AccessLog {
         let Some((mut out, rx, to)) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             return Ok(());
         };
-        std::thread::Builder::new().name("portmux-access-log".into()).spawn(move || {
+        let reopen = self.reopen.clone();
+        let thread = std::thread::Builder::new().name("portmux-access-log".into()).spawn(move || {
             while let Ok(line) = rx.recv() {
-                out.take(line, &to);
+                let mut end = out.take(line, &to);
                 // Everything queued now, then one flush.
-                while let Ok(line) = rx.try_recv() {
-                    out.take(line, &to);
+                while let (false, Ok(line)) = (end, rx.try_recv()) {
+                    end = out.take(line, &to);
                 }
                 out.flush();
+                if reopen.swap(false, Ordering::Relaxed) {
+                    out.take(Line::Reopen, &to);
+                }
+                if end {
+                    return;
+                }
             }
             out.flush();
         })?;
+        *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(thread);
         Ok(())
+    }
+
+    /// Writes what is queued and stops the writer (at most `within`).
+    pub fn close(&self, within: Duration) {
+        let (Some(lines), Some(thread)) = (&self.lines, self.thread.lock().unwrap_or_else(|p| p.into_inner()).take())
+        else {
+            return;
+        };
+        if lines.send(Line::End).is_ok() {
+            let deadline = Instant::now() + within;
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
     }
 
     pub fn is_on(&self) -> bool {
@@ -131,10 +171,12 @@ impl AccessLog {
         }
     }
 
-    /// Reopens the file (after logrotate moved it).
+    /// Reopens the file (after logrotate moved it); never waits.
     pub fn reopen(&self) {
-        if let Some(lines) = &self.lines {
-            let _ = lines.send(Line::Reopen);
+        if let Some(lines) = &self.lines
+            && lines.try_send(Line::Reopen).is_err()
+        {
+            self.reopen.store(true, Ordering::Relaxed);
         }
     }
 }
@@ -160,7 +202,8 @@ impl Output {
         }))
     }
 
-    fn take(&mut self, line: Line, to: &Destination) {
+    /// Takes one line; true at the end.
+    fn take(&mut self, line: Line, to: &Destination) -> bool {
         match line {
             Line::Text(text) => {
                 let _ = self.0.write_all(text.as_bytes());
@@ -168,11 +211,16 @@ impl Output {
             Line::Reopen => {
                 self.flush();
                 match Output::open(to) {
-                    Ok(fresh) => *self = fresh,
+                    Ok(fresh) => {
+                        *self = fresh;
+                        tracing::info!("the access log is reopened");
+                    }
                     Err(e) => tracing::warn!("{e}; the access log goes on in the old file"),
                 }
             }
+            Line::End => return true,
         }
+        false
     }
 
     fn flush(&mut self) {
