@@ -50,6 +50,13 @@ fn status_metrics_and_the_access_log_show_what_flows_and_what_failed() {
     assert_eq!(get(fwd_port, "dead.test", "/").unwrap().status, 502);
     assert_eq!(get(fwd_port, "nowhere.test", "/").unwrap().status, 404);
 
+    // Each is counted once its fate is decided (a moment after the client's answer, maybe).
+    let counts = |pm: &Portmux, route: &str| pm.route(route).and_then(|r| r.counts).unwrap_or_default();
+    pm.wait_for("the counts", |pm| {
+        counts(pm, &format!("http://app.test:{svc_port}")).handed_off == 3
+            && counts(pm, &format!("http://fwd.test:{fwd_port}")).requests[1] == 3
+            && counts(pm, &format!("http://dead.test:{fwd_port}")).requests[4] == 1
+    });
     // status, both ways: the process, its listener, the service's owner and the counts.
     let (ok, text, err) = portmux_cli(&pm, &["status"]);
     assert!(ok, "{err}");
@@ -131,7 +138,7 @@ fn status_metrics_and_the_access_log_show_what_flows_and_what_failed() {
     let rotated = dir.path().join("access.log.1");
     std::fs::rename(&log, &rotated).unwrap();
     pm.signal(rustix::process::Signal::USR1);
-    assert!(pm.wait_log("reopening the access log", Duration::from_secs(10)));
+    assert!(pm.wait_log("the access log is reopened", Duration::from_secs(10)));
     let mut fresh = Vec::new();
     for _ in 0..100 {
         get(svc_port, "app.test", "/after").unwrap();
@@ -198,4 +205,84 @@ fn the_man_page_and_completions_come_from_the_cli_and_the_admin_address_may_be_a
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn the_debian_package_builds_and_installs_a_working_portmux() {
+    if std::process::Command::new("dpkg-deb").arg("--version").output().is_err() {
+        eprintln!("dpkg-deb is not here: the package is not built");
+        return;
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = std::path::Path::new(env!("CARGO_BIN_EXE_portmux")).parent().unwrap().to_path_buf();
+    let mut ffi = std::process::Command::new(env!("CARGO"));
+    ffi.args(["build", "-p", "portmux-ffi"]);
+    if target.ends_with("release") {
+        ffi.arg("--release");
+    }
+    assert!(ffi.status().unwrap().success(), "building libportmux failed");
+    let dir = TempDir::new();
+    let out = std::process::Command::new(root.join("dist/debian/build-deb"))
+        .arg("--from")
+        .arg(&target)
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "build-deb: {}", String::from_utf8_lossy(&out.stderr));
+    let deb = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(deb.ends_with(".deb"), "{deb}");
+
+    // dpkg installs it into a root of its own (never the test machine's /).
+    let sysroot = dir.path().join("root");
+    for d in ["var/lib/dpkg/info", "var/lib/dpkg/updates"] {
+        std::fs::create_dir_all(sysroot.join(d)).unwrap();
+    }
+    std::fs::write(sysroot.join("var/lib/dpkg/status"), "").unwrap();
+    let out = std::process::Command::new("dpkg")
+        .arg(format!("--root={}", sysroot.display()))
+        .args(["--force-script-chrootless", "--force-depends", "--log=/dev/null", "-i", &deb])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dpkg -i: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "usr/bin/portmux",
+        "lib/systemd/system/portmux.service",
+        "lib/systemd/system/portmux.socket",
+        "usr/lib/sysusers.d/portmux.conf",
+        "usr/share/man/man1/portmux.1.gz",
+        "usr/share/bash-completion/completions/portmux",
+        "usr/share/zsh/vendor-completions/_portmux",
+        "usr/include/portmux.h",
+    ] {
+        assert!(sysroot.join(f).exists(), "{f} is not installed");
+    }
+    let lib = std::fs::read_dir(sysroot.join("usr/lib"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().join("libportmux.so.0").exists());
+    let lib = lib.expect("libportmux.so.0 in the multiarch directory").path();
+    let pc = std::fs::read_to_string(lib.join("pkgconfig/portmux.pc")).unwrap();
+    assert!(
+        pc.contains("prefix=/usr")
+            && pc.contains(&format!("libdir=${{prefix}}/lib/{}", lib.file_name().unwrap().to_string_lossy())),
+        "{pc}"
+    );
+
+    // The installed portmux runs and serves.
+    let bin = sysroot.join("usr/bin/portmux");
+    let version = std::process::Command::new(&bin).arg("--version").output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&version.stdout).trim(), format!("portmux {}", env!("CARGO_PKG_VERSION")));
+    let control = dir.path().join("control.sock");
+    let mut cmd = std::process::Command::new(&bin);
+    cmd.args(["run", "--bind", "127.0.0.1", "--control"]).arg(&control).env_remove("PORTMUX_CONTROL");
+    let pm = Portmux::spawn(cmd, &control, None).unwrap();
+    let port = free_port();
+    let _svc = Service::hello(&pm, &format!("http://deb.test:{port}"), "installed", &[]);
+    assert_eq!(get(port, "deb.test", "/").unwrap().body, "installed");
 }
