@@ -4,6 +4,7 @@
 
 mod cli_file;
 mod cli_status;
+mod master;
 
 use clap::{Parser, Subcommand};
 use portmux::admin::{self, AdminAddr, RouteView};
@@ -325,6 +326,11 @@ struct RunArgs {
     /// Start without the routes kept in the state directory (they are replaced at the next change)
     #[arg(long)]
     no_resume: bool,
+    /// Stay one process in the foreground across upgrades (a supervisor that starts the serving
+    /// process and follows each one an upgrade makes; Ctrl-C stops whichever serves):
+    /// auto is on when started from a terminal, outside systemd
+    #[arg(long, value_name = "WHEN", default_value = "auto")]
+    master: master::Mode,
     /// The access log: one line per connection and per request; - for stdout (journald), or a
     /// file (SIGUSR1 reopens it, for logrotate) [default: none]
     #[arg(long, value_name = "FILE|-", env = "PORTMUX_ACCESS_LOG")]
@@ -393,10 +399,17 @@ struct TcpAdmin(Option<SocketAddr>);
 fn parse_admin(s: &str) -> Result<TcpAdmin, String> {
     match s {
         "off" | "none" => Ok(TcpAdmin(None)),
-        _ => s
-            .parse()
-            .map(|a| TcpAdmin(Some(a)))
-            .map_err(|_| format!("'{s}' is not an address like 127.0.0.1:9999 (or 'off')")),
+        _ => {
+            use std::net::ToSocketAddrs;
+            // A host name (localhost:9999) resolves; IPv4 first, as on loopback by default.
+            let mut addrs: Vec<SocketAddr> = s.to_socket_addrs().map(Iterator::collect).unwrap_or_default();
+            addrs.sort_by_key(|a| !a.is_ipv4());
+            addrs
+                .into_iter()
+                .next()
+                .map(|a| TcpAdmin(Some(a)))
+                .ok_or_else(|| format!("'{s}' is not an address like 127.0.0.1:9999 or localhost:9999 (or 'off')"))
+        }
     }
 }
 
@@ -411,6 +424,11 @@ fn main() -> ExitCode {
             e.exit();
         }
     };
+    if let Command::Run(args) = &cli.command
+        && master::wanted(args.master)
+    {
+        return master::run();
+    }
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::Tcp(args) => seamless(*args),

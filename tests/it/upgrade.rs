@@ -504,3 +504,88 @@ fn stopping_during_an_upgrade_undoes_it_and_answers_each_client_once() {
     assert!(!pm.control().exists(), "the control socket is removed: no portmux serves it");
     assert!(pm.log().contains("undoing the upgrade in progress first"), "{}", pm.log());
 }
+
+/// Lines from `r` sent to a channel, so that a test can wait for one with a deadline.
+fn line_channel(r: impl Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(r)).map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_line_starting(rx: &std::sync::mpsc::Receiver<String>, prefix: &str, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) if line.starts_with(prefix) => return line,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    panic!("no line starting with {prefix:?} within {within:?}");
+}
+
+#[test]
+fn a_foreground_portmux_in_a_terminal_survives_an_upgrade_and_stops_on_ctrl_c() {
+    use std::io::Write;
+    let dir = TempDir::new();
+    let control = dir.path().join("control.sock");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/fixtures/pty_run.py");
+    let mut term = std::process::Command::new("python3")
+        .arg(script)
+        .arg(env!("CARGO_BIN_EXE_portmux"))
+        .args(["run", "--bind", "127.0.0.1", "--control"])
+        .arg(&control)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env_remove("PORTMUX_CONTROL")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = line_channel(term.stdout.take().unwrap());
+    let ready = wait_line_starting(&lines, "READY ", Duration::from_secs(30));
+    let foreground: u32 = ready["READY ".len()..].trim().parse().unwrap();
+    let port = free_port();
+    let _svc = Service::try_hello(&control, &format!("http://tty.test:{port}"), "tty", &[]).unwrap();
+    assert_eq!(get(port, "tty.test", "/").unwrap().body, "tty");
+    let admin_addr = AdminAddr::Unix(control.with_file_name("admin.sock"));
+    let serving = |addr: &AdminAddr| {
+        let (_, body) = admin(addr, "GET", "/status", None);
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["pid"].as_u64().unwrap() as u32
+    };
+    let first = serving(&admin_addr);
+    assert_ne!(first, foreground, "the terminal's process supervises; another serves");
+
+    // The upgrade: the terminal's process stays, the new one serves, the old one goes.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portmux"))
+        .args(["upgrade", "--control"])
+        .arg(&control)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let second = serving(&admin_addr);
+    assert_ne!(second, first);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while alive(first) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!alive(first), "the old process exited");
+    assert!(alive(foreground), "the shell's job is still running");
+    assert_eq!(get(port, "tty.test", "/").unwrap().body, "tty");
+    assert!(lines.try_recv().map_or(true, |l| !l.starts_with("EXIT")), "nothing ended yet");
+
+    // Ctrl-C in the terminal stops the process serving now, and the job ends with it.
+    writeln!(term.stdin.as_mut().unwrap(), "INTR").unwrap();
+    let exit = wait_line_starting(&lines, "EXIT ", Duration::from_secs(20));
+    assert_eq!(exit, "EXIT 0");
+    assert!(!alive(second), "the serving process stopped");
+    let _ = term.wait();
+}
