@@ -78,26 +78,25 @@ impl Client {
         let upgrade =
             self.ctl.is_some() && req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
         let started = Instant::now();
+        let from_client = declared_length(req.headers());
         let logged = self.shared.access.is_on().then(|| {
             let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
-            (
-                req.method().to_string(),
-                request_host(&req).unwrap_or_else(|| "-".into()),
-                path,
-                declared_length(req.headers()),
-            )
+            (req.method().to_string(), request_host(&req).unwrap_or_else(|| "-".into()), path)
         });
         let mut routed = None;
         let resp = self.dispatch(req, upgrade, &mut routed).await;
         if upgrade && let Some(ctl) = &self.ctl {
             ctl.decide_upgrade(resp.status() == StatusCode::SWITCHING_PROTOCOLS);
         }
-        let status = resp.status().as_u16();
+        let (status, to_client) = (resp.status().as_u16(), declared_length(resp.headers()));
         match &routed {
-            Some(r) => r.counters.answered(status),
+            Some(r) => {
+                r.counters.answered(status);
+                r.counters.relayed(from_client, to_client);
+            }
             None => self.shared.metrics.request("", status),
         }
-        if let Some((method, host, path, from_client)) = logged {
+        if let Some((method, host, path)) = logged {
             let target = match routed.as_ref().map(|r| &r.owner) {
                 Some(crate::route::Owner::Service(name)) => format!("service {name}"),
                 Some(crate::route::Owner::Backends(_)) => "backends".to_string(),
@@ -111,7 +110,7 @@ impl Client {
                 status: Some(status),
                 request: Some((&method, &host, &path)),
                 from_client,
-                to_client: declared_length(resp.headers()),
+                to_client,
                 started,
             };
             self.shared.access.write(&e);

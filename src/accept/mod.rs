@@ -77,8 +77,12 @@ pub async fn worker(shared: Arc<Shared>, index: usize, mut inbox: mpsc::Unbounde
                 tokio_uring::spawn(async move {
                     match job {
                         Job::Resume(job) => {
-                            if let Some(paused) = forward::resume(job, &shared.settings).await {
-                                let _ = shared.to_control.send(ToControl::Relay(paused));
+                            let route = job.paused.meta.route.clone();
+                            let served = forward::resume(job, &shared.settings).await;
+                            match served.paused {
+                                Some(paused) => drop(shared.to_control.send(ToControl::Relay(paused))),
+                                // Counted where it ends, as the process it started in could not.
+                                None => shared.metrics.forwarded(&route, true, served.from_client, served.to_client),
                             }
                         }
                         Job::Idle(idle) => Box::pin(hold(idle, &shared)).await,

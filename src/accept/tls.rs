@@ -9,9 +9,11 @@ use crate::ids::ListenerId;
 use crate::reply::{self, Reply};
 use crate::route::{PortRoutes, Route, Target};
 use crate::shared::{Shared, Terminated};
+use crate::telemetry::{Outcome, Side};
 use crate::tls;
 use portmux_wire::spec::normalize_path;
 use portmux_wire::{ConnMeta, Proto};
+use std::cell::Cell;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,8 +34,17 @@ pub(super) async fn terminate(
     shared: &Arc<Shared>,
 ) {
     let settings = &shared.settings;
+    let fate = Fate {
+        route: &route,
+        shared,
+        peer: meta.peer,
+        arrived,
+        outcome: Cell::new(Some(Outcome::Dropped)),
+        status: Cell::new(None),
+    };
     let Some(terminator) = route.tls.clone() else {
         tracing::warn!(route = %route.key, client = %meta.peer, "no certificate is loaded for this route; handshake refused");
+        shared.metrics.error(Side::Internal);
         return reply::send(fd, Reply::tls_alert(reply::ALERT_INTERNAL_ERROR)).await;
     };
     let deadline = tokio::time::Instant::from_std(arrived + settings.peek_timeout);
@@ -41,6 +52,7 @@ pub(super) async fn terminate(
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(route = %route.key, client = %meta.peer, "TLS not terminated: {e}");
+            shared.metrics.error(Side::Client);
             return;
         }
     };
@@ -49,6 +61,7 @@ pub(super) async fn terminate(
     if client.get_ref().1.alpn_protocol() == Some(tls::acme::ALPN) {
         // ACME's TLS-ALPN-01 validation: the certificate was all it came for.
         tracing::info!(client = %meta.peer, ?sni, "answered an ACME TLS-ALPN-01 challenge");
+        fate.outcome.set(Some(Outcome::Answered));
         return say(client, Reply::Close).await;
     }
     let tls_side = |client: &tls::Stream| super::engine::TlsSide {
@@ -60,36 +73,38 @@ pub(super) async fn terminate(
     let addrs = (meta.peer, meta.local);
     if client.get_ref().1.alpn_protocol() == Some(b"h2") {
         let side = tls_side(&client);
-        route.counters.count(crate::telemetry::Outcome::Engine);
+        fate.counted_elsewhere();
+        route.counters.count(Outcome::Engine);
         return Box::pin(super::engine::serve_tls(client, Vec::new(), true, side, listener, addrs, shared)).await;
     }
     let head_by = tokio::time::Instant::now() + settings.peek_timeout;
     let (buf, head) = match read_head(&mut client, settings.peek_max, head_by).await {
         Ok(read) => read,
-        Err(Some(answer)) => return say(client, answer).await,
+        Err(Some(answer)) => return fate.say(client, answer).await,
         Err(None) => return,
     };
     if let Some(answer) = misdirected(head.host.as_deref(), sni.as_deref()) {
-        return say(client, answer).await;
+        return fate.say(client, answer).await;
     }
     // Without SNI the handshake used the default route's certificate: its host only.
     if let (Some(host), None) = (&head.host, &sni)
         && !route.spec.host.matches(Some(host))
     {
         let what = format!("no server name: the default certificate, of {}", route.key);
-        return say(client, Reply::misdirected(host, &what)).await;
+        return fate.say(client, Reply::misdirected(host, &what)).await;
     }
     let host = head.host.or_else(|| sni.clone());
     let Some(found) = port.routes.terminated(host.as_deref(), &normalize_path(&head.target)).cloned() else {
-        return say(client, Reply::not_found(host.as_deref(), Some(&head.target), meta.local.port())).await;
+        return fate.say(client, Reply::not_found(host.as_deref(), Some(&head.target), meta.local.port())).await;
     };
     if found.spec.client_ca != route.spec.client_ca {
         let why = "this path asks for a client certificate from another CA than the one this connection was made with";
-        return say(client, Reply::forbidden(why)).await;
+        return fate.say(client, Reply::forbidden(why)).await;
     }
     if found.per_request(&port.routes, host.as_deref()) {
         let side = tls_side(&client);
-        found.counters.count(crate::telemetry::Outcome::Engine);
+        fate.counted_elsewhere();
+        found.counters.count(Outcome::Engine);
         return Box::pin(super::engine::serve_tls(client, buf, false, side, listener, addrs, shared)).await;
     }
     meta.proto = Proto::Http;
@@ -102,7 +117,7 @@ pub(super) async fn terminate(
         Target::Forward(pool) => {
             let (backend, server) = match Box::pin(forward::open(&meta, pool, settings)).await {
                 Ok(opened) => opened,
-                Err(answer) => return say(client, answer).await,
+                Err(answer) => return fate.say(client, answer).await,
             };
             let _active = backend.connected();
             let std = std::net::TcpStream::from(server);
@@ -117,7 +132,8 @@ pub(super) async fn terminate(
             match server {
                 Ok(server) => {
                     let ended = stream::relay(client, server, idle).await;
-                    found.counters.count(crate::telemetry::Outcome::Forwarded);
+                    fate.counted_elsewhere();
+                    found.counters.count(Outcome::Forwarded);
                     if let stream::Ended::Done(from, to) = &ended {
                         found.counters.relayed(*from, *to);
                     }
@@ -125,7 +141,7 @@ pub(super) async fn terminate(
                 }
                 Err(e) => {
                     tracing::warn!(route = %meta.route, backend = %backend.spec.name, "backend failed: {e}");
-                    say(client, Reply::bad_gateway("the backend closed the connection")).await;
+                    fate.say(client, Reply::bad_gateway("the backend closed the connection")).await;
                 }
             }
         }
@@ -134,7 +150,9 @@ pub(super) async fn terminate(
                 Ok(pair) => pair,
                 Err(e) => {
                     tracing::warn!(client = %meta.peer, "cannot make a socketpair for the service: {e}");
-                    return say(client, Reply::unavailable("portmux is out of file descriptors; retry shortly")).await;
+                    return fate
+                        .say(client, Reply::unavailable("portmux is out of file descriptors; retry shortly"))
+                        .await;
                 }
             };
             let ours = ours.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(ours));
@@ -154,6 +172,7 @@ pub(super) async fn terminate(
             let tls = Some(Box::new(info));
             let desc =
                 ConnDesc { id: shared.conn_id(), listener, meta, arrived, rejected_by: None, returned: false, tls };
+            fate.counted_elsewhere();
             let delivery = Box::pin(super::deliver(Conn { fd: Arc::new(OwnedFd::from(theirs)), desc }, &found, shared));
             // The request read so far goes first, then the relay; alongside
             // the delivery, so that a head larger than the socket's buffer
@@ -234,9 +253,14 @@ pub(super) async fn returned(
     };
     match &found.target {
         Target::Forward(pool) => {
-            if let Some(paused) = forward::serve(fd, meta, pool.clone(), &shared.settings).await.paused {
+            let started = Instant::now();
+            let served = forward::serve(fd, meta, pool.clone(), &shared.settings).await;
+            let outcome = if served.backend.is_some() { Outcome::Forwarded } else { Outcome::Dropped };
+            let bytes = (served.from_client, served.to_client);
+            match served.paused {
                 // The plaintext side moves; the TLS relay stays here until it ends.
-                let _ = shared.to_control.send(crate::shared::ToControl::Relay(paused));
+                Some(paused) => drop(shared.to_control.send(crate::shared::ToControl::Relay(paused))),
+                None => super::record(shared, Some(&found), peer, "backend", outcome, served.status, bytes, started),
             }
         }
         Target::Pool(_) | Target::Queue => {
@@ -316,6 +340,42 @@ async fn peek_head(
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// What became of a terminated connection, recorded when `terminate` ends:
+/// dropped, unless an answer or another path (which records it) said otherwise.
+struct Fate<'a> {
+    route: &'a Route,
+    shared: &'a Shared,
+    peer: std::net::SocketAddr,
+    arrived: Instant,
+    outcome: Cell<Option<Outcome>>,
+    status: Cell<Option<u16>>,
+}
+
+impl Fate<'_> {
+    /// portmux answers the client itself (a refusal).
+    async fn say(&self, client: tls::Stream, answer: Reply) {
+        self.status.set(answer.status());
+        // A 5xx is a failure to deliver (no backend, no fds); others refuse the request.
+        let refused = answer.status().is_some_and(|s| s < 500);
+        self.outcome.set(Some(if refused { Outcome::Refused } else { Outcome::Dropped }));
+        say(client, answer).await;
+    }
+
+    /// The path it takes now records it.
+    fn counted_elsewhere(&self) {
+        self.outcome.set(None);
+    }
+}
+
+impl Drop for Fate<'_> {
+    fn drop(&mut self) {
+        if let Some(outcome) = self.outcome.get() {
+            let (route, status) = (Some(self.route), self.status.get());
+            super::record(self.shared, route, self.peer, "portmux", outcome, status, (0, 0), self.arrived);
+        }
     }
 }
 

@@ -366,6 +366,9 @@ impl Control {
             listener.defer_accept(routes.routes.client_speaks_first());
             ports.insert(port.listener, Arc::new(routes));
         }
+        let core = self.core.borrow();
+        self.shared.metrics.retain_routes(&core.routes().values().map(|r| &*r.display).collect());
+        drop(core);
         let services = crate::route::ServicesApi { subnets: self.api_subnets.borrow().clone() };
         self.shared.publish(Table { ports, services });
     }
@@ -450,8 +453,14 @@ impl Control {
         let guard = TaskGuard::new(&self.shared);
         let shared = self.shared.clone();
         tokio_uring::spawn(async move {
-            if let Some(paused) = forward::serve(fd, meta, pool, &shared.settings).await.paused {
-                let _ = shared.to_control.send(ToControl::Relay(paused));
+            let route = meta.route.clone();
+            let served = forward::serve(fd, meta, pool, &shared.settings).await;
+            match served.paused {
+                Some(paused) => drop(shared.to_control.send(ToControl::Relay(paused))),
+                None => {
+                    let reached = served.backend.is_some();
+                    shared.metrics.forwarded(&route, reached, served.from_client, served.to_client)
+                }
             }
             drop(guard);
         });

@@ -47,6 +47,7 @@ impl super::driver::Control {
             sessions: status.sessions,
             routes: status.routes,
             uptime_s: status.uptime_s,
+            log_dropped: self.shared.access.dropped.load(std::sync::atomic::Ordering::Relaxed),
         };
         self.shared.metrics.render(&snapshot)
     }

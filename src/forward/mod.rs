@@ -203,18 +203,18 @@ pub async fn open(meta: &ConnMeta, pool: &BackendPool, settings: &Settings) -> R
 }
 
 /// Resumes a relay that a previous portmux paused for an upgrade.
-pub async fn resume(job: Resume, settings: &Settings) -> Option<Paused> {
+pub async fn resume(job: Resume, settings: &Settings) -> Served {
     let Resume { paused, pool } = job;
     match pool.backends.iter().find(|b| b.spec.name == paused.backend_name) {
         Some(backend) => {
             let active = backend.connected();
-            relay_to(paused.client, paused.backend, paused.meta, backend, active, paused.closed, settings).await.paused
+            relay_to(paused.client, paused.backend, paused.meta, backend, active, paused.closed, settings).await
         }
         None => {
             // The backend left the route meanwhile; its connection carries on.
             let orphan = Arc::new(Backend::new(backend::BackendSpec { name: paused.backend_name, weight: 1 }, vec![]));
             let active = orphan.connected();
-            relay_to(paused.client, paused.backend, paused.meta, &orphan, active, paused.closed, settings).await.paused
+            relay_to(paused.client, paused.backend, paused.meta, &orphan, active, paused.closed, settings).await
         }
     }
 }

@@ -13,7 +13,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -186,6 +186,9 @@ pub struct Metrics {
     sessions: Gauge,
     routes: Gauge,
     uptime: Gauge,
+    log_dropped: Counter,
+    /// The routes that have series, to drop those of routes that are gone.
+    known: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -219,6 +222,8 @@ impl Metrics {
             sessions: Gauge::default(),
             routes: Gauge::default(),
             uptime: Gauge::default(),
+            log_dropped: Counter::default(),
+            known: Default::default(),
         };
         let r = &mut registry;
         r.register("accepted_connections", "Connections accepted, by listener", m.accepted.clone());
@@ -234,26 +239,23 @@ impl Metrics {
             m.requests.clone(),
         );
         r.register("errors", "Errors by the side at fault (client, backend, service, internal)", m.errors.clone());
-        r.register("peek_duration_seconds", "From accept until the route was decided", m.peek.clone());
-        r.register(
-            "handoff_duration_seconds",
-            "From accept until the fd was in the service's socket",
-            m.handoff.clone(),
-        );
+        r.register_with_unit("peek_duration", "From accept until the route was decided", Unit::Seconds, m.peek.clone());
+        let handoff = "From accept until the fd was in the service's socket";
+        r.register_with_unit("handoff_duration", handoff, Unit::Seconds, m.handoff.clone());
         r.register("upgrades", "Upgrades that led to this process (portmux upgrade, SIGUSR2)", m.upgrades.clone());
-        r.register("upgrade_duration_seconds", "How long the upgrade to this process took", m.upgrade_seconds.clone());
+        let upgrade = "How long the upgrade to this process took";
+        r.register_with_unit("upgrade_duration", upgrade, Unit::Seconds, m.upgrade_seconds.clone());
         r.register("limit", "Each limit's value", m.limit.clone());
         r.register("limit_hits", "How often each limit refused something", m.limit_hits.clone());
-        r.register(
-            "certificate_expiry_timestamp_seconds",
-            "When each https:// route's certificate expires (Unix time)",
-            m.cert_expiry.clone(),
-        );
+        let expiry = "When each https:// route's certificate expires (Unix time)";
+        r.register_with_unit("certificate_expiry_timestamp", expiry, Unit::Seconds, m.cert_expiry.clone());
         r.register("open_connections", "Connections this process is working on", m.open.clone());
         r.register("parked_connections", "Connections waiting for a service", m.parked.clone());
         r.register("sessions", "Service sessions connected", m.sessions.clone());
         r.register("routes", "Routes", m.routes.clone());
-        r.register("uptime_seconds", "Seconds since this process started", m.uptime.clone());
+        r.register_with_unit("uptime", "Since this process started", Unit::Seconds, m.uptime.clone());
+        let dropped = "Access log lines dropped because its writer fell behind";
+        r.register("access_log_dropped_lines", dropped, m.log_dropped.clone());
         for side in [Side::Client, Side::Backend, Side::Service, Side::Internal] {
             drop(m.errors.get_or_create(&SideLabel { side: side.as_str() }));
         }
@@ -263,8 +265,31 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// Drops the series of routes not in `routes` (removed ones: their
+    /// counts would otherwise stay until the process ends).
+    pub fn retain_routes(&self, routes: &std::collections::HashSet<&str>) {
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        known.retain(|route| {
+            if routes.contains(route.as_str()) {
+                return true;
+            }
+            for o in Outcome::ALL {
+                self.connections.remove(&RouteOutcome { route: route.clone(), outcome: o.as_str() });
+            }
+            for direction in ["from_client", "to_client"] {
+                self.bytes.remove(&RouteDirection { route: route.clone(), direction });
+            }
+            for class in CLASSES {
+                self.requests.remove(&RouteClass { route: route.clone(), class });
+            }
+            self.cert_expiry.remove(&CertLabel { route: route.clone() });
+            false
+        });
+    }
+
     /// The counters of route `route` (its canonical spec), made on first use.
     pub fn route(&self, route: &str) -> RouteCounters {
+        self.known.lock().unwrap_or_else(|p| p.into_inner()).insert(route.to_string());
         let outcome = |o: Outcome| {
             self.connections.get_or_create_owned(&RouteOutcome { route: route.to_string(), outcome: o.as_str() })
         };
@@ -293,6 +318,15 @@ impl Metrics {
     /// The accept counter of `listener`.
     pub fn accepted(&self, listener: SocketAddr) -> Counter {
         self.accepted.get_or_create_owned(&ListenerLabel { listener: listener.to_string() })
+    }
+
+    /// A relay of `route` ended (one resumed after an upgrade, or forwarded
+    /// by the control plane), with its bytes.
+    pub fn forwarded(&self, route: &str, reached: bool, from_client: u64, to_client: u64) {
+        self.count(route, if reached { Outcome::Forwarded } else { Outcome::Dropped });
+        let bytes = |direction| RouteDirection { route: route.to_string(), direction };
+        self.bytes.get_or_create(&bytes("from_client")).inc_by(from_client);
+        self.bytes.get_or_create(&bytes("to_client")).inc_by(to_client);
     }
 
     /// The control plane handed a queued connection of `route` over.
@@ -339,6 +373,7 @@ impl Metrics {
         self.sessions.set(gauge(now.sessions));
         self.routes.set(gauge(now.routes));
         self.uptime.set(i64::try_from(now.uptime_s).unwrap_or(i64::MAX));
+        self.log_dropped.inc_by(now.log_dropped.saturating_sub(self.log_dropped.get()));
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -358,4 +393,6 @@ pub struct Snapshot {
     pub sessions: usize,
     pub routes: usize,
     pub uptime_s: u64,
+    /// Access log lines dropped so far.
+    pub log_dropped: u64,
 }

@@ -112,10 +112,18 @@ fn status_metrics_and_the_access_log_show_what_flows_and_what_failed() {
         "portmux_open_connections",
         "portmux_sessions 1",
         "portmux_build_info{version=",
+        "# UNIT portmux_handoff_duration_seconds seconds",
+        "portmux_access_log_dropped_lines_total 0",
         "# EOF",
     ] {
         assert!(m.contains(family), "{family} is missing:\n{m}");
     }
+
+    // A removed route's series go with it.
+    let (ok, _, err) = portmux_cli(&pm, &["route", "remove", &format!("http://dead.test:{fwd_port}")]);
+    assert!(ok, "{err}");
+    let (_, m) = admin(pm.admin(), "GET", "/metrics", None);
+    assert!(!m.contains("dead.test") && m.contains("fwd.test"), "{m}");
 
     // The access log: a JSON object per connection and per request, with the fields.
     let entries: Vec<serde_json::Value> = lines(&log, 8).iter().map(|l| serde_json::from_str(l).unwrap()).collect();
