@@ -53,7 +53,7 @@ async fn supervise() -> ExitCode {
     let me = rustix::process::getpid();
     // Orphans (the process an upgrade started, once the old one exits) become ours.
     if let Err(e) = rustix::process::set_child_subreaper(Some(me)) {
-        eprintln!("portmux: cannot follow upgrades from the terminal ({e}); starting without the supervisor");
+        eprintln!("portmux: cannot become the child subreaper ({e}): after an upgrade, this terminal loses portmux");
     }
     // Taken before the child starts, so that no SIGCHLD is missed.
     let kinds = [

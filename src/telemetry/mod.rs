@@ -189,6 +189,9 @@ pub struct Metrics {
     log_dropped: Counter,
     /// The routes that have series, to drop those of routes that are gone.
     known: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The counters of connections no route took (`route=""`), and of errors by side.
+    unrouted: RouteCounters,
+    sides: [Counter; 4],
 }
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -203,7 +206,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("portmux");
         let seconds = || Histogram::new(exponential_buckets(0.000_05, 4.0, 10));
-        let m = Metrics {
+        let mut m = Metrics {
             registry: Registry::default(),
             accepted: Family::default(),
             connections: Family::default(),
@@ -224,6 +227,8 @@ impl Metrics {
             uptime: Gauge::default(),
             log_dropped: Counter::default(),
             known: Default::default(),
+            unrouted: RouteCounters::default(),
+            sides: Default::default(),
         };
         let r = &mut registry;
         r.register("accepted_connections", "Connections accepted, by listener", m.accepted.clone());
@@ -257,8 +262,9 @@ impl Metrics {
         let dropped = "Access log lines dropped because its writer fell behind";
         r.register("access_log_dropped_lines", dropped, m.log_dropped.clone());
         for side in [Side::Client, Side::Backend, Side::Service, Side::Internal] {
-            drop(m.errors.get_or_create(&SideLabel { side: side.as_str() }));
+            m.sides[side as usize] = m.errors.get_or_create_owned(&SideLabel { side: side.as_str() });
         }
+        m.unrouted = m.route("");
         let info: Family<VersionLabel, Gauge> = Family::default();
         info.get_or_create(&VersionLabel { version: env!("CARGO_PKG_VERSION") }).set(1);
         r.register("build_info", "portmux's version", info);
@@ -270,7 +276,7 @@ impl Metrics {
     pub fn retain_routes(&self, routes: &std::collections::HashSet<&str>) {
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         known.retain(|route| {
-            if routes.contains(route.as_str()) {
+            if route.is_empty() || routes.contains(route.as_str()) {
                 return true;
             }
             for o in Outcome::ALL {
@@ -305,6 +311,10 @@ impl Metrics {
 
     /// A connection no route took (`route` ""), or one counted late.
     pub fn count(&self, route: &str, outcome: Outcome) {
+        if route.is_empty() {
+            // Made once: refusals come in floods.
+            return self.unrouted.count(outcome);
+        }
         self.connections.get_or_create(&RouteOutcome { route: route.to_string(), outcome: outcome.as_str() }).inc();
     }
 
@@ -336,7 +346,7 @@ impl Metrics {
     }
 
     pub fn error(&self, side: Side) {
-        self.errors.get_or_create(&SideLabel { side: side.as_str() }).inc();
+        self.sides[side as usize].inc();
     }
 
     /// The previous process had come from `count` upgrades in a row.
