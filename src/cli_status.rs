@@ -14,8 +14,14 @@ pub fn routes(views: &[RouteView]) -> String {
         out += &describe(v);
         out.push('\n');
         if let Some(c) = &v.counts {
+            let open = match &v.target {
+                TargetView::Backends { backends, .. } => {
+                    format!("{} open, ", backends.iter().map(|b| b.active).sum::<usize>())
+                }
+                TargetView::Service { queued, .. } => format!("{queued} waiting, "),
+            };
             out += &format!(
-                "    handed off {}, parked {}, forwarded {}, per-request {}, answered {}, refused {}, dropped {}",
+                "    {open}handed off {}, parked {}, forwarded {}, per-request {}, answered {}, refused {}, dropped {}",
                 c.handed_off, c.parked, c.forwarded, c.engine, c.answered, c.refused, c.dropped
             );
             let [_, ok, moved, client, server] = c.requests;

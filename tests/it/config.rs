@@ -591,6 +591,12 @@ fn a_service_declares_a_health_path_and_an_instance_failing_it_leaves_the_rotati
         })
     });
 
+    // A newer instance with another check: the route takes its check (a rolling deploy).
+    let newer = format!("{route}/?health=/ready&health_interval=100ms");
+    let _c = Service::hello(&pm, &newer, "C", &["--name", "app"]);
+    pm.wait_for("the newer check", |pm| pm.routes().iter().any(|r| r.route.contains("health=/ready")));
+    assert_eq!(instances_health(&pm, &route).len(), 3);
+
     // A service may not declare a check portmux cannot make.
     let tcp = Service::try_hello(pm.control(), &format!("tcp://127.0.0.1:{}?health=/h", free_port()), "x", &[]);
     let err = tcp.err().expect("a health check on a tcp:// service route is refused");

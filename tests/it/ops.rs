@@ -66,7 +66,7 @@ fn status_metrics_and_the_access_log_show_what_flows_and_what_failed() {
     );
     assert!(text.contains(&format!("127.0.0.1:{svc_port}  1 route(s)")), "{text}");
     assert!(text.contains(&format!("service 'app', 1 instance(s) [pid {} uid 0]", app.pid())), "{text}");
-    assert!(text.contains("handed off 3, parked 0"), "{text}");
+    assert!(text.contains("0 waiting, handed off 3, parked 0"), "{text}");
     assert!(text.contains("requests 2xx 3, 3xx 0, 4xx 0, 5xx 0"), "{text}");
     let (ok, json, err) = portmux_cli(&pm, &["status", "--json"]);
     assert!(ok, "{err}");

@@ -38,6 +38,14 @@ impl Commit {
     }
 }
 
+/// `spec` without its health check options.
+fn without_health(spec: &RouteSpec) -> RouteSpec {
+    let mut s = spec.clone();
+    (s.health, s.health_interval, s.health_timeout, s.health_status) = (None, None, None, None);
+    (s.health_rise, s.health_fall) = (None, None);
+    s
+}
+
 /// Why a service may not claim `spec`'s health check, if it may not: portmux
 /// checks a service by handing it a request (`health=/PATH`) on an HTTP
 /// route; whether its session is alive it knows already.
@@ -382,11 +390,20 @@ impl Core {
                 for (key, spec) in plan {
                     self.use_listener(key.0);
                     let display: Arc<str> = spec.key().into();
+                    let newer = spec.clone();
                     let r = self.routes.entry(key.clone()).or_insert_with(|| RouteState {
                         display,
                         spec,
                         target: RouteTarget::Service(ServiceRoute::new(name.clone(), uid, None)),
                     });
+                    // The newest instance's health check applies (a rolling
+                    // deploy that adds or changes health= takes effect).
+                    if r.spec != newer && without_health(&r.spec) == without_health(&newer) {
+                        tracing::info!(route = %r.display, now = %newer.key(), "the route's health check changes with its newest instance");
+                        r.display = newer.key().into();
+                        r.spec = newer;
+                        self.table_dirty = true;
+                    }
                     if let RouteTarget::Service(s) = &mut r.target {
                         if !s.sessions.contains(&session) {
                             s.sessions.push(session);
