@@ -88,8 +88,8 @@ async fn supervise() -> ExitCode {
     let mut last = ExitCode::SUCCESS;
     loop {
         tokio::select! {
-            _ = int.recv() => send(&children(me), Signal::INT),
-            _ = term.recv() => send(&children(me), Signal::TERM),
+            _ = int.recv() => send(&descendants(me), Signal::INT),
+            _ = term.recv() => send(&descendants(me), Signal::TERM),
             _ = hup.recv() => send(&newest(me), Signal::HUP),
             _ = usr1.recv() => send(&newest(me), Signal::USR1),
             _ = usr2.recv() => send(&newest(me), Signal::USR2),
@@ -104,7 +104,12 @@ async fn supervise() -> ExitCode {
                     }
                     Ok(None) => break,
                     // No child left: the last serving process ended.
-                    Err(_) => return last,
+                    Err(e) if e == rustix::io::Errno::CHILD => return last,
+                    Err(e) if e == rustix::io::Errno::INTR => {}
+                    Err(e) => {
+                        eprintln!("portmux: the supervisor cannot wait for portmux: {e}");
+                        return ExitCode::FAILURE;
+                    }
                 }
             },
         }
@@ -117,29 +122,40 @@ fn send(pids: &[Pid], sig: Signal) {
     }
 }
 
-/// The processes whose parent is `me`, with their start times (clock ticks
+/// Every process below `me` (the serving ones, and during an upgrade the
+/// new one, still the old one's child), with its start time (clock ticks
 /// since boot), from /proc.
-fn children_started(me: Pid) -> Vec<(Pid, u64)> {
+fn descendants_started(me: Pid) -> Vec<(Pid, u64)> {
     let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    let parent = me.as_raw_nonzero().get();
-    dir.flatten()
+    let all: Vec<(i32, i32, u64)> = dir
+        .flatten()
         .filter_map(|e| {
             let pid: i32 = e.file_name().to_str()?.parse().ok()?;
             let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
             // After the command's closing parenthesis: state, ppid, … starttime (field 22).
             let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-            let ppid: i32 = rest.get(1)?.parse().ok()?;
-            let started: u64 = rest.get(19)?.parse().ok()?;
-            (ppid == parent).then_some((Pid::from_raw(pid)?, started))
+            Some((pid, rest.get(1)?.parse().ok()?, rest.get(19)?.parse().ok()?))
         })
-        .collect()
+        .collect();
+    let mut below = vec![me.as_raw_nonzero().get()];
+    let mut found = Vec::new();
+    while let Some(parent) = below.pop() {
+        for &(pid, ppid, started) in &all {
+            if ppid == parent && !found.iter().any(|(p, _)| *p == pid) {
+                below.push(pid);
+                found.push((pid, started));
+            }
+        }
+    }
+    found.into_iter().filter_map(|(pid, started)| Some((Pid::from_raw(pid)?, started))).collect()
 }
 
-fn children(me: Pid) -> Vec<Pid> {
-    children_started(me).into_iter().map(|(p, _)| p).collect()
+fn descendants(me: Pid) -> Vec<Pid> {
+    descendants_started(me).into_iter().map(|(p, _)| p).collect()
 }
 
-/// The serving process started last (the one an upgrade made).
+/// The serving process started last (during an upgrade, the new one).
 fn newest(me: Pid) -> Vec<Pid> {
-    children_started(me).into_iter().max_by_key(|(p, t)| (*t, p.as_raw_nonzero())).map(|(p, _)| p).into_iter().collect()
+    let started = descendants_started(me).into_iter();
+    started.max_by_key(|(p, t)| (*t, p.as_raw_nonzero())).map(|(p, _)| p).into_iter().collect()
 }

@@ -35,7 +35,7 @@ pub(super) async fn terminate(
 ) {
     let settings = &shared.settings;
     let fate = Fate {
-        route: &route,
+        route: std::cell::RefCell::new(route.clone()),
         shared,
         peer: meta.peer,
         arrived,
@@ -97,6 +97,7 @@ pub(super) async fn terminate(
     let Some(found) = port.routes.terminated(host.as_deref(), &normalize_path(&head.target)).cloned() else {
         return fate.say(client, Reply::not_found(host.as_deref(), Some(&head.target), meta.local.port())).await;
     };
+    *fate.route.borrow_mut() = found.clone();
     if found.spec.client_ca != route.spec.client_ca {
         let why = "this path asks for a client certificate from another CA than the one this connection was made with";
         return fate.say(client, Reply::forbidden(why)).await;
@@ -131,8 +132,8 @@ pub(super) async fn terminate(
             };
             match server {
                 Ok(server) => {
-                    let ended = stream::relay(client, server, idle).await;
                     fate.counted_elsewhere();
+                    let ended = stream::relay(client, server, idle).await;
                     found.counters.count(Outcome::Forwarded);
                     if let stream::Ended::Done(from, to) = &ended {
                         found.counters.relayed(*from, *to);
@@ -346,7 +347,8 @@ async fn peek_head(
 /// What became of a terminated connection, recorded when `terminate` ends:
 /// dropped, unless an answer or another path (which records it) said otherwise.
 struct Fate<'a> {
-    route: &'a Route,
+    /// The route the ClientHello chose, then the one the request did.
+    route: std::cell::RefCell<Arc<Route>>,
     shared: &'a Shared,
     peer: std::net::SocketAddr,
     arrived: Instant,
@@ -373,8 +375,8 @@ impl Fate<'_> {
 impl Drop for Fate<'_> {
     fn drop(&mut self) {
         if let Some(outcome) = self.outcome.get() {
-            let (route, status) = (Some(self.route), self.status.get());
-            super::record(self.shared, route, self.peer, "portmux", outcome, status, (0, 0), self.arrived);
+            let (route, status) = (self.route.borrow().clone(), self.status.get());
+            super::record(self.shared, Some(&route), self.peer, "portmux", outcome, status, (0, 0), self.arrived);
         }
     }
 }

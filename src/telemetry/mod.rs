@@ -293,6 +293,11 @@ impl Metrics {
         });
     }
 
+    /// Whether `route` has series (it is in a published table).
+    fn has(&self, route: &str) -> bool {
+        self.known.lock().unwrap_or_else(|p| p.into_inner()).contains(route)
+    }
+
     /// The counters of route `route` (its canonical spec), made on first use.
     pub fn route(&self, route: &str) -> RouteCounters {
         self.known.lock().unwrap_or_else(|p| p.into_inner()).insert(route.to_string());
@@ -315,6 +320,9 @@ impl Metrics {
             // Made once: refusals come in floods.
             return self.unrouted.count(outcome);
         }
+        if !self.has(route) {
+            return; // The route went meanwhile: its series are gone.
+        }
         self.connections.get_or_create(&RouteOutcome { route: route.to_string(), outcome: outcome.as_str() }).inc();
     }
 
@@ -333,6 +341,9 @@ impl Metrics {
     /// A relay of `route` ended (one resumed after an upgrade, or forwarded
     /// by the control plane), with its bytes.
     pub fn forwarded(&self, route: &str, reached: bool, from_client: u64, to_client: u64) {
+        if !self.has(route) {
+            return;
+        }
         self.count(route, if reached { Outcome::Forwarded } else { Outcome::Dropped });
         let bytes = |direction| RouteDirection { route: route.to_string(), direction };
         self.bytes.get_or_create(&bytes("from_client")).inc_by(from_client);

@@ -402,6 +402,10 @@ impl Core {
                         tracing::info!(route = %r.display, now = %newer.key(), "the route's health check changes with its newest instance");
                         r.display = newer.key().into();
                         r.spec = newer;
+                        // The new check judges every session afresh.
+                        if let RouteTarget::Service(s) = &mut r.target {
+                            s.down.clear();
+                        }
                         self.table_dirty = true;
                     }
                     if let RouteTarget::Service(s) = &mut r.target {
