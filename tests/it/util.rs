@@ -698,6 +698,9 @@ pub fn refragment(bytes: &[u8], size: usize) -> Vec<u8> {
 /// A raw control-protocol session, for tests that must misbehave or stall.
 pub struct RawSession {
     pub fd: std::os::fd::OwnedFd,
+    /// Messages that came before Registered (a queued connection may be
+    /// delivered as soon as the registration takes effect), for `recv`.
+    early: std::cell::RefCell<std::collections::VecDeque<(portmux_wire::Message, Option<std::os::fd::OwnedFd>)>>,
 }
 
 impl RawSession {
@@ -709,7 +712,7 @@ impl RawSession {
             Some(Duration::from_secs(20)),
         )
         .unwrap();
-        RawSession { fd }
+        RawSession { fd, early: Default::default() }
     }
 
     pub fn send_bytes(&self, bytes: &[u8]) -> std::io::Result<()> {
@@ -730,14 +733,30 @@ impl RawSession {
         let s = RawSession::connect(control);
         s.send(&portmux_wire::Message::Hello { version: portmux_wire::PROTOCOL_VERSION, service: service.into() });
         s.send(&portmux_wire::Message::Register { routes: routes.iter().map(|r| r.to_string()).collect() });
-        match s.recv() {
-            Some((portmux_wire::Message::Registered { .. }, _)) => s,
-            other => panic!("expected Registered, got {other:?}"),
+        loop {
+            match s.recv_socket() {
+                Some((portmux_wire::Message::Registered { .. }, _)) => return s,
+                // As the client libraries do: kept for the test's next recv.
+                Some(
+                    early @ (portmux_wire::Message::Connection { .. } | portmux_wire::Message::TlsConnection { .. }, _),
+                ) => {
+                    s.early.borrow_mut().push_back(early);
+                }
+                other => panic!("expected Registered, got {other:?}"),
+            }
         }
     }
 
     /// The next message and its fd; `None` at end-of-file.
     pub fn recv(&self) -> Option<(portmux_wire::Message, Option<std::os::fd::OwnedFd>)> {
+        if let Some(early) = self.early.borrow_mut().pop_front() {
+            return Some(early);
+        }
+        self.recv_socket()
+    }
+
+    /// The next message on the socket itself.
+    fn recv_socket(&self) -> Option<(portmux_wire::Message, Option<std::os::fd::OwnedFd>)> {
         let mut buf = vec![0u8; 70000];
         let dg = portmux_sys::scm::recv_with_fds(&self.fd, &mut buf, Wait::Block).ok()?;
         assert!(!dg.truncated && !dg.fds_truncated, "portmux sent a datagram this test cannot take: {dg:?}");
