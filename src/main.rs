@@ -64,13 +64,8 @@ enum Command {
     /// Re-read the running portmux's config file and apply what changed (as SIGHUP does);
     /// a file with a problem is refused and the running configuration stays.
     Reload {
-        /// Admin API of the running portmux: its socket's path, or a TCP address
-        /// [default: admin.sock beside the control socket]
-        #[arg(long, env = ADMIN_ENV, value_name = "PATH|ADDR")]
-        admin: Option<String>,
-        /// For a TCP admin address: the file with the bearer token that changes need
-        #[arg(long, env = "PORTMUX_ADMIN_TOKEN_FILE", value_name = "FILE")]
-        admin_token_file: Option<PathBuf>,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// What the running portmux holds and does: its listeners, routes with their owners or
     /// backends and health, connections and counts, upgrades, uptime and version.
@@ -435,7 +430,7 @@ fn main() -> ExitCode {
         Command::Route { action, admin, admin_token_file } => route(action, admin, admin_token_file),
         Command::Upgrade { control, binary } => upgrade(control, binary),
         Command::Check { file } => check(file.config, file.config_format, file.http_port),
-        Command::Reload { admin, admin_token_file } => reload(admin, admin_token_file),
+        Command::Reload { admin } => reload(admin.admin, admin.admin_token_file),
         Command::Status { admin, json } => status(admin, json),
         Command::Routes { admin, json } => route(RouteAction::List { json }, admin.admin, admin.admin_token_file),
         Command::Man => man(),

@@ -37,7 +37,7 @@ type Checked = (RouteKey, Subject, Check);
 /// What a wanted check needs to run.
 enum Want {
     Backend(Arc<Backend>, String),
-    Session(ListenerId, String),
+    Session(ListenerId, String, SessionId),
 }
 
 /// The checks running, by what they check, with the backend they follow;
@@ -86,7 +86,7 @@ impl Control {
                         let serving =
                             |sid: &&SessionId| core.sessions().get(sid).is_some_and(|e| !e.draining && e.usable);
                         for sid in s.sessions.iter().filter(serving) {
-                            let want = Want::Session(listener, r.display.to_string());
+                            let want = Want::Session(listener, r.display.to_string(), *sid);
                             wanted.insert((key.clone(), Subject::Session(*sid), check.clone()), want);
                         }
                     }
@@ -115,16 +115,15 @@ impl Control {
             if checks.running.contains_key(&k) {
                 continue;
             }
-            let (key, subject, check) = k.clone();
-            let (task, backend) = match (want, subject) {
-                (Want::Backend(backend, route), _) => {
+            let (key, _, check) = k.clone();
+            let (task, backend) = match want {
+                Want::Backend(backend, route) => {
                     (tokio_uring::spawn(run(check, backend.clone(), route)), Some(backend))
                 }
-                (Want::Session(listener, route), Subject::Session(sid)) => {
+                Want::Session(listener, route, sid) => {
                     let probe = Probe { control: Rc::downgrade(self), key, session: sid, listener, route, check };
                     (tokio_uring::spawn(probe.run()), None)
                 }
-                (Want::Session(..), Subject::Backend(_)) => continue,
             };
             checks.running.insert(k, (task, backend));
         }

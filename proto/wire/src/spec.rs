@@ -191,14 +191,20 @@ impl RouteSpec {
     /// redirects). Two routes with the same identity on one listener are the
     /// same route (a pool, a conflict, or a replacement).
     pub fn identity(&self) -> String {
-        let mut s = self.clone();
+        let mut s = self.without_health();
         (s.bind, s.name, s.lb, s.proxy) = (None, None, None, None);
         (s.mode, s.backend_proto, s.forwarded) = (None, None, None);
         (s.cert, s.key, s.client_ca, s.acme, s.redirect) = (None, None, None, false, None);
         (s.redirect_code, s.redirect_path) = (None, None);
+        s.to_string()
+    }
+
+    /// The spec without its health check options.
+    pub fn without_health(&self) -> RouteSpec {
+        let mut s = self.clone();
         (s.health, s.health_interval, s.health_timeout, s.health_status) = (None, None, None, None);
         (s.health_rise, s.health_fall) = (None, None);
-        s.to_string()
+        s
     }
 
     /// The address to listen on, given the daemon's default address.

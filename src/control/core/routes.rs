@@ -38,14 +38,6 @@ impl Commit {
     }
 }
 
-/// `spec` without its health check options.
-fn without_health(spec: &RouteSpec) -> RouteSpec {
-    let mut s = spec.clone();
-    (s.health, s.health_interval, s.health_timeout, s.health_status) = (None, None, None, None);
-    (s.health_rise, s.health_fall) = (None, None);
-    s
-}
-
 /// Why a service may not claim `spec`'s health check, if it may not: portmux
 /// checks a service by handing it a request (`health=/PATH`) on an HTTP
 /// route; whether its session is alive it knows already.
@@ -398,7 +390,7 @@ impl Core {
                     });
                     // The newest instance's health check applies (a rolling
                     // deploy that adds or changes health= takes effect).
-                    if r.spec != newer && without_health(&r.spec) == without_health(&newer) {
+                    if r.spec != newer && r.spec.without_health() == newer.without_health() {
                         tracing::info!(route = %r.display, now = %newer.key(), "the route's health check changes with its newest instance");
                         r.display = newer.key().into();
                         r.spec = newer;
