@@ -177,6 +177,9 @@ struct Common {
     /// How relays move bytes: auto (copy on loopback and for small exchanges, splice bulk across a NIC), or copy/splice only (for measurements)
     #[arg(long, value_name = "MODE", default_value = "auto", hide = true)]
     relay_mode: portmux::config::RelayMode,
+    /// Where established forwarded flows are relayed: kernel (sockhash and an sk_skb program; needs CAP_BPF and CAP_NET_ADMIN at start), user (portmux's own relay), or auto (the kernel where it takes the flow)
+    #[arg(long, value_name = "WHERE", default_value = "auto")]
+    relay: portmux::config::Relay,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive); RUST_LOG also works
     #[arg(long, visible_alias = "log-level", value_name = "FILTER", default_value = "info")]
     log: String,
@@ -483,6 +486,7 @@ fn settings(control: Option<PathBuf>, common: &Common) -> Settings {
     s.upgrade_timeout = common.upgrade_timeout;
     s.handoff_patience = common.handoff_patience;
     s.relay_mode = common.relay_mode;
+    s.relay = common.relay;
     if let Some(w) = common.workers {
         s.workers = w.into();
     }

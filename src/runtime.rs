@@ -69,6 +69,11 @@ pub enum StartError {
     Systemd(#[from] systemd::SystemdError),
     #[error("{0}; choose another --access-log")]
     AccessLog(#[source] io::Error),
+    #[error(
+        "--relay kernel: the kernel refused the in-kernel relay: {0}; run portmux as root or with CAP_BPF and \
+         CAP_NET_ADMIN, or use --relay auto"
+    )]
+    Relay(String),
     #[error("{0} (--no-sandbox runs without it)")]
     Sandbox(#[source] crate::sandbox::SandboxError),
 }
@@ -208,6 +213,14 @@ fn start(mut settings: Settings, handover: Option<OwnedFd>) -> Result<(), StartE
             .map_err(|e| undo(StartError::AccessLog(e)))?,
         None => crate::telemetry::access::AccessLog::off(),
     };
+    // Loading the kernel relay needs CAP_BPF and CAP_NET_ADMIN, which the
+    // sandbox drops; after an upgrade its maps come from the previous process.
+    if !upgraded {
+        match crate::forward::kernel::choose(settings.relay) {
+            Ok(choice) => crate::forward::kernel::set(choice),
+            Err(why) => return Err(undo(StartError::Relay(why))),
+        }
+    }
     let inherited = handover.as_ref().and(std::env::var(crate::sandbox::INHERITED_ENV).ok());
     if let (true, Some(report)) = (settings.sandbox, inherited) {
         let report = format!("{}{}", report.trim_end_matches(crate::sandbox::INHERITED), crate::sandbox::INHERITED);

@@ -68,6 +68,8 @@ pub struct Settings {
     pub backend_cooldown: Duration,
     /// How relays move bytes (auto; copy or splice only for measurements).
     pub relay_mode: RelayMode,
+    /// Where established forwarded flows are relayed: the kernel (sockhash) or user space.
+    pub relay: Relay,
     /// Connections from these networks (load balancers in front) start with a
     /// PROXY protocol header (v1 or v2); from anywhere else one is refused.
     /// Empty: no PROXY headers are accepted.
@@ -240,6 +242,7 @@ impl Settings {
             idle_timeout: Duration::from_secs(300),
             backend_cooldown: Duration::from_secs(10),
             relay_mode: RelayMode::Auto,
+            relay: Relay::Auto,
             accept_proxy: Vec::new(),
             initial_routes: Vec::new(),
             drain: Duration::from_secs(30),
@@ -369,6 +372,30 @@ pub enum RelayMode {
     Copy,
     /// Always splice(2) through pipes (for measurements).
     Splice,
+}
+
+/// Where established forwarded flows are relayed (`--relay`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Relay {
+    /// In the kernel where it takes the flow, in user space otherwise.
+    #[default]
+    Auto,
+    /// In the kernel; portmux does not start if the kernel refuses.
+    Kernel,
+    /// In user space only.
+    User,
+}
+
+impl std::str::FromStr for Relay {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Relay, String> {
+        match s {
+            "auto" => Ok(Relay::Auto),
+            "kernel" => Ok(Relay::Kernel),
+            "user" => Ok(Relay::User),
+            _ => Err(format!("'{s}' is not a relay; use auto, kernel or user")),
+        }
+    }
 }
 
 impl std::str::FromStr for RelayMode {

@@ -44,6 +44,17 @@ pub(super) fn deliver_message(desc: &ConnDesc, listener: SocketAddr) -> Handover
 
 /// The message that asks the new process to go on relaying.
 pub(super) fn relay_message(paused: &Paused) -> Handover {
+    if let Some(at) = paused.in_map {
+        return Handover::RelayInKernel {
+            route: paused.meta.route.clone(),
+            backend: paused.backend_name.clone(),
+            meta: paused.meta.clone(),
+            client_closed: paused.closed.client,
+            backend_closed: paused.closed.backend,
+            slots: at.even,
+            base: (at.base[0], at.base[1]),
+        };
+    }
     Handover::Relay {
         route: paused.meta.route.clone(),
         backend: paused.backend_name.clone(),
@@ -146,6 +157,11 @@ impl Control {
         if let Some(l) = sockets.admin_unix.as_ref() {
             let msg = Handover::AdminUnixSocket { owned: sockets.admin_owned };
             send(msg, vec![dup(&|| "the admin socket".into(), l.as_fd())?])?;
+        }
+        if let Some(k) = crate::forward::kernel::in_force() {
+            let fds = k.maps().fds().into_iter().map(|m| dup(&|| "a map of the kernel relay".into(), m));
+            let fds = fds.collect::<Result<Vec<_>, _>>()?;
+            send(Handover::RelayMaps { layout: portmux_sys::sockmap::LAYOUT }, fds)?;
         }
         let upgrades = Handover::Upgrades { count: self.shared.metrics.upgrades() };
         for msg in core.route_messages(now).into_iter().chain(self.file_routes_message(&core)).chain([upgrades]) {
@@ -278,6 +294,21 @@ impl Control {
             Handover::StateFile => *self.state_file.borrow_mut() = Some(crate::systemd::StateFile::adopt(fd()?)),
             Handover::FileRoutes { routes } => self.inherit_file_routes(&routes),
             Handover::Upgrades { count } => self.shared.metrics.inherit_upgrades(count),
+            Handover::RelayMaps { layout } => {
+                use crate::forward::kernel::{InForce, InKernel, set};
+                let fds: Result<[OwnedFd; 5], _> = std::mem::take(&mut fds).try_into();
+                set(match fds {
+                    Ok(_) if layout != portmux_sys::sockmap::LAYOUT => InForce::User(format!(
+                        "the previous portmux's kernel relay has map layout {layout}, this one {}",
+                        portmux_sys::sockmap::LAYOUT
+                    )),
+                    Ok(fds) => match InKernel::adopt(fds) {
+                        Ok(k) => InForce::Kernel(k),
+                        Err(why) => InForce::User(format!("the previous portmux's maps: {why}")),
+                    },
+                    Err(_) => InForce::User("the previous portmux sent its maps without their fds".into()),
+                });
+            }
             Handover::BackendRoute { route, backends } => {
                 let failed = |reason: String| HandoverError::Route { route: route.clone(), reason };
                 let spec = RouteSpec::parse(&route).map_err(|e| failed(e.to_string()))?;
@@ -339,6 +370,10 @@ impl Control {
             }
             Handover::StateEnd { next_conn_id } => {
                 self.shared.next_conn_id.fetch_max(next_conn_id, Ordering::Relaxed);
+                if crate::forward::kernel::in_force().is_none() && !crate::forward::kernel::decided() {
+                    let why = "the previous portmux relayed in user space".to_string();
+                    crate::forward::kernel::set(crate::forward::kernel::InForce::User(why));
+                }
                 return Ok(true);
             }
             other => return Err(HandoverError::Unexpected { kind: other.kind() }),
@@ -423,7 +458,19 @@ impl Control {
                     return true;
                 };
                 let closed = relay::Closed { client: client_closed, backend: backend_closed };
-                let paused = Paused { client, backend: server, meta, backend_name: backend, closed };
+                let paused = Paused { client, backend: server, meta, backend_name: backend, closed, in_map: None };
+                let pool = self.pool_of(&route);
+                self.shared.to_worker(Job::Resume(Resume { paused, pool }));
+                true
+            }
+            Handover::RelayInKernel { route, backend, meta, client_closed, backend_closed, slots, base } => {
+                let (Some(server), Some(client)) = (fds.pop(), fds.pop()) else {
+                    tracing::warn!(client = %meta.peer, "the previous portmux sent a relay without both its sockets");
+                    return true;
+                };
+                let closed = relay::Closed { client: client_closed, backend: backend_closed };
+                let in_map = Some(crate::forward::kernel::InMap { even: slots, base: [base.0, base.1] });
+                let paused = Paused { client, backend: server, meta, backend_name: backend, closed, in_map };
                 let pool = self.pool_of(&route);
                 self.shared.to_worker(Job::Resume(Resume { paused, pool }));
                 true

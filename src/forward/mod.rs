@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod health;
+pub mod kernel;
 pub mod proxy;
 pub mod relay;
 pub mod stream;
@@ -33,6 +34,8 @@ pub struct Paused {
     /// The backend's name in the route's pool.
     pub backend_name: String,
     pub closed: relay::Closed,
+    /// The flow is in the kernel relay's maps (and stays there while it moves).
+    pub in_map: Option<kernel::InMap>,
 }
 
 /// A paused relay to resume on a worker, with its route's pool.
@@ -117,7 +120,7 @@ pub async fn serve(client: OwnedFd, meta: ConnMeta, pool: Arc<BackendPool>, sett
     }
     // Not on the plaintext end of a terminated connection (a Unix socket).
     let _ = net::set_nodelay(client.as_fd());
-    relay_to(client, server, meta, &backend, active, relay::Closed::default(), settings).await
+    relay_to(client, server, meta, &backend, active, Carried::default(), settings).await
 }
 
 /// How a forwarded connection went, for the metrics and the access log.
@@ -205,18 +208,27 @@ pub async fn open(meta: &ConnMeta, pool: &BackendPool, settings: &Settings) -> R
 /// Resumes a relay that a previous portmux paused for an upgrade.
 pub async fn resume(job: Resume, settings: &Settings) -> Served {
     let Resume { paused, pool } = job;
+    let carried = Carried { closed: paused.closed, in_map: paused.in_map };
+    let (client, server, meta) = (paused.client, paused.backend, paused.meta);
     match pool.backends.iter().find(|b| b.spec.name == paused.backend_name) {
         Some(backend) => {
             let active = backend.connected();
-            relay_to(paused.client, paused.backend, paused.meta, backend, active, paused.closed, settings).await
+            relay_to(client, server, meta, backend, active, carried, settings).await
         }
         None => {
             // The backend left the route meanwhile; its connection carries on.
             let orphan = Arc::new(Backend::new(backend::BackendSpec { name: paused.backend_name, weight: 1 }, vec![]));
             let active = orphan.connected();
-            relay_to(paused.client, paused.backend, paused.meta, &orphan, active, paused.closed, settings).await
+            relay_to(client, server, meta, &orphan, active, carried, settings).await
         }
     }
+}
+
+/// What a relay resumed after an upgrade carries over.
+#[derive(Debug, Default)]
+struct Carried {
+    closed: relay::Closed,
+    in_map: Option<kernel::InMap>,
 }
 
 /// Relays until done, or until paused: then returns the sockets, for the
@@ -227,9 +239,10 @@ async fn relay_to(
     meta: ConnMeta,
     backend: &Arc<Backend>,
     active: backend::ActiveGuard,
-    closed: relay::Closed,
+    carried: Carried,
     settings: &Settings,
 ) -> Served {
+    let Carried { closed, in_map } = carried;
     let interest = tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE;
     let mut served = Served { backend: Some(backend.clone()), ..Served::default() };
     let (client, server) = match (reactor::register(client, interest), reactor::register(server, interest)) {
@@ -240,7 +253,41 @@ async fn relay_to(
         }
     };
     let pause = pause_handle();
-    let outcome = relay::relay(&client, &server, settings.idle_timeout, settings.relay_mode, &pause, closed).await;
+    let in_kernel = kernel::in_force();
+    let in_map = match (in_map, in_kernel) {
+        (Some(at), _) => Some(at),
+        (None, Some(k)) if closed == relay::Closed::default() => {
+            match kernel::start(k, client.get_ref().as_fd(), server.get_ref().as_fd()) {
+                Ok(at) => Some(at),
+                Err(refused) => {
+                    tracing::debug!(client = %meta.peer, "relayed in user space: {}", refused.why);
+                    let deadline = Instant::now() + settings.connect_timeout;
+                    if !refused.pending.is_empty()
+                        && !Box::pin(reply::write_all(server.get_ref().as_fd(), &refused.pending, deadline)).await
+                    {
+                        return served;
+                    }
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let (outcome, in_map) = match (in_map, in_kernel) {
+        (Some(at), Some(k)) => {
+            let (outcome, at) =
+                Box::pin(kernel::watch(k, at, [&client, &server], settings.idle_timeout, &pause, closed)).await;
+            (outcome, Some(at))
+        }
+        (Some(_), None) => {
+            tracing::warn!(client = %meta.peer, "a flow of the kernel relay came without its maps; it is closed");
+            return served;
+        }
+        (None, _) => {
+            let mode = settings.relay_mode;
+            (relay::relay(&client, &server, settings.idle_timeout, mode, &pause, closed).await, None)
+        }
+    };
     drop(active);
     (served.from_client, served.to_client) = (outcome.to_backend, outcome.to_client);
     if outcome.paused {
@@ -250,6 +297,7 @@ async fn relay_to(
             meta,
             backend_name: backend.spec.name.clone(),
             closed: outcome.closed,
+            in_map,
         };
         served.paused = Some(paused);
         return served;

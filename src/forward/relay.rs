@@ -125,7 +125,7 @@ impl Pause {
     }
 
     /// Remembers whom to wake on a request.
-    fn register(&self, waker: &Waker) {
+    pub(super) fn register(&self, waker: &Waker) {
         let mut slot = self.waker.borrow_mut();
         if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
             *slot = Some(waker.clone());

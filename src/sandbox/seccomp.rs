@@ -172,6 +172,23 @@ allow![
     SYS_seccomp,
 ];
 
+/// `bpf(2)` commands the kernel relay makes on the maps it loaded before the
+/// sandbox (or adopted): look up, update and delete elements, inspect a map.
+/// Never a program load, a map creation or an attachment.
+pub const BPF_COMMANDS: [u64; 4] = [1, 2, 3, 15];
+
+fn bpf_rules() -> Result<Vec<seccompiler::SeccompRule>, SandboxError> {
+    use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
+    let failed = |e: seccompiler::BackendError| SandboxError::Seccomp(e.to_string());
+    BPF_COMMANDS
+        .iter()
+        .map(|&cmd| {
+            let cond = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, cmd).map_err(failed)?;
+            SeccompRule::new(vec![cond]).map_err(failed)
+        })
+        .collect()
+}
+
 /// The target architecture of this build.
 fn arch() -> Result<TargetArch, SandboxError> {
     match std::env::consts::ARCH {
@@ -184,8 +201,10 @@ fn arch() -> Result<TargetArch, SandboxError> {
 pub(super) fn install() -> Result<String, SandboxError> {
     // c_long is i64 here, i32 on 32-bit targets.
     #[allow(clippy::useless_conversion)]
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+    let mut rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
         ALLOWED.iter().map(|(_, nr)| (i64::from(*nr), Vec::new())).collect();
+    #[allow(clippy::useless_conversion)]
+    rules.insert(i64::from(libc::SYS_bpf), bpf_rules()?);
     let filter = SeccompFilter::new(rules, SeccompAction::Errno(libc::EPERM as u32), SeccompAction::Allow, arch()?)
         .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
     let program: BpfProgram =

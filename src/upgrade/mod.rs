@@ -315,7 +315,7 @@ fn undeliverable(shared: &Arc<Shared>, msg: Handover, fds: Vec<OwnedFd>, why: &s
                 drop(guard);
             });
         }
-        Handover::Relay { meta, .. } => {
+        Handover::Relay { meta, .. } | Handover::RelayInKernel { meta, .. } => {
             tracing::warn!(client = %meta.peer, "cannot hand a relay to the new process ({why}); it is closed");
         }
         Handover::Idle { peer, .. } => {
@@ -428,7 +428,7 @@ pub async fn serve_imported(
                 Ok((Handover::Done, _)) => break,
                 Ok((msg, fds)) => {
                     let kind = msg.kind();
-                    if kind == "Relay" {
+                    if kind == "Relay" || kind == "RelayInKernel" {
                         relays += 1;
                     }
                     if !control.take_late(msg, fds) {

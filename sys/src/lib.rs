@@ -11,6 +11,8 @@ pub mod net;
 #[cfg(feature = "tokio")]
 pub mod reactor;
 pub mod scm;
+#[cfg(feature = "bpf")]
+pub mod sockmap;
 #[cfg(feature = "uring")]
 pub mod uring;
 

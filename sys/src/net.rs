@@ -313,3 +313,79 @@ pub fn pidfd_alive(pidfd: BorrowedFd<'_>) -> bool {
     let mut fds = [rustix::event::PollFd::new(&pidfd, rustix::event::PollFlags::IN)];
     matches!(rustix::event::poll(&mut fds, Some(&rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 })), Ok(0))
 }
+
+/// The kernel's unique id of a socket (`SO_COOKIE`); the in-kernel relay's key.
+pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `fd` is a valid open socket for the borrow's lifetime; the
+    // kernel writes at most `len` bytes into the live u64.
+    let rc = unsafe {
+        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE, (&raw mut cookie).cast(), &raw mut len)
+    };
+    if rc == 0 { Ok(cookie) } else { Err(io::Error::last_os_error()) }
+}
+
+/// What a TCP socket has received and sent, from `TCP_INFO`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpProgress {
+    /// The kernel's TCP state (`TCP_ESTABLISHED` is 1).
+    pub state: u8,
+    /// Bytes received in order, the peer's FIN counting as one.
+    pub received: u64,
+    /// Bytes the peer acknowledged.
+    pub acked: u64,
+}
+
+impl TcpProgress {
+    /// Whether the peer's FIN arrived (CLOSE_WAIT, LAST_ACK, CLOSING, TIME_WAIT, CLOSE).
+    pub fn peer_closed(&self) -> bool {
+        matches!(self.state, 6 | 7 | 8 | 9 | 11)
+    }
+}
+
+/// `TCP_INFO`'s state and byte counts.
+pub fn tcp_progress(fd: BorrowedFd<'_>) -> io::Result<TcpProgress> {
+    // SAFETY: tcp_info is plain data; all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `fd` is a valid open socket for the borrow's lifetime; the
+    // kernel writes at most `len` bytes into the live struct.
+    let rc = unsafe {
+        libc::getsockopt(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &raw mut len)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(TcpProgress { state: info.tcpi_state, received: info.tcpi_bytes_received, acked: info.tcpi_bytes_acked })
+}
+
+fn ioctl_int(fd: BorrowedFd<'_>, request: libc::Ioctl) -> io::Result<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: `fd` is a valid open socket for the borrow's lifetime; SIOCINQ
+    // and SIOCOUTQ write one int into the live `n`.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), request, &raw mut n) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+/// Bytes written to a TCP socket since it was made (sent or still queued):
+/// acknowledged plus in the send queue, read until both agree (an ACK may
+/// land between the two reads).
+pub fn tcp_written(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    loop {
+        let before = tcp_progress(fd)?.acked;
+        let queued = ioctl_int(fd, libc::TIOCOUTQ)?;
+        let after = tcp_progress(fd)?.acked;
+        if before == after {
+            return Ok(after + queued);
+        }
+    }
+}
+
+/// Bytes received and not yet read (or handed to a BPF verdict).
+pub fn tcp_unread(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    ioctl_int(fd, libc::FIONREAD)
+}

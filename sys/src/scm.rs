@@ -12,8 +12,9 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-/// Most fds one message carries (a paused relay carries two).
-pub const MAX_FDS: usize = 4;
+/// Most fds one message carries (a paused relay carries two, the kernel
+/// relay's maps five).
+pub const MAX_FDS: usize = 8;
 
 /// Whether a call may block (on a blocking socket) or returns `WouldBlock`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

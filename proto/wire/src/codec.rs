@@ -222,6 +222,19 @@ mod tests {
             (Handover::ServiceCert { route: "r".into(), chain: "C".into(), key: "K".into() }, "1701720143014b"),
             (Handover::FileRoutes { routes: vec!["r".into()] }, "18010172"),
             (Handover::Upgrades { count: 3 }, "1903"),
+            (Handover::RelayMaps { layout: 1 }, "1a01"),
+            (
+                Handover::RelayInKernel {
+                    route: "r".into(),
+                    backend: "b".into(),
+                    meta: meta(),
+                    client_closed: true,
+                    backend_closed: false,
+                    slots: 4,
+                    base: (1, 300),
+                },
+                "1b017201620e687474703a2f2f3a383030302f6101007f000001fb409c0100000000000000000000000000000001fb401f00010268320106612e7465737401032f612ffb2c0101000401fb2c01",
+            ),
         ]
     }
 

@@ -223,6 +223,23 @@ pub enum Handover {
     FileRoutes { routes: Vec<String> },
     /// How many upgrades in a row led to the old process (for its metrics).
     Upgrades { count: u64 },
+    /// The in-kernel relay's maps, of map layout `layout` (+ their fds:
+    /// socks, links, stats, ctl, claims; the program is attached to socks).
+    /// Sent before StateEnd; without it the new process relays in user space.
+    RelayMaps { layout: u32 },
+    /// Like `Relay`, for a flow the kernel relays (+ client fd, + backend
+    /// fd): it stays in the maps meanwhile. `slots`: the first of its pair of
+    /// slots; `base`: what the client and the backend socket had been sent
+    /// when they went in.
+    RelayInKernel {
+        route: String,
+        backend: String,
+        meta: ConnMeta,
+        client_closed: bool,
+        backend_closed: bool,
+        slots: u32,
+        base: (u64, u64),
+    },
 }
 
 /// The owner of a route whose owner was not handed over (older releases):
@@ -258,6 +275,8 @@ impl Handover {
             Handover::ServiceCert { .. } => "ServiceCert",
             Handover::FileRoutes { .. } => "FileRoutes",
             Handover::Upgrades { .. } => "Upgrades",
+            Handover::RelayMaps { .. } => "RelayMaps",
+            Handover::RelayInKernel { .. } => "RelayInKernel",
         }
     }
 }
