@@ -54,6 +54,9 @@ pub fn status(s: &StatusView, views: &[RouteView]) -> String {
         s.connections, s.peeking, s.idle, s.queued, s.sessions
     );
     out += &format!("sandbox: {}\n", s.sandbox.as_deref().unwrap_or("off"));
+    if !s.relay.is_empty() {
+        out += &format!("relay: {} ({} flows in the kernel, {} in user space)\n", s.relay, s.relayed.0, s.relayed.1);
+    }
     out += &format!("listeners ({}):\n", s.listeners.len());
     for l in &s.listeners {
         let pinned = if l.pinned { ", from systemd" } else { "" };

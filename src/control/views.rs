@@ -28,6 +28,8 @@ impl super::driver::Control {
             limits: limits(&s.settings.limits, &s.settings.limit_hits),
             sandbox: s.settings.sandboxed.clone(),
             upgrades: s.metrics.upgrades(),
+            relay: crate::forward::kernel::describe(),
+            relayed: crate::forward::kernel::flows(),
             ..status(&self.core.borrow(), control, self.started.elapsed().as_secs(), connections, idle)
         }
     }
@@ -194,6 +196,12 @@ pub struct StatusView {
     /// Upgrades in a row that led to this process.
     #[serde(default)]
     pub upgrades: u64,
+    /// Where forwarded flows are relayed: "kernel", or "user (why)".
+    #[serde(default)]
+    pub relay: String,
+    /// Forwarded flows relayed so far in the kernel, and in user space.
+    #[serde(default)]
+    pub relayed: (u64, u64),
 }
 
 /// A limit as `/status` shows it.
@@ -319,6 +327,8 @@ pub fn status(core: &Core, control: Option<String>, uptime_s: u64, connections: 
         limits: Vec::new(),
         sandbox: None,
         upgrades: 0,
+        relay: String::new(),
+        relayed: (0, 0),
     }
 }
 

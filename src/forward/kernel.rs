@@ -30,7 +30,7 @@ use portmux_sys::sockmap::{self, Ctl, Maps, Stats};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
@@ -63,6 +63,18 @@ pub struct InKernel {
 }
 
 static IN_FORCE: OnceLock<InForce> = OnceLock::new();
+/// Forwarded flows this process relayed in the kernel, and in user space.
+static FLOWS: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+/// Counts a flow: relayed in the kernel, or not.
+pub fn count(in_kernel: bool) {
+    FLOWS[usize::from(!in_kernel)].fetch_add(1, Ordering::Relaxed);
+}
+
+/// Flows relayed so far: (in the kernel, in user space).
+pub fn flows() -> (u64, u64) {
+    (FLOWS[0].load(Ordering::Relaxed), FLOWS[1].load(Ordering::Relaxed))
+}
 
 /// Decides at start (before the sandbox: loading needs CAP_BPF and
 /// CAP_NET_ADMIN). An error only when the kernel relay was demanded.

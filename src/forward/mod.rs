@@ -273,6 +273,7 @@ async fn relay_to(
         }
         _ => None,
     };
+    kernel::count(in_map.is_some());
     let (outcome, in_map) = match (in_map, in_kernel) {
         (Some(at), Some(k)) => {
             let (outcome, at) =

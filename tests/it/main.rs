@@ -13,6 +13,7 @@ mod limits;
 mod ops;
 mod peek;
 mod protocol;
+mod relay;
 mod restart;
 mod security;
 mod systemd;

@@ -1,0 +1,394 @@
+//! Forwarded flows relayed in the kernel (sockhash and portmux's sk_skb
+//! program) and in user space behave the same through the real binary:
+//! bulk both ways byte-exact with half-close either way, the idle timeout, a
+//! backend that stops reading, resets, thousands of short flows, a stream
+//! across upgrades, and the fallback when the kernel refuses.
+
+use crate::security::{NOBODY, as_nobody};
+use crate::util::*;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const MODES: [&str; 2] = ["kernel", "user"];
+
+/// portmux relaying in `mode`, as its status says.
+fn start(mode: &str, extra: &[&str]) -> Portmux {
+    let mut args = vec!["--relay", mode];
+    args.extend_from_slice(extra);
+    let pm = Portmux::start(&args);
+    let relay = pm.status().relay;
+    assert!(relay.starts_with(mode), "{mode}: the status says {relay}");
+    pm
+}
+
+/// A route on a free port to `backend`; returns the port.
+fn route_to(pm: &Portmux, backend: SocketAddr) -> u16 {
+    let port = free_port();
+    let (ok, _, err) = portmux_cli(pm, &["route", "add", &format!("tcp://:{port}"), "--backend", &backend.to_string()]);
+    assert!(ok, "{err}");
+    port
+}
+
+/// Flows relayed (in the kernel, in user space), as the status says.
+fn relayed(pm: &Portmux) -> (u64, u64) {
+    pm.status().relayed
+}
+
+fn payload(len: usize, seed: u32) -> Vec<u8> {
+    (0..len).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 11) as u8).collect()
+}
+
+/// The client waits for the backend's first line, so the flow is set up
+/// (and, in the kernel mode, in the map) before either side ends.
+fn handshake(s: &mut TcpStream) {
+    let mut b = [0u8; 3];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"go\n");
+    s.write_all(b"k").unwrap();
+}
+
+#[test]
+fn bulk_both_ways_is_byte_exact_with_half_close_either_way_in_both_modes() {
+    for mode in MODES {
+        let pm = start(mode, &[]);
+        // The backend reads the client's bytes to the end while sending its
+        // own; `backend_first`: it finishes (FIN) before the client starts.
+        let (tx, rx) = mpsc::channel::<(Vec<u8>, bool)>();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        let (got_tx, got_rx) = mpsc::channel::<Vec<u8>>();
+        let (addr, _) = spawn_backend(move |mut s| {
+            let (answer, backend_first) = rx.lock().unwrap().recv().unwrap();
+            s.write_all(b"go\n").unwrap();
+            // The client's answer says the flow is relaying (a side that has
+            // ended already is relayed in user space: the kernel takes only
+            // established sockets).
+            let mut ok = [0u8; 1];
+            s.read_exact(&mut ok).unwrap();
+            let mut w = s.try_clone().unwrap();
+            let mut writer = Some(thread::spawn(move || {
+                w.write_all(&answer).unwrap();
+                w.shutdown(Shutdown::Write).unwrap();
+            }));
+            if backend_first {
+                writer.take().unwrap().join().unwrap();
+            }
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).unwrap();
+            got_tx.send(got).unwrap();
+            if let Some(w) = writer {
+                w.join().unwrap();
+            }
+        });
+        let port = route_to(&pm, addr);
+        let before = relayed(&pm);
+        let sizes = [1usize, 1000, 65_537, 3 << 20, (24 << 20) + 7];
+        for (n, &size) in sizes.iter().enumerate() {
+            for backend_first in [false, true] {
+                let up = payload(size, n as u32);
+                let down = payload(size / 2 + 3, 99 + n as u32);
+                tx.send((down.clone(), backend_first)).unwrap();
+                let mut s = client(port);
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                handshake(&mut s);
+                let mut back = Vec::new();
+                if backend_first {
+                    // The backend's FIN comes first; the client still sends after it.
+                    s.read_to_end(&mut back).unwrap();
+                    s.write_all(&up).unwrap();
+                    s.shutdown(Shutdown::Write).unwrap();
+                } else {
+                    let mut w = s.try_clone().unwrap();
+                    let sent = up.clone();
+                    let writer = thread::spawn(move || {
+                        w.write_all(&sent).unwrap();
+                        w.shutdown(Shutdown::Write).unwrap();
+                    });
+                    s.read_to_end(&mut back).unwrap();
+                    writer.join().unwrap();
+                }
+                let got = got_rx.recv_timeout(Duration::from_secs(20)).unwrap();
+                let case = format!("{mode}, {size} bytes, backend first: {backend_first}");
+                assert!(got.len() == up.len() && got == up, "{case}: the backend got {} bytes", got.len());
+                assert!(back.len() == down.len() && back == down, "{case}: the client got {} bytes", back.len());
+            }
+        }
+        let after = relayed(&pm);
+        let flows = (sizes.len() * 2) as u64;
+        match mode {
+            "kernel" => assert_eq!(after.0 - before.0, flows, "every flow went through the kernel: {after:?}"),
+            _ => assert_eq!((after.0, after.1 - before.1), (0, flows), "every flow stayed in user space"),
+        }
+    }
+}
+
+#[test]
+fn the_idle_timeout_ends_quiet_flows_and_spares_busy_ones_in_both_modes() {
+    for mode in MODES {
+        let pm = start(mode, &["--idle-timeout", "1s"]);
+        let echo = TestBackend::start("echo", false);
+        let port = route_to(&pm, echo.addr);
+        // Busy: a byte each 300 ms for 2.4 s (past the timeout) is echoed each time.
+        let (mut busy, _) = greeted(port);
+        busy.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        for i in 0..8u8 {
+            thread::sleep(Duration::from_millis(300));
+            busy.write_all(&[i]).unwrap();
+            let mut b = [0u8; 1];
+            busy.read_exact(&mut b).unwrap_or_else(|e| panic!("{mode}: the busy flow ended after {i}: {e}"));
+            assert_eq!(b[0], i);
+        }
+        // Quiet: closed by portmux between 1 and a few seconds later.
+        let (mut quiet, _) = greeted(port);
+        quiet.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let began = Instant::now();
+        let mut rest = Vec::new();
+        let end = quiet.read_to_end(&mut rest);
+        let took = began.elapsed();
+        assert!(end.is_ok() || end.is_err_and(|e| e.kind() == ErrorKind::ConnectionReset), "{mode}");
+        assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(4), "{mode}: closed after {took:?}");
+    }
+}
+
+/// CPU seconds process `pid` used so far (user + system).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // USER_HZ, which /proc reports in, is 100 on Linux.
+    ticks / 100.0
+}
+
+#[test]
+fn a_backend_that_stops_reading_holds_bounded_memory_without_a_busy_loop_in_both_modes() {
+    for mode in MODES {
+        let pm = start(mode, &[]);
+        let (conn_tx, conn_rx) = mpsc::channel::<TcpStream>();
+        let (addr, _) = spawn_backend(move |s| conn_tx.send(s).unwrap());
+        let port = route_to(&pm, addr);
+        let mut s = client(port);
+        let mut backend = conn_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        // A first exchange, so the flow is relaying before the backend stalls.
+        s.write_all(b"hi").unwrap();
+        let mut b = [0u8; 2];
+        backend.read_exact(&mut b).unwrap();
+        s.set_nonblocking(true).unwrap();
+        let chunk = vec![7u8; 64 * 1024];
+        let (mut sent, cpu_before) = (0usize, cpu_seconds(pm.pid()));
+        let began = Instant::now();
+        let mut blocked_since: Option<Instant> = None;
+        // Until the client has been unable to write for 500 ms (or 4 s).
+        while began.elapsed() < Duration::from_secs(4) {
+            match s.write(&chunk) {
+                Ok(n) => {
+                    sent += n;
+                    blocked_since = None;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if blocked_since.get_or_insert_with(Instant::now).elapsed() > Duration::from_millis(500) {
+                        break;
+                    }
+                    thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("{mode}: {e}"),
+            }
+        }
+        let cpu = cpu_seconds(pm.pid()) - cpu_before;
+        assert!(blocked_since.is_some(), "{mode}: the client was never held back ({sent} bytes sent)");
+        assert!(sent < 64 << 20, "{mode}: {} MiB went into a backend that reads nothing", sent >> 20);
+        assert!(cpu < 0.5, "{mode}: portmux spent {cpu:.2} s of CPU while the backend stalled");
+        // The backend reads again: every byte arrives, in order, and the flow goes on.
+        s.set_nonblocking(false).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        backend.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = Vec::new();
+        backend.read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), sent, "{mode}");
+        assert!(got.iter().all(|&b| b == 7), "{mode}");
+    }
+}
+
+/// Closes `s` with a reset (SO_LINGER 0).
+fn reset(s: TcpStream) {
+    rustix::net::sockopt::set_socket_linger(&s, Some(Duration::ZERO)).unwrap();
+    drop(s);
+}
+
+#[test]
+fn a_reset_from_either_side_ends_the_flow_and_fds_return_to_baseline_in_both_modes() {
+    for mode in MODES {
+        let pm = start(mode, &[]);
+        let (conn_tx, conn_rx) = mpsc::channel::<TcpStream>();
+        let (addr, _) = spawn_backend(move |s| conn_tx.send(s).unwrap());
+        let port = route_to(&pm, addr);
+        // Warm up (the listener, pools), then count.
+        let flow = |port| {
+            let mut s = client(port);
+            let mut backend = conn_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+            s.write_all(b"ping").unwrap();
+            let mut b = [0u8; 4];
+            backend.read_exact(&mut b).unwrap();
+            backend.write_all(b"pong").unwrap();
+            s.read_exact(&mut b).unwrap();
+            for s in [&s, &backend] {
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            }
+            (s, backend)
+        };
+        let (a, b) = flow(port);
+        drop((a, b));
+        let baseline = wait_fds_at_most(pm.pid(), usize::MAX, Duration::ZERO);
+        for client_resets in [true, false] {
+            let (s, backend) = flow(port);
+            let (mut survivor, who) = if client_resets {
+                reset(s);
+                (backend, "the backend")
+            } else {
+                reset(backend);
+                (s, "the client")
+            };
+            let began = Instant::now();
+            let mut rest = Vec::new();
+            let end = survivor.read_to_end(&mut rest);
+            assert!(
+                end.is_ok() || end.as_ref().is_err_and(|e| e.kind() == ErrorKind::ConnectionReset),
+                "{mode}: {who} saw {end:?}"
+            );
+            assert!(began.elapsed() < Duration::from_secs(3), "{mode}: {who} learned of the reset promptly");
+        }
+        let now = wait_fds_at_most(pm.pid(), baseline, Duration::from_secs(5));
+        assert!(now <= baseline, "{mode}: {now} fds open, {baseline} before");
+    }
+}
+
+#[test]
+fn thousands_of_short_flows_leave_fds_at_baseline_in_both_modes() {
+    for mode in MODES {
+        let pm = start(mode, &[]);
+        let echo = TestBackend::start("echo", false);
+        let port = route_to(&pm, echo.addr);
+        let (s, _) = greeted(port);
+        drop(s);
+        thread::sleep(Duration::from_millis(100));
+        let baseline = fd_count(pm.pid());
+        let before = relayed(&pm);
+        let flows = 2000u64;
+        let began = Instant::now();
+        for i in 0..flows {
+            let (mut s, name) = greeted(port);
+            assert_eq!(name, "echo");
+            s.write_all(&i.to_be_bytes()).unwrap();
+            let mut b = [0u8; 8];
+            s.read_exact(&mut b).unwrap();
+            assert_eq!(u64::from_be_bytes(b), i, "{mode}");
+            assert!(began.elapsed() < Duration::from_secs(60), "{mode}: bounded in time");
+        }
+        let now = wait_fds_at_most(pm.pid(), baseline, Duration::from_secs(10));
+        assert!(now <= baseline, "{mode}: {now} fds open after {flows} flows, {baseline} before");
+        let after = relayed(&pm);
+        let in_kernel = after.0 - before.0;
+        match mode {
+            "kernel" => assert_eq!(in_kernel, flows, "{after:?}"),
+            _ => assert_eq!(in_kernel, 0),
+        }
+    }
+}
+
+#[test]
+fn a_stream_continues_byte_exact_across_upgrades_and_the_old_process_exits_at_once_in_both_modes() {
+    for mode in MODES {
+        let mut pm = start(mode, &[]);
+        // The backend echoes; the client sends a counter and checks what comes back.
+        let echo = TestBackend::start("echo", false);
+        let port = route_to(&pm, echo.addr);
+        let (s, _) = greeted(port);
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(AtomicU64::new(0));
+        let mut w = s.try_clone().unwrap();
+        let stop_w = stop.clone();
+        let writer = thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop_w.load(Ordering::Relaxed) {
+                let chunk: Vec<u8> = (n..n + 512).flat_map(u64::to_be_bytes).collect();
+                w.write_all(&chunk).unwrap();
+                n += 512;
+                thread::sleep(Duration::from_millis(1));
+            }
+            w.shutdown(Shutdown::Write).unwrap();
+            n
+        });
+        let seen_r = seen.clone();
+        let reader = thread::spawn(move || {
+            let mut s = s;
+            let (mut expect, mut b) = (0u64, [0u8; 8]);
+            loop {
+                match s.read_exact(&mut b) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(expect),
+                    Err(e) => return Err(format!("after {expect}: {e}")),
+                }
+                let n = u64::from_be_bytes(b);
+                if n != expect {
+                    return Err(format!("expected {expect}, got {n}"));
+                }
+                expect += 1;
+                seen_r.store(expect, Ordering::Relaxed);
+            }
+        });
+        thread::sleep(Duration::from_millis(200));
+        for i in 0..3 {
+            let old = pm.pid();
+            pm.upgrade(&[]).unwrap_or_else(|e| panic!("{mode}: upgrade {i}: {e}"));
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while alive(old) {
+                assert!(Instant::now() < deadline, "{mode}: the old process exits at once");
+                thread::sleep(Duration::from_millis(20));
+            }
+            let then = seen.load(Ordering::Relaxed);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while seen.load(Ordering::Relaxed) <= then + 1000 {
+                assert!(Instant::now() < deadline, "{mode}: the stream flows after upgrade {i}");
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let relay = pm.status().relay;
+        assert!(relay.starts_with(mode), "{mode}: after the upgrades the status says {relay}");
+        stop.store(true, Ordering::Relaxed);
+        let sent = writer.join().unwrap();
+        let echoed = reader.join().unwrap().unwrap_or_else(|e| panic!("{mode}: {e}"));
+        assert_eq!(echoed, sent, "{mode}: every counter came back, in order, and the end too");
+    }
+}
+
+#[test]
+fn without_privileges_the_kernel_relay_falls_back_and_says_why_or_refuses_to_start_if_demanded() {
+    let dir = TempDir::new();
+    std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    let control = dir.path().join("control.sock");
+    let run = |relay: &str| {
+        let mut cmd = as_nobody(Path::new(env!("CARGO_BIN_EXE_portmux")));
+        cmd.args(["run", "--bind", "127.0.0.1", "--relay", relay, "--control"]).arg(&control);
+        Portmux::spawn(cmd, &control, None)
+    };
+    let e = run("kernel").err().expect("refused");
+    assert!(e.contains("--relay kernel: the kernel refused the in-kernel relay"), "{e}");
+    assert!(e.contains("CAP_BPF"), "it says what to do: {e}");
+    let pm = run("auto").unwrap();
+    let relay = pm.status().relay;
+    assert!(relay.starts_with("user (") && relay.contains("refused"), "{relay}");
+    // Forwarding works all the same, in user space.
+    let echo = TestBackend::start("echo", false);
+    let port = route_to(&pm, echo.addr);
+    let (mut s, name) = greeted(port);
+    assert_eq!(name, "echo");
+    s.write_all(b"still relayed").unwrap();
+    let mut b = [0u8; 13];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"still relayed");
+    assert_eq!(relayed(&pm), (0, 1));
+}
