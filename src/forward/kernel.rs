@@ -25,8 +25,8 @@
 
 use super::relay::{Closed, Failure, Outcome, Pause, Side};
 use crate::config::Relay as Asked;
-use portmux_sys::net;
 use portmux_sys::sockmap::{self, Ctl, Maps, Stats};
+use portmux_sys::{net, uring};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::OnceLock;
@@ -40,12 +40,14 @@ use tokio::time::Instant;
 pub const BUDGET: u64 = 8 << 20;
 /// Bytes written per step when user space writes what the program left.
 const CHUNK: usize = 64 * 1024;
+/// Chunks written per look at a direction before the other gets its turn.
+const PUMP_CHUNKS: usize = 16;
 /// How often the budget is raised at least, and at most.
-const REFRESH_MIN: Duration = Duration::from_millis(1);
-const REFRESH_MAX: Duration = Duration::from_secs(1);
+const REFRESH_MIN: Duration = Duration::from_micros(500);
+const REFRESH_MAX: Duration = Duration::from_secs(10);
 /// Waiting for the kernel to flush a direction: first and longest pause.
 const RETRY_MIN: Duration = Duration::from_micros(500);
-const RETRY_MAX: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_millis(20);
 
 /// How this process relays forwarded flows.
 #[derive(Debug)]
@@ -272,11 +274,13 @@ enum Need {
     Retry,
     /// Room in the destination for pending bytes.
     Writable,
+    /// More to write at once, after the other direction's turn.
+    Again,
 }
 
 /// Watches a flow in the map until both directions are over, one fails, it
 /// idles out, or a pause is asked (then it stays in the map for the next
-/// process). `ends`: [client, backend], registered for reading and writing.
+/// process). `ends`: [client, backend], registered for reading.
 pub async fn watch(
     k: &InKernel,
     at: InMap,
@@ -291,8 +295,8 @@ pub async fn watch(
         ctl: k.maps.ctl(slot).unwrap_or(Ctl { written: 0, limit: BUDGET }),
         pending: None,
         flushed_at: None,
-        refresh_at: now + REFRESH_MIN * 10,
-        refresh_every: REFRESH_MIN * 10,
+        refresh_at: now + REFRESH_MIN * 2,
+        refresh_every: REFRESH_MIN * 2,
         refreshed: 0,
     };
     let mut flow = Flow {
@@ -333,7 +337,9 @@ pub async fn watch(
         for d in flow.dirs.iter().filter(|d| !d.done) {
             next = next.min(d.refresh_at);
         }
-        if needs.contains(&Need::Retry) {
+        if needs.contains(&Need::Again) {
+            next = Instant::now();
+        } else if needs.contains(&Need::Retry) {
             next = next.min(Instant::now() + flow.retry);
             flow.retry = (flow.retry * 2).min(RETRY_MAX);
         } else {
@@ -414,20 +420,33 @@ impl Flow<'_> {
                 }
                 self.dirs[i].flushed_at = Some(stats.redirected);
             }
+            // Until the socket has no more (what comes later wakes the
+            // flow), the destination is full, or a fair share is written.
             let mut buf = vec![0u8; CHUNK].into_boxed_slice();
-            match net::recv(self.fd(i), &mut buf) {
-                Ok(0) => {}
-                Ok(n) => {
-                    self.dirs[i].pending = Some((buf, 0, n));
-                    if let Some(need) = self.flush_pending(i).map_err(writing)? {
-                        return Ok(need);
+            let mut drained = false;
+            for _ in 0..PUMP_CHUNKS {
+                match net::recv(self.fd(i), &mut buf) {
+                    Ok(0) => {
+                        drained = true;
+                        break;
                     }
-                    // More may be waiting: look again at once.
-                    return Ok(Need::Retry);
+                    Ok(n) => {
+                        self.dirs[i].pending = Some((std::mem::take(&mut buf), 0, n));
+                        if let Some(need) = self.flush_pending(i).map_err(writing)? {
+                            return Ok(need);
+                        }
+                        buf = vec![0u8; CHUNK].into_boxed_slice();
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        drained = true;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(reading(e)),
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Need::Retry),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(Need::Retry),
-                Err(e) => return Err(reading(e)),
+            }
+            if !drained {
+                return Ok(Need::Again);
             }
         }
         let progress = net::tcp_progress(self.fd(i)).map_err(reading)?;
@@ -515,23 +534,33 @@ impl Flow<'_> {
     async fn wait(&self, until: Instant, writable: [bool; 2], pause: &Pause) {
         let sleep = tokio::time::sleep_until(until);
         tokio::pin!(sleep);
+        // Room to write is rare to wait for: one io_uring poll then.
+        let room = |i: usize| {
+            let fd = self.fd(i);
+            async move {
+                if writable[i] {
+                    let _ = uring::poll(fd, libc::POLLOUT as u32).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        let (room0, room1) = (room(0), room(1));
+        tokio::pin!(room0, room1);
         std::future::poll_fn(|cx| {
             pause.register(cx.waker());
             if pause.is_requested() {
                 return Poll::Ready(());
             }
             let mut woke = false;
-            for (i, end) in self.ends.iter().enumerate() {
+            for end in self.ends {
                 if let Poll::Ready(Ok(mut guard)) = end.poll_read_ready(cx) {
                     guard.clear_ready();
                     woke = true;
                 }
-                if writable[i]
-                    && let Poll::Ready(Ok(mut guard)) = end.poll_write_ready(cx)
-                {
-                    guard.clear_ready();
-                    woke = true;
-                }
+            }
+            if room0.as_mut().poll(cx).is_ready() || room1.as_mut().poll(cx).is_ready() {
+                woke = true;
             }
             if woke || sleep.as_mut().poll(cx).is_ready() { Poll::Ready(()) } else { Poll::Pending }
         })

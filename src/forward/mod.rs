@@ -243,8 +243,32 @@ async fn relay_to(
     settings: &Settings,
 ) -> Served {
     let Carried { closed, in_map } = carried;
-    let interest = tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE;
     let mut served = Served { backend: Some(backend.clone()), ..Served::default() };
+    let in_kernel = kernel::in_force();
+    let in_map = match (in_map, in_kernel) {
+        (Some(at), _) => Some(at),
+        (None, Some(k)) if closed == relay::Closed::default() => match kernel::start(k, client.as_fd(), server.as_fd())
+        {
+            Ok(at) => Some(at),
+            Err(refused) => {
+                tracing::debug!(client = %meta.peer, "relayed in user space: {}", refused.why);
+                let deadline = Instant::now() + settings.connect_timeout;
+                if !refused.pending.is_empty()
+                    && !Box::pin(reply::write_all(server.as_fd(), &refused.pending, deadline)).await
+                {
+                    return served;
+                }
+                None
+            }
+        },
+        _ => None,
+    };
+    // A flow in the kernel is watched for its ends only: readiness to write
+    // would wake the worker at every ACK (it waits for room otherwise).
+    let interest = match in_map {
+        Some(_) => tokio::io::Interest::READABLE,
+        None => tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE,
+    };
     let (client, server) = match (reactor::register(client, interest), reactor::register(server, interest)) {
         (Ok(c), Ok(s)) => (c, s),
         (Err(e), _) | (_, Err(e)) => {
@@ -253,26 +277,6 @@ async fn relay_to(
         }
     };
     let pause = pause_handle();
-    let in_kernel = kernel::in_force();
-    let in_map = match (in_map, in_kernel) {
-        (Some(at), _) => Some(at),
-        (None, Some(k)) if closed == relay::Closed::default() => {
-            match kernel::start(k, client.get_ref().as_fd(), server.get_ref().as_fd()) {
-                Ok(at) => Some(at),
-                Err(refused) => {
-                    tracing::debug!(client = %meta.peer, "relayed in user space: {}", refused.why);
-                    let deadline = Instant::now() + settings.connect_timeout;
-                    if !refused.pending.is_empty()
-                        && !Box::pin(reply::write_all(server.get_ref().as_fd(), &refused.pending, deadline)).await
-                    {
-                        return served;
-                    }
-                    None
-                }
-            }
-        }
-        _ => None,
-    };
     kernel::count(in_map.is_some());
     let (outcome, in_map) = match (in_map, in_kernel) {
         (Some(at), Some(k)) => {
