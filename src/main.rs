@@ -177,8 +177,8 @@ struct Common {
     /// How relays move bytes: auto (copy on loopback and for small exchanges, splice bulk across a NIC), or copy/splice only (for measurements)
     #[arg(long, value_name = "MODE", default_value = "auto", hide = true)]
     relay_mode: portmux::config::RelayMode,
-    /// Where established forwarded flows are relayed: kernel (sockhash and an sk_skb program; needs CAP_BPF and CAP_NET_ADMIN at start), user (portmux's own relay), or auto (the kernel where it takes the flow)
-    #[arg(long, value_name = "WHERE", default_value = "auto")]
+    /// Where established forwarded flows are relayed: user (portmux's own relay; measured faster here), kernel (sockhash and an sk_skb program; needs CAP_BPF and CAP_NET_ADMIN at start), or auto (the kernel where it takes the flow)
+    #[arg(long, value_name = "WHERE", default_value = "user")]
     relay: portmux::config::Relay,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive); RUST_LOG also works
     #[arg(long, visible_alias = "log-level", value_name = "FILTER", default_value = "info")]

@@ -71,7 +71,7 @@ pub enum StartError {
     AccessLog(#[source] io::Error),
     #[error(
         "--relay kernel: the kernel refused the in-kernel relay: {0}; run portmux as root or with CAP_BPF and \
-         CAP_NET_ADMIN, or use --relay auto"
+         CAP_NET_ADMIN, or use --relay user (the default) or auto"
     )]
     Relay(String),
     #[error("{0} (--no-sandbox runs without it)")]

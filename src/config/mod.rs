@@ -242,7 +242,7 @@ impl Settings {
             idle_timeout: Duration::from_secs(300),
             backend_cooldown: Duration::from_secs(10),
             relay_mode: RelayMode::Auto,
-            relay: Relay::Auto,
+            relay: Relay::User,
             accept_proxy: Vec::new(),
             initial_routes: Vec::new(),
             drain: Duration::from_secs(30),
@@ -374,15 +374,17 @@ pub enum RelayMode {
     Splice,
 }
 
-/// Where established forwarded flows are relayed (`--relay`).
+/// Where established forwarded flows are relayed (`--relay`). User space is
+/// the default: measured on this project's machines, the kernel relay is
+/// slower (docs/ARCHITECTURE.md, "In the kernel").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Relay {
     /// In the kernel where it takes the flow, in user space otherwise.
-    #[default]
     Auto,
     /// In the kernel; portmux does not start if the kernel refuses.
     Kernel,
     /// In user space only.
+    #[default]
     User,
 }
 

@@ -247,20 +247,22 @@ async fn relay_to(
     let in_kernel = kernel::in_force();
     let in_map = match (in_map, in_kernel) {
         (Some(at), _) => Some(at),
-        (None, Some(k)) if closed == relay::Closed::default() => match kernel::start(k, client.as_fd(), server.as_fd())
-        {
-            Ok(at) => Some(at),
-            Err(refused) => {
-                tracing::debug!(client = %meta.peer, "relayed in user space: {}", refused.why);
-                let deadline = Instant::now() + settings.connect_timeout;
-                if !refused.pending.is_empty()
-                    && !Box::pin(reply::write_all(server.as_fd(), &refused.pending, deadline)).await
-                {
-                    return served;
+        // Maps adopted in an upgrade serve new flows too, unless this process was told `--relay user`.
+        (None, Some(k)) if closed == relay::Closed::default() && settings.relay != crate::config::Relay::User => {
+            match kernel::start(k, client.as_fd(), server.as_fd()) {
+                Ok(at) => Some(at),
+                Err(refused) => {
+                    tracing::debug!(client = %meta.peer, "relayed in user space: {}", refused.why);
+                    let deadline = Instant::now() + settings.connect_timeout;
+                    if !refused.pending.is_empty()
+                        && !Box::pin(reply::write_all(server.as_fd(), &refused.pending, deadline)).await
+                    {
+                        return served;
+                    }
+                    None
                 }
-                None
             }
-        },
+        }
         _ => None,
     };
     // A flow in the kernel is watched for its ends only: readiness to write

@@ -407,7 +407,5 @@ fn the_units_verify_and_their_exposure_is_low() {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no exposure level in {report}"));
     eprintln!("systemd-analyze security: exposure {level}");
-    // 1.6 before the in-kernel relay, which needs CAP_BPF, CAP_NET_ADMIN and
-    // bpf(2) to load at start (portmux drops them right after).
-    assert!(level <= 2.2, "exposure {level} is higher than the 2.1 the features allow:\n{report}");
+    assert!(level <= 2.0, "exposure {level} is higher than the 1.6 the features allow:\n{report}");
 }
