@@ -371,7 +371,11 @@ impl Control {
             Handover::StateEnd { next_conn_id } => {
                 self.shared.next_conn_id.fetch_max(next_conn_id, Ordering::Relaxed);
                 if crate::forward::kernel::in_force().is_none() && !crate::forward::kernel::decided() {
-                    let why = "the previous portmux relayed in user space".to_string();
+                    let why = match settings.relay {
+                        crate::config::Relay::User => "--relay user".to_string(),
+                        _ => "the previous portmux relayed in user space; only it could load the kernel relay"
+                            .to_string(),
+                    };
                     crate::forward::kernel::set(crate::forward::kernel::InForce::User(why));
                 }
                 return Ok(true);
