@@ -806,10 +806,9 @@ def write_report(bench, all_results, elapsed):
             "(`finish_task_switch`, `_raw_spin_unlock_irqrestore` are wakeups and context switches: wrk, the "
             "backend and the proxy share 2 cores) and the TCP stack (4 socket system calls per relayed request); "
             "portmux's own code is a few percent. Every proxy pays that on loopback, which is why they are all "
-            "near half of direct. Next steps, in the order they should pay off: (1) forward: let the kernel "
-            "relay established flows itself (a sockmap with an `sk_skb` verdict program redirects bytes "
-            "socket to socket without waking portmux; this kernel has CONFIG_BPF_STREAM_PARSER), which removes "
-            "both the wakeups and the system calls; (2) handoff, new connections: portmux spends "
+            "near half of direct. The in-kernel relay (portmux-forward, `--relay auto`) removes portmux's "
+            "wakeups and system calls but measured slower here: the kernel sends every redirected skb through "
+            "a workqueue (a kworker wake-up per message; docs/ARCHITECTURE.md). Next: handoff, new connections: portmux spends "
             f"{fmt(pm_close, '.0f')} µs per handed-off connection (accept, peek, SCM_RIGHTS send, the Ack round "
             "trip on the control thread, close) and the service pays a receive and an Ack on top of its own "
             "accept; batching Acks and accepting in multishot would cut the wakeups per connection.", ""]

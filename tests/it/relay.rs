@@ -34,6 +34,20 @@ fn route_to(pm: &Portmux, backend: SocketAddr) -> u16 {
     port
 }
 
+/// A route to a backend that only accepts: each accepted socket comes out
+/// of the receiver for the test to drive. Returns the route's port.
+fn route_to_held(pm: &Portmux) -> (u16, mpsc::Receiver<TcpStream>) {
+    let (conn_tx, conn_rx) = mpsc::channel::<TcpStream>();
+    let (addr, _) = spawn_backend(move |s| conn_tx.send(s).unwrap());
+    (route_to(pm, addr), conn_rx)
+}
+
+/// The fd count once no connection task is left (a flow's sockets closed).
+fn settled_fds(pm: &Portmux) -> usize {
+    pm.wait_for("the last flow to end", |pm| pm.status().connections == 0);
+    fd_count(pm.pid())
+}
+
 /// Flows relayed (in the kernel, in user space), as the status says.
 fn relayed(pm: &Portmux) -> (u64, u64) {
     pm.status().relayed
@@ -167,9 +181,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 fn a_backend_that_stops_reading_holds_bounded_memory_without_a_busy_loop_in_both_modes() {
     for mode in MODES {
         let pm = start(mode, &[]);
-        let (conn_tx, conn_rx) = mpsc::channel::<TcpStream>();
-        let (addr, _) = spawn_backend(move |s| conn_tx.send(s).unwrap());
-        let port = route_to(&pm, addr);
+        let (port, conn_rx) = route_to_held(&pm);
         let mut s = client(port);
         let mut backend = conn_rx.recv_timeout(Duration::from_secs(5)).unwrap();
         // A first exchange, so the flow is relaying before the backend stalls.
@@ -222,9 +234,7 @@ fn reset(s: TcpStream) {
 fn a_reset_from_either_side_ends_the_flow_and_fds_return_to_baseline_in_both_modes() {
     for mode in MODES {
         let pm = start(mode, &[]);
-        let (conn_tx, conn_rx) = mpsc::channel::<TcpStream>();
-        let (addr, _) = spawn_backend(move |s| conn_tx.send(s).unwrap());
-        let port = route_to(&pm, addr);
+        let (port, conn_rx) = route_to_held(&pm);
         // Warm up (the listener, pools), then count.
         let flow = |port| {
             let mut s = client(port);
@@ -241,7 +251,7 @@ fn a_reset_from_either_side_ends_the_flow_and_fds_return_to_baseline_in_both_mod
         };
         let (a, b) = flow(port);
         drop((a, b));
-        let baseline = wait_fds_at_most(pm.pid(), usize::MAX, Duration::ZERO);
+        let baseline = settled_fds(&pm);
         for client_resets in [true, false] {
             let (s, backend) = flow(port);
             let (mut survivor, who) = if client_resets {
@@ -273,8 +283,7 @@ fn thousands_of_short_flows_leave_fds_at_baseline_in_both_modes() {
         let port = route_to(&pm, echo.addr);
         let (s, _) = greeted(port);
         drop(s);
-        thread::sleep(Duration::from_millis(100));
-        let baseline = fd_count(pm.pid());
+        let baseline = settled_fds(&pm);
         let before = relayed(&pm);
         let flows = 2000u64;
         let began = Instant::now();
@@ -340,7 +349,11 @@ fn a_stream_continues_byte_exact_across_upgrades_and_the_old_process_exits_at_on
                 seen_r.store(expect, Ordering::Relaxed);
             }
         });
-        thread::sleep(Duration::from_millis(200));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while seen.load(Ordering::Relaxed) < 1000 {
+            assert!(Instant::now() < deadline, "{mode}: the stream flows before the upgrades");
+            thread::sleep(Duration::from_millis(10));
+        }
         for i in 0..3 {
             let old = pm.pid();
             pm.upgrade(&[]).unwrap_or_else(|e| panic!("{mode}: upgrade {i}: {e}"));
