@@ -2,7 +2,7 @@
 //! the text (`Display`) is what services, the admin API and the log show, and
 //! says what to do instead.
 
-use portmux_wire::SpecError;
+use portmux_wire::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SpecError};
 use std::io;
 use std::net::SocketAddr;
 
@@ -237,10 +237,10 @@ pub enum SessionError {
     #[error("{0}")]
     Malformed(String),
     #[error(
-        "protocol version {version} is not supported: this portmux speaks version {ours}; use a client library of \
-         the same release"
+        "protocol version {version} is not supported: this portmux speaks versions {MIN_PROTOCOL_VERSION} to \
+         {PROTOCOL_VERSION}; use a client library of the same release or older"
     )]
-    Version { version: u32, ours: u32 },
+    Version { version: u32 },
     #[error("{0}")]
     BadName(String),
     #[error("the first message must be Hello, not {0}")]

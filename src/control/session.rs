@@ -11,7 +11,7 @@ use crate::handoff::Session;
 use crate::ids::ConnId;
 use portmux_sys::{net, reactor, scm};
 use portmux_wire::spec::validate_service_name;
-use portmux_wire::{MAX_MESSAGE, Message, PROTOCOL_VERSION};
+use portmux_wire::{MAX_MESSAGE, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -209,8 +209,8 @@ async fn serve(control: Rc<Control>, fd: OwnedFd, peer: Peer, admitted: Result<C
     let mut buf = vec![0u8; MAX_MESSAGE];
     let service = match tokio::time::timeout(HELLO_TIMEOUT, recv(&afd, &mut buf)).await {
         Ok(Ok(Some(Message::Hello { version, service }))) => {
-            let problem = if version != PROTOCOL_VERSION {
-                Some(SessionError::Version { version, ours: PROTOCOL_VERSION })
+            let problem = if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
+                Some(SessionError::Version { version })
             } else {
                 validate_service_name(&service).err().map(SessionError::BadName)
             };
@@ -256,6 +256,21 @@ fn registration(
             tracing::info!(session = %sid, service = %session.name, %route, "refused: {e}");
             Message::Refused { route, reason: e.to_string() }
         }
+    }
+}
+
+/// The service received connections `ids`: portmux's copies close.
+fn acked(control: &Control, session: &Session, ids: &[u64]) {
+    let mut any = false;
+    for &id in ids {
+        if session.ack(ConnId(id)) {
+            any = true;
+        } else {
+            tracing::debug!(session = %session.id, conn = id, "ack for an unknown connection");
+        }
+    }
+    if any {
+        control.acked.notify_waiters();
     }
 }
 
@@ -326,13 +341,8 @@ pub(super) async fn run(control: Rc<Control>, session: Arc<Session>) {
                         break End::Closed;
                     }
                 }
-                Message::Ack { id } => {
-                    if session.ack(ConnId(id)) {
-                        control.acked.notify_waiters();
-                    } else {
-                        tracing::debug!(session = %sid, conn = id, "ack for an unknown connection");
-                    }
-                }
+                Message::Ack { id } => acked(&control, &session, &[id]),
+                Message::Acks { ids } => acked(&control, &session, &ids),
                 Message::Reject { id, reason } => {
                     if let Some(mut conn) = session.take(ConnId(id)) {
                         tracing::info!(session = %sid, service = %session.name, conn = id, "connection rejected: {reason}");
@@ -406,6 +416,11 @@ async fn wait_for_close(
                 Ok(None) | Err(RecvError::Io) => return,
                 Ok(Some((Message::Ack { id }, _))) => {
                     session.ack(ConnId(id));
+                }
+                Ok(Some((Message::Acks { ids }, _))) => {
+                    for id in ids {
+                        session.ack(ConnId(id));
+                    }
                 }
                 Ok(Some((Message::GiveBack { route, peer, local }, Some(fd)))) => {
                     if let Err(e) = control.given_back(session.id, held, &route, (peer, local), fd) {

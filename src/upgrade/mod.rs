@@ -21,7 +21,7 @@ use crate::reply::{self, Reply};
 use crate::shared::{Shared, TaskGuard, ToControl};
 use crate::systemd;
 use portmux_sys::{net, scm};
-use portmux_wire::{Handover, PROTOCOL_VERSION};
+use portmux_wire::{HANDOVER_VERSION, Handover};
 use std::cell::Cell;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -55,7 +55,7 @@ pub enum UpgradeError {
         #[source]
         source: io::Error,
     },
-    #[error("the new binary speaks handover version {theirs}, this one {PROTOCOL_VERSION}")]
+    #[error("the new binary speaks handover version {theirs}, this one {HANDOVER_VERSION}")]
     Version { theirs: u32 },
     #[error("the new process failed: {0}")]
     Failed(String),
@@ -198,7 +198,7 @@ async fn run(control: &Rc<Control>, binary: Option<PathBuf>) -> Result<u32, Upgr
 
     // 1. It starts.
     match tokio::time::timeout(START_TIMEOUT, channel.recv()).await {
-        Ok(Ok(Some((Handover::Start { version, .. }, _)))) if version == PROTOCOL_VERSION => {}
+        Ok(Ok(Some((Handover::Start { version, .. }, _)))) if version == HANDOVER_VERSION => {}
         Ok(Ok(Some((Handover::Start { version, .. }, _)))) => {
             kill(pid);
             return Err(UpgradeError::Version { theirs: version });
@@ -362,7 +362,7 @@ async fn finish(control: Rc<Control>, out: mpsc::UnboundedSender<Outgoing>, send
 /// told why (it thaws and keeps serving).
 pub async fn import(control: &Rc<Control>, fd: OwnedFd) -> Result<(Rc<Channel>, Importer), UpgradeError> {
     let channel = Rc::new(Channel::new(fd).map_err(UpgradeError::Channel)?);
-    let start = Handover::Start { version: PROTOCOL_VERSION, pid: std::process::id() };
+    let start = Handover::Start { version: HANDOVER_VERSION, pid: std::process::id() };
     channel.send(&start, &[]).await.map_err(UpgradeError::Channel)?;
     let mut importer = control.begin_import();
     let result = loop {

@@ -314,7 +314,7 @@ fn sigusr2_upgrades_too() {
 /// closes the handover and lingers (`close`).
 fn fake_new_binary(dir: &std::path::Path, mode: &str) -> std::path::PathBuf {
     use portmux_wire::Handover;
-    let start = portmux_wire::encode(&Handover::Start { version: portmux_wire::PROTOCOL_VERSION, pid: 1 }).unwrap();
+    let start = portmux_wire::encode(&Handover::Start { version: portmux_wire::HANDOVER_VERSION, pid: 1 }).unwrap();
     let hex: String = start.iter().map(|b| format!("{b:02x}")).collect();
     let state_end = portmux_wire::encode(&Handover::StateEnd { next_conn_id: 0 }).unwrap()[0];
     let script = dir.join(format!("{mode}.py"));

@@ -79,7 +79,7 @@ pub fn decode<T: Wire>(buf: &[u8]) -> Result<T, CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Bound, ConnMeta, Handover, PROTOCOL_VERSION, Proto};
+    use crate::{Bound, ConnMeta, Handover, Proto};
 
     fn hex(bytes: &[u8]) -> String {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -100,7 +100,8 @@ mod tests {
     }
 
     /// Every variant, with the bytes it must encode to. Changing any of these
-    /// breaks deployed services: bump PROTOCOL_VERSION instead of editing them.
+    /// breaks deployed services: append variants (and bump PROTOCOL_VERSION)
+    /// instead of editing them.
     fn tls() -> crate::TlsInfo {
         crate::TlsInfo {
             sni: Some("a.test".into()),
@@ -113,7 +114,8 @@ mod tests {
 
     fn golden() -> Vec<(Message, &'static str)> {
         vec![
-            (Message::Hello { version: PROTOCOL_VERSION, service: "web".into() }, "000103776562"),
+            (Message::Hello { version: 1, service: "web".into() }, "000103776562"),
+            (Message::Hello { version: 2, service: "web".into() }, "000203776562"),
             (Message::Register { routes: vec!["tcp://:9000".into()] }, "01010b7463703a2f2f3a39303030"),
             (
                 Message::Registered {
@@ -151,6 +153,7 @@ mod tests {
                 Message::RegisterTls { routes: vec!["https://a".into()], chain: "C".into(), key: "K".into() },
                 "0e010968747470733a2f2f610143014b",
             ),
+            (Message::Acks { ids: vec![1, 300] }, "0f0201fb2c01"),
         ]
     }
 

@@ -10,7 +10,10 @@ mod message;
 pub mod spec;
 
 pub use codec::{CodecError, MAX_MESSAGE, Wire, decode, encode};
-pub use message::{Bound, ConnMeta, Handover, Message, PROTOCOL_VERSION, Proto, TlsInfo, UNKNOWN_OWNER};
+pub use message::{
+    Bound, ConnMeta, HANDOVER_VERSION, Handover, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, Proto, TlsInfo,
+    UNKNOWN_OWNER,
+};
 pub use spec::{HostPattern, RouteSpec, Scheme, SpecError};
 
 use std::path::{Path, PathBuf};

@@ -7,8 +7,16 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
 /// Version of the control protocol; sent in [`Message::Hello`]. Bump it on any
-/// change that an older peer could misread.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// change that an older peer could misread. Version 2 added [`Message::Acks`].
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The oldest control protocol version portmux still serves: a version-1
+/// service acks one connection per message.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+
+/// Version of the upgrade handover ([`Handover`]) between two portmux
+/// processes; independent of the control protocol's.
+pub const HANDOVER_VERSION: u32 = 1;
 
 /// One control-socket message.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -65,6 +73,10 @@ pub enum Message {
     /// over the Unix control socket; portmux never logs it and forgets it
     /// when the service's routes are gone.
     RegisterTls { routes: Vec<String>, chain: String, key: String },
+    /// Service → portmux (protocol version 2 on): like one [`Message::Ack`]
+    /// per id, for the connections a service took from its session socket at
+    /// once; in the order received.
+    Acks { ids: Vec<u64> },
 }
 
 /// What portmux learned from a TLS handshake it terminated.
@@ -102,6 +114,7 @@ impl Message {
             Message::GiveBack { .. } => "GiveBack",
             Message::TlsConnection { .. } => "TlsConnection",
             Message::RegisterTls { .. } => "RegisterTls",
+            Message::Acks { .. } => "Acks",
         }
     }
 }
@@ -157,7 +170,7 @@ pub struct ConnMeta {
 /// Deliver and Relay messages as its last work ends.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum Handover {
-    /// new → old: started; this is my protocol version and pid.
+    /// new → old: started; this is my handover version ([`HANDOVER_VERSION`]) and pid.
     Start { version: u32, pid: u32 },
     /// A public listening socket (+ its fd).
     Listener { id: u64, addr: SocketAddr },
