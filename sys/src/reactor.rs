@@ -1,5 +1,5 @@
 //! Registering fds with tokio's reactor (epoll), for long waits: the control
-//! socket, each session's socket, relays' sockets.
+//! socket, each session's socket, relays' sockets; in the client, its session socket.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};

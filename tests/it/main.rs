@@ -2,6 +2,7 @@
 //! sockets and real TLS, driven the way users drive them.
 #![forbid(unsafe_code)]
 
+mod acks;
 mod acme;
 mod config;
 mod direct;

@@ -262,6 +262,10 @@ pub struct Listener {
 #[derive(Debug)]
 struct Receiving {
     backlog: VecDeque<(Stream, ConnInfo)>,
+    /// A message taken from the socket behind a batch of connections: next.
+    pending: Option<Incoming>,
+    /// The protocol version the session speaks.
+    version: u32,
     buf: Vec<u8>,
     /// Set while the session is gone and `try_accept` reconnects step by step.
     lost: Option<Backoff>,
@@ -349,7 +353,13 @@ impl Listener {
             cfg,
             handle,
             bound: Mutex::new(opened.bound),
-            receiving: Mutex::new(Receiving { backlog: early, buf, lost: None }),
+            receiving: Mutex::new(Receiving {
+                backlog: early,
+                pending: None,
+                version: opened.version,
+                buf,
+                lost: None,
+            }),
             poller: OnceLock::new(),
         })
     }
@@ -390,7 +400,7 @@ impl Listener {
                 continue;
             }
             // Wait for a message or for a shutdown, then take the message.
-            if !self.wait_for_message()? {
+            if rx.pending.is_none() && !self.wait_for_message()? {
                 continue;
             }
             match self.receive_one(&mut rx, Wait::DontWait) {
@@ -494,11 +504,12 @@ impl Listener {
         self.poller.get().map(|p| p.epoll.as_fd()).ok_or_else(|| io::Error::other("poller vanished"))
     }
 
-    /// Receives one message; `Ok(None)` when it was not a connection (the
-    /// session may have ended: then `rx.lost` is set).
+    /// Receives one message (and the connections waiting behind a
+    /// connection); `Ok(None)` when it was not a connection (the session may
+    /// have ended: then `rx.lost` is set).
     fn receive_one(&self, rx: &mut Receiving, wait: Wait) -> io::Result<Option<(Stream, ConnInfo)>> {
         let sock = self.current()?;
-        let incoming = match proto::receive(&*sock, &mut rx.buf, wait) {
+        let incoming = match rx.pending.take().map_or_else(|| proto::receive(&*sock, &mut rx.buf, wait), Ok) {
             Ok(i) => i,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(None),
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Incoming::Closed,
@@ -506,11 +517,21 @@ impl Listener {
         };
         match incoming {
             Incoming::Conn(id, stream, info) => {
-                // Tell portmux it can close its copy; if portmux is gone, the
-                // connection is ours all the same.
-                let _ = proto::send(&*sock, &proto::ack(id), Wait::Block);
-                stream.set_nonblocking(false)?;
-                Ok(Some(track(&self.handle, stream, *info)))
+                let mut conns = vec![(id, stream, info)];
+                rx.pending = proto::take_more(&*sock, &mut rx.buf, &mut conns).0;
+                // Tell portmux it can close its copies; if portmux is gone,
+                // the connections are ours all the same.
+                for ack in proto::acks(rx.version, &conns) {
+                    let _ = proto::send(&*sock, &ack, Wait::Block);
+                }
+                // Blocking mode, whatever mode the last holder left the file in
+                // (one an async service gave back is non-blocking); this fails
+                // only for a bad fd.
+                for (_, stream, info) in conns {
+                    let _ = stream.set_nonblocking(false);
+                    rx.backlog.push_back(track(&self.handle, stream, *info));
+                }
+                Ok(rx.backlog.pop_front())
             }
             Incoming::Lost(id, reason) => {
                 let _ = proto::send(&*sock, &proto::reject(id, &reason), Wait::Block);
@@ -534,6 +555,7 @@ impl Listener {
         }
         self.handle.set_socket(Arc::new(opened.sock));
         *lock(&self.bound) = opened.bound;
+        (rx.version, rx.pending) = (opened.version, None);
         rx.backlog.extend(opened.early.into_iter().map(|(s, info)| track(&self.handle, s, info)));
         rx.lost = None;
         Ok(())
@@ -707,15 +729,25 @@ pub(crate) struct Opened<S> {
     pub sock: S,
     pub bound: Vec<Bound>,
     pub early: Vec<(TcpStream, ConnInfo)>,
+    /// The protocol version the session speaks.
+    pub version: u32,
+}
+
+/// Opens a session (in the newest protocol version portmux speaks).
+fn handshake(cfg: &Config, buf: &mut [u8]) -> Result<Opened<OwnedFd>, Error> {
+    match handshake_as(cfg, buf, portmux_wire::PROTOCOL_VERSION) {
+        Err(e) if proto::refused_version(&e) => handshake_as(cfg, buf, portmux_wire::MIN_PROTOCOL_VERSION),
+        opened => opened,
+    }
 }
 
 /// Opens a session: Hello, Register, and waits for the answer. Connections
 /// that arrive before it (queued ones, delivered at once) are acked and returned.
-fn handshake(cfg: &Config, buf: &mut [u8]) -> Result<Opened<OwnedFd>, Error> {
+fn handshake_as(cfg: &Config, buf: &mut [u8], version: u32) -> Result<Opened<OwnedFd>, Error> {
     let sock = proto::connect(cfg, false)?;
     rustix::net::sockopt::set_socket_timeout(&sock, rustix::net::sockopt::Timeout::Recv, Some(HANDSHAKE_TIMEOUT))
         .map_err(io::Error::from)?;
-    for msg in cfg.opening()? {
+    for msg in cfg.opening(version)? {
         proto::send(&sock, &msg, Wait::Block)?;
     }
     let mut early = Vec::new();
@@ -724,7 +756,7 @@ fn handshake(cfg: &Config, buf: &mut [u8]) -> Result<Opened<OwnedFd>, Error> {
             Ok(Incoming::Registered(bound)) => {
                 rustix::net::sockopt::set_socket_timeout(&sock, rustix::net::sockopt::Timeout::Recv, None)
                     .map_err(io::Error::from)?;
-                return Ok(Opened { sock, bound, early });
+                return Ok(Opened { sock, bound, early, version });
             }
             Ok(Incoming::Refused { route, reason }) => return Err(Error::Refused { route, reason }),
             Ok(Incoming::Ended(reason)) => return Err(Error::Ended(reason)),

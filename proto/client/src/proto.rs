@@ -23,9 +23,9 @@ pub(crate) struct Config {
 }
 
 impl Config {
-    /// The two messages that open a session: Hello, then Register.
-    pub fn opening(&self) -> Result<[Vec<u8>; 2], Error> {
-        let hello = Message::Hello { version: PROTOCOL_VERSION, service: self.name.clone() };
+    /// The two messages that open a session speaking protocol `version`: Hello, then Register.
+    pub fn opening(&self, version: u32) -> Result<[Vec<u8>; 2], Error> {
+        let hello = Message::Hello { version, service: self.name.clone() };
         let routes = self.routes.clone();
         let register = match &self.cert {
             None => Message::Register { routes },
@@ -137,6 +137,49 @@ pub(crate) fn read_to_end(sock: impl AsFd, buf: &mut [u8], within: Duration) {
 /// Encodes an Ack.
 pub(crate) fn ack(id: u64) -> Vec<u8> {
     portmux_wire::encode(&Message::Ack { id }).unwrap_or_default()
+}
+
+/// The most connections taken from the session socket at one wake (and acked
+/// in one message).
+pub(crate) const BATCH: usize = 64;
+
+/// A connection as received: its id, the stream, what portmux said of it.
+pub(crate) type Received = (u64, TcpStream, Box<ConnInfo>);
+
+/// After a connection, takes the connections waiting behind it in the
+/// session socket (up to [`BATCH`] in all) into `conns`, without blocking.
+/// Returns the first other message met (for the caller to handle next: it
+/// was taken from the socket), and whether the socket was left empty.
+pub(crate) fn take_more(sock: impl AsFd, buf: &mut [u8], conns: &mut Vec<Received>) -> (Option<Incoming>, bool) {
+    while conns.len() < BATCH {
+        match receive(sock.as_fd(), buf, Wait::DontWait) {
+            Ok(Incoming::Conn(id, stream, info)) => conns.push((id, stream, info)),
+            Ok(other) => return (Some(other), false),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (None, true),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // The next receive meets the same error and reports it.
+            Err(_) => return (None, false),
+        }
+    }
+    (None, false)
+}
+
+/// The acks for `conns`, received together: one Acks message where the
+/// session speaks protocol version 2, else one Ack each.
+pub(crate) fn acks(version: u32, conns: &[Received]) -> Vec<Vec<u8>> {
+    if version >= 2 && conns.len() > 1 {
+        let ids = conns.iter().map(|c| c.0).collect();
+        return vec![portmux_wire::encode(&Message::Acks { ids }).unwrap_or_default()];
+    }
+    conns.iter().map(|c| ack(c.0)).collect()
+}
+
+/// Whether `err`, the answer to a Hello of [`PROTOCOL_VERSION`], is an
+/// older portmux refusing that version: the session is opened again with
+/// [`portmux_wire::MIN_PROTOCOL_VERSION`].
+pub(crate) fn refused_version(err: &Error) -> bool {
+    let refusal = format!("protocol version {PROTOCOL_VERSION} is not supported");
+    matches!(err, Error::Ended(reason) if reason.starts_with(&refusal))
 }
 
 /// Encodes a Reject.

@@ -16,8 +16,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
-use tokio::net::{TcpStream, UnixDatagram};
+use tokio::net::TcpStream;
 
 /// An async listener for handed-over connections, like `tokio::net::TcpListener`.
 #[derive(Debug)]
@@ -25,13 +26,17 @@ pub struct Listener {
     cfg: Config,
     /// The control session: a connected `SOCK_SEQPACKET` socket. Tokio only
     /// watches its readiness; every read and write here is our own
-    /// `recvmsg`/`send`, so the datagram type is never used for I/O.
-    sock: UnixDatagram,
+    /// `recvmsg`/`send`.
+    sock: AsyncFd<OwnedFd>,
     /// Shared with the connections handed out: a copy of the session socket
     /// to give them back on, their count, the shutdown switch.
     handle: Arc<Handle>,
     bound: Vec<Bound>,
     backlog: VecDeque<(std::net::TcpStream, ConnInfo)>,
+    /// A message taken from the socket behind a batch of connections: next.
+    pending: Option<Incoming>,
+    /// The protocol version the session speaks.
+    version: u32,
     buf: Vec<u8>,
 }
 
@@ -45,7 +50,8 @@ impl Listener {
         let mut buf = vec![0u8; portmux_wire::MAX_MESSAGE];
         let opened = handshake(&cfg, &mut buf).await?;
         let handle = Handle::new(Arc::new(opened.sock.as_fd().try_clone_to_owned()?))?;
-        Ok(Listener { cfg, sock: opened.sock, handle, bound: opened.bound, backlog: opened.early.into(), buf })
+        let (sock, bound, backlog, version) = (opened.sock, opened.bound, opened.early.into(), opened.version);
+        Ok(Listener { cfg, sock, handle, bound, backlog, pending: None, version, buf })
     }
 
     /// The routes as portmux serves them, with their listening addresses.
@@ -75,28 +81,27 @@ impl Listener {
                 stream.set_nonblocking(true)?;
                 return Ok(self.track(TcpStream::from_std(stream)?, info));
             }
-            let buf = &mut self.buf;
-            let sock = &self.sock;
-            let woken = self.handle.wake_async.clone().notified_owned();
-            let mut woken = std::pin::pin!(woken);
-            woken.as_mut().enable();
-            if self.handle.is_closing() {
+            let (conns, then) = match self.pending.take() {
+                Some(next) => (Vec::new(), Some(next)),
+                None => match self.receive().await? {
+                    Some(got) => got,
+                    None => continue, // A shutdown began.
+                },
+            };
+            if !conns.is_empty() {
+                // One ack for the lot; if portmux is gone, they are ours all the same.
+                for ack in proto::acks(self.version, &conns) {
+                    let _ = send(&self.sock, &ack).await;
+                }
+                self.backlog.extend(conns.into_iter().map(|(_, stream, info)| (stream, *info)));
+                self.pending = then;
                 continue;
             }
-            let incoming = tokio::select! {
-                r = sock.async_io(Interest::READABLE, || proto::receive(sock.as_fd(), buf, Wait::DontWait)) => r,
-                () = woken => continue,
-            };
-            let incoming = match incoming {
-                Ok(i) => i,
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Incoming::Closed,
-                Err(e) => return Err(e),
-            };
+            let Some(incoming) = then else { continue };
             match incoming {
                 Incoming::Conn(id, stream, info) => {
                     let _ = send(&self.sock, &proto::ack(id)).await;
-                    stream.set_nonblocking(true)?;
-                    return Ok(self.track(TcpStream::from_std(stream)?, *info));
+                    self.backlog.push_back((stream, *info));
                 }
                 Incoming::Lost(id, why) => {
                     let _ = send(&self.sock, &proto::reject(id, &why)).await;
@@ -105,6 +110,44 @@ impl Listener {
                 Incoming::Closed | Incoming::Ended(_) => self.reconnect().await?,
                 Incoming::Registered(_) | Incoming::Refused { .. } | Incoming::Nothing => {}
             }
+        }
+    }
+
+    /// Waits for the session socket, then takes what it holds: connections
+    /// (up to [`proto::BATCH`]) and the message behind them, or one other
+    /// message. `None` when a shutdown began meanwhile.
+    async fn receive(&mut self) -> io::Result<Option<(Vec<proto::Received>, Option<Incoming>)>> {
+        loop {
+            let woken = self.handle.wake_async.clone().notified_owned();
+            let mut woken = std::pin::pin!(woken);
+            woken.as_mut().enable();
+            if self.handle.is_closing() {
+                return Ok(None);
+            }
+            let mut ready = tokio::select! {
+                r = self.sock.readable() => r?,
+                () = woken => return Ok(None),
+            };
+            let sock = ready.get_inner().as_fd();
+            let first = match proto::receive(sock, &mut self.buf, Wait::DontWait) {
+                Ok(first) => first,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready.clear_ready();
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Incoming::Closed,
+                Err(e) => return Err(e),
+            };
+            let Incoming::Conn(id, stream, info) = first else { return Ok(Some((Vec::new(), Some(first)))) };
+            let mut conns = vec![(id, stream, info)];
+            let (then, emptied) = proto::take_more(sock, &mut self.buf, &mut conns);
+            if emptied {
+                // Seen empty: the next accept waits for the next message
+                // instead of trying the socket again.
+                ready.clear_ready();
+            }
+            return Ok(Some((conns, then)));
         }
     }
 
@@ -117,6 +160,7 @@ impl Listener {
                     self.handle.set_socket(Arc::new(opened.sock.as_fd().try_clone_to_owned()?));
                     self.sock = opened.sock;
                     self.bound = opened.bound;
+                    (self.version, self.pending) = (opened.version, None);
                     self.backlog.extend(opened.early);
                     return Ok(());
                 }
@@ -392,21 +436,27 @@ impl Drop for Stream {
     }
 }
 
-async fn send(sock: &UnixDatagram, bytes: &[u8]) -> io::Result<()> {
-    sock.async_io(Interest::WRITABLE, || proto::send(sock.as_fd(), bytes, Wait::DontWait)).await
+async fn send(sock: &AsyncFd<OwnedFd>, bytes: &[u8]) -> io::Result<()> {
+    sock.async_io(Interest::WRITABLE, |fd| proto::send(fd, bytes, Wait::DontWait)).await
 }
 
-async fn handshake(cfg: &Config, buf: &mut [u8]) -> Result<Opened<UnixDatagram>, Error> {
-    let fd: OwnedFd = proto::connect(cfg, true)?;
-    let sock = UnixDatagram::from_std(std::os::unix::net::UnixDatagram::from(fd))?;
-    for msg in cfg.opening()? {
+/// Opens a session (in the newest protocol version portmux speaks).
+async fn handshake(cfg: &Config, buf: &mut [u8]) -> Result<Opened<AsyncFd<OwnedFd>>, Error> {
+    match handshake_as(cfg, buf, portmux_wire::PROTOCOL_VERSION).await {
+        Err(e) if proto::refused_version(&e) => handshake_as(cfg, buf, portmux_wire::MIN_PROTOCOL_VERSION).await,
+        opened => opened,
+    }
+}
+
+async fn handshake_as(cfg: &Config, buf: &mut [u8], version: u32) -> Result<Opened<AsyncFd<OwnedFd>>, Error> {
+    let sock = portmux_sys::reactor::register(proto::connect(cfg, true)?, Interest::READABLE | Interest::WRITABLE)?;
+    for msg in cfg.opening(version)? {
         send(&sock, &msg).await?;
     }
     let mut early = Vec::new();
     let answer = async {
         loop {
-            let incoming =
-                sock.async_io(Interest::READABLE, || proto::receive(sock.as_fd(), buf, Wait::DontWait)).await?;
+            let incoming = sock.async_io(Interest::READABLE, |fd| proto::receive(fd, buf, Wait::DontWait)).await?;
             match incoming {
                 Incoming::Registered(bound) => return Ok(bound),
                 Incoming::Refused { route, reason } => return Err(Error::Refused { route, reason }),
@@ -429,7 +479,7 @@ async fn handshake(cfg: &Config, buf: &mut [u8]) -> Result<Opened<UnixDatagram>,
             crate::HANDSHAKE_TIMEOUT.as_secs()
         ))
     })??;
-    Ok(Opened { sock, bound, early })
+    Ok(Opened { sock, bound, early, version })
 }
 
 /// axum's listener: `axum::serve(listener, router)`. The address type is
