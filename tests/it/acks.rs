@@ -56,6 +56,29 @@ fn a_blocking_service_takes_the_waiting_connections_together_and_acks_them_all()
 }
 
 #[test]
+fn an_event_loop_that_takes_one_connection_per_wake_still_gets_every_waiting_one() {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let pm = Portmux::start(&[]);
+    let port = free_port();
+    let route = format!("tcp://:{port}");
+    let listener = portmux_client::Builder::new().route(&route).control(pm.control()).bind().unwrap();
+    let wake = listener.poll_fd().unwrap();
+    let clients = queue_clients(&pm, &route, port, WAITING);
+    let mut taken = 0;
+    while taken < WAITING {
+        // One try_accept per wake (the contract asks for more, a careless loop does this).
+        let mut fds = [PollFd::new(&wake, PollFlags::IN)];
+        let woke = poll(&mut fds, Some(&Timespec { tv_sec: 10, tv_nsec: 0 })).unwrap();
+        assert_eq!(woke, 1, "the poll fd stayed quiet with {} connections taken, not handed out", WAITING - taken);
+        if let Some((mut stream, info)) = listener.try_accept().unwrap() {
+            write!(stream, "connection {}", info.id).unwrap();
+            taken += 1;
+        }
+    }
+    each_sees_its_answer_and_the_close(clients, WAITING);
+}
+
+#[test]
 fn an_async_service_takes_the_waiting_connections_together_and_acks_them_all() {
     let pm = Portmux::start(&[]);
     let port = free_port();

@@ -32,7 +32,7 @@ pub use stream::Stream;
 pub use portmux_wire::{Bound, ConnMeta, Proto, TlsInfo};
 
 use portmux_sys::scm::Wait;
-use proto::{Config, Incoming};
+use proto::{Config, Incoming, Opened};
 use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
@@ -347,19 +347,13 @@ impl Listener {
     fn open(cfg: Config) -> Result<Listener, Error> {
         let mut buf = vec![0u8; portmux_wire::MAX_MESSAGE];
         let opened = handshake(&cfg, &mut buf)?;
-        let handle = handle::Handle::new(Arc::new(opened.sock))?;
+        let (handle, version) = (handle::Handle::new(Arc::new(opened.sock))?, opened.version);
         let early = opened.early.into_iter().map(|(s, info)| track(&handle, s, info)).collect();
         Ok(Listener {
             cfg,
             handle,
             bound: Mutex::new(opened.bound),
-            receiving: Mutex::new(Receiving {
-                backlog: early,
-                pending: None,
-                version: opened.version,
-                buf,
-                lost: None,
-            }),
+            receiving: Mutex::new(Receiving { backlog: early, pending: None, version, buf, lost: None }),
             poller: OnceLock::new(),
         })
     }
@@ -474,7 +468,13 @@ impl Listener {
                 }
             }
             match self.receive_one(&mut rx, Wait::DontWait) {
-                Ok(Some(next)) => return Ok(Some(next)),
+                Ok(Some(next)) => {
+                    // What came with it waits here, not in the socket: as above.
+                    if let (Some(p), false) = (poller, rx.backlog.is_empty() && rx.pending.is_none()) {
+                        p.wake_after(Some(Duration::from_nanos(1)));
+                    }
+                    return Ok(Some(next));
+                }
                 Ok(None) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 Err(e) => return Err(e),
@@ -504,9 +504,8 @@ impl Listener {
         self.poller.get().map(|p| p.epoll.as_fd()).ok_or_else(|| io::Error::other("poller vanished"))
     }
 
-    /// Receives one message (and the connections waiting behind a
-    /// connection); `Ok(None)` when it was not a connection (the session may
-    /// have ended: then `rx.lost` is set).
+    /// Receives one message (and the connections behind a connection); `Ok(None)`
+    /// when it was not a connection (the session may have ended: `rx.lost` is set).
     fn receive_one(&self, rx: &mut Receiving, wait: Wait) -> io::Result<Option<(Stream, ConnInfo)>> {
         let sock = self.current()?;
         let incoming = match rx.pending.take().map_or_else(|| proto::receive(&*sock, &mut rx.buf, wait), Ok) {
@@ -723,22 +722,9 @@ impl Drop for Listener {
     }
 }
 
-/// A newly opened session: its socket, the routes as served, and the
-/// connections that arrived during the handshake (already acked).
-pub(crate) struct Opened<S> {
-    pub sock: S,
-    pub bound: Vec<Bound>,
-    pub early: Vec<(TcpStream, ConnInfo)>,
-    /// The protocol version the session speaks.
-    pub version: u32,
-}
-
 /// Opens a session (in the newest protocol version portmux speaks).
 fn handshake(cfg: &Config, buf: &mut [u8]) -> Result<Opened<OwnedFd>, Error> {
-    match handshake_as(cfg, buf, portmux_wire::PROTOCOL_VERSION) {
-        Err(e) if proto::refused_version(&e) => handshake_as(cfg, buf, portmux_wire::MIN_PROTOCOL_VERSION),
-        opened => opened,
-    }
+    proto::in_newest_version(|version| handshake_as(cfg, buf, version))
 }
 
 /// Opens a session: Hello, Register, and waits for the answer. Connections

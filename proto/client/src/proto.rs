@@ -3,7 +3,7 @@
 
 use crate::{ConnInfo, Error};
 use portmux_sys::scm::{self, Wait};
-use portmux_wire::{Bound, Message, PROTOCOL_VERSION};
+use portmux_wire::{Bound, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION};
 use std::io;
 use std::net::TcpStream;
 use std::os::fd::{AsFd, OwnedFd};
@@ -174,9 +174,28 @@ pub(crate) fn acks(version: u32, conns: &[Received]) -> Vec<Vec<u8>> {
     conns.iter().map(|c| ack(c.0)).collect()
 }
 
+/// A newly opened session: its socket, the routes as served, and the
+/// connections that arrived during the handshake (already acked).
+pub(crate) struct Opened<S> {
+    pub sock: S,
+    pub bound: Vec<Bound>,
+    pub early: Vec<(TcpStream, ConnInfo)>,
+    /// The protocol version the session speaks.
+    pub version: u32,
+}
+
+/// Opens a session with `open` in protocol version [`PROTOCOL_VERSION`]
+/// or, if portmux is older and refuses it, in [`MIN_PROTOCOL_VERSION`].
+pub(crate) fn in_newest_version<T>(mut open: impl FnMut(u32) -> Result<T, Error>) -> Result<T, Error> {
+    match open(PROTOCOL_VERSION) {
+        Err(e) if refused_version(&e) => open(MIN_PROTOCOL_VERSION),
+        opened => opened,
+    }
+}
+
 /// Whether `err`, the answer to a Hello of [`PROTOCOL_VERSION`], is an
 /// older portmux refusing that version: the session is opened again with
-/// [`portmux_wire::MIN_PROTOCOL_VERSION`].
+/// [`MIN_PROTOCOL_VERSION`].
 pub(crate) fn refused_version(err: &Error) -> bool {
     let refusal = format!("protocol version {PROTOCOL_VERSION} is not supported");
     matches!(err, Error::Ended(reason) if reason.starts_with(&refusal))

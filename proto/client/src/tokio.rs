@@ -3,8 +3,8 @@
 //! shutdown included.
 
 use crate::handle::{Handle, ReadWaker, Tracked};
-use crate::proto::{self, Config, Incoming};
-use crate::{ConnInfo, Error, Opened, ShuttingDown};
+use crate::proto::{self, Config, Incoming, Opened};
+use crate::{ConnInfo, Error, ShuttingDown};
 use portmux_sys::scm::Wait;
 use portmux_wire::{Bound, Message};
 use std::collections::VecDeque;
