@@ -348,8 +348,9 @@ class Bench:
         if system.startswith("portmux"):
             control, admin = os.path.join(d, "control.sock"), os.path.join(d, "admin.sock")
             # portmux-forward relays established flows in the kernel where it
-            # may (auto), portmux-forward-user in user space (the fallback).
-            relay = "user" if system == "portmux-forward-user" else "auto"
+            # may (auto), portmux-forward-user in user space (the fallback);
+            # the others run as portmux does by default (user: no BPF loaded).
+            relay = "auto" if system == "portmux-forward" else "user"
             p, _ = self.procs.start([PORTMUX, "run", "--bind", "127.0.0.1", "--workers", str(THREADS), "--control",
                                      control, "--log", "warn", "--max-conns-per-ip", "1000000",
                                      "--max-conns", str(MAXCONN), "--cert-dir", self.tmp, "--relay", relay],
