@@ -8,7 +8,7 @@
 //! process; HTTP/2 connections get a GOAWAY.
 
 use super::{direct, targets};
-use crate::forward::stream;
+use crate::forward::{self, stream};
 use crate::ids::ListenerId;
 use crate::l7::guard::{Control, Fault, Guarded};
 use crate::l7::{self, RespBody, pool};
@@ -321,7 +321,7 @@ async fn after_hyper(
     }
     let switched = client.upgraded.borrow_mut().take();
     if let Some(switched) = switched {
-        return relay(stream, [read_ahead.as_ref(), &rest].concat(), switched, client).await;
+        return relay_plain(stream, [read_ahead.as_ref(), &rest].concat(), switched, client).await;
     }
     if ctl.paused_between_requests() && read_ahead.is_empty() && rest.is_empty() {
         move_between_requests(stream, client.clone(), listener, (peer, local));
@@ -449,18 +449,69 @@ async fn relay<T>(client_io: T, read_ahead: Vec<u8>, switched: targets::Switched
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let idle = client.shared.settings.idle_timeout;
-    let mut target = match switched.upgraded.await {
+    let target = match switched.upgraded.await {
         Ok(u) => TokioIo::new(u),
         Err(e) => return tracing::debug!(client = %client.peer, "the target did not switch protocols: {e}"),
     };
-    if !read_ahead.is_empty() && target.write_all(&read_ahead).await.is_err() {
+    relay_io(client_io, &read_ahead, target, &[], client).await;
+    drop(switched.lease);
+}
+
+/// After a 101 on a plain connection: a backend's flow goes to the
+/// forwarding relay when the kernel relay is in force (both sockets in the
+/// sockhash, as a connection-level forward's, and across upgrades as one);
+/// any other is relayed here.
+async fn relay_plain(stream: tokio::net::TcpStream, read_ahead: Vec<u8>, switched: targets::Switched, client: &Client) {
+    let settings = &client.shared.settings;
+    let in_kernel = forward::kernel::in_force().is_some() && settings.relay != crate::config::Relay::User;
+    let backend = switched.lease.as_ref().and_then(|l| l.downcast_ref::<pool::Lease>()).and_then(pool::Lease::backend);
+    let (true, Some(meta), Some(backend)) = (in_kernel, switched.flow.clone(), backend) else {
+        return relay(stream, read_ahead, switched, client).await;
+    };
+    let upgraded = match switched.upgraded.await {
+        Ok(u) => u,
+        Err(e) => return tracing::debug!(client = %client.peer, "the target did not switch protocols: {e}"),
+    };
+    // The backend's socket itself, as the pool made it (hyper hands it back).
+    let parts = match upgraded.downcast::<TokioIo<pool::Stream>>() {
+        Ok(parts) => parts,
+        Err(upgraded) => return relay_io(stream, &read_ahead, TokioIo::new(upgraded), &[], client).await,
+    };
+    let mut target = match parts.io.into_inner() {
+        pool::Stream::Tcp(t) => t,
+        // A backend on a Unix socket: the sockhash takes TCP only.
+        unix => return relay_io(stream, &read_ahead, unix, &parts.read_buf, client).await,
+    };
+    // What each side sent past the switch goes on first: the backend's
+    // (hyper read it with the 101) to the client, the client's to the backend.
+    let mut stream = stream;
+    if stream.write_all(&parts.read_buf).await.is_err() || target.write_all(&read_ahead).await.is_err() {
         return;
     }
-    match stream::relay(client_io, target, idle).await {
+    drop(switched.lease); // The relay counts the backend's connection from here.
+    let (Ok(c), Ok(t)) = (stream.into_std(), target.into_std()) else { return };
+    let served = Box::pin(forward::relay_established(c.into(), t.into(), meta, &backend, settings)).await;
+    if let Some(paused) = served.paused {
+        // A portmux upgrade: the flow moves to the new process, as forwarded ones do.
+        drop(client.shared.to_control.send(ToControl::Relay(paused)));
+    }
+}
+
+/// Relays a switched connection: first `to_target` (the client's bytes past
+/// the switch) and `to_client` (the target's), then both ways until both end.
+async fn relay_io<C, T>(mut client_io: C, to_target: &[u8], mut target: T, to_client: &[u8], client: &Client)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    if (!to_client.is_empty() && client_io.write_all(to_client).await.is_err())
+        || (!to_target.is_empty() && target.write_all(to_target).await.is_err())
+    {
+        return;
+    }
+    match stream::relay(client_io, target, client.shared.settings.idle_timeout).await {
         stream::Ended::Failed(e) => tracing::debug!(client = %client.peer, "upgraded connection ended: {e}"),
         stream::Ended::Idle => tracing::debug!(client = %client.peer, "upgraded connection closed: idle"),
         stream::Ended::Done(..) => {}
     }
-    drop(switched.lease);
 }

@@ -30,6 +30,9 @@ use std::time::{Duration, Instant};
 pub(super) struct Switched {
     pub upgraded: hyper::upgrade::OnUpgrade,
     pub lease: Option<Box<dyn std::any::Any>>,
+    /// The request's metadata when the target is a backend: the switched
+    /// connection may then be relayed as a forwarded flow (in the kernel).
+    pub flow: Option<ConnMeta>,
 }
 
 /// A stream to a service: portmux's end of a socketpair whose other end the service holds.
@@ -244,7 +247,7 @@ async fn backend(
         let name = || format!("backend {}", backend.spec.name);
         match tokio::time::timeout(timeout, lease.sender().try_send_request(request)).await {
             Err(_) => return timed_out(meta, &name(), timeout),
-            Ok(Ok(resp)) => return respond(client, resp, Some(Box::new(lease)), upgrade),
+            Ok(Ok(resp)) => return respond(client, resp, Some(Box::new(lease)), upgrade.then_some(meta)),
             Ok(Err(mut e)) => {
                 if let Some(unsent) = e.take_message() {
                     req = Some(unsent);
@@ -317,7 +320,7 @@ async fn backend_h2(
         };
         return match tokio::time::timeout(timeout, sent).await {
             Err(_) => timed_out(meta, &name, timeout),
-            Ok(Ok(resp)) => respond(client, resp, None, false),
+            Ok(Ok(resp)) => respond(client, resp, None, None),
             Ok(Err(e)) => failed(meta, &name, &e),
         };
     }
@@ -352,10 +355,10 @@ async fn service(
             Err(_) => return timed_out(&meta, &name, timeout),
             Ok(Ok(resp)) => {
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    return respond(client, resp, Some(Box::new(stream)), upgrade);
+                    return respond(client, resp, Some(Box::new(stream)), upgrade.then_some(&meta));
                 }
                 client.services.borrow_mut().entry(route.key.clone()).or_default().push(stream);
-                return respond(client, resp, None, upgrade);
+                return respond(client, resp, None, upgrade.then_some(&meta));
             }
             Ok(Err(mut e)) => {
                 if let Some(unsent) = e.take_message() {
@@ -431,20 +434,23 @@ async fn open_stream(client: &Client, route: &Arc<Route>, meta: &ConnMeta) -> st
     Ok(stream(sender))
 }
 
-/// The target's response, on its way to the client.
+/// The target's response, on its way to the client. `upgrade`: the client
+/// asked to switch protocols, in the request `meta` describes.
 fn respond(
     client: &Client,
     mut resp: Response<Incoming>,
     lease: Option<Box<dyn std::any::Any>>,
-    upgrade: bool,
+    upgrade: Option<&ConnMeta>,
 ) -> Response<RespBody> {
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching {
-        if !upgrade {
+        let Some(meta) = upgrade else {
             return l7::answer(StatusCode::BAD_GATEWAY, "the target switched protocols though the client did not ask");
-        }
+        };
         let upgraded = hyper::upgrade::on(&mut resp);
-        *client.upgraded.borrow_mut() = Some(Switched { upgraded, lease });
+        // A backend's connection (a pooled lease), not a service's stream.
+        let flow = lease.as_ref().is_some_and(|l| l.is::<Lease>()).then(|| meta.clone());
+        *client.upgraded.borrow_mut() = Some(Switched { upgraded, lease, flow });
         let (mut parts, _) = resp.into_parts();
         headers::response(&mut parts.headers, true, client.shared.settings.http.via);
         return Response::from_parts(parts, RespBody::empty());

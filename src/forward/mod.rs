@@ -123,6 +123,20 @@ pub async fn serve(client: OwnedFd, meta: ConnMeta, pool: Arc<BackendPool>, sett
     relay_to(client, server, meta, &backend, active, Carried::default(), settings).await
 }
 
+/// Relays an established flow to `backend` (a connection of the per-request
+/// engine that switched protocols: nothing of either side is left to parse),
+/// as a forwarded connection's: in the kernel where it is in force.
+pub async fn relay_established(
+    client: OwnedFd,
+    server: OwnedFd,
+    meta: ConnMeta,
+    backend: &Arc<Backend>,
+    settings: &Settings,
+) -> Served {
+    let active = backend.connected();
+    relay_to(client, server, meta, backend, active, Carried::default(), settings).await
+}
+
 /// How a forwarded connection went, for the metrics and the access log.
 #[derive(Debug, Default)]
 pub struct Served {

@@ -83,6 +83,11 @@ impl Lease {
         Lease { key, backend: weak, sender: Some(sender), pooled, _active: backend.connected() }
     }
 
+    /// The backend this connection goes to, while it is one of its route's.
+    pub fn backend(&self) -> Option<Arc<Backend>> {
+        self.backend.upgrade()
+    }
+
     pub fn sender(&mut self) -> &mut http1::SendRequest<ReqBody> {
         self.sender.as_mut().expect("a lease holds its sender until released")
     }

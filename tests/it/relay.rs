@@ -2,7 +2,8 @@
 //! program) and in user space behave the same through the real binary:
 //! bulk both ways byte-exact with half-close either way, the idle timeout, a
 //! backend that stops reading, resets, thousands of short flows, a stream
-//! across upgrades, and the fallback when the kernel refuses.
+//! across upgrades, the fallback when the kernel refuses, and a request of
+//! the per-request engine that switched protocols (WebSocket).
 
 use crate::security::{NOBODY, as_nobody};
 use crate::util::*;
@@ -404,4 +405,80 @@ fn without_privileges_the_kernel_relay_falls_back_and_says_why_or_refuses_to_sta
     s.read_exact(&mut b).unwrap();
     assert_eq!(&b, b"still relayed");
     assert_eq!(relayed(&pm), (0, 1));
+}
+
+/// Reads a response head (up to its blank line) byte by byte.
+fn read_head(s: &mut TcpStream) -> String {
+    let (mut head, mut b) = (Vec::new(), [0u8; 1]);
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).unwrap(), 1, "the head ended early: {:?}", String::from_utf8_lossy(&head));
+        head.push(b[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+#[test]
+fn a_request_that_switched_protocols_is_relayed_as_a_forwarded_flow_in_both_modes() {
+    for mode in MODES {
+        let mut pm = start(mode, &[]);
+        // A backend that switches to an echo protocol and sends its greeting
+        // with the 101 (hyper reads both at once: the greeting must still
+        // reach the client, first).
+        let (addr, _) = spawn_backend(|mut s| {
+            read_head(&mut s);
+            s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nhi\n")
+                .unwrap();
+            let mut r = s.try_clone().unwrap();
+            let _ = std::io::copy(&mut r, &mut s);
+            let _ = s.shutdown(Shutdown::Write);
+        });
+        // The per-request engine (no ?mode=connection) parses the request.
+        let port = free_port();
+        let (ok, _, err) =
+            portmux_cli(&pm, &["route", "add", &format!("http://:{port}"), "--backend", &addr.to_string()]);
+        assert!(ok, "{err}");
+        let before = relayed(&pm);
+        let mut s = client(port);
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n").unwrap();
+        let head = read_head(&mut s);
+        assert!(head.starts_with("HTTP/1.1 101"), "{mode}: {head}");
+        let mut greeting = [0u8; 3];
+        s.read_exact(&mut greeting).unwrap();
+        assert_eq!(&greeting, b"hi\n", "{mode}: the greeting that came with the 101 comes first");
+        let ping = |s: &mut TcpStream, what: &[u8]| {
+            s.write_all(what).unwrap();
+            let mut back = vec![0u8; what.len()];
+            s.read_exact(&mut back).unwrap();
+            assert_eq!(back, what, "{mode}: echoed");
+        };
+        ping(&mut s, b"before");
+        if mode == "kernel" {
+            // Moved to the new process like any forwarded flow; the old one exits at once.
+            let old = pm.pid();
+            pm.upgrade(&[]).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while alive(old) {
+                assert!(Instant::now() < deadline, "the old process exits at once");
+                thread::sleep(Duration::from_millis(20));
+            }
+            ping(&mut s, b"after the upgrade");
+        }
+        let up = payload((3 << 20) + 5, 7);
+        let mut w = s.try_clone().unwrap();
+        let sent = up.clone();
+        let writer = thread::spawn(move || {
+            w.write_all(&sent).unwrap();
+            w.shutdown(Shutdown::Write).unwrap();
+        });
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).unwrap();
+        writer.join().unwrap();
+        assert!(back == up, "{mode}: {} bytes echoed of {}", back.len(), up.len());
+        let after = relayed(&pm);
+        match mode {
+            "kernel" => assert_eq!(after.0 - before.0, 1, "the switched connection went through the kernel"),
+            _ => assert_eq!(after.0, 0, "nothing went through the kernel"),
+        }
+    }
 }
