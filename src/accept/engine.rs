@@ -461,11 +461,16 @@ where
 /// forwarding relay when the kernel relay is in force (both sockets in the
 /// sockhash, as a connection-level forward's, and across upgrades as one);
 /// any other is relayed here.
-async fn relay_plain(stream: tokio::net::TcpStream, read_ahead: Vec<u8>, switched: targets::Switched, client: &Client) {
+async fn relay_plain(
+    mut stream: tokio::net::TcpStream,
+    read_ahead: Vec<u8>,
+    switched: targets::Switched,
+    client: &Client,
+) {
     let settings = &client.shared.settings;
-    let in_kernel = forward::kernel::in_force().is_some() && settings.relay != crate::config::Relay::User;
+    // A backend's connection (a pooled lease), not a service's stream.
     let backend = switched.lease.as_ref().and_then(|l| l.downcast_ref::<pool::Lease>()).and_then(pool::Lease::backend);
-    let (true, Some(meta), Some(backend)) = (in_kernel, switched.flow.clone(), backend) else {
+    let (Some(backend), Some(_)) = (backend, forward::kernel_for_new_flows(settings)) else {
         return relay(stream, read_ahead, switched, client).await;
     };
     let upgraded = match switched.upgraded.await {
@@ -484,13 +489,12 @@ async fn relay_plain(stream: tokio::net::TcpStream, read_ahead: Vec<u8>, switche
     };
     // What each side sent past the switch goes on first: the backend's
     // (hyper read it with the 101) to the client, the client's to the backend.
-    let mut stream = stream;
     if stream.write_all(&parts.read_buf).await.is_err() || target.write_all(&read_ahead).await.is_err() {
         return;
     }
     drop(switched.lease); // The relay counts the backend's connection from here.
     let (Ok(c), Ok(t)) = (stream.into_std(), target.into_std()) else { return };
-    let served = Box::pin(forward::relay_established(c.into(), t.into(), meta, &backend, settings)).await;
+    let served = Box::pin(forward::relay_established(c.into(), t.into(), switched.meta, &backend, settings)).await;
     if let Some(paused) = served.paused {
         // A portmux upgrade: the flow moves to the new process, as forwarded ones do.
         drop(client.shared.to_control.send(ToControl::Relay(paused)));

@@ -30,9 +30,9 @@ use std::time::{Duration, Instant};
 pub(super) struct Switched {
     pub upgraded: hyper::upgrade::OnUpgrade,
     pub lease: Option<Box<dyn std::any::Any>>,
-    /// The request's metadata when the target is a backend: the switched
-    /// connection may then be relayed as a forwarded flow (in the kernel).
-    pub flow: Option<ConnMeta>,
+    /// The request that switched: a backend's connection may then be
+    /// relayed as a forwarded flow (in the kernel).
+    pub meta: ConnMeta,
 }
 
 /// A stream to a service: portmux's end of a socketpair whose other end the service holds.
@@ -448,9 +448,7 @@ fn respond(
             return l7::answer(StatusCode::BAD_GATEWAY, "the target switched protocols though the client did not ask");
         };
         let upgraded = hyper::upgrade::on(&mut resp);
-        // A backend's connection (a pooled lease), not a service's stream.
-        let flow = lease.as_ref().is_some_and(|l| l.is::<Lease>()).then(|| meta.clone());
-        *client.upgraded.borrow_mut() = Some(Switched { upgraded, lease, flow });
+        *client.upgraded.borrow_mut() = Some(Switched { upgraded, lease, meta: meta.clone() });
         let (mut parts, _) = resp.into_parts();
         headers::response(&mut parts.headers, true, client.shared.settings.http.via);
         return Response::from_parts(parts, RespBody::empty());

@@ -414,14 +414,8 @@ async fn wait_for_close(
         loop {
             match recv_with_fd(afd, buf).await {
                 Ok(None) | Err(RecvError::Io) => return,
-                Ok(Some((Message::Ack { id }, _))) => {
-                    session.ack(ConnId(id));
-                }
-                Ok(Some((Message::Acks { ids }, _))) => {
-                    for id in ids {
-                        session.ack(ConnId(id));
-                    }
-                }
+                Ok(Some((Message::Ack { id }, _))) => acked(control, session, &[id]),
+                Ok(Some((Message::Acks { ids }, _))) => acked(control, session, &ids),
                 Ok(Some((Message::GiveBack { route, peer, local }, Some(fd)))) => {
                     if let Err(e) = control.given_back(session.id, held, &route, (peer, local), fd) {
                         tracing::warn!(session = %session.id, "a connection given back after the session's end was refused: {e}");

@@ -123,6 +123,13 @@ pub async fn serve(client: OwnedFd, meta: ConnMeta, pool: Arc<BackendPool>, sett
     relay_to(client, server, meta, &backend, active, Carried::default(), settings).await
 }
 
+/// The kernel relay a new flow goes to, if any: the one in force (maps
+/// adopted in an upgrade serve new flows too), unless this process was told
+/// `--relay user`.
+pub fn kernel_for_new_flows(settings: &Settings) -> Option<&'static kernel::InKernel> {
+    kernel::in_force().filter(|_| settings.relay != crate::config::Relay::User)
+}
+
 /// Relays an established flow to `backend` (a connection of the per-request
 /// engine that switched protocols: nothing of either side is left to parse),
 /// as a forwarded connection's: in the kernel where it is in force.
@@ -261,8 +268,7 @@ async fn relay_to(
     let in_kernel = kernel::in_force();
     let in_map = match (in_map, in_kernel) {
         (Some(at), _) => Some(at),
-        // Maps adopted in an upgrade serve new flows too, unless this process was told `--relay user`.
-        (None, Some(k)) if closed == relay::Closed::default() && settings.relay != crate::config::Relay::User => {
+        (None, Some(k)) if closed == relay::Closed::default() && kernel_for_new_flows(settings).is_some() => {
             match kernel::start(k, client.as_fd(), server.as_fd()) {
                 Ok(at) => Some(at),
                 Err(refused) => {

@@ -23,7 +23,8 @@ fn queue_clients(pm: &Portmux, route: &str, port: u16, n: usize) -> Vec<TcpStrea
 
 /// Each client reads what the service wrote, then end-of-file: the service
 /// closed its end, and portmux holds no copy (else no FIN would come).
-fn each_sees_its_answer_and_the_close(clients: Vec<TcpStream>, answered: usize) {
+fn each_sees_its_answer_and_the_close(clients: Vec<TcpStream>) {
+    let answered = clients.len();
     let mut seen = Vec::new();
     for mut c in clients {
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -46,13 +47,13 @@ fn a_blocking_service_takes_the_waiting_connections_together_and_acks_them_all()
         let (mut stream, info) = listener.accept().unwrap();
         write!(stream, "connection {}", info.id).unwrap();
     }
-    each_sees_its_answer_and_the_close(clients, WAITING);
+    each_sees_its_answer_and_the_close(clients);
     // The session goes on: the next connection comes on its own.
     let late = client(port);
     let (mut stream, info) = listener.accept().unwrap();
     write!(stream, "late {}", info.id).unwrap();
     drop(stream);
-    each_sees_its_answer_and_the_close(vec![late], 1);
+    each_sees_its_answer_and_the_close(vec![late]);
 }
 
 #[test]
@@ -75,7 +76,7 @@ fn an_event_loop_that_takes_one_connection_per_wake_still_gets_every_waiting_one
             taken += 1;
         }
     }
-    each_sees_its_answer_and_the_close(clients, WAITING);
+    each_sees_its_answer_and_the_close(clients);
 }
 
 #[test]
@@ -94,7 +95,7 @@ fn an_async_service_takes_the_waiting_connections_together_and_acks_them_all() {
             stream.write_all(format!("connection {}", info.id).as_bytes()).await.unwrap();
         }
     });
-    each_sees_its_answer_and_the_close(clients, WAITING);
+    each_sees_its_answer_and_the_close(clients);
     assert_eq!(listener.open_connections(), 0);
 }
 
@@ -140,7 +141,7 @@ fn one_acks_message_acks_every_id_it_names_and_version_1_still_acks_one_by_one()
     ids.push(u64::MAX);
     s.send(&Message::Acks { ids });
     answer(conns);
-    each_sees_its_answer_and_the_close(clients, 3);
+    each_sees_its_answer_and_the_close(clients);
 
     // Version 1: one Ack per connection, as before.
     let port1 = free_port();
@@ -152,7 +153,7 @@ fn one_acks_message_acks_every_id_it_names_and_version_1_still_acks_one_by_one()
         s1.send(&Message::Ack { id: *id });
     }
     answer(conns);
-    each_sees_its_answer_and_the_close(clients, 2);
+    each_sees_its_answer_and_the_close(clients);
 
     // A connection nobody acks stays open in portmux: the client sees no close.
     let mut unacked = client(port);

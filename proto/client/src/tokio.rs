@@ -81,23 +81,15 @@ impl Listener {
                 stream.set_nonblocking(true)?;
                 return Ok(self.track(TcpStream::from_std(stream)?, info));
             }
-            let (conns, then) = match self.pending.take() {
-                Some(next) => (Vec::new(), Some(next)),
-                None => match self.receive().await? {
-                    Some(got) => got,
-                    None => continue, // A shutdown began.
-                },
-            };
-            if !conns.is_empty() {
+            let Some(incoming) = self.pending.take() else {
+                let Some(conns) = self.receive().await? else { continue }; // A shutdown began.
                 // One ack for the lot; if portmux is gone, they are ours all the same.
                 for ack in proto::acks(self.version, &conns) {
                     let _ = send(&self.sock, &ack).await;
                 }
                 self.backlog.extend(conns.into_iter().map(|(_, stream, info)| (stream, *info)));
-                self.pending = then;
                 continue;
-            }
-            let Some(incoming) = then else { continue };
+            };
             match incoming {
                 Incoming::Conn(id, stream, info) => {
                     let _ = send(&self.sock, &proto::ack(id)).await;
@@ -114,9 +106,9 @@ impl Listener {
     }
 
     /// Waits for the session socket, then takes what it holds: connections
-    /// (up to [`proto::BATCH`]) and the message behind them, or one other
-    /// message. `None` when a shutdown began meanwhile.
-    async fn receive(&mut self) -> io::Result<Option<(Vec<proto::Received>, Option<Incoming>)>> {
+    /// (up to [`proto::BATCH`]), and the first other message into `pending`.
+    /// `None` when a shutdown began meanwhile.
+    async fn receive(&mut self) -> io::Result<Option<Vec<proto::Received>>> {
         loop {
             let woken = self.handle.wake_async.clone().notified_owned();
             let mut woken = std::pin::pin!(woken);
@@ -139,15 +131,19 @@ impl Listener {
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Incoming::Closed,
                 Err(e) => return Err(e),
             };
-            let Incoming::Conn(id, stream, info) = first else { return Ok(Some((Vec::new(), Some(first)))) };
+            let Incoming::Conn(id, stream, info) = first else {
+                self.pending = Some(first);
+                return Ok(Some(Vec::new()));
+            };
             let mut conns = vec![(id, stream, info)];
-            let (then, emptied) = proto::take_more(sock, &mut self.buf, &mut conns);
+            let emptied;
+            (self.pending, emptied) = proto::take_more(sock, &mut self.buf, &mut conns);
             if emptied {
                 // Seen empty: the next accept waits for the next message
                 // instead of trying the socket again.
                 ready.clear_ready();
             }
-            return Ok(Some((conns, then)));
+            return Ok(Some(conns));
         }
     }
 

@@ -52,6 +52,16 @@ fn against_a_version_1_portmux_the_session_opens_in_version_1_and_acks_one_by_on
         let reason = "protocol version 2 is not supported: this portmux speaks version 1; use a client library of \
                       the same release";
         send(&s, &Message::Error { reason: reason.into() });
+        // As portmux does: it lingers, reading, until the service has read
+        // why and closed (closing under its Register would reset it first).
+        let mut buf = vec![0u8; portmux_wire::MAX_MESSAGE];
+        loop {
+            wait_readable(&s);
+            match scm::recv_with_fds(&s, &mut buf, Wait::DontWait) {
+                Ok(dg) if dg.len > 0 => {}
+                _ => break,
+            }
+        }
         drop(s);
         // Version 1 is served.
         let s = accept(&control);
