@@ -261,15 +261,12 @@ fn registration(
 
 /// The service received connections `ids`: portmux's copies close.
 fn acked(control: &Control, session: &Session, ids: &[u64]) {
-    let mut any = false;
-    for &id in ids {
-        if session.ack(ConnId(id)) {
-            any = true;
-        } else {
-            tracing::debug!(session = %session.id, conn = id, "ack for an unknown connection");
-        }
+    let ids: Vec<ConnId> = ids.iter().map(|&id| ConnId(id)).collect();
+    let unknown = session.ack(&ids);
+    for id in &unknown {
+        tracing::debug!(session = %session.id, conn = %id, "ack for an unknown connection");
     }
-    if any {
+    if unknown.len() < ids.len() {
         control.acked.notify_waiters();
     }
 }

@@ -260,9 +260,24 @@ impl Session {
         })
     }
 
-    /// The service acknowledged `id`: portmux's copy can go. False if unknown.
-    pub fn ack(&self, id: ConnId) -> bool {
-        self.unacked().conns.remove(&id).is_some()
+    /// The service acknowledged `ids`: portmux's copies can go. Returns the
+    /// ids it did not know. The copies close after the lock is released: a
+    /// close under it would make the workers handing over on this session
+    /// wait for it (measured: the one contended futex under handoff load).
+    pub fn ack(&self, ids: &[ConnId]) -> Vec<ConnId> {
+        let mut gone = Vec::with_capacity(ids.len());
+        let mut unknown = Vec::new();
+        {
+            let mut u = self.unacked();
+            for id in ids {
+                match u.conns.remove(id) {
+                    Some((conn, _)) => gone.push(conn),
+                    None => unknown.push(*id),
+                }
+            }
+        }
+        drop(gone);
+        unknown
     }
 
     /// The service rejected `id`: take it back to deliver elsewhere.
@@ -350,12 +365,13 @@ impl Session {
     pub fn abandon(&self) -> usize {
         self.failed.store(true, Ordering::Relaxed);
         let _ = net::shutdown_both(self.sock.as_fd());
-        let mut u = self.unacked();
-        u.closed = true;
-        self.stop.notify_waiters();
-        let n = u.conns.len();
-        u.conns.clear();
-        n
+        let gone = {
+            let mut u = self.unacked();
+            u.closed = true;
+            self.stop.notify_waiters();
+            std::mem::take(&mut u.conns)
+        };
+        gone.len() // Their copies close here, with the lock released.
     }
 }
 
