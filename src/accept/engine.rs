@@ -453,7 +453,8 @@ where
         Ok(u) => TokioIo::new(u),
         Err(e) => return tracing::debug!(client = %client.peer, "the target did not switch protocols: {e}"),
     };
-    relay_io(client_io, &read_ahead, target, &[], client).await;
+    let (from_client, to_client) = relay_io(client_io, &read_ahead, target, &[], client).await;
+    switched.counters.relayed(from_client, to_client);
     drop(switched.lease);
 }
 
@@ -478,32 +479,53 @@ async fn relay_plain(
         Err(e) => return tracing::debug!(client = %client.peer, "the target did not switch protocols: {e}"),
     };
     // The backend's socket itself, as the pool made it (hyper hands it back).
+    let counters = switched.counters;
     let parts = match upgraded.downcast::<TokioIo<pool::Stream>>() {
         Ok(parts) => parts,
-        Err(upgraded) => return relay_io(stream, &read_ahead, TokioIo::new(upgraded), &[], client).await,
+        Err(upgraded) => {
+            let (from_client, to_client) = relay_io(stream, &read_ahead, TokioIo::new(upgraded), &[], client).await;
+            return counters.relayed(from_client, to_client);
+        }
     };
     let mut target = match parts.io.into_inner() {
         pool::Stream::Tcp(t) => t,
         // A backend on a Unix socket: the sockhash takes TCP only.
-        unix => return relay_io(stream, &read_ahead, unix, &parts.read_buf, client).await,
+        unix => {
+            let (from_client, to_client) = relay_io(stream, &read_ahead, unix, &parts.read_buf, client).await;
+            return counters.relayed(from_client, to_client);
+        }
     };
     // What each side sent past the switch goes on first: the backend's
     // (hyper read it with the 101) to the client, the client's to the backend.
     if stream.write_all(&parts.read_buf).await.is_err() || target.write_all(&read_ahead).await.is_err() {
         return;
     }
+    let ahead = (read_ahead.len() as u64, parts.read_buf.len() as u64);
     drop(switched.lease); // The relay counts the backend's connection from here.
     let (Ok(c), Ok(t)) = (stream.into_std(), target.into_std()) else { return };
     let served = Box::pin(forward::relay_established(c.into(), t.into(), switched.meta, &backend, settings)).await;
-    if let Some(paused) = served.paused {
-        // A portmux upgrade: the flow moves to the new process, as forwarded ones do.
-        drop(client.shared.to_control.send(ToControl::Relay(paused)));
+    match served.paused {
+        // A portmux upgrade: the flow moves to the new process, as forwarded
+        // ones do, and is counted there from then on.
+        Some(paused) => {
+            counters.relayed(ahead.0, ahead.1);
+            drop(client.shared.to_control.send(ToControl::Relay(paused)));
+        }
+        None => counters.relayed(ahead.0 + served.from_client, ahead.1 + served.to_client),
     }
 }
 
 /// Relays a switched connection: first `to_target` (the client's bytes past
-/// the switch) and `to_client` (the target's), then both ways until both end.
-async fn relay_io<C, T>(mut client_io: C, to_target: &[u8], mut target: T, to_client: &[u8], client: &Client)
+/// the switch) and `to_client` (the target's), then both ways until both
+/// end. Returns the bytes from the client and to it (those written ahead,
+/// and, if the relay ended cleanly, what it moved).
+async fn relay_io<C, T>(
+    mut client_io: C,
+    to_target: &[u8],
+    mut target: T,
+    to_client: &[u8],
+    client: &Client,
+) -> (u64, u64)
 where
     C: AsyncRead + AsyncWrite + Unpin,
     T: AsyncRead + AsyncWrite + Unpin,
@@ -511,11 +533,13 @@ where
     if (!to_client.is_empty() && client_io.write_all(to_client).await.is_err())
         || (!to_target.is_empty() && target.write_all(to_target).await.is_err())
     {
-        return;
+        return (0, 0);
     }
+    let ahead = (to_target.len() as u64, to_client.len() as u64);
     match stream::relay(client_io, target, client.shared.settings.idle_timeout).await {
         stream::Ended::Failed(e) => tracing::debug!(client = %client.peer, "upgraded connection ended: {e}"),
         stream::Ended::Idle => tracing::debug!(client = %client.peer, "upgraded connection closed: idle"),
-        stream::Ended::Done(..) => {}
+        stream::Ended::Done(from_client, to_client) => return (ahead.0 + from_client, ahead.1 + to_client),
     }
+    ahead
 }

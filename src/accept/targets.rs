@@ -15,6 +15,7 @@ use crate::l7::{self, ReqBody, RespBody};
 use crate::reply::Reply;
 use crate::route::{Owner, Route};
 use crate::shared::{Shared, TaskGuard};
+use crate::telemetry::RouteCounters;
 use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1;
 use hyper::header::{self, HeaderValue};
@@ -33,6 +34,8 @@ pub(super) struct Switched {
     /// The request that switched: a backend's connection may then be
     /// relayed as a forwarded flow (in the kernel).
     pub meta: ConnMeta,
+    /// The counters of the route it took: what the relay moves counts there.
+    pub counters: RouteCounters,
 }
 
 /// A stream to a service: portmux's end of a socketpair whose other end the service holds.
@@ -247,7 +250,7 @@ async fn backend(
         let name = || format!("backend {}", backend.spec.name);
         match tokio::time::timeout(timeout, lease.sender().try_send_request(request)).await {
             Err(_) => return timed_out(meta, &name(), timeout),
-            Ok(Ok(resp)) => return respond(client, resp, Some(Box::new(lease)), upgrade.then_some(meta)),
+            Ok(Ok(resp)) => return respond(client, resp, Some(Box::new(lease)), upgrade.then_some((meta, route))),
             Ok(Err(mut e)) => {
                 if let Some(unsent) = e.take_message() {
                     req = Some(unsent);
@@ -355,10 +358,10 @@ async fn service(
             Err(_) => return timed_out(&meta, &name, timeout),
             Ok(Ok(resp)) => {
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    return respond(client, resp, Some(Box::new(stream)), upgrade.then_some(&meta));
+                    return respond(client, resp, Some(Box::new(stream)), upgrade.then_some((&meta, route)));
                 }
                 client.services.borrow_mut().entry(route.key.clone()).or_default().push(stream);
-                return respond(client, resp, None, upgrade.then_some(&meta));
+                return respond(client, resp, None, upgrade.then_some((&meta, route)));
             }
             Ok(Err(mut e)) => {
                 if let Some(unsent) = e.take_message() {
@@ -435,20 +438,21 @@ async fn open_stream(client: &Client, route: &Arc<Route>, meta: &ConnMeta) -> st
 }
 
 /// The target's response, on its way to the client. `upgrade`: the client
-/// asked to switch protocols, in the request `meta` describes.
+/// asked to switch protocols, in the request `meta` describes, on this route.
 fn respond(
     client: &Client,
     mut resp: Response<Incoming>,
     lease: Option<Box<dyn std::any::Any>>,
-    upgrade: Option<&ConnMeta>,
+    upgrade: Option<(&ConnMeta, &Route)>,
 ) -> Response<RespBody> {
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching {
-        let Some(meta) = upgrade else {
+        let Some((meta, route)) = upgrade else {
             return l7::answer(StatusCode::BAD_GATEWAY, "the target switched protocols though the client did not ask");
         };
         let upgraded = hyper::upgrade::on(&mut resp);
-        *client.upgraded.borrow_mut() = Some(Switched { upgraded, lease, meta: meta.clone() });
+        let counters = route.counters.clone();
+        *client.upgraded.borrow_mut() = Some(Switched { upgraded, lease, meta: meta.clone(), counters });
         let (mut parts, _) = resp.into_parts();
         headers::response(&mut parts.headers, true, client.shared.settings.http.via);
         return Response::from_parts(parts, RespBody::empty());

@@ -480,5 +480,19 @@ fn a_request_that_switched_protocols_is_relayed_as_a_forwarded_flow_in_both_mode
             "kernel" => assert_eq!(after.0 - before.0, 1, "the switched connection went through the kernel"),
             _ => assert_eq!(after.0, 0, "nothing went through the kernel"),
         }
+        // What the switched connection carried counts on its route, once it
+        // ended: every byte in user space (the greeting and both pings'
+        // echoes included); in the kernel mode, the new process counts from
+        // the upgrade on, so at least the bulk each way.
+        drop(s);
+        let route = format!("http://:{port}");
+        let bytes =
+            |pm: &Portmux| pm.route(&route).and_then(|r| r.counts).map(|c| (c.bytes_from_clients, c.bytes_to_clients));
+        let bulk = up.len() as u64;
+        let counted = |b: Option<(u64, u64)>| match mode {
+            "kernel" => b.is_some_and(|(from, to)| from >= bulk && to >= bulk),
+            _ => b == Some((6 + bulk, 3 + 6 + bulk)),
+        };
+        pm.wait_for(&format!("{mode}: the switched connection's bytes counted on its route"), |pm| counted(bytes(pm)));
     }
 }
