@@ -78,11 +78,15 @@ pub async fn worker(shared: Arc<Shared>, index: usize, mut inbox: mpsc::Unbounde
                     match job {
                         Job::Resume(job) => {
                             let route = job.paused.meta.route.clone();
+                            let switched = job.paused.switched();
                             let served = forward::resume(job, &shared.settings).await;
+                            let (from, to) = (served.from_client, served.to_client);
                             match served.paused {
                                 Some(paused) => drop(shared.to_control.send(ToControl::Relay(paused))),
+                                // A switched request's connection was counted where it came in.
+                                None if switched => shared.metrics.relayed(&route, from, to),
                                 // Counted where it ends, as the process it started in could not.
-                                None => shared.metrics.forwarded(&route, true, served.from_client, served.to_client),
+                                None => shared.metrics.forwarded(&route, true, from, to),
                             }
                         }
                         Job::Idle(idle) => Box::pin(hold(idle, &shared)).await,

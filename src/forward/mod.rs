@@ -38,6 +38,17 @@ pub struct Paused {
     pub in_map: Option<kernel::InMap>,
 }
 
+impl Paused {
+    /// Whether this is the connection of a request that switched protocols
+    /// (WebSocket) in the per-request engine, which counted it (`engine`)
+    /// where it came in: only the engine relays an HTTP connection of a
+    /// route without `mode=connection`.
+    pub fn switched(&self) -> bool {
+        self.meta.proto == Proto::Http
+            && portmux_wire::RouteSpec::parse(&self.meta.route).is_ok_and(|s| s.mode.as_deref() != Some("connection"))
+    }
+}
+
 /// A paused relay to resume on a worker, with its route's pool.
 #[derive(Debug)]
 pub struct Resume {

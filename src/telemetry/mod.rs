@@ -345,6 +345,15 @@ impl Metrics {
             return;
         }
         self.count(route, if reached { Outcome::Forwarded } else { Outcome::Dropped });
+        self.relayed(route, from_client, to_client);
+    }
+
+    /// Bytes a connection of `route` carried whose outcome is counted
+    /// already (a switched request's connection, resumed after an upgrade).
+    pub fn relayed(&self, route: &str, from_client: u64, to_client: u64) {
+        if !self.has(route) {
+            return;
+        }
         let bytes = |direction| RouteDirection { route: route.to_string(), direction };
         self.bytes.get_or_create(&bytes("from_client")).inc_by(from_client);
         self.bytes.get_or_create(&bytes("to_client")).inc_by(to_client);

@@ -494,5 +494,10 @@ fn a_request_that_switched_protocols_is_relayed_as_a_forwarded_flow_in_both_mode
             _ => b == Some((6 + bulk, 3 + 6 + bulk)),
         };
         pm.wait_for(&format!("{mode}: the switched connection's bytes counted on its route"), |pm| counted(bytes(pm)));
+        // Its outcome counts once, where it came in (engine), not again as
+        // a forwarded flow where it ended (the new process, in kernel mode).
+        let c = pm.route(&route).and_then(|r| r.counts).expect("the route's counts");
+        let engine = if mode == "kernel" { 0 } else { 1 };
+        assert_eq!((c.forwarded, c.dropped, c.engine), (0, 0, engine), "{mode}: the switched connection's outcome");
     }
 }
