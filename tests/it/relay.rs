@@ -407,6 +407,22 @@ fn without_privileges_the_kernel_relay_falls_back_and_says_why_or_refuses_to_sta
     assert_eq!(relayed(&pm), (0, 1));
 }
 
+/// What a process holds resident, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn loading_the_kernel_relay_leaves_no_memory_resident() {
+    // aya parses the kernel's BTF (about 14 MiB) to load the program; once
+    // it is loaded, that memory goes back to the system.
+    let at_start = |mode| rss_kib(start(mode, &[]).pid());
+    let (kernel, user) = (at_start("kernel"), at_start("user"));
+    assert!(kernel < user + 6 * 1024, "resident once serving: kernel mode {kernel} KiB, user mode {user} KiB");
+}
+
 /// Reads a response head (up to its blank line) byte by byte.
 fn read_head(s: &mut TcpStream) -> String {
     let (mut head, mut b) = (Vec::new(), [0u8; 1]);
