@@ -216,17 +216,16 @@ fn start(mut settings: Settings, handover: Option<OwnedFd>) -> Result<(), StartE
     // Loading the kernel relay needs CAP_BPF and CAP_NET_ADMIN, which the
     // sandbox drops; after an upgrade its maps come from the previous process.
     if !upgraded {
-        let chosen = crate::forward::kernel::choose(settings.relay);
-        // What start-up parsed and dropped so far (the kernel's BTF, 14 MiB,
-        // which aya parses to load the program; the config) would stay
-        // resident: mimalloc keeps it until this thread allocates again.
-        // Measured here: 39.5 → 20 MiB at start in kernel mode, 25 → 20 in user mode.
-        portmux_sys::release_freed_memory();
-        match chosen {
+        match crate::forward::kernel::choose(settings.relay) {
             Ok(choice) => crate::forward::kernel::set(choice),
             Err(why) => return Err(undo(StartError::Relay(why))),
         }
     }
+    // What start-up parsed and dropped so far (the kernel's BTF, 14 MiB,
+    // which aya parses to load the program; the config) would stay
+    // resident: mimalloc keeps it until this thread allocates again.
+    // Measured here: 39.5 → 20 MiB at start in kernel mode, 25 → 20 in user mode.
+    portmux_sys::release_freed_memory();
     let inherited = handover.as_ref().and(std::env::var(crate::sandbox::INHERITED_ENV).ok());
     if let (true, Some(report)) = (settings.sandbox, inherited) {
         let report = format!("{}{}", report.trim_end_matches(crate::sandbox::INHERITED), crate::sandbox::INHERITED);
