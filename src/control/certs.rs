@@ -61,7 +61,7 @@ impl TlsRoutes {
                 }
             };
             let client_ca = spec.client_ca.as_deref().map(Path::new);
-            let h2 = spec.mode.as_deref() != Some("connection");
+            let h2 = !spec.connection_mode();
             let terminator = shared.tls.terminator(cert, client_ca, h2).map_err(refuse)?;
             out.push((route_key(spec, default_bind), Arc::new(terminator)));
         }

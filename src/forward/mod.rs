@@ -45,7 +45,7 @@ impl Paused {
     /// route without `mode=connection`.
     pub fn switched(&self) -> bool {
         self.meta.proto == Proto::Http
-            && portmux_wire::RouteSpec::parse(&self.meta.route).is_ok_and(|s| s.mode.as_deref() != Some("connection"))
+            && portmux_wire::RouteSpec::parse(&self.meta.route).is_ok_and(|s| !s.connection_mode())
     }
 }
 

@@ -234,10 +234,10 @@ impl Route {
     /// backends), so that each request must be routed by itself.
     pub fn per_request(&self, routes: &Matcher<Arc<Route>>, host: Option<&str>) -> bool {
         match &self.owner {
-            Owner::Backends(_) => self.spec.mode.as_deref() != Some("connection"),
+            Owner::Backends(_) => !self.spec.connection_mode(),
             Owner::Service(me) => routes.reachable(host, self.spec.scheme == Scheme::Https).any(|r| match &r.owner {
                 Owner::Service(other) => other != me,
-                Owner::Backends(_) => r.spec.mode.as_deref() != Some("connection"),
+                Owner::Backends(_) => !r.spec.connection_mode(),
             }),
         }
     }

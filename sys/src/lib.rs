@@ -18,8 +18,9 @@ pub mod uring;
 
 /// Returns to the system at once what this thread freed (and mimalloc's
 /// wholly free memory), which mimalloc would otherwise keep until the thread
-/// allocates again: for the end of start-up, whose main thread then hardly
-/// allocates. Only meaningful where mimalloc is the global allocator.
+/// allocates again: for start-up, once its large parsing is done (its main
+/// thread hardly allocates after). Only meaningful where mimalloc is the
+/// global allocator.
 #[cfg(feature = "mimalloc")]
 pub fn release_freed_memory() {
     // SAFETY: mi_collect takes no pointer and only returns memory mimalloc

@@ -212,6 +212,12 @@ impl RouteSpec {
         SocketAddr::new(self.bind.unwrap_or(default), self.port)
     }
 
+    /// Whether the route asks for `mode=connection`: its HTTP connections
+    /// are relayed whole instead of routed request by request.
+    pub fn connection_mode(&self) -> bool {
+        self.mode.as_deref() == Some("connection")
+    }
+
     /// Whether a normalised request path (see [`normalize_path`]) falls under this route's prefix.
     pub fn matches_path(&self, path: &str) -> bool {
         self.path.as_deref().is_none_or(|prefix| path_has_prefix(path, prefix))
