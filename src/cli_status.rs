@@ -81,7 +81,7 @@ pub fn status(s: &StatusView, views: &[RouteView]) -> String {
 /// One line per route: where it listens and where its connections go.
 pub fn describe(v: &RouteView) -> String {
     let target = match &v.target {
-        TargetView::Service { service, instances, queued, half_closed, reserved_for_s } => {
+        TargetView::Service { service, instances, queued, half_closed, reserved_for_s, lent } => {
             let mut t = format!("service '{service}', {} instance(s)", instances.len());
             let who: Vec<String> = instances
                 .iter()
@@ -90,6 +90,8 @@ pub fn describe(v: &RouteView) -> String {
                         ", draining"
                     } else if !i.healthy {
                         ", failing"
+                    } else if i.lent {
+                        ", accepts itself"
                     } else {
                         ""
                     };
@@ -111,6 +113,9 @@ pub fn describe(v: &RouteView) -> String {
             }
             if let Some(s) = reserved_for_s {
                 t += &format!(", reserved for {s}s more");
+            }
+            if *lent {
+                t += ", port lent (its connections are not counted by portmux)";
             }
             t
         }

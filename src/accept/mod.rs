@@ -52,14 +52,14 @@ pub async fn worker(shared: Arc<Shared>, index: usize, mut inbox: mpsc::Unbounde
         }
         let table = shared.table.load_full();
         loops.retain(|id, l| {
-            let keep = accepting && table.port(*id).is_some();
+            let keep = accepting && table.port(*id).is_some_and(|p| !p.lent);
             if !keep {
                 l.stop.notify_one(); // The loop ends by itself and releases its listener.
             }
             keep
         });
         if accepting {
-            for (id, port) in &table.ports {
+            for (id, port) in table.ports.iter().filter(|(_, p)| !p.lent) {
                 loops.entry(*id).or_insert_with(|| {
                     let stop = Rc::new(Notify::new());
                     let done = tokio_uring::spawn(accept_loop(port.listener.clone(), shared.clone(), stop.clone()));
@@ -148,6 +148,8 @@ async fn accept_loop(listener: Arc<Listener>, shared: Arc<Shared>, stop: Rc<Noti
                 });
             }
             Err(e) if stopped || e.raw_os_error() == Some(libc::ECANCELED) => {}
+            // Shut down: a lent listener taken back as its route went.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return,
             Err(e) => {
                 let resource =
                     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM));

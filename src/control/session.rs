@@ -207,7 +207,7 @@ async fn serve(control: Rc<Control>, fd: OwnedFd, peer: Peer, admitted: Result<C
         Err(e) => return refuse_early(&afd, pid, e).await,
     };
     let mut buf = vec![0u8; MAX_MESSAGE];
-    let service = match tokio::time::timeout(HELLO_TIMEOUT, recv(&afd, &mut buf)).await {
+    let (service, version) = match tokio::time::timeout(HELLO_TIMEOUT, recv(&afd, &mut buf)).await {
         Ok(Ok(Some(Message::Hello { version, service }))) => {
             let problem = if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
                 Some(SessionError::Version { version })
@@ -217,7 +217,7 @@ async fn serve(control: Rc<Control>, fd: OwnedFd, peer: Peer, admitted: Result<C
             if let Some(reason) = problem {
                 return refuse_early(&afd, pid, reason).await;
             }
-            service
+            (service, version)
         }
         Ok(Ok(Some(Message::Upgrade { binary }))) => {
             return upgrade_requested(&control, &afd, &peer, binary).await;
@@ -233,17 +233,32 @@ async fn serve(control: Rc<Control>, fd: OwnedFd, peer: Peer, admitted: Result<C
     }
     let session = control.open_session(service, peer, afd.into_inner());
     tracing::info!(session = %session.id, service = %session.name, pid, uid, "service connected");
-    run(control, session).await;
+    run(control, session, version).await;
 }
+
+/// The first protocol version whose services understand [`Message::Lend`].
+const LEND_VERSION: u32 = 3;
 
 /// Claims `routes` for `session` (with the certificate it sent): the answer.
 fn registration(
     control: &Rc<Control>,
     session: &Session,
+    version: u32,
     routes: &[String],
     cert: Option<Arc<crate::tls::certs::CertSlot>>,
 ) -> Message {
     let sid = session.id;
+    let lend = |r: &&String| portmux_wire::spec::RouteSpec::parse(r).is_ok_and(|s| s.lend);
+    if version < LEND_VERSION
+        && let Some(route) = routes.iter().find(lend)
+    {
+        let reason = format!(
+            "lend needs a client library that speaks control protocol {LEND_VERSION} (this session speaks {version}): \
+             update libportmux / portmux-client, or claim without lend"
+        );
+        tracing::info!(session = %sid, service = %session.name, %route, "refused: {reason}");
+        return Message::Refused { route: route.clone(), reason };
+    }
     match control.register(sid, routes, cert) {
         Ok(bound) => {
             for b in &bound {
@@ -273,7 +288,7 @@ fn acked(control: &Control, session: &Session, ids: &[u64]) {
 
 /// Reads a session's messages until it ends, or until an upgrade freezes the
 /// control plane (then only at the receive point, never mid-message).
-pub(super) async fn run(control: Rc<Control>, session: Arc<Session>) {
+pub(super) async fn run(control: Rc<Control>, session: Arc<Session>, version: u32) {
     let sid = session.id;
     let pid = session.pid;
     let _reader = control.reader_started(sid);
@@ -318,7 +333,7 @@ pub(super) async fn run(control: Rc<Control>, session: Arc<Session>) {
                 zeroize::Zeroize::zeroize(&mut buf[..]);
                 let (chain, key) = (zeroize::Zeroizing::new(chain), zeroize::Zeroizing::new(key));
                 let reply = match crate::tls::certs::CertSlot::from_service(chain, key) {
-                    Ok(slot) => registration(&control, &session, &routes, Some(slot)),
+                    Ok(slot) => registration(&control, &session, version, &routes, Some(slot)),
                     Err(e) => {
                         let route = routes.iter().find(|r| r.starts_with("https")).cloned().unwrap_or_default();
                         tracing::info!(session = %sid, service = %session.name, %route, "refused: {e}");
@@ -332,7 +347,7 @@ pub(super) async fn run(control: Rc<Control>, session: Arc<Session>) {
             }
             Ok(Some((msg, _))) => match msg {
                 Message::Register { routes } => {
-                    let reply = registration(&control, &session, &routes, None);
+                    let reply = registration(&control, &session, version, &routes, None);
                     if let Err(e) = send(&afd, &reply).await {
                         tracing::info!(session = %sid, service = %session.name, "cannot reply: {e}");
                         break End::Closed;

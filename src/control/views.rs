@@ -117,6 +117,10 @@ pub enum TargetView {
         half_closed: usize,
         /// Seconds until the route is released, while no instance holds it.
         reserved_for_s: Option<u64>,
+        /// Its port is lent (`?lend`): the instances holding it accept
+        /// from it themselves, so its connections are not counted here.
+        #[serde(default)]
+        lent: bool,
     },
     /// Forwarded to backend addresses.
     Backends { policy: String, proxy: Option<String>, backends: Vec<BackendView> },
@@ -137,6 +141,9 @@ pub struct InstanceView {
     /// session out of the rotation.
     #[serde(default = "yes")]
     pub healthy: bool,
+    /// It holds the route's port (`?lend`) and accepts from it itself.
+    #[serde(default)]
+    pub lent: bool,
 }
 
 fn yes() -> bool {
@@ -230,6 +237,8 @@ pub fn route(
     now: Instant,
 ) -> Option<RouteView> {
     let r = core.routes().get(key)?;
+    let borrowers = core.listener_for(key.0).and_then(|l| core.borrowers(l));
+    let holds = |id: &SessionId| borrowers.is_some_and(|b| b.contains(id));
     let target = match &r.target {
         RouteTarget::Backends(pool) => TargetView::Backends {
             policy: pool.policy.as_str().into(),
@@ -249,6 +258,7 @@ pub fn route(
                 .collect(),
         },
         RouteTarget::Service(s) => TargetView::Service {
+            lent: s.sessions.iter().any(&holds),
             service: s.service.clone(),
             instances: s
                 .sessions
@@ -261,6 +271,7 @@ pub fn route(
                     unacked: live.map_or(0, |s| s.unacked_len()),
                     waiting_for_room: live.map_or(0, |s| s.waiting_for_room()),
                     healthy: !s.down.contains(id),
+                    lent: holds(id),
                 })
                 .collect(),
             queued: s.queue.len(),

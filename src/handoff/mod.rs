@@ -147,6 +147,32 @@ impl Session {
         self.unacked().waiting
     }
 
+    /// Lends the listening socket `listener` (of `route`, at `listen`) to the
+    /// service; waits up to `patience` while its socket is full.
+    pub async fn lend(
+        &self,
+        route: &str,
+        listen: std::net::SocketAddr,
+        listener: BorrowedFd<'_>,
+        patience: Duration,
+    ) -> std::io::Result<()> {
+        let msg = Message::Lend { route: route.to_string(), listen };
+        let bytes = portmux_wire::encode(&msg).map_err(std::io::Error::other)?;
+        let deadline = Instant::now() + patience;
+        loop {
+            if !self.is_usable() {
+                return Err(std::io::ErrorKind::NotConnected.into());
+            }
+            match scm::send_with_fds(self.sock.as_fd(), &bytes, &[listener], scm::Wait::DontWait) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                other => return other,
+            }
+        }
+    }
+
     /// Sends `conn` to the service; waits up to `patience` while its socket is
     /// full. Until the service acks, the connection stays in the unacked map.
     pub async fn hand_over(&self, mut conn: Conn, patience: Duration) -> Result<(), Refusal> {

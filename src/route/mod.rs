@@ -198,6 +198,8 @@ impl<T> Matcher<T> {
 pub struct PortRoutes {
     pub listener: Arc<Listener>,
     pub routes: Matcher<Arc<Route>>,
+    /// Lent to the sessions of its `?lend` route: no worker accepts on it.
+    pub lent: bool,
 }
 
 /// A route and where its connections go now.
@@ -278,7 +280,7 @@ impl Pool {
 impl PortRoutes {
     /// Builds a port's routes, sorting them most specific first.
     pub fn new(listener: Arc<Listener>, routes: Vec<Arc<Route>>) -> PortRoutes {
-        PortRoutes { listener, routes: Matcher::new(routes.into_iter().map(|r| (r.spec.clone(), r))) }
+        PortRoutes { listener, routes: Matcher::new(routes.into_iter().map(|r| (r.spec.clone(), r))), lent: false }
     }
 
     /// Decides what happens to a peeked connection: the route to deliver it on

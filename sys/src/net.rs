@@ -109,6 +109,23 @@ pub fn peer_is_local(fd: BorrowedFd<'_>) -> bool {
     }
 }
 
+/// Takes one connection from a non-blocking listening socket, if one
+/// waits, with its peer's address: `None` when none does (another acceptor
+/// took it, or its client reset it first). The new socket is close-on-exec,
+/// and non-blocking if asked.
+pub fn accept_waiting(listener: BorrowedFd<'_>, nonblocking: bool) -> io::Result<Option<(OwnedFd, SocketAddr)>> {
+    let flags = if nonblocking { SocketFlags::CLOEXEC | SocketFlags::NONBLOCK } else { SocketFlags::CLOEXEC };
+    match net::acceptfrom_with(listener, flags) {
+        Ok((fd, Some(peer))) => Ok(Some((fd, std_addr(peer)?))),
+        Ok((fd, None)) => {
+            let peer = net::getpeername(&fd)?.ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
+            Ok(Some((fd, std_addr(peer)?)))
+        }
+        Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR | rustix::io::Errno::CONNABORTED) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The address a listening socket is bound to.
 pub fn local_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
     std_addr(net::getsockname(fd)?)

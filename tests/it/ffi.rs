@@ -149,6 +149,28 @@ fn the_c_example_serves_the_walkthrough() {
 }
 
 #[test]
+fn the_c_example_accepts_from_a_lent_port_and_its_restart_loses_nothing() {
+    use crate::lend::{handed_off, lent};
+    let hello = c_hello();
+    let pm = Portmux::start(&[]);
+    let port = free_port();
+    let route = format!("http://:{port}?lend");
+    let mut first = start_c(&hello, &pm, &format!("{route}&name=c-lend"), "lent to C", false);
+    pm.wait_for("the port lent", |pm| lent(pm, &route));
+    for i in 0..5 {
+        assert_eq!(get(port, "x", &format!("/{i}")).unwrap().body, "lent to C");
+    }
+    assert_eq!(handed_off(&pm, &route), 0, "libportmux accepted from the socket itself");
+    assert!(first.terminate().is_some_and(|s| s.success()), "hello.c stops cleanly: {}", first.stderr());
+    pm.wait_reserved(&route);
+    let waiting = thread::spawn(move || get(port, "x", "/waited").map_err(|e| e.to_string()));
+    pm.wait_queued(&route, 1);
+    let _second = start_c(&hello, &pm, &format!("{route}&name=c-lend"), "lent again", false);
+    assert_eq!(waiting.join().unwrap().expect("the queued request").body, "lent again");
+    pm.wait_for("the port lent again", |pm| lent(pm, &route));
+}
+
+#[test]
 fn the_c_example_runs_clean_under_valgrind() {
     let hello = c_hello();
     let pm = Portmux::start(&[]);

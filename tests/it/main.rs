@@ -10,6 +10,7 @@ mod engine;
 mod ffi;
 mod forward;
 mod graceful;
+mod lend;
 mod limits;
 mod ops;
 mod peek;

@@ -32,7 +32,7 @@ fn malformed_and_out_of_order_messages_end_only_their_own_session() {
         (
             "another protocol version",
             |s| s.send(&Message::Hello { version: 99, service: "x".into() }),
-            "protocol version 99 is not supported: this portmux speaks versions 1 to 2",
+            "protocol version 99 is not supported: this portmux speaks versions 1 to 3",
         ),
         ("a bad service name", |s| s.send(&hello("no spaces")), "service name 'no spaces' is invalid"),
         ("an oversized message", |s| s.send_bytes(&vec![1u8; 70_000]).unwrap(), "exceeds the 65536-byte limit"),

@@ -738,7 +738,12 @@ impl RawSession {
                 Some((portmux_wire::Message::Registered { .. }, _)) => return s,
                 // As the client libraries do: kept for the test's next recv.
                 Some(
-                    early @ (portmux_wire::Message::Connection { .. } | portmux_wire::Message::TlsConnection { .. }, _),
+                    early @ (
+                        portmux_wire::Message::Connection { .. }
+                        | portmux_wire::Message::TlsConnection { .. }
+                        | portmux_wire::Message::Lend { .. },
+                        _,
+                    ),
                 ) => {
                     s.early.borrow_mut().push_back(early);
                 }

@@ -22,6 +22,8 @@
 
 mod exchange;
 mod handle;
+mod lent;
+mod poller;
 mod proto;
 mod stream;
 #[cfg(feature = "tokio")]
@@ -31,6 +33,7 @@ pub use stream::Stream;
 
 pub use portmux_wire::{Bound, ConnMeta, Proto, TlsInfo};
 
+use poller::Poller;
 use portmux_sys::scm::Wait;
 use proto::{Config, Incoming, Opened};
 use std::collections::VecDeque;
@@ -257,6 +260,8 @@ pub struct Listener {
     receiving: Mutex<Receiving>,
     /// What `poll_fd` returns; made on its first call.
     poller: OnceLock<Poller>,
+    /// Listening sockets portmux lent this session (`?lend` routes).
+    loans: Mutex<Vec<Arc<lent::Loan>>>,
 }
 
 #[derive(Debug)]
@@ -282,58 +287,6 @@ struct Backoff {
 const FIRST_RETRY: Duration = Duration::from_millis(10);
 const MAX_RETRY: Duration = Duration::from_millis(500);
 
-/// A stable fd for event loops: an epoll set holding the current session
-/// socket (swapped on reconnect) and a timer that wakes the loop for the next
-/// reconnection attempt while portmux is away. Readable means "call `try_accept`".
-#[derive(Debug)]
-struct Poller {
-    epoll: OwnedFd,
-    timer: OwnedFd,
-}
-
-impl Poller {
-    fn new() -> io::Result<Poller> {
-        use rustix::event::epoll;
-        use rustix::time::{TimerfdClockId, TimerfdFlags, timerfd_create};
-        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
-        let timer = timerfd_create(TimerfdClockId::Monotonic, TimerfdFlags::CLOEXEC | TimerfdFlags::NONBLOCK)?;
-        epoll::add(&epoll, &timer, epoll::EventData::new_u64(1), epoll::EventFlags::IN)?;
-        Ok(Poller { epoll, timer })
-    }
-
-    fn watch(&self, sock: &OwnedFd) -> io::Result<()> {
-        use rustix::event::epoll;
-        epoll::add(&self.epoll, sock, epoll::EventData::new_u64(0), epoll::EventFlags::IN)?;
-        Ok(())
-    }
-
-    /// Stops watching a session that ended (it would stay readable forever).
-    fn forget(&self, sock: &OwnedFd) {
-        let _ = rustix::event::epoll::delete(&self.epoll, sock);
-    }
-
-    /// Wakes the event loop after `delay`; `None` disarms the timer. Either
-    /// way an expiry not yet seen is cleared first.
-    fn wake_after(&self, delay: Option<Duration>) {
-        use rustix::time::{Itimerspec, TimerfdTimerFlags, Timespec, timerfd_settime};
-        self.clear();
-        let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
-        let value =
-            delay.map_or(zero, |d| Timespec { tv_sec: d.as_secs() as _, tv_nsec: d.subsec_nanos().max(1) as _ });
-        let _ = timerfd_settime(
-            &self.timer,
-            TimerfdTimerFlags::empty(),
-            &Itimerspec { it_interval: zero, it_value: value },
-        );
-    }
-
-    /// Consumes an expiry of the timer, so it stops making the fd readable.
-    fn clear(&self) {
-        let mut expirations = [0u8; 8];
-        let _ = rustix::io::read(&self.timer, &mut expirations);
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -349,13 +302,46 @@ impl Listener {
         let opened = handshake(&cfg, &mut buf)?;
         let (handle, version) = (handle::Handle::new(Arc::new(opened.sock))?, opened.version);
         let early = opened.early.into_iter().map(|(s, info)| track(&handle, s, info)).collect();
+        let loans = opened.lent.into_iter().map(Arc::new).collect();
         Ok(Listener {
             cfg,
             handle,
             bound: Mutex::new(opened.bound),
             receiving: Mutex::new(Receiving { backlog: early, pending: None, version, buf, lost: None }),
             poller: OnceLock::new(),
+            loans: Mutex::new(loans),
         })
+    }
+
+    /// A connection waiting on a lent listening socket, if one is.
+    fn accept_lent(&self) -> io::Result<Option<(Stream, ConnInfo)>> {
+        let loans = lock(&self.loans).clone();
+        for loan in loans {
+            if let Some((stream, info)) = loan.try_accept(false)? {
+                return Ok(Some(track(&self.handle, stream, info)));
+            }
+        }
+        Ok(None)
+    }
+
+    fn add_loans(&self, loans: impl IntoIterator<Item = lent::Loan>) {
+        for loan in loans {
+            if let Some(p) = self.poller.get() {
+                let _ = p.watch_loan(&loan);
+            }
+            lock(&self.loans).push(Arc::new(loan));
+        }
+    }
+
+    /// Closes the lent listening sockets: portmux accepts for their routes
+    /// again (before a Drain or a Bye, and when the session is lost).
+    fn return_loans(&self) {
+        let loans = std::mem::take(&mut *lock(&self.loans));
+        if let Some(p) = self.poller.get() {
+            for loan in &loans {
+                p.forget(&**loan);
+            }
+        }
     }
 
     /// The routes as portmux serves them, with their listening addresses.
@@ -393,7 +379,10 @@ impl Listener {
                 self.reconnect(&mut rx, lost.since)?;
                 continue;
             }
-            // Wait for a message or for a shutdown, then take the message.
+            if let Some(next) = self.accept_lent()? {
+                return Ok(next);
+            }
+            // Wait for a message, a lent socket's connection or a shutdown, then take the message.
             if rx.pending.is_none() && !self.wait_for_message()? {
                 continue;
             }
@@ -406,15 +395,18 @@ impl Listener {
         }
     }
 
-    /// Waits until the session socket is readable (`true`) or a shutdown began.
+    /// Waits until the session socket is readable (`true`), or a lent
+    /// socket is, or a shutdown began (`false`).
     fn wait_for_message(&self) -> io::Result<bool> {
         use rustix::event::{PollFd, PollFlags, poll};
         let sock = self.current()?;
+        let loans = lock(&self.loans).clone();
         loop {
             let wake = self.handle.wake_fd();
-            let mut fds = [PollFd::new(&*sock, PollFlags::IN), PollFd::new(&wake, PollFlags::IN)];
+            let mut fds = vec![PollFd::new(&*sock, PollFlags::IN), PollFd::new(&wake, PollFlags::IN)];
+            fds.extend(loans.iter().map(|l| PollFd::new(&**l, PollFlags::IN)));
             match poll(&mut fds, None) {
-                Ok(_) if !fds[1].revents().is_empty() => return Ok(false),
+                Ok(_) if fds[1..].iter().any(|f| !f.revents().is_empty()) => return Ok(false),
                 Ok(_) => return Ok(true),
                 Err(rustix::io::Errno::INTR) => {}
                 Err(e) => return Err(e.into()),
@@ -467,6 +459,9 @@ impl Listener {
                     Err(e) => return Err(e.into()),
                 }
             }
+            if let Some(next) = self.accept_lent()? {
+                return Ok(Some(next));
+            }
             match self.receive_one(&mut rx, Wait::DontWait) {
                 Ok(Some(next)) => {
                     // What came with it waits here, not in the socket: as above.
@@ -497,6 +492,9 @@ impl Listener {
             }
             if rx.lost.is_some() || !rx.backlog.is_empty() {
                 p.wake_after(Some(Duration::from_nanos(1)));
+            }
+            for loan in lock(&self.loans).iter() {
+                p.watch_loan(&**loan)?;
             }
             let _ = self.poller.set(p);
         }
@@ -536,9 +534,14 @@ impl Listener {
                 let _ = proto::send(&*sock, &proto::reject(id, &reason), Wait::Block);
                 Err(io::Error::other(FdNotReceived { id, reason }))
             }
+            Incoming::Lent(loan) => {
+                self.add_loans([*loan]);
+                Ok(None)
+            }
             Incoming::Closed | Incoming::Ended(_) => {
+                self.return_loans();
                 if let Some(p) = self.poller.get() {
-                    p.forget(&sock);
+                    p.forget(&*sock);
                 }
                 rx.lost = Some(Backoff { since: Instant::now(), delay: FIRST_RETRY });
                 Ok(None)
@@ -553,6 +556,7 @@ impl Listener {
             p.watch(&opened.sock)?;
         }
         self.handle.set_socket(Arc::new(opened.sock));
+        self.add_loans(opened.lent);
         *lock(&self.bound) = opened.bound;
         (rx.version, rx.pending) = (opened.version, None);
         rx.backlog.extend(opened.early.into_iter().map(|(s, info)| track(&self.handle, s, info)));
@@ -579,6 +583,7 @@ impl Listener {
     /// Asks portmux to send no new connections to this instance (before a
     /// graceful shutdown); others with the same name, or a successor, get them.
     pub fn drain(&self) -> io::Result<()> {
+        self.return_loans();
         self.handle.send(&portmux_wire::Message::Drain, None)
     }
 
@@ -637,6 +642,7 @@ impl Listener {
     /// [`Stream`]s end between requests. Give-backs keep working until
     /// [`Listener::close`].
     pub fn begin_shutdown(&self) -> io::Result<()> {
+        self.return_loans();
         self.handle.send(&portmux_wire::Message::Drain, None)?;
         self.handle.begin_closing();
         // Acceptors wake (the shutdown is readable to them) and let go.
@@ -649,6 +655,7 @@ impl Listener {
     /// go back to portmux, which routes them again. The session is read to
     /// its end, so that everything this side sent is read too.
     pub fn close(&self) {
+        self.return_loans();
         let Some(sock) = self.handle.socket() else { return };
         if let Some(p) = self.poller.get() {
             p.forget(&sock);
@@ -712,6 +719,7 @@ impl Drop for Listener {
     /// Gives back what was not accepted and says Bye; during a graceful
     /// shutdown with connections still open, the last of them says it.
     fn drop(&mut self) {
+        self.return_loans();
         if self.handle.socket().is_none() {
             return;
         }
@@ -736,14 +744,15 @@ fn handshake_as(cfg: &Config, buf: &mut [u8], version: u32) -> Result<Opened<Own
     for msg in cfg.opening(version)? {
         proto::send(&sock, &msg, Wait::Block)?;
     }
-    let mut early = Vec::new();
+    let (mut early, mut lent) = (Vec::new(), Vec::new());
     loop {
         match proto::receive(&sock, buf, Wait::Block) {
             Ok(Incoming::Registered(bound)) => {
                 rustix::net::sockopt::set_socket_timeout(&sock, rustix::net::sockopt::Timeout::Recv, None)
                     .map_err(io::Error::from)?;
-                return Ok(Opened { sock, bound, early, version });
+                return Ok(Opened { sock, bound, early, lent, version });
             }
+            Ok(Incoming::Lent(loan)) => lent.push(*loan),
             Ok(Incoming::Refused { route, reason }) => return Err(Error::Refused { route, reason }),
             Ok(Incoming::Ended(reason)) => return Err(Error::Ended(reason)),
             Ok(Incoming::Closed) => return Err(Error::Ended("portmux closed the session during registration".into())),

@@ -53,6 +53,8 @@ pub(crate) enum Incoming {
     Ended(String),
     /// portmux closed the session (it stopped, or is restarting).
     Closed,
+    /// A listening socket lent to this session (a `?lend` route).
+    Lent(Box<crate::lent::Loan>),
     /// Nothing for the caller (an unexpected but harmless message).
     Nothing,
 }
@@ -101,6 +103,18 @@ pub(crate) fn receive(sock: impl AsFd, buf: &mut [u8], wait: Wait) -> io::Result
         Message::Connection { id, meta } => {
             let stream = TcpStream::from(fds.remove(0));
             Incoming::Conn(id, stream, Box::new(ConnInfo { id, meta, tls: None }))
+        }
+        Message::Lend { .. } if ctrunc || fds.len() != 1 => {
+            // portmux counts on this session to accept from it: ending the
+            // session gives the port back to portmux (the listener reconnects).
+            Incoming::Ended(
+                "a lent listening socket arrived without its fd (MSG_CTRUNC: this process is out of file \
+                 descriptors; raise its RLIMIT_NOFILE)"
+                    .into(),
+            )
+        }
+        Message::Lend { route, listen } => {
+            Incoming::Lent(Box::new(crate::lent::Loan::new(fds.remove(0), route, listen)))
         }
         Message::Registered { routes } => Incoming::Registered(routes),
         Message::Refused { route, reason } => Incoming::Refused { route, reason },
@@ -180,24 +194,29 @@ pub(crate) struct Opened<S> {
     pub sock: S,
     pub bound: Vec<Bound>,
     pub early: Vec<(TcpStream, ConnInfo)>,
+    /// Listening sockets lent before the registration's answer.
+    pub lent: Vec<crate::lent::Loan>,
     /// The protocol version the session speaks.
     pub version: u32,
 }
 
 /// Opens a session with `open` in protocol version [`PROTOCOL_VERSION`]
-/// or, if portmux is older and refuses it, in [`MIN_PROTOCOL_VERSION`].
+/// or, while an older portmux refuses it, in the version below, down to
+/// [`MIN_PROTOCOL_VERSION`].
 pub(crate) fn in_newest_version<T>(mut open: impl FnMut(u32) -> Result<T, Error>) -> Result<T, Error> {
-    match open(PROTOCOL_VERSION) {
-        Err(e) if refused_version(&e) => open(MIN_PROTOCOL_VERSION),
-        opened => opened,
+    let mut version = PROTOCOL_VERSION;
+    loop {
+        match open(version) {
+            Err(e) if version > MIN_PROTOCOL_VERSION && refused_version(&e, version) => version -= 1,
+            opened => return opened,
+        }
     }
 }
 
-/// Whether `err`, the answer to a Hello of [`PROTOCOL_VERSION`], is an
-/// older portmux refusing that version: the session is opened again with
-/// [`MIN_PROTOCOL_VERSION`].
-pub(crate) fn refused_version(err: &Error) -> bool {
-    let refusal = format!("protocol version {PROTOCOL_VERSION} is not supported");
+/// Whether `err`, the answer to a Hello of `version`, is an older portmux
+/// refusing that version: the session is opened again in the one below.
+pub(crate) fn refused_version(err: &Error, version: u32) -> bool {
+    let refusal = format!("protocol version {version} is not supported");
     matches!(err, Error::Ended(reason) if reason.starts_with(&refusal))
 }
 

@@ -3,6 +3,7 @@
 //! shutdown included.
 
 use crate::handle::{Handle, ReadWaker, Tracked};
+use crate::lent::Loan;
 use crate::proto::{self, Config, Incoming, Opened};
 use crate::{ConnInfo, Error, ShuttingDown};
 use portmux_sys::scm::Wait;
@@ -38,6 +39,8 @@ pub struct Listener {
     /// The protocol version the session speaks.
     version: u32,
     buf: Vec<u8>,
+    /// Listening sockets portmux lent this session (`?lend` routes).
+    lent: Vec<Loan<AsyncFd<OwnedFd>>>,
 }
 
 impl Listener {
@@ -51,7 +54,8 @@ impl Listener {
         let opened = handshake(&cfg, &mut buf).await?;
         let handle = Handle::new(Arc::new(opened.sock.as_fd().try_clone_to_owned()?))?;
         let (sock, bound, backlog, version) = (opened.sock, opened.bound, opened.early.into(), opened.version);
-        Ok(Listener { cfg, sock, handle, bound, backlog, pending: None, version, buf })
+        let lent = opened.lent.into_iter().map(register).collect::<io::Result<_>>()?;
+        Ok(Listener { cfg, sock, handle, bound, backlog, pending: None, version, buf, lent })
     }
 
     /// The routes as portmux serves them, with their listening addresses.
@@ -82,7 +86,26 @@ impl Listener {
                 return Ok(self.track(TcpStream::from_std(stream)?, info));
             }
             let Some(incoming) = self.pending.take() else {
-                let Some(conns) = self.receive().await? else { continue }; // A shutdown began.
+                // What waits on a lent socket is taken at once; then whichever comes first.
+                for loan in &self.lent {
+                    if let Some((stream, info)) = loan.try_accept(true)? {
+                        return Ok(self.track(TcpStream::from_std(stream)?, info));
+                    }
+                }
+                let lent = std::mem::take(&mut self.lent);
+                let woken = tokio::select! {
+                    r = self.receive() => Err(r),
+                    r = wait_lent(&lent) => Ok(r),
+                };
+                self.lent.splice(0..0, lent);
+                let conns = match woken {
+                    Ok(accepted) => {
+                        let (stream, info) = accepted?;
+                        return Ok(self.track(TcpStream::from_std(stream)?, info));
+                    }
+                    Err(received) => received,
+                };
+                let Some(conns) = conns? else { continue }; // A shutdown began.
                 // One ack for the lot; if portmux is gone, they are ours all the same.
                 for ack in proto::acks(self.version, &conns) {
                     let _ = send(&self.sock, &ack).await;
@@ -99,7 +122,11 @@ impl Listener {
                     let _ = send(&self.sock, &proto::reject(id, &why)).await;
                     return Err(io::Error::other(crate::FdNotReceived { id, reason: why }));
                 }
-                Incoming::Closed | Incoming::Ended(_) => self.reconnect().await?,
+                Incoming::Lent(loan) => self.lent.push(register(*loan)?),
+                Incoming::Closed | Incoming::Ended(_) => {
+                    self.lent.clear(); // portmux takes the ports back.
+                    self.reconnect().await?
+                }
                 Incoming::Registered(_) | Incoming::Refused { .. } | Incoming::Nothing => {}
             }
         }
@@ -158,6 +185,9 @@ impl Listener {
                     self.bound = opened.bound;
                     (self.version, self.pending) = (opened.version, None);
                     self.backlog.extend(opened.early);
+                    for loan in opened.lent {
+                        self.lent.push(register(loan)?);
+                    }
                     return Ok(());
                 }
                 Err(e) if e.is_transient() && self.cfg.reconnect.is_none_or(|limit| started.elapsed() < limit) => {
@@ -169,8 +199,10 @@ impl Listener {
         }
     }
 
-    /// Asks portmux to send no new connections to this instance.
-    pub async fn drain(&self) -> io::Result<()> {
+    /// Asks portmux to send no new connections to this instance (a lent
+    /// listening socket goes back first).
+    pub async fn drain(&mut self) -> io::Result<()> {
+        self.lent.clear();
         send(&self.sock, &portmux_wire::encode(&Message::Drain).map_err(io::Error::other)?).await
     }
 
@@ -225,6 +257,7 @@ impl Listener {
     /// the session go back untouched (GiveBack), those still in it are
     /// refused unread (Reject); portmux routes both again.
     fn let_go(&mut self) {
+        self.lent.clear();
         for (stream, info) in self.backlog.drain(..) {
             let _ = self.handle.give_back(stream.as_fd(), &info.meta);
         }
@@ -438,9 +471,14 @@ async fn send(sock: &AsyncFd<OwnedFd>, bytes: &[u8]) -> io::Result<()> {
 
 /// Opens a session (in the newest protocol version portmux speaks).
 async fn handshake(cfg: &Config, buf: &mut [u8]) -> Result<Opened<AsyncFd<OwnedFd>>, Error> {
-    match handshake_as(cfg, buf, portmux_wire::PROTOCOL_VERSION).await {
-        Err(e) if proto::refused_version(&e) => handshake_as(cfg, buf, portmux_wire::MIN_PROTOCOL_VERSION).await,
-        opened => opened,
+    let mut version = portmux_wire::PROTOCOL_VERSION;
+    loop {
+        match handshake_as(cfg, buf, version).await {
+            Err(e) if version > portmux_wire::MIN_PROTOCOL_VERSION && proto::refused_version(&e, version) => {
+                version -= 1
+            }
+            opened => return opened,
+        }
     }
 }
 
@@ -449,7 +487,7 @@ async fn handshake_as(cfg: &Config, buf: &mut [u8], version: u32) -> Result<Open
     for msg in cfg.opening(version)? {
         send(&sock, &msg).await?;
     }
-    let mut early = Vec::new();
+    let (mut early, mut lent) = (Vec::new(), Vec::new());
     let answer = async {
         loop {
             let incoming = sock.async_io(Interest::READABLE, |fd| proto::receive(fd, buf, Wait::DontWait)).await?;
@@ -465,6 +503,7 @@ async fn handshake_as(cfg: &Config, buf: &mut [u8], version: u32) -> Result<Open
                     early.push((stream, *info));
                 }
                 Incoming::Lost(id, why) => send(&sock, &proto::reject(id, &why)).await?,
+                Incoming::Lent(loan) => lent.push(*loan),
                 Incoming::Nothing => {}
             }
         }
@@ -475,7 +514,34 @@ async fn handshake_as(cfg: &Config, buf: &mut [u8], version: u32) -> Result<Open
             crate::HANDSHAKE_TIMEOUT.as_secs()
         ))
     })??;
-    Ok(Opened { sock, bound, early, version })
+    Ok(Opened { sock, bound, early, lent, version })
+}
+
+/// A lent socket, watched by tokio's reactor.
+fn register(loan: Loan) -> io::Result<Loan<AsyncFd<OwnedFd>>> {
+    loan.wrap(|fd| portmux_sys::reactor::register(fd, Interest::READABLE))
+}
+
+/// Waits for a connection on any lent socket (forever if there is none).
+async fn wait_lent(lent: &[Loan<AsyncFd<OwnedFd>>]) -> io::Result<(std::net::TcpStream, ConnInfo)> {
+    std::future::poll_fn(|cx| {
+        for loan in lent {
+            loop {
+                let mut ready = match loan.held().poll_read_ready(cx) {
+                    Poll::Ready(Ok(ready)) => ready,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => break,
+                };
+                match loan.try_accept(true) {
+                    Ok(Some(accepted)) => return Poll::Ready(Ok(accepted)),
+                    Ok(None) => ready.clear_ready(),
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// axum's listener: `axum::serve(listener, router)`. The address type is

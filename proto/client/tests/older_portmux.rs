@@ -46,23 +46,27 @@ fn against_a_version_1_portmux_the_session_opens_in_version_1_and_acks_one_by_on
     let public = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = public.local_addr().unwrap();
     let old = std::thread::spawn(move || {
-        // Version 2 is refused, with the words such a release uses.
-        let s = accept(&control);
-        assert_eq!(recv(&s), Message::Hello { version: 2, service: "old".into() });
-        let reason = "protocol version 2 is not supported: this portmux speaks version 1; use a client library of \
-                      the same release";
-        send(&s, &Message::Error { reason: reason.into() });
-        // As portmux does: it lingers, reading, until the service has read
-        // why and closed (closing under its Register would reset it first).
-        let mut buf = vec![0u8; portmux_wire::MAX_MESSAGE];
-        loop {
-            wait_readable(&s);
-            match scm::recv_with_fds(&s, &mut buf, Wait::DontWait) {
-                Ok(dg) if dg.len > 0 => {}
-                _ => break,
+        // Each newer version is refused in turn, with the words such a release uses.
+        for version in (2..=portmux_wire::PROTOCOL_VERSION).rev() {
+            let s = accept(&control);
+            assert_eq!(recv(&s), Message::Hello { version, service: "old".into() });
+            let reason = format!(
+                "protocol version {version} is not supported: this portmux speaks version 1; use a client library \
+                 of the same release"
+            );
+            send(&s, &Message::Error { reason });
+            // As portmux does: it lingers, reading, until the service has read
+            // why and closed (closing under its Register would reset it first).
+            let mut buf = vec![0u8; portmux_wire::MAX_MESSAGE];
+            loop {
+                wait_readable(&s);
+                match scm::recv_with_fds(&s, &mut buf, Wait::DontWait) {
+                    Ok(dg) if dg.len > 0 => {}
+                    _ => break,
+                }
             }
+            drop(s);
         }
-        drop(s);
         // Version 1 is served.
         let s = accept(&control);
         assert_eq!(recv(&s), Message::Hello { version: 1, service: "old".into() });

@@ -157,6 +157,10 @@ mod tests {
                 "0e010968747470733a2f2f610143014b",
             ),
             (Message::Acks { ids: vec![1, 300] }, "0f0201fb2c01"),
+            (
+                Message::Lend { route: "tcp://:9000?lend".into(), listen: "127.0.0.1:9000".parse().unwrap() },
+                "10107463703a2f2f3a393030303f6c656e64007f000001fb2823",
+            ),
         ]
     }
 

@@ -7,8 +7,9 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
 /// Version of the control protocol; sent in [`Message::Hello`]. Bump it on any
-/// change that an older peer could misread. Version 2 added [`Message::Acks`].
-pub const PROTOCOL_VERSION: u32 = 2;
+/// change that an older peer could misread. Version 2 added [`Message::Acks`],
+/// version 3 [`Message::Lend`] (portmux lends only to version 3 sessions).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The oldest control protocol version portmux still serves: a version-1
 /// service acks one connection per message.
@@ -77,6 +78,14 @@ pub enum Message {
     /// per id, for the connections a service took from its session socket at
     /// once; in the order received.
     Acks { ids: Vec<u64> },
+    /// portmux → service (protocol version 3 on), with a listening socket's
+    /// fd: the port of `route` (a `?lend` route, listening on `listen`) is
+    /// lent to this session: accept from the fd directly, alongside the
+    /// connections that still come as [`Message::Connection`] (accepted
+    /// before the loan). portmux keeps its own copy and takes the port back
+    /// when no session holds the loan: close the fd before [`Message::Drain`]
+    /// or [`Message::Bye`], and when the session ends.
+    Lend { route: String, listen: SocketAddr },
 }
 
 /// What portmux learned from a TLS handshake it terminated.
@@ -115,6 +124,7 @@ impl Message {
             Message::TlsConnection { .. } => "TlsConnection",
             Message::RegisterTls { .. } => "RegisterTls",
             Message::Acks { .. } => "Acks",
+            Message::Lend { .. } => "Lend",
         }
     }
 }

@@ -152,6 +152,11 @@ pub struct RouteSpec {
     pub backend_proto: Option<String>,
     /// `off`: no X-Forwarded-*/Forwarded headers are added.
     pub forwarded: Option<String>,
+    /// A service's catch-all route (`tcp://:P`, `http://:P`, `tls://:P`)
+    /// that asks for the port's listening socket itself (`?lend`): its
+    /// sessions accept from it directly, and portmux keeps the socket and
+    /// its queue while none does. The route has the port to itself.
+    pub lend: bool,
 }
 
 /// A route spec that could not be parsed; the message says what to write instead.
@@ -285,6 +290,10 @@ impl fmt::Display for RouteSpec {
         }
         if self.acme {
             write!(f, "{sep}acme")?;
+            sep = '&';
+        }
+        if self.lend {
+            write!(f, "{sep}lend")?;
         }
         Ok(())
     }
@@ -354,6 +363,7 @@ fn parse(spec: &str) -> Result<RouteSpec, String> {
         mode: None,
         backend_proto: None,
         forwarded: None,
+        lend: false,
     };
 
     if scheme == Scheme::Tcp {
@@ -385,6 +395,9 @@ fn parse(spec: &str) -> Result<RouteSpec, String> {
     }
 
     parse_query(query, &mut out)?;
+    if out.lend {
+        lend_problem(&out)?;
+    }
     if out.redirect.is_none() && (out.redirect_code.is_some() || out.redirect_path.is_some()) {
         return Err("redirect_code= and redirect_path= go with redirect=".into());
     }
@@ -439,6 +452,27 @@ fn parse(spec: &str) -> Result<RouteSpec, String> {
     }
 }
 
+/// What keeps a `?lend` route from being lent: it must take every connection
+/// of its port as it comes (no host, path or option portmux would apply).
+fn lend_problem(s: &RouteSpec) -> Result<(), String> {
+    if s.scheme == Scheme::Https {
+        return Err("lend hands the listening socket to the service, so portmux terminates no TLS: use tls:// (the service terminates it) or drop lend".into());
+    }
+    if s.host != HostPattern::Any || s.path.is_some() {
+        return Err(format!(
+            "lend gives the service every connection of port {} as it comes, unread: the route names no host or path ({}://:{}?lend)",
+            s.port,
+            s.scheme.as_str(),
+            s.port
+        ));
+    }
+    let options = [&s.lb, &s.proxy, &s.redirect, &s.health, &s.mode, &s.backend_proto, &s.forwarded];
+    if options.iter().any(|o| o.is_some()) || s.acme {
+        return Err("lend goes with name= and bind= only: portmux does not see the connections of a lent port".into());
+    }
+    Ok(())
+}
+
 /// Splits `host[:port]` (with `[v6]` hosts) into host and port.
 fn split_port(authority: &str) -> Result<(&str, Option<u16>), String> {
     let (host, port) = if authority.starts_with('[') {
@@ -490,14 +524,15 @@ fn parse_query(query: &str, out: &mut RouteSpec) -> Result<(), String> {
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let v = decode_percent(v).ok_or_else(|| format!("option '{k}' has a malformed %-escape"))?;
-        if k == "acme" {
-            if pair != "acme" && !matches!(v.as_str(), "1" | "true" | "on") {
-                return Err(format!("acme takes no value (acme, or acme=on); '{v}' is not one"));
+        if k == "acme" || k == "lend" {
+            if pair != k && !matches!(v.as_str(), "1" | "true" | "on") {
+                return Err(format!("{k} takes no value ({k}, or {k}=on); '{v}' is not one"));
             }
-            if out.acme {
-                return Err("option 'acme' is given twice".into());
+            let flag = if k == "acme" { &mut out.acme } else { &mut out.lend };
+            if *flag {
+                return Err(format!("option '{k}' is given twice"));
             }
-            out.acme = true;
+            *flag = true;
             continue;
         }
         if v.is_empty() {
@@ -599,7 +634,7 @@ fn parse_query(query: &str, out: &mut RouteSpec) -> Result<(), String> {
             }
             _ => {
                 return Err(format!(
-                    "unknown option '{k}'; known options are name, bind, lb, proxy, cert, key, client_ca, acme, redirect, redirect_code, redirect_path, health, health_interval, health_timeout, health_status, health_rise, health_fall, mode, backend_proto and forwarded"
+                    "unknown option '{k}'; known options are name, bind, lb, proxy, cert, key, client_ca, acme, lend, redirect, redirect_code, redirect_path, health, health_interval, health_timeout, health_status, health_rise, health_fall, mode, backend_proto and forwarded"
                 ));
             }
         };
@@ -812,6 +847,20 @@ mod tests {
             assert_eq!(p(input).to_string(), canon, "{input}");
             assert_eq!(p(canon).to_string(), canon, "canonical form of {input} must reparse to itself");
         }
+    }
+
+    #[test]
+    fn lend_is_a_flag_of_catch_all_service_routes() {
+        assert_eq!(p("http://:8000?lend").to_string(), "http://:8000?lend");
+        assert_eq!(p("tcp://127.0.0.1:9000?name=db&lend=on").to_string(), "tcp://127.0.0.1:9000?name=db&lend");
+        assert!(p("tls://:443?lend").lend && !p("tls://:443").lend);
+        assert_ne!(p("http://:8000?lend").identity(), p("http://:8000").identity(), "a lent route is its own route");
+        assert!(err("http://a.test:8000?lend").contains("names no host or path"));
+        assert!(err("http://:8000/a?lend").contains("names no host or path"));
+        assert!(err("https://:8443?lend&cert=/c&key=/k").contains("terminates no TLS"));
+        assert!(err("http://:8000?lend&mode=connection").contains("name= and bind= only"));
+        assert!(err("http://:8000?lend&lend").contains("given twice"));
+        assert!(err("http://:8000?lend=maybe").contains("takes no value"));
     }
 
     #[test]

@@ -8,8 +8,10 @@
 //! - `routes.rs`: claiming routes (sessions and the admin API), conflicts,
 //!   listening addresses, reservations;
 //! - `queue.rs`: connections the control plane holds: routing them, queueing
-//!   in arrival order, delivering one at a time per route, hang-ups, expiry.
+//!   in arrival order, delivering one at a time per route, hang-ups, expiry;
+//! - `plan.rs`: the workers' table, and the ports lent to `?lend` routes.
 
+mod plan;
 mod queue;
 mod routes;
 #[cfg(test)]
@@ -29,6 +31,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+pub use plan::{Plan, PlanTarget, PortPlan, RoutePlan};
 
 /// How long a rejected connection avoids the session that rejected it.
 pub const REJECT_BACKOFF: Duration = Duration::from_millis(250);
@@ -85,8 +89,13 @@ pub enum Effect {
     /// then call [`Core::bound`] with the result, before any other input.
     Bind { listener: ListenerId, addr: SocketAddr },
     /// Close a listening socket (no route for the linger period, or a failed
-    /// registration opened it), and take it out of the fd store.
-    Close { listener: ListenerId, addr: SocketAddr },
+    /// registration opened it), and take it out of the fd store. `revoke`:
+    /// it was lent, so it is shut down first: a borrower that kept a copy
+    /// can no longer accept from it.
+    Close { listener: ListenerId, addr: SocketAddr, revoke: bool },
+    /// Send the listening socket `listener` (at `addr`) to `session`, lent
+    /// for `route`; on failure call [`Core::loan_failed`].
+    Lend { session: SessionId, listener: ListenerId, route: Arc<str>, addr: SocketAddr },
     /// The table changed: publish [`Core::plan`] to the workers.
     Publish,
     /// The routes changed: keep [`Core::route_messages`] in the fd store.
@@ -121,6 +130,9 @@ pub struct ListenerState {
     pub pinned: bool,
     /// False while its [`Effect::Bind`] is unanswered.
     pub bound: bool,
+    /// It was lent to a service since it opened: it closes as soon as its
+    /// route goes (and is shut down then), not after the linger period.
+    pub lent_once: bool,
 }
 
 /// A route and where it goes.
@@ -236,36 +248,6 @@ pub enum HangUp {
     HalfClosed,
 }
 
-/// The table for the workers, by listener.
-#[derive(Debug)]
-pub struct Plan {
-    pub ports: Vec<PortPlan>,
-}
-
-#[derive(Debug)]
-pub struct PortPlan {
-    pub listener: ListenerId,
-    pub routes: Vec<RoutePlan>,
-}
-
-#[derive(Debug)]
-pub struct RoutePlan {
-    pub key: RouteKey,
-    pub display: Arc<str>,
-    pub spec: RouteSpec,
-    pub target: PlanTarget,
-    pub owner: crate::route::Owner,
-}
-
-#[derive(Debug)]
-pub enum PlanTarget {
-    /// Straight to these sessions.
-    Sessions(Vec<SessionId>),
-    /// Through the control plane.
-    Queue,
-    Forward(Arc<BackendPool>),
-}
-
 /// An operation waiting for its listeners to be bound.
 #[derive(Debug)]
 struct PendingOp {
@@ -296,6 +278,10 @@ pub struct Core {
     /// After a commit: the addresses of the listeners handed over, to name
     /// them when later connections are handed on.
     handed_over: BTreeMap<ListenerId, SocketAddr>,
+    /// Lent listeners and the sessions holding them (see `plan.rs`).
+    loans: BTreeMap<ListenerId, BTreeSet<SessionId>>,
+    /// Loans that could not be sent: not offered again to that session.
+    loan_refused: BTreeSet<(ListenerId, SessionId)>,
     next_listener: u64,
     next_session: u64,
     next_op: u64,
@@ -319,6 +305,8 @@ impl Core {
             pending: Vec::new(),
             matchers: HashMap::new(),
             handed_over: BTreeMap::new(),
+            loans: BTreeMap::new(),
+            loan_refused: BTreeSet::new(),
             next_listener: 0,
             next_session: 0,
             next_op: 0,
@@ -373,6 +361,7 @@ impl Core {
         if self.routes_dirty {
             self.matchers.clear();
         }
+        self.update_loans(true);
         if self.importing || self.mode == Mode::HandedOver {
             return;
         }
@@ -441,7 +430,7 @@ impl Core {
         self.next_listener = self.next_listener.max(id.0);
         let used = self.routes.keys().any(|k| k.0 == addr);
         let idle_since = if used { None } else { Some(now) };
-        self.listeners.insert(id, ListenerState { addr, idle_since, pinned, bound: true });
+        self.listeners.insert(id, ListenerState { addr, idle_since, pinned, bound: true, lent_once: false });
         self.table_dirty = true;
         self.settle();
         id
@@ -475,6 +464,13 @@ impl Core {
             && let Some(l) = self.listeners.get_mut(&id)
         {
             l.idle_since = Some(now);
+            if l.lent_once && !l.pinned {
+                // A borrower may still hold a copy: the port is taken back now.
+                tracing::info!(%addr, "closed listener: its lent route is gone");
+                self.listeners.remove(&id);
+                self.emit(Effect::Close { listener: id, addr, revoke: true });
+                self.table_dirty = true;
+            }
         }
     }
 
@@ -489,7 +485,7 @@ impl Core {
         for id in idle {
             if let Some(l) = self.listeners.remove(&id) {
                 tracing::info!(addr = %l.addr, "closed listener: no routes for {}", humantime::format_duration(linger));
-                self.emit(Effect::Close { listener: id, addr: l.addr });
+                self.emit(Effect::Close { listener: id, addr: l.addr, revoke: l.lent_once });
                 self.table_dirty = true;
             }
         }
@@ -544,8 +540,10 @@ impl Core {
                 None => {
                     self.next_listener += 1;
                     let id = ListenerId(self.next_listener);
-                    self.listeners
-                        .insert(id, ListenerState { addr: *addr, idle_since: None, pinned: false, bound: false });
+                    self.listeners.insert(
+                        id,
+                        ListenerState { addr: *addr, idle_since: None, pinned: false, bound: false, lent_once: false },
+                    );
                     pending.waiting.insert(id);
                     pending.opened.push(id);
                     self.emit(Effect::Bind { listener: id, addr: *addr });
@@ -567,7 +565,7 @@ impl Core {
                 for id in op.opened {
                     let unused = self.listeners.get(&id).is_some_and(|l| !self.routes.keys().any(|k| k.0 == l.addr));
                     if unused && let Some(l) = self.listeners.remove(&id) {
-                        self.emit(Effect::Close { listener: id, addr: l.addr });
+                        self.emit(Effect::Close { listener: id, addr: l.addr, revoke: l.lent_once });
                     }
                 }
                 Err(e)
@@ -627,44 +625,6 @@ impl Core {
         self.settle();
     }
 
-    /// The table the workers should have now.
-    pub fn plan(&self) -> Plan {
-        let ports = self
-            .listeners
-            .iter()
-            .filter(|(_, l)| l.bound)
-            .map(|(id, l)| {
-                let routes = self
-                    .routes
-                    .iter()
-                    .filter(|(k, _)| k.0 == l.addr)
-                    .map(|(key, r)| {
-                        let target = match &r.target {
-                            _ if self.mode != Mode::Serving => PlanTarget::Queue,
-                            RouteTarget::Backends(pool) => PlanTarget::Forward(pool.clone()),
-                            RouteTarget::Service(s) => {
-                                let live = self.live(s);
-                                if s.queue.is_empty() && s.delivering.is_none() && !live.is_empty() {
-                                    PlanTarget::Sessions(live)
-                                } else {
-                                    PlanTarget::Queue
-                                }
-                            }
-                        };
-                        let owner = match &r.target {
-                            RouteTarget::Backends(pool) => crate::route::Owner::Backends(pool.clone()),
-                            RouteTarget::Service(s) => crate::route::Owner::Service(s.service.as_str().into()),
-                        };
-                        let (display, spec) = (r.display.clone(), r.spec.clone());
-                        RoutePlan { key: key.clone(), display, spec, target, owner }
-                    })
-                    .collect();
-                PortPlan { listener: *id, routes }
-            })
-            .collect();
-        Plan { ports }
-    }
-
     /// An upgrade freezes the state: every route queues here, nothing is
     /// delivered or changed until [`Core::commit`] or [`Core::thaw`].
     pub fn freeze(&mut self) {
@@ -722,6 +682,7 @@ impl Core {
         self.routes.clear();
         self.sessions.clear();
         self.listeners.clear();
+        self.loans.clear();
         self.pending.clear();
         self.matchers.clear();
     }
@@ -784,6 +745,7 @@ impl Core {
         }
         self.table_dirty = true;
         self.routes_dirty = true;
+        self.update_loans(false);
         self.settle();
     }
 }

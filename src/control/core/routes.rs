@@ -348,6 +348,7 @@ impl Core {
             }
             let planned: Vec<SocketAddr> = plan.iter().map(|(k, _)| k.0).collect();
             self.check_clash(text, key.0, &planned)?;
+            self.check_lend(Some(&peer), &key, &spec, &plan)?;
             if !plan.iter().any(|(k, _)| *k == key) {
                 plan.push((key, spec));
             }
@@ -572,6 +573,10 @@ impl Core {
         if spec.name.is_some() {
             return Err(ControlError::ServiceName { route });
         }
+        if spec.lend {
+            let reason = "lend hands the port to the service that claims it; a route with backends is served by portmux (drop lend)";
+            return Err(ControlError::BadOption { route, reason: reason.into() });
+        }
         match self.mode {
             Mode::Serving => {}
             Mode::Frozen if self.importing => {}
@@ -598,6 +603,7 @@ impl Core {
             }
             None => {
                 self.check_clash(&route, key.0, &[])?;
+                self.check_lend(None, &key, &spec, &[])?;
                 Vec::new()
             }
         };

@@ -657,3 +657,60 @@ fn a_route_from_an_older_release_is_taken_back_by_its_own_service() {
     let e = register(&mut c, t0, same_name, &["http://old.test:8000"]).0.unwrap_err();
     assert!(e.contains("the service name 'web'") && e.contains("uid 4000"), "{e}");
 }
+
+#[test]
+fn a_lend_route_lends_its_port_to_each_session_that_takes_connections() {
+    let t0 = Instant::now();
+    let mut c = core(16);
+    let lends = |effects: &[Effect]| -> Vec<SessionId> {
+        effects
+            .iter()
+            .filter_map(|e| if let Effect::Lend { session, .. } = e { Some(*session) } else { None })
+            .collect()
+    };
+    let lent = |c: &Core| c.plan().ports.iter().any(|p| p.lent);
+    let a = c.open_session("web".into(), Peer::known(10, 1000));
+    let (bound, effects) = register(&mut c, t0, a, &["http://:8000?lend"]);
+    assert_eq!(bound.unwrap()[0].route, "http://:8000?lend");
+    assert_eq!(lends(&effects), [a]);
+    assert!(lent(&c));
+    // A second instance gets its own loan; the first is not sent it again.
+    let b = c.open_session("web".into(), Peer::known(11, 1000));
+    let (_, effects) = register(&mut c, t0, b, &["http://:8000?lend"]);
+    assert_eq!(lends(&effects), [b]);
+    // Draining, a session holds no loan; while another does, the port stays lent.
+    c.drain(a);
+    assert!(lends(&run(&mut c, t0, &[])).is_empty() && lent(&c));
+    let listener = c.listener_for("127.0.0.1:8000".parse().unwrap()).unwrap();
+    assert_eq!(c.borrowers(listener).map(|s| s.iter().copied().collect::<Vec<_>>()), Some(vec![b]));
+    // A loan that could not be sent gives the port back to the workers, for good.
+    c.loan_failed(listener, b);
+    let effects = run(&mut c, t0, &[]);
+    assert!(!lent(&c) && effects.iter().any(|e| matches!(e, Effect::Publish)));
+    assert!(lends(&effects).is_empty(), "not offered again");
+    // The route goes with its reservation: its listener closes then, shut down.
+    c.session_ended(t0, a);
+    c.session_ended(t0, b);
+    run(&mut c, t0, &[]);
+    c.timeout(t0 + LINGER);
+    let effects = run(&mut c, t0 + LINGER, &[]);
+    assert!(
+        effects.iter().any(|e| matches!(e, Effect::Close { revoke: true, addr, .. } if addr.port() == 8000)),
+        "{effects:?}"
+    );
+
+    // A lent port has no other route, in one registration or across two.
+    let x = c.open_session("x".into(), Peer::known(12, 1000));
+    let (refused, _) = register(&mut c, t0, x, &["http://:8001?lend", "http://a.test:8001"]);
+    assert!(refused.unwrap_err().contains("lends port 8001"));
+    let (_, _) = register(&mut c, t0, x, &["http://a.test:8002"]);
+    let (refused, _) = register(&mut c, t0, x, &["tcp://:8002?lend"]);
+    assert!(refused.unwrap_err().contains("no other route (http://a.test:8002)"));
+    // systemd's sockets are lent only to the privileged.
+    c.adopt_listener(t0, None, "127.0.0.1:8003".parse().unwrap(), true);
+    let other = c.open_session("other".into(), Peer::known(13, 1001));
+    let (refused, _) = register(&mut c, t0, other, &["tcp://:8003?lend"]);
+    assert!(refused.unwrap_err().contains("could not take back from uid 1001"));
+    let (ok, effects) = register(&mut c, t0, x, &["tcp://:8003?lend"]);
+    assert!(ok.is_ok() && lends(&effects) == [x]);
+}

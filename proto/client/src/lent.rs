@@ -1,0 +1,88 @@
+//! Listening sockets portmux lends to the sessions of a `?lend` route: the
+//! service accepts from them itself, as a server on its own port does, while
+//! connections portmux accepted before the loan still come over the session.
+//! The socket is non-blocking (portmux made it so), so an acceptor that finds
+//! nothing (another instance took it) simply waits again. The copy is closed
+//! before the session drains or ends, and when it is lost: portmux then
+//! accepts for the route again, and what waits in the kernel is not lost.
+
+use crate::ConnInfo;
+use portmux_wire::spec::{RouteSpec, Scheme};
+use portmux_wire::{ConnMeta, Proto};
+use std::io;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+/// One lent listening socket, held as `F` (the fd, or the fd registered
+/// with tokio's reactor).
+#[derive(Debug)]
+pub(crate) struct Loan<F = OwnedFd> {
+    fd: F,
+    route: String,
+    proto: Proto,
+    /// The address it listens on, if it names one (not a wildcard): each
+    /// connection's own local address then.
+    local: Option<SocketAddr>,
+}
+
+impl Loan {
+    pub(crate) fn new(fd: OwnedFd, route: String, listen: SocketAddr) -> Loan {
+        let proto = match RouteSpec::parse(&route).map(|s| s.scheme) {
+            Ok(Scheme::Http) => Proto::Http,
+            Ok(Scheme::Tls | Scheme::Https) => Proto::Tls,
+            _ => Proto::Tcp,
+        };
+        Loan { fd, route, proto, local: Some(listen).filter(|a| !a.ip().is_unspecified()) }
+    }
+
+    /// The same loan, its fd held as `wrap` makes it.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn wrap<G>(self, wrap: impl FnOnce(OwnedFd) -> io::Result<G>) -> io::Result<Loan<G>> {
+        Ok(Loan { fd: wrap(self.fd)?, route: self.route, proto: self.proto, local: self.local })
+    }
+}
+
+impl<F: AsFd> Loan<F> {
+    /// How the fd is held.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn held(&self) -> &F {
+        &self.fd
+    }
+
+    /// The connection waiting, if one is: the stream (in the mode asked
+    /// for) and what is known of it (no peek: its Host, SNI and path are
+    /// the service's to read).
+    pub(crate) fn try_accept(&self, nonblocking: bool) -> io::Result<Option<(TcpStream, ConnInfo)>> {
+        loop {
+            let Some((fd, peer)) = portmux_sys::net::accept_waiting(self.fd.as_fd(), nonblocking)? else {
+                return Ok(None);
+            };
+            let local = match self.local {
+                Some(local) => local,
+                // Gone already (reset before this): the next one.
+                None => match portmux_sys::net::local_addr(fd.as_fd()) {
+                    Ok(local) => local,
+                    Err(_) => continue,
+                },
+            };
+            let meta = ConnMeta {
+                route: self.route.clone(),
+                proto: self.proto,
+                peer,
+                local,
+                sni: None,
+                alpn: Vec::new(),
+                host: None,
+                path: None,
+                peeked: 0,
+            };
+            return Ok(Some((TcpStream::from(fd), ConnInfo { id: 0, meta, tls: None })));
+        }
+    }
+}
+
+impl<F: AsFd> AsFd for Loan<F> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
