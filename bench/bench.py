@@ -56,9 +56,9 @@ ALL_PEERS = PEER_SYSTEMS + TERMINATING[1:] + L7[1:]
 
 SCENARIOS = [
     dict(key="ka", short="keep-alive", title="keep-alive, small responses", body="hello", size=None, conns=50, close=False, tls=False,
-         systems=("direct", "portmux-handoff", "portmux-forward", "portmux-forward-user") + PEER_SYSTEMS),
+         systems=("direct", "portmux-handoff", "portmux-lend", "portmux-forward", "portmux-forward-user") + PEER_SYSTEMS),
     dict(key="close", short="new connection each", title="new connection per request", body="hello", size=None, conns=50, close=True, tls=False,
-         systems=("direct", "portmux-handoff", "portmux-forward", "portmux-forward-user") + PEER_SYSTEMS),
+         systems=("direct", "portmux-handoff", "portmux-lend", "portmux-forward", "portmux-forward-user") + PEER_SYSTEMS),
     dict(key="1m", short="1 MiB bodies", title="1 MiB bodies", body="x", size=1 << 20, conns=8, close=False, tls=False,
          systems=("direct", "portmux-handoff", "portmux-forward", "portmux-forward-user") + PEER_SYSTEMS),
     dict(key="16m", short="16 MiB bodies", title="16 MiB bodies", body="x", size=16 << 20, conns=4, close=False, tls=False,
@@ -380,9 +380,12 @@ class Bench:
                 spec = f"tls://localhost:{port}"
             elif system == "portmux-handoff":
                 spec = f"http://:{port}"
+            elif system == "portmux-lend":
+                # The port's one service accepts from portmux's listening socket itself.
+                spec = f"http://:{port}?lend"
             else:
                 spec = f"http://:{port}?mode=connection"
-            if system == "portmux-handoff":
+            if system in ("portmux-handoff", "portmux-lend"):
                 env = dict(os.environ, PORTMUX_CONTROL=control)
                 service, _ = self.procs.start([HELLO, spec] + self.hello_args(sc), ready="registered", env=env)
                 fds = open_fds(service.pid)
@@ -645,7 +648,9 @@ def write_report(bench, all_results, elapsed):
     lines += [f"- {m}" for m in machine()]
     mode = "quick: 1 round of 2 s" if bench.quick else f"{bench.rounds} rounds of {bench.duration} s, medians"
     lines += [f"- {mode}; wrk with {THREADS} threads; every proxy with {THREADS} workers/threads (sniproxy has one "
-              f"event loop); the same backend (the client crate's `hello`) everywhere; run took {elapsed / 60:.1f} min", ""]
+              f"event loop); the same backend (the client crate's `hello`) everywhere; run took {elapsed / 60:.1f} min",
+              "- portmux-handoff: `hello` claims `http://:PORT`, portmux peeks and hands each connection over; "
+              "portmux-lend: it claims `http://:PORT?lend`, and accepts from portmux's listening socket itself", ""]
     summary = {k: summarize(v) for k, v in all_results.items()}
     for sc in SCENARIOS:
         lines.append(f"## {sc['title']}")
@@ -740,6 +745,8 @@ def write_report(bench, all_results, elapsed):
         return pm / (max(peers) if field == "rps" else min(peers))
     targets.append(("handoff, keep-alive ≥ 0.97 × direct", ratio("ka", "portmux-handoff"), 0.97, "≥"))
     targets.append(("handoff, new connection per request ≥ 0.9 × direct", ratio("close", "portmux-handoff"), 0.9, "≥"))
+    targets.append(("handoff of a lent port (?lend), new connection per request ≥ 0.9 × direct",
+                    ratio("close", "portmux-lend"), 0.9, "≥"))
     targets.append(("handoff CPU per 1000 connections ≤ 0.5 × HAProxy TCP's",
                     pm_close / hap_close if pm_close and hap_close else None, 0.5, "≤"))
     targets.append(("forward, keep-alive small ≥ 1.3 × best peer", fwd_ka / ka_peer if fwd_ka and ka_peer else None, 1.3, "≥"))
@@ -835,7 +842,7 @@ def plot(summary):
     """latest.png: req/s relative to direct, and p99 latency, per scenario and system."""
     # Relative to direct: scenarios without a direct row (l7-h2: hello speaks no HTTP/2) are left out.
     keys = [sc for sc in SCENARIOS if sc["key"] in summary and not sc.get("idle") and "direct" in summary[sc["key"]]]
-    systems = ["direct", "portmux-handoff", "portmux-forward", "portmux-forward-user", "portmux-terminate",
+    systems = ["direct", "portmux-handoff", "portmux-lend", "portmux-forward", "portmux-forward-user", "portmux-terminate",
                "portmux-l7"] + list(ALL_PEERS)
     data = os.path.join(RESULTS, "latest.dat")
     with open(data, "w") as f:
