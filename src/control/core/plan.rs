@@ -94,6 +94,12 @@ impl Core {
         if self.mode != Mode::Serving || self.importing {
             return;
         }
+        // Every input settles: most ports are never lent, so this is one look.
+        if self.loans.is_empty() && !self.routes.values().any(|r| r.spec.lend) {
+            return;
+        }
+        let sessions = &self.sessions;
+        self.loan_refused.retain(|(_, s)| sessions.contains_key(s));
         let mut wanted: BTreeMap<ListenerId, BTreeSet<SessionId>> = BTreeMap::new();
         let mut lends = Vec::new();
         for (id, l) in self.listeners.iter().filter(|(_, l)| l.bound) {

@@ -6,7 +6,8 @@ use super::*;
 
 impl Control {
     /// Sends a lent listening socket to a session; if it cannot, the port
-    /// goes back to the workers.
+    /// goes back to the workers (the effects that follow are carried out by
+    /// the `apply` running this one, or by the task's own).
     pub(super) fn lend(
         self: &Rc<Self>,
         session: SessionId,
@@ -17,15 +18,13 @@ impl Control {
         let target = self.sessions.borrow().get(&session).cloned();
         let socket = self.listeners.borrow().get(&listener).cloned();
         let (Some(target), Some(socket)) = (target, socket) else {
-            self.core.borrow_mut().loan_failed(listener, session);
-            return self.apply();
+            return self.core.borrow_mut().loan_failed(listener, session);
         };
         // Borrowers poll it and take what waits, never blocking when another
         // took it first; portmux's own accepts (io_uring) are unaffected.
         if let Err(e) = net::set_nonblocking(socket.fd.as_fd(), true) {
             tracing::warn!(listen = %addr, "cannot lend the listening socket: {e}; portmux accepts for it");
-            self.core.borrow_mut().loan_failed(listener, session);
-            return self.apply();
+            return self.core.borrow_mut().loan_failed(listener, session);
         }
         let me = self.clone();
         let patience = self.shared.settings.handoff_patience;
