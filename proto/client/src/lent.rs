@@ -13,6 +13,17 @@ use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
+/// Connections taken from lent sockets in a row before the session is
+/// looked at again: the connections portmux queued (and handed over before
+/// the loan) and its messages are not starved by a busy port.
+pub(crate) const STREAK: u32 = 16;
+
+/// Whether `err`, from [`Loan::try_accept`], says the socket listens no
+/// more (portmux shut it down as its route went): the loan is over.
+pub(crate) fn revoked(err: &io::Error) -> bool {
+    err.kind() == io::ErrorKind::InvalidInput
+}
+
 /// One lent listening socket, held as `F` (the fd, or the fd registered
 /// with tokio's reactor).
 #[derive(Debug)]

@@ -274,6 +274,8 @@ struct Receiving {
     buf: Vec<u8>,
     /// Set while the session is gone and `try_accept` reconnects step by step.
     lost: Option<Backoff>,
+    /// Connections taken from lent sockets since the session was last read.
+    streak: u32,
 }
 
 /// Reconnection attempts without blocking: when the session went, and the
@@ -307,7 +309,7 @@ impl Listener {
             cfg,
             handle,
             bound: Mutex::new(opened.bound),
-            receiving: Mutex::new(Receiving { backlog: early, pending: None, version, buf, lost: None }),
+            receiving: Mutex::new(Receiving { backlog: early, pending: None, version, buf, lost: None, streak: 0 }),
             poller: OnceLock::new(),
             loans: Mutex::new(loans),
         })
@@ -317,8 +319,16 @@ impl Listener {
     fn accept_lent(&self) -> io::Result<Option<(Stream, ConnInfo)>> {
         let loans = lock(&self.loans).clone();
         for loan in loans {
-            if let Some((stream, info)) = loan.try_accept(false)? {
-                return Ok(Some(track(&self.handle, stream, info)));
+            match loan.try_accept(false) {
+                Ok(Some((stream, info))) => return Ok(Some(track(&self.handle, stream, info))),
+                Ok(None) => {}
+                Err(e) if lent::revoked(&e) => {
+                    if let Some(p) = self.poller.get() {
+                        p.forget(&*loan);
+                    }
+                    lock(&self.loans).retain(|l| !Arc::ptr_eq(l, &loan));
+                }
+                Err(e) => return Err(e),
             }
         }
         Ok(None)
@@ -379,9 +389,13 @@ impl Listener {
                 self.reconnect(&mut rx, lost.since)?;
                 continue;
             }
-            if let Some(next) = self.accept_lent()? {
+            if rx.streak < lent::STREAK
+                && let Some(next) = self.accept_lent()?
+            {
+                rx.streak += 1;
                 return Ok(next);
             }
+            rx.streak = 0;
             // Wait for a message, a lent socket's connection or a shutdown, then take the message.
             if rx.pending.is_none() && !self.wait_for_message()? {
                 continue;
@@ -406,8 +420,10 @@ impl Listener {
             let mut fds = vec![PollFd::new(&*sock, PollFlags::IN), PollFd::new(&wake, PollFlags::IN)];
             fds.extend(loans.iter().map(|l| PollFd::new(&**l, PollFlags::IN)));
             match poll(&mut fds, None) {
-                Ok(_) if fds[1..].iter().any(|f| !f.revents().is_empty()) => return Ok(false),
-                Ok(_) => return Ok(true),
+                Ok(_) if !fds[1].revents().is_empty() => return Ok(false),
+                // The session before the lent sockets: what portmux queued is
+                // not starved by a busy port.
+                Ok(_) => return Ok(!fds[0].revents().is_empty()),
                 Err(rustix::io::Errno::INTR) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -459,9 +475,13 @@ impl Listener {
                     Err(e) => return Err(e.into()),
                 }
             }
-            if let Some(next) = self.accept_lent()? {
+            if rx.streak < lent::STREAK
+                && let Some(next) = self.accept_lent()?
+            {
+                rx.streak += 1;
                 return Ok(Some(next));
             }
+            rx.streak = 0;
             match self.receive_one(&mut rx, Wait::DontWait) {
                 Ok(Some(next)) => {
                     // What came with it waits here, not in the socket: as above.

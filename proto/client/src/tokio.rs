@@ -41,6 +41,8 @@ pub struct Listener {
     buf: Vec<u8>,
     /// Listening sockets portmux lent this session (`?lend` routes).
     lent: Vec<Loan<AsyncFd<OwnedFd>>>,
+    /// Connections taken from them since the session was last looked at.
+    streak: u32,
 }
 
 impl Listener {
@@ -55,7 +57,7 @@ impl Listener {
         let handle = Handle::new(Arc::new(opened.sock.as_fd().try_clone_to_owned()?))?;
         let (sock, bound, backlog, version) = (opened.sock, opened.bound, opened.early.into(), opened.version);
         let lent = opened.lent.into_iter().map(register).collect::<io::Result<_>>()?;
-        Ok(Listener { cfg, sock, handle, bound, backlog, pending: None, version, buf, lent })
+        Ok(Listener { cfg, sock, handle, bound, backlog, pending: None, version, buf, lent, streak: 0 })
     }
 
     /// The routes as portmux serves them, with their listening addresses.
@@ -86,23 +88,35 @@ impl Listener {
                 return Ok(self.track(TcpStream::from_std(stream)?, info));
             }
             let Some(incoming) = self.pending.take() else {
-                // What waits on a lent socket is taken at once; then whichever comes first.
-                for loan in &self.lent {
-                    if let Some((stream, info)) = loan.try_accept(true)? {
-                        return Ok(self.track(TcpStream::from_std(stream)?, info));
+                // What waits on a lent socket is taken at once (but the session
+                // is looked at every few), then whichever comes first, the session
+                // before the sockets.
+                let mut i = 0;
+                while let (true, Some(loan)) = (self.streak < crate::lent::STREAK, self.lent.get(i)) {
+                    match loan.try_accept(true) {
+                        Ok(Some((stream, info))) => {
+                            self.streak += 1;
+                            return Ok(self.track(TcpStream::from_std(stream)?, info));
+                        }
+                        Ok(None) => i += 1,
+                        // Shut down by portmux: the loan is over.
+                        Err(e) if crate::lent::revoked(&e) => drop(self.lent.remove(i)),
+                        Err(e) => return Err(e),
                     }
                 }
+                self.streak = 0;
                 let lent = std::mem::take(&mut self.lent);
                 let woken = tokio::select! {
+                    biased;
                     r = self.receive() => Err(r),
                     r = wait_lent(&lent) => Ok(r),
                 };
                 self.lent.splice(0..0, lent);
                 let conns = match woken {
-                    Ok(accepted) => {
-                        let (stream, info) = accepted?;
-                        return Ok(self.track(TcpStream::from_std(stream)?, info));
-                    }
+                    Ok(accepted) => match accepted? {
+                        Some((stream, info)) => return Ok(self.track(TcpStream::from_std(stream)?, info)),
+                        None => continue, // Dropped on the next turn.
+                    },
                     Err(received) => received,
                 };
                 let Some(conns) = conns? else { continue }; // A shutdown began.
@@ -522,8 +536,9 @@ fn register(loan: Loan) -> io::Result<Loan<AsyncFd<OwnedFd>>> {
     loan.wrap(|fd| portmux_sys::reactor::register(fd, Interest::READABLE))
 }
 
-/// Waits for a connection on any lent socket (forever if there is none).
-async fn wait_lent(lent: &[Loan<AsyncFd<OwnedFd>>]) -> io::Result<(std::net::TcpStream, ConnInfo)> {
+/// Waits for a connection on any lent socket (forever if there is none);
+/// `None` when one of them was shut down (the caller drops it).
+async fn wait_lent(lent: &[Loan<AsyncFd<OwnedFd>>]) -> io::Result<Option<(std::net::TcpStream, ConnInfo)>> {
     std::future::poll_fn(|cx| {
         for loan in lent {
             loop {
@@ -533,8 +548,9 @@ async fn wait_lent(lent: &[Loan<AsyncFd<OwnedFd>>]) -> io::Result<(std::net::Tcp
                     Poll::Pending => break,
                 };
                 match loan.try_accept(true) {
-                    Ok(Some(accepted)) => return Poll::Ready(Ok(accepted)),
+                    Ok(Some(accepted)) => return Poll::Ready(Ok(Some(accepted))),
                     Ok(None) => ready.clear_ready(),
+                    Err(e) if crate::lent::revoked(&e) => return Poll::Ready(Ok(None)),
                     Err(e) => return Poll::Ready(Err(e)),
                 }
             }
