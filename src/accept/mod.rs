@@ -147,7 +147,8 @@ async fn accept_loop(listener: Arc<Listener>, shared: Arc<Shared>, stop: Rc<Noti
                     drop(guard);
                 });
             }
-            Err(e) if stopped || e.raw_os_error() == Some(libc::ECANCELED) => {}
+            // EAGAIN: a borrower of the (then non-blocking) listener took it first.
+            Err(e) if stopped || matches!(e.raw_os_error(), Some(libc::ECANCELED | libc::EAGAIN)) => {}
             // Shut down: a lent listener taken back as its route went.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return,
             Err(e) => {

@@ -249,9 +249,8 @@ impl Control {
         let sessions: Vec<Arc<Session>> = self.sessions.borrow().values().cloned().collect();
         for session in sessions {
             if !self.readers.borrow().contains(&session.id) {
-                // A session from before the upgrade: it registered already.
-                let version = portmux_wire::PROTOCOL_VERSION;
-                tokio_uring::spawn(super::session::run(self.clone(), session, version));
+                // A session from before the upgrade: its protocol version is not known here.
+                tokio_uring::spawn(super::session::run(self.clone(), session, None));
             }
         }
     }

@@ -233,7 +233,7 @@ async fn serve(control: Rc<Control>, fd: OwnedFd, peer: Peer, admitted: Result<C
     }
     let session = control.open_session(service, peer, afd.into_inner());
     tracing::info!(session = %session.id, service = %session.name, pid, uid, "service connected");
-    run(control, session, version).await;
+    run(control, session, Some(version)).await;
 }
 
 /// The first protocol version whose services understand [`Message::Lend`].
@@ -243,19 +243,24 @@ const LEND_VERSION: u32 = 3;
 fn registration(
     control: &Rc<Control>,
     session: &Session,
-    version: u32,
+    version: Option<u32>,
     routes: &[String],
     cert: Option<Arc<crate::tls::certs::CertSlot>>,
 ) -> Message {
     let sid = session.id;
     let lend = |r: &&String| portmux_wire::spec::RouteSpec::parse(r).is_ok_and(|s| s.lend);
-    if version < LEND_VERSION
+    if version.is_none_or(|v| v < LEND_VERSION)
         && let Some(route) = routes.iter().find(lend)
     {
-        let reason = format!(
-            "lend needs a client library that speaks control protocol {LEND_VERSION} (this session speaks {version}): \
-             update libportmux / portmux-client, or claim without lend"
-        );
+        let reason = match version {
+            Some(v) => format!(
+                "lend needs a client library that speaks control protocol {LEND_VERSION} (this session speaks {v}): \
+                 update libportmux / portmux-client, or claim without lend"
+            ),
+            None => "lend needs a session that said which control protocol it speaks, and this one began before \
+                     portmux's last upgrade: claim it from a new session"
+                .to_string(),
+        };
         tracing::info!(session = %sid, service = %session.name, %route, "refused: {reason}");
         return Message::Refused { route: route.clone(), reason };
     }
@@ -288,7 +293,9 @@ fn acked(control: &Control, session: &Session, ids: &[u64]) {
 
 /// Reads a session's messages until it ends, or until an upgrade freezes the
 /// control plane (then only at the receive point, never mid-message).
-pub(super) async fn run(control: Rc<Control>, session: Arc<Session>, version: u32) {
+/// `version`: the protocol the session said Hello in (`None`: it came from
+/// the previous process, which does not hand that over).
+pub(super) async fn run(control: Rc<Control>, session: Arc<Session>, version: Option<u32>) {
     let sid = session.id;
     let pid = session.pid;
     let _reader = control.reader_started(sid);

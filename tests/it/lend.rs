@@ -22,6 +22,22 @@ pub fn handed_off(pm: &Portmux, route: &str) -> u64 {
     pm.route(route).and_then(|r| r.counts).map_or(0, |c| c.handed_off)
 }
 
+/// How many of `pid`'s fds are the listening socket on `port`.
+fn listener_copies(pid: u32, port: u16) -> usize {
+    let listening = ["/proc/net/tcp", "/proc/net/tcp6"].iter().find_map(|table| {
+        let text = std::fs::read_to_string(table).ok()?;
+        text.lines().skip(1).find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = f.get(1)?.rsplit(':').next()?;
+            (u16::from_str_radix(local_port, 16).ok()? == port && f.get(3)? == &"0A").then(|| f[9].to_string())
+        })
+    });
+    let Some(inode) = listening else { return 0 };
+    let want = format!("socket:[{inode}]");
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap();
+    fds.flatten().filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy() == want)).count()
+}
+
 /// Takes the next connection from a lent (non-blocking) listening socket.
 fn accept_lent(listener: &OwnedFd) -> OwnedFd {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -147,6 +163,7 @@ fn a_lent_port_stays_lent_across_an_upgrade_and_is_taken_back_after_it() {
     let route = format!("http://:{port}?lend");
     let mut svc = Service::hello(&pm, &route, "lent", &[]);
     pm.wait_for("the port lent", |pm| lent(pm, &route));
+    assert_eq!(listener_copies(svc.pid(), port), 1);
     let old = pm.pid();
     pm.upgrade(&[]).unwrap();
     assert_ne!(pm.pid(), old);
@@ -155,6 +172,11 @@ fn a_lent_port_stays_lent_across_an_upgrade_and_is_taken_back_after_it() {
         assert_eq!(get(port, "x", "/").unwrap().body, "lent");
     }
     assert_eq!(handed_off(&pm, &route), 0, "the new process does not accept on a lent port");
+    // The new process lent the socket again (the previous one may not have
+    // reached the session); the copy replaced the one held, none piled up.
+    assert!(pm.wait_log("lent the listening socket", Duration::from_secs(10)), "{}", pm.log());
+    assert_eq!(get(port, "x", "/").unwrap().body, "lent");
+    assert_eq!(listener_copies(svc.pid(), port), 1, "the second copy replaced the first");
 
     svc.kill();
     pm.wait_reserved(&route);
@@ -216,4 +238,25 @@ fn a_keep_alive_connection_of_a_lent_port_outlives_a_graceful_restart() {
     pm.wait_reserved(&route);
     let _second = Service::hello(&pm, &route, "second", &[]);
     assert_eq!(conn.get("x", "/2").unwrap().body, "second", "the same connection, served by the next instance");
+}
+
+#[test]
+fn an_async_accept_cancelled_while_it_waits_keeps_the_loan() {
+    let pm = Portmux::start(&[]);
+    let port = free_port();
+    let route = format!("tcp://:{port}?lend");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut listener =
+        rt.block_on(portmux_client::Builder::new().route(&route).control(pm.control()).bind_async()).unwrap();
+    pm.wait_for("the port lent", |pm| lent(pm, &route));
+    // Accepts given up while nothing comes (a select, a timeout around them).
+    for _ in 0..3 {
+        let waited = rt.block_on(async { tokio::time::timeout(Duration::from_millis(50), listener.accept()).await });
+        assert!(waited.is_err(), "nothing to accept yet");
+    }
+    let c = client(port);
+    let accepted = rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), listener.accept()).await });
+    let (_, info) = accepted.expect("the lent socket is still there").unwrap();
+    assert_eq!(info.peer, c.local_addr().unwrap());
+    assert_eq!(handed_off(&pm, &route), 0);
 }

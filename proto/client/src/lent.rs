@@ -54,6 +54,12 @@ impl Loan {
 }
 
 impl<F: AsFd> Loan<F> {
+    /// The route it was lent for: a second loan for it replaces the first
+    /// (portmux lends again after an upgrade).
+    pub(crate) fn route(&self) -> &str {
+        &self.route
+    }
+
     /// How the fd is held.
     #[cfg(feature = "tokio")]
     pub(crate) fn held(&self) -> &F {

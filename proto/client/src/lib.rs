@@ -262,6 +262,8 @@ pub struct Listener {
     poller: OnceLock<Poller>,
     /// Listening sockets portmux lent this session (`?lend` routes).
     loans: Mutex<Vec<Arc<lent::Loan>>>,
+    /// Drain was sent: a loan that crossed it is not taken.
+    drained: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -312,35 +314,51 @@ impl Listener {
             receiving: Mutex::new(Receiving { backlog: early, pending: None, version, buf, lost: None, streak: 0 }),
             poller: OnceLock::new(),
             loans: Mutex::new(loans),
+            drained: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     /// A connection waiting on a lent listening socket, if one is.
-    fn accept_lent(&self) -> io::Result<Option<(Stream, ConnInfo)>> {
+    /// A connection waiting on a lent listening socket, if one is. An error
+    /// (out of fds, say) comes back as `accept`'s, and the session is read
+    /// next, so that it is not starved meanwhile.
+    fn accept_lent(&self, rx: &mut Receiving) -> io::Result<Option<(Stream, ConnInfo)>> {
         let loans = lock(&self.loans).clone();
         for loan in loans {
             match loan.try_accept(false) {
                 Ok(Some((stream, info))) => return Ok(Some(track(&self.handle, stream, info))),
                 Ok(None) => {}
-                Err(e) if lent::revoked(&e) => {
-                    if let Some(p) = self.poller.get() {
-                        p.forget(&*loan);
-                    }
-                    lock(&self.loans).retain(|l| !Arc::ptr_eq(l, &loan));
+                Err(e) if lent::revoked(&e) => self.drop_loan(|l| Arc::ptr_eq(l, &loan)),
+                Err(e) => {
+                    rx.streak = lent::STREAK;
+                    return Err(e);
                 }
-                Err(e) => return Err(e),
             }
         }
         Ok(None)
     }
 
+    /// Takes loans (one for a route already lent replaces it), unless Drain was sent.
     fn add_loans(&self, loans: impl IntoIterator<Item = lent::Loan>) {
         for loan in loans {
+            if self.drained.load(std::sync::atomic::Ordering::Acquire) {
+                continue; // Closed: portmux no longer counts this session.
+            }
+            self.drop_loan(|l| l.route() == loan.route());
             if let Some(p) = self.poller.get() {
                 let _ = p.watch_loan(&loan);
             }
             lock(&self.loans).push(Arc::new(loan));
         }
+    }
+
+    /// Closes the loans `which` picks.
+    fn drop_loan(&self, which: impl Fn(&Arc<lent::Loan>) -> bool) {
+        let mut loans = lock(&self.loans);
+        if let Some(p) = self.poller.get() {
+            loans.iter().filter(|l| which(l)).for_each(|l| p.forget(&**l));
+        }
+        loans.retain(|l| !which(l));
     }
 
     /// Closes the lent listening sockets: portmux accepts for their routes
@@ -390,7 +408,7 @@ impl Listener {
                 continue;
             }
             if rx.streak < lent::STREAK
-                && let Some(next) = self.accept_lent()?
+                && let Some(next) = self.accept_lent(&mut rx)?
             {
                 rx.streak += 1;
                 return Ok(next);
@@ -476,7 +494,7 @@ impl Listener {
                 }
             }
             if rx.streak < lent::STREAK
-                && let Some(next) = self.accept_lent()?
+                && let Some(next) = self.accept_lent(&mut rx)?
             {
                 rx.streak += 1;
                 return Ok(Some(next));
@@ -558,6 +576,17 @@ impl Listener {
                 self.add_loans([*loan]);
                 Ok(None)
             }
+            Incoming::LendLost(_) => {
+                // Drained, the session holds no loan: portmux accepts for the
+                // port while this listener reconnects (and is lent again).
+                let _ = proto::send(&*sock, &proto::drain(), Wait::Block);
+                self.return_loans();
+                if let Some(p) = self.poller.get() {
+                    p.forget(&*sock);
+                }
+                rx.lost = Some(Backoff { since: Instant::now(), delay: FIRST_RETRY });
+                Ok(None)
+            }
             Incoming::Closed | Incoming::Ended(_) => {
                 self.return_loans();
                 if let Some(p) = self.poller.get() {
@@ -603,6 +632,7 @@ impl Listener {
     /// Asks portmux to send no new connections to this instance (before a
     /// graceful shutdown); others with the same name, or a successor, get them.
     pub fn drain(&self) -> io::Result<()> {
+        self.drained.store(true, std::sync::atomic::Ordering::Release);
         self.return_loans();
         self.handle.send(&portmux_wire::Message::Drain, None)
     }
@@ -662,6 +692,7 @@ impl Listener {
     /// [`Stream`]s end between requests. Give-backs keep working until
     /// [`Listener::close`].
     pub fn begin_shutdown(&self) -> io::Result<()> {
+        self.drained.store(true, std::sync::atomic::Ordering::Release);
         self.return_loans();
         self.handle.send(&portmux_wire::Message::Drain, None)?;
         self.handle.begin_closing();
@@ -772,7 +803,15 @@ fn handshake_as(cfg: &Config, buf: &mut [u8], version: u32) -> Result<Opened<Own
                     .map_err(io::Error::from)?;
                 return Ok(Opened { sock, bound, early, lent, version });
             }
-            Ok(Incoming::Lent(loan)) => lent.push(*loan),
+            Ok(Incoming::Lent(loan)) => {
+                lent.retain(|l: &lent::Loan| l.route() != loan.route());
+                lent.push(*loan);
+            }
+            Ok(Incoming::LendLost(why)) => {
+                // Drained, the session holds no loan: portmux accepts for the port.
+                proto::send(&sock, &proto::drain(), Wait::Block)?;
+                return Err(Error::Io(io::Error::other(why)));
+            }
             Ok(Incoming::Refused { route, reason }) => return Err(Error::Refused { route, reason }),
             Ok(Incoming::Ended(reason)) => return Err(Error::Ended(reason)),
             Ok(Incoming::Closed) => return Err(Error::Ended("portmux closed the session during registration".into())),

@@ -55,6 +55,9 @@ pub(crate) enum Incoming {
     Closed,
     /// A listening socket lent to this session (a `?lend` route).
     Lent(Box<crate::lent::Loan>),
+    /// A loan whose fd the kernel dropped (out of fds): the caller drains
+    /// the session, so that portmux takes the port back, and reconnects.
+    LendLost(String),
     /// Nothing for the caller (an unexpected but harmless message).
     Nothing,
 }
@@ -104,15 +107,11 @@ pub(crate) fn receive(sock: impl AsFd, buf: &mut [u8], wait: Wait) -> io::Result
             let stream = TcpStream::from(fds.remove(0));
             Incoming::Conn(id, stream, Box::new(ConnInfo { id, meta, tls: None }))
         }
-        Message::Lend { .. } if ctrunc || fds.len() != 1 => {
-            // portmux counts on this session to accept from it: ending the
-            // session gives the port back to portmux (the listener reconnects).
-            Incoming::Ended(
-                "a lent listening socket arrived without its fd (MSG_CTRUNC: this process is out of file \
-                 descriptors; raise its RLIMIT_NOFILE)"
-                    .into(),
-            )
-        }
+        Message::Lend { .. } if ctrunc || fds.len() != 1 => Incoming::LendLost(
+            "a lent listening socket arrived without its fd (MSG_CTRUNC: this process is out of file \
+             descriptors; raise its RLIMIT_NOFILE)"
+                .into(),
+        ),
         Message::Lend { route, listen } => {
             Incoming::Lent(Box::new(crate::lent::Loan::new(fds.remove(0), route, listen)))
         }
@@ -220,7 +219,11 @@ pub(crate) fn refused_version(err: &Error, version: u32) -> bool {
     matches!(err, Error::Ended(reason) if reason.starts_with(&refusal))
 }
 
-/// Encodes a Reject.
+/// Encodes a Drain.
+pub(crate) fn drain() -> Vec<u8> {
+    portmux_wire::encode(&Message::Drain).unwrap_or_default()
+}
+
 /// Refuses (Reject) every connection waiting in the session socket, unread,
 /// so that portmux routes them again; stops at the first other end.
 pub(crate) fn reject_waiting(sock: impl AsFd, buf: &mut [u8]) {
@@ -236,6 +239,7 @@ pub(crate) fn reject_waiting(sock: impl AsFd, buf: &mut [u8]) {
     }
 }
 
+/// Encodes a Reject.
 pub(crate) fn reject(id: u64, reason: &str) -> Vec<u8> {
     portmux_wire::encode(&Message::Reject { id, reason: reason.into() }).unwrap_or_default()
 }

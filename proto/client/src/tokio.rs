@@ -43,6 +43,8 @@ pub struct Listener {
     lent: Vec<Loan<AsyncFd<OwnedFd>>>,
     /// Connections taken from them since the session was last looked at.
     streak: u32,
+    /// Drain was sent: a loan that crossed it is not taken.
+    drained: bool,
 }
 
 impl Listener {
@@ -57,7 +59,7 @@ impl Listener {
         let handle = Handle::new(Arc::new(opened.sock.as_fd().try_clone_to_owned()?))?;
         let (sock, bound, backlog, version) = (opened.sock, opened.bound, opened.early.into(), opened.version);
         let lent = opened.lent.into_iter().map(register).collect::<io::Result<_>>()?;
-        Ok(Listener { cfg, sock, handle, bound, backlog, pending: None, version, buf, lent, streak: 0 })
+        Ok(Listener { cfg, sock, handle, bound, backlog, pending: None, version, buf, lent, streak: 0, drained: false })
     }
 
     /// The routes as portmux serves them, with their listening addresses.
@@ -101,17 +103,18 @@ impl Listener {
                         Ok(None) => i += 1,
                         // Shut down by portmux: the loan is over.
                         Err(e) if crate::lent::revoked(&e) => drop(self.lent.remove(i)),
-                        Err(e) => return Err(e),
+                        Err(e) => {
+                            self.streak = crate::lent::STREAK; // The session next: not starved meanwhile.
+                            return Err(e);
+                        }
                     }
                 }
                 self.streak = 0;
-                let lent = std::mem::take(&mut self.lent);
                 let woken = tokio::select! {
                     biased;
-                    r = self.receive() => Err(r),
-                    r = wait_lent(&lent) => Ok(r),
+                    r = receive(&self.sock, &self.handle, &mut self.buf, &mut self.pending) => Err(r),
+                    r = wait_lent(&self.lent) => Ok(r),
                 };
-                self.lent.splice(0..0, lent);
                 let conns = match woken {
                     Ok(accepted) => match accepted? {
                         Some((stream, info)) => return Ok(self.track(TcpStream::from_std(stream)?, info)),
@@ -136,55 +139,20 @@ impl Listener {
                     let _ = send(&self.sock, &proto::reject(id, &why)).await;
                     return Err(io::Error::other(crate::FdNotReceived { id, reason: why }));
                 }
-                Incoming::Lent(loan) => self.lent.push(register(*loan)?),
+                Incoming::Lent(loan) => self.take_loan(*loan)?,
+                Incoming::LendLost(_) => {
+                    // Drained, the session holds no loan: portmux accepts for
+                    // the port while this listener reconnects (and is lent again).
+                    let _ = send(&self.sock, &proto::drain()).await;
+                    self.lent.clear();
+                    self.reconnect().await?
+                }
                 Incoming::Closed | Incoming::Ended(_) => {
                     self.lent.clear(); // portmux takes the ports back.
                     self.reconnect().await?
                 }
                 Incoming::Registered(_) | Incoming::Refused { .. } | Incoming::Nothing => {}
             }
-        }
-    }
-
-    /// Waits for the session socket, then takes what it holds: connections
-    /// (up to [`proto::BATCH`]), and the first other message into `pending`.
-    /// `None` when a shutdown began meanwhile.
-    async fn receive(&mut self) -> io::Result<Option<Vec<proto::Received>>> {
-        loop {
-            let woken = self.handle.wake_async.clone().notified_owned();
-            let mut woken = std::pin::pin!(woken);
-            woken.as_mut().enable();
-            if self.handle.is_closing() {
-                return Ok(None);
-            }
-            let mut ready = tokio::select! {
-                r = self.sock.readable() => r?,
-                () = woken => return Ok(None),
-            };
-            let sock = ready.get_inner().as_fd();
-            let first = match proto::receive(sock, &mut self.buf, Wait::DontWait) {
-                Ok(first) => first,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ready.clear_ready();
-                    continue;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Incoming::Closed,
-                Err(e) => return Err(e),
-            };
-            let Incoming::Conn(id, stream, info) = first else {
-                self.pending = Some(first);
-                return Ok(Some(Vec::new()));
-            };
-            let mut conns = vec![(id, stream, info)];
-            let emptied;
-            (self.pending, emptied) = proto::take_more(sock, &mut self.buf, &mut conns);
-            if emptied {
-                // Seen empty: the next accept waits for the next message
-                // instead of trying the socket again.
-                ready.clear_ready();
-            }
-            return Ok(Some(conns));
         }
     }
 
@@ -200,7 +168,7 @@ impl Listener {
                     (self.version, self.pending) = (opened.version, None);
                     self.backlog.extend(opened.early);
                     for loan in opened.lent {
-                        self.lent.push(register(loan)?);
+                        self.take_loan(loan)?;
                     }
                     return Ok(());
                 }
@@ -213,9 +181,19 @@ impl Listener {
         }
     }
 
+    /// Takes a loan (one for a route already lent replaces it), unless Drain was sent.
+    fn take_loan(&mut self, loan: Loan) -> io::Result<()> {
+        if !self.drained {
+            self.lent.retain(|l| l.route() != loan.route());
+            self.lent.push(register(loan)?);
+        }
+        Ok(())
+    }
+
     /// Asks portmux to send no new connections to this instance (a lent
     /// listening socket goes back first).
     pub async fn drain(&mut self) -> io::Result<()> {
+        self.drained = true;
         self.lent.clear();
         send(&self.sock, &portmux_wire::encode(&Message::Drain).map_err(io::Error::other)?).await
     }
@@ -271,6 +249,7 @@ impl Listener {
     /// the session go back untouched (GiveBack), those still in it are
     /// refused unread (Reject); portmux routes both again.
     fn let_go(&mut self) {
+        self.drained = true;
         self.lent.clear();
         for (stream, info) in self.backlog.drain(..) {
             let _ = self.handle.give_back(stream.as_fd(), &info.meta);
@@ -501,7 +480,7 @@ async fn handshake_as(cfg: &Config, buf: &mut [u8], version: u32) -> Result<Open
     for msg in cfg.opening(version)? {
         send(&sock, &msg).await?;
     }
-    let (mut early, mut lent) = (Vec::new(), Vec::new());
+    let (mut early, mut lent): (_, Vec<Loan>) = (Vec::new(), Vec::new());
     let answer = async {
         loop {
             let incoming = sock.async_io(Interest::READABLE, |fd| proto::receive(fd, buf, Wait::DontWait)).await?;
@@ -517,7 +496,15 @@ async fn handshake_as(cfg: &Config, buf: &mut [u8], version: u32) -> Result<Open
                     early.push((stream, *info));
                 }
                 Incoming::Lost(id, why) => send(&sock, &proto::reject(id, &why)).await?,
-                Incoming::Lent(loan) => lent.push(*loan),
+                Incoming::Lent(loan) => {
+                    lent.retain(|l| l.route() != loan.route());
+                    lent.push(*loan);
+                }
+                Incoming::LendLost(why) => {
+                    // Drained, the session holds no loan: portmux accepts for the port.
+                    send(&sock, &proto::drain()).await?;
+                    return Err(Error::Io(io::Error::other(why)));
+                }
                 Incoming::Nothing => {}
             }
         }
@@ -529,6 +516,56 @@ async fn handshake_as(cfg: &Config, buf: &mut [u8], version: u32) -> Result<Open
         ))
     })??;
     Ok(Opened { sock, bound, early, lent, version })
+}
+
+/// Waits for the session socket, then takes what it holds: connections
+/// (up to [`proto::BATCH`]), and the first other message into `pending`.
+/// `None` when a shutdown began meanwhile.
+/// (It takes the listener's fields it needs, so that `accept` can wait on
+/// the lent sockets beside it without moving them out: a cancelled accept
+/// loses nothing.)
+async fn receive(
+    sock: &AsyncFd<OwnedFd>,
+    handle: &Handle,
+    buf: &mut [u8],
+    pending: &mut Option<Incoming>,
+) -> io::Result<Option<Vec<proto::Received>>> {
+    loop {
+        let woken = handle.wake_async.clone().notified_owned();
+        let mut woken = std::pin::pin!(woken);
+        woken.as_mut().enable();
+        if handle.is_closing() {
+            return Ok(None);
+        }
+        let mut ready = tokio::select! {
+            r = sock.readable() => r?,
+            () = woken => return Ok(None),
+        };
+        let sock = ready.get_inner().as_fd();
+        let first = match proto::receive(sock, buf, Wait::DontWait) {
+            Ok(first) => first,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                ready.clear_ready();
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Incoming::Closed,
+            Err(e) => return Err(e),
+        };
+        let Incoming::Conn(id, stream, info) = first else {
+            *pending = Some(first);
+            return Ok(Some(Vec::new()));
+        };
+        let mut conns = vec![(id, stream, info)];
+        let emptied;
+        (*pending, emptied) = proto::take_more(sock, buf, &mut conns);
+        if emptied {
+            // Seen empty: the next accept waits for the next message
+            // instead of trying the socket again.
+            ready.clear_ready();
+        }
+        return Ok(Some(conns));
+    }
 }
 
 /// A lent socket, watched by tokio's reactor.

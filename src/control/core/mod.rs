@@ -361,7 +361,7 @@ impl Core {
         if self.routes_dirty {
             self.matchers.clear();
         }
-        self.update_loans(true);
+        self.update_loans();
         if self.importing || self.mode == Mode::HandedOver {
             return;
         }
@@ -745,7 +745,6 @@ impl Core {
         }
         self.table_dirty = true;
         self.routes_dirty = true;
-        self.update_loans(false);
         self.settle();
     }
 }

@@ -88,9 +88,10 @@ impl Core {
     /// gets it now is sent it ([`Effect::Lend`]). When no session holds it,
     /// the workers accept on it again, so the connections queued in the
     /// kernel meanwhile wait in the route's queue as any others. Frozen, the
-    /// loans stay as they are (the services keep accepting); after an import
-    /// the sessions already hold what the previous process lent them.
-    pub(super) fn update_loans(&mut self, announce: bool) {
+    /// loans stay as they are (the services keep accepting). After an
+    /// import each session is sent its loan again (the libraries replace
+    /// the copy they hold): the previous process may not have reached it.
+    pub(super) fn update_loans(&mut self) {
         if self.mode != Mode::Serving || self.importing {
             return;
         }
@@ -115,7 +116,7 @@ impl Core {
             });
             let takers: BTreeSet<SessionId> = takers.collect();
             for sid in &takers {
-                if announce && !self.loans.get(id).is_some_and(|had| had.contains(sid)) {
+                if !self.loans.get(id).is_some_and(|had| had.contains(sid)) {
                     lends.push(Effect::Lend { session: *sid, listener: *id, route: r.display.clone(), addr: l.addr });
                 }
             }

@@ -522,6 +522,12 @@ impl Core {
                     self.emit(super::Effect::Answer { conn: id, reply });
                 }
             }
+            if r.spec.lend {
+                // Lent by this process or an earlier one: taken back, shut down.
+                if let Some(l) = self.listeners.values_mut().find(|l| l.addr == key.0) {
+                    l.lent_once = true;
+                }
+            }
             self.release_listener_of(key.0, now);
             self.table_dirty = true;
             self.routes_dirty = true;
