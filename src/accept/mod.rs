@@ -379,17 +379,7 @@ async fn route(
         return;
     };
     let deadline = tokio::time::Instant::from_std(arrived + shared.settings.peek_timeout);
-    let mut meta = ConnMeta {
-        route: String::new(),
-        proto: Proto::Tcp,
-        peer,
-        local,
-        sni: None,
-        alpn: Vec::new(),
-        host: None,
-        path: None,
-        peeked: 0,
-    };
+    let mut meta = ConnMeta::unpeeked(String::new(), Proto::Tcp, peer, local);
     let mut chacha_first = false;
     let route = if port.routes.needs_peek() {
         let peeking = shared.peeking();

@@ -82,17 +82,7 @@ impl<F: AsFd> Loan<F> {
                     Err(_) => continue,
                 },
             };
-            let meta = ConnMeta {
-                route: self.route.clone(),
-                proto: self.proto,
-                peer,
-                local,
-                sni: None,
-                alpn: Vec::new(),
-                host: None,
-                path: None,
-                peeked: 0,
-            };
+            let meta = ConnMeta::unpeeked(self.route.clone(), self.proto, peer, local);
             return Ok(Some((TcpStream::from(fd), ConnInfo { id: 0, meta, tls: None })));
         }
     }

@@ -318,7 +318,6 @@ impl Listener {
         })
     }
 
-    /// A connection waiting on a lent listening socket, if one is.
     /// A connection waiting on a lent listening socket, if one is. An error
     /// (out of fds, say) comes back as `accept`'s, and the session is read
     /// next, so that it is not starved meanwhile.
@@ -576,18 +575,12 @@ impl Listener {
                 self.add_loans([*loan]);
                 Ok(None)
             }
-            Incoming::LendLost(_) => {
-                // Drained, the session holds no loan: portmux accepts for the
-                // port while this listener reconnects (and is lent again).
-                let _ = proto::send(&*sock, &proto::drain(), Wait::Block);
-                self.return_loans();
-                if let Some(p) = self.poller.get() {
-                    p.forget(&*sock);
+            lost @ (Incoming::LendLost(_) | Incoming::Closed | Incoming::Ended(_)) => {
+                if let Incoming::LendLost(_) = lost {
+                    // Drained, the session holds no loan: portmux accepts for
+                    // the port while this listener reconnects (and is lent again).
+                    let _ = proto::send(&*sock, &proto::drain(), Wait::Block);
                 }
-                rx.lost = Some(Backoff { since: Instant::now(), delay: FIRST_RETRY });
-                Ok(None)
-            }
-            Incoming::Closed | Incoming::Ended(_) => {
                 self.return_loans();
                 if let Some(p) = self.poller.get() {
                     p.forget(&*sock);

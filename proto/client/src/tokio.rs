@@ -140,14 +140,12 @@ impl Listener {
                     return Err(io::Error::other(crate::FdNotReceived { id, reason: why }));
                 }
                 Incoming::Lent(loan) => self.take_loan(*loan)?,
-                Incoming::LendLost(_) => {
-                    // Drained, the session holds no loan: portmux accepts for
-                    // the port while this listener reconnects (and is lent again).
-                    let _ = send(&self.sock, &proto::drain()).await;
-                    self.lent.clear();
-                    self.reconnect().await?
-                }
-                Incoming::Closed | Incoming::Ended(_) => {
+                lost @ (Incoming::LendLost(_) | Incoming::Closed | Incoming::Ended(_)) => {
+                    if let Incoming::LendLost(_) = lost {
+                        // Drained, the session holds no loan: portmux accepts
+                        // for the port while this listener reconnects.
+                        let _ = send(&self.sock, &proto::drain()).await;
+                    }
                     self.lent.clear(); // portmux takes the ports back.
                     self.reconnect().await?
                 }
@@ -195,7 +193,7 @@ impl Listener {
     pub async fn drain(&mut self) -> io::Result<()> {
         self.drained = true;
         self.lent.clear();
-        send(&self.sock, &portmux_wire::encode(&Message::Drain).map_err(io::Error::other)?).await
+        send(&self.sock, &proto::drain()).await
     }
 
     fn track(&self, stream: TcpStream, info: ConnInfo) -> (Stream, ConnInfo) {
@@ -625,17 +623,8 @@ impl axum::serve::Listener for Listener {
     /// listening address of the first route, `route` is that route, `id` is 0.
     fn local_addr(&self) -> io::Result<ConnInfo> {
         let first = self.bound.first().ok_or(io::ErrorKind::NotConnected)?;
-        let meta = portmux_wire::ConnMeta {
-            route: first.route.clone(),
-            proto: portmux_wire::Proto::Tcp,
-            peer: first.listen,
-            local: first.listen,
-            sni: None,
-            alpn: Vec::new(),
-            host: None,
-            path: None,
-            peeked: 0,
-        };
+        let meta =
+            portmux_wire::ConnMeta::unpeeked(first.route.clone(), portmux_wire::Proto::Tcp, first.listen, first.listen);
         Ok(ConnInfo { id: 0, meta, tls: None })
     }
 }

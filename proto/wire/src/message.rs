@@ -104,6 +104,15 @@ pub struct TlsInfo {
     pub client_certs: Vec<Vec<u8>>,
 }
 
+impl ConnMeta {
+    /// What is known of a connection before anything of it is read: its
+    /// route, the route's protocol and the two addresses.
+    #[inline]
+    pub fn unpeeked(route: String, proto: Proto, peer: SocketAddr, local: SocketAddr) -> ConnMeta {
+        ConnMeta { route, proto, peer, local, sni: None, alpn: Vec::new(), host: None, path: None, peeked: 0 }
+    }
+}
+
 impl Message {
     /// The variant's name, for error messages ("expected Hello, got Register").
     pub fn kind(&self) -> &'static str {
